@@ -1,0 +1,81 @@
+//! Stable ids for rules and address classes.
+//!
+//! Ids are map keys in the kernel. If they were positions in a sorted list, adding one policy
+//! named "aaa" would renumber everything and turn a one-rule change into a rewrite of every
+//! entry. So an id is a hash of what identifies the object (FNV-1a: simple, and fixed forever,
+//! unlike `std`'s hasher), folded into `1..2^31`, with collisions settled deterministically:
+//! keys are placed in order of (hash, key), and a key whose slot is taken moves to the next
+//! free one. The same key set always gives the same ids, and a change moves only the ids of
+//! keys that collide with it, which at our sizes is rare.
+
+use std::collections::{BTreeMap, HashSet};
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// FNV-1a, 64 bit.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(FNV_OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME))
+}
+
+/// Ids live in `1..=ID_MASK`; 0 means "none" in the data plane, and the top bit is left free.
+pub const ID_MASK: u32 = (1 << 31) - 1;
+
+fn slot(hash: u64) -> u32 {
+    let folded = (hash ^ (hash >> 32)) as u32 & ID_MASK;
+    folded.max(1)
+}
+
+/// Assigns an id to every key. Keys must be distinct; the result is independent of their order.
+pub fn assign<K: Ord + Clone + AsRef<[u8]>>(keys: impl IntoIterator<Item = K>) -> BTreeMap<K, u32> {
+    let mut ordered: Vec<(u32, K)> = keys.into_iter().map(|k| (slot(fnv1a(k.as_ref())), k)).collect();
+    ordered.sort();
+    ordered.dedup_by(|a, b| a.1 == b.1);
+    let mut taken = HashSet::with_capacity(ordered.len());
+    let mut out = BTreeMap::new();
+    for (mut id, key) in ordered {
+        while !taken.insert(id) {
+            id = if id == ID_MASK { 1 } else { id + 1 };
+        }
+        out.insert(key, id);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_order_independent_and_distinct() {
+        let a = assign(["web/ingress/https", "db/egress/#0", "x"].map(String::from));
+        let b = assign(["x", "web/ingress/https", "db/egress/#0"].map(String::from));
+        assert_eq!(a, b);
+        let ids: HashSet<u32> = a.values().copied().collect();
+        assert_eq!(ids.len(), 3);
+        assert!(ids.iter().all(|&i| i >= 1 && i <= ID_MASK));
+    }
+
+    #[test]
+    fn adding_a_key_keeps_other_ids() {
+        let before = assign((0..1000).map(|i| format!("p/ingress/{i}")));
+        let mut keys: Vec<String> = before.keys().cloned().collect();
+        keys.push("aaa/ingress/new".into());
+        let after = assign(keys);
+        let moved = before.iter().filter(|(k, v)| after[*k] != **v).count();
+        assert_eq!(moved, 0);
+    }
+
+    #[test]
+    fn fnv_matches_reference_values() {
+        assert_eq!(fnv1a(b""), FNV_OFFSET);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn many_keys_get_distinct_ids() {
+        let ids = assign((0..200_000).map(|i| format!("k{i}")));
+        let distinct: HashSet<u32> = ids.values().copied().collect();
+        assert_eq!(distinct.len(), 200_000);
+    }
+}

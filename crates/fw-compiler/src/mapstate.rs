@@ -1,0 +1,164 @@
+//! The logical map state: what the data plane's maps hold for one host, in host byte order.
+//!
+//! This is the compiler's output and the contract with the data plane. It is deliberately
+//! close to the kernel maps (one LPM table per direction and address family, one L4 table per
+//! direction) but typed: prefixes are `ipnet` values, decisions name their rule. `encode` turns
+//! it into `fw-common` bytes; `diff` compares two states entry by entry, which is what
+//! `fwctl diff` prints and what the loader writes.
+//!
+//! Lookup, per direction (the precedence the kernel programs follow, and `lookup` models):
+//! 1. always-allowed traffic (loopback, replies, related ICMP errors, ARP, ND) passes;
+//! 2. the peer address is looked up in the direction's LPM table: the longest prefix gives an
+//!    address class (a `/0` entry is always present, so every address has a class);
+//! 3. egress only: the process's cgroup and its ancestors are looked up in `workloads`,
+//!    deepest first; the first hit is the workload class, none is 0;
+//! 4. (class, workload, l4 bits) is looked up in the L4 table (longest prefix over the l4
+//!    bits); on a miss with a non-zero workload, (class, 0, l4 bits) is tried;
+//! 5. the entry's `verdict` decision gives allow or deny; none gives the direction's default;
+//!    if the result is allow and the entry's `audit` decision (or, when it is none, the audit
+//!    default) is deny, the outcome is audit-deny.
+
+use std::collections::BTreeMap;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use crate::ast::{Action, Direction};
+use crate::model::{HostIdentity, RuleId};
+use crate::source::Location;
+
+/// An address class: the set of rules that an address region matches. Stable across compiles
+/// while that set is unchanged. Never 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct ClassId(pub u32);
+
+/// A workload class: one `workloads` cgroup path. 0 is "no workload path matched".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct WorkloadId(pub u32);
+
+impl WorkloadId {
+    pub const NONE: WorkloadId = WorkloadId(0);
+}
+
+/// The 32-bit L4 word that the L4 table's prefix runs over:
+/// `proto << 24 | no_port << 16 | port`. `no_port` is set when the packet carries no port
+/// (a non-first fragment, or a protocol without ports) so that port rules cannot match it,
+/// while rules without ports (which cover the whole `proto << 24` block) still do. For ICMP and
+/// ICMPv6 the port slot holds the type.
+pub fn l4_word(proto: u8, port: Option<u16>) -> u32 {
+    match port {
+        Some(p) => (u32::from(proto) << 24) | u32::from(p),
+        None => (u32::from(proto) << 24) | (1 << 16),
+    }
+}
+
+/// A key of the L4 table: exact class and workload, then the first `prefix_len` bits of the
+/// L4 word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct L4Key {
+    pub class: ClassId,
+    pub workload: WorkloadId,
+    /// 0..=32.
+    pub prefix_len: u8,
+    /// The L4 word, with bits past `prefix_len` zero.
+    pub bits: u32,
+}
+
+/// One half of an L4 entry's outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase", tag = "action", content = "rule")]
+pub enum Decision {
+    /// No rule matched: the default applies.
+    None,
+    Allow(RuleId),
+    Deny(RuleId),
+}
+
+/// The value of an L4 entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct L4Value {
+    /// From enforcing rules only: first deny, else first allow, else none.
+    pub verdict: Decision,
+    /// As if audit policies were enforcing.
+    pub audit: Decision,
+}
+
+/// Defaults of one direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Defaults {
+    pub verdict: Action,
+    pub audit: Action,
+}
+
+/// The maps of one direction.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DirectionMaps {
+    pub defaults: Defaults,
+    /// Longest prefix -> class. Always holds `0.0.0.0/0`.
+    pub v4: BTreeMap<Ipv4Net, ClassId>,
+    /// Longest prefix -> class. Always holds `::/0`.
+    pub v6: BTreeMap<Ipv6Net, ClassId>,
+    /// Non-overlapping within one (class, workload), so longest-prefix match has one answer.
+    pub l4: BTreeMap<L4Key, L4Value>,
+}
+
+/// What counters and events need to know about a rule.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RuleInfo {
+    pub direction: Direction,
+    pub policy: String,
+    pub index: u32,
+    pub name: Option<String>,
+    pub action: Action,
+    pub audit: bool,
+    pub log: bool,
+    pub location: Location,
+    /// A one-line description: "allow tcp/443 from 0.0.0.0/0".
+    pub summary: String,
+}
+
+/// Each map's capacity in entries. The compiler rejects a policy set that does not fit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Capacities {
+    /// Per direction.
+    pub v4_prefixes: u32,
+    /// Per direction.
+    pub v6_prefixes: u32,
+    /// Per direction.
+    pub l4_entries: u32,
+    pub rules: u32,
+    pub workloads: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            v4_prefixes: 1 << 18,
+            v6_prefixes: 1 << 17,
+            l4_entries: 1 << 19,
+            rules: 1 << 18,
+            workloads: 4096,
+        }
+    }
+}
+
+/// The complete compiled state for one host.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MapState {
+    pub host: HostIdentity,
+    pub ingress: DirectionMaps,
+    pub egress: DirectionMaps,
+    /// Workload cgroup path (normalised) -> workload class. Egress only.
+    pub workloads: BTreeMap<String, WorkloadId>,
+    pub rules: BTreeMap<RuleId, RuleInfo>,
+}
+
+impl MapState {
+    pub fn direction(&self, direction: Direction) -> &DirectionMaps {
+        match direction {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+}
