@@ -109,38 +109,75 @@ pub fn parse(file: FileId, bytes: &[u8], limits: &ParseLimits) -> Result<Vec<Nod
             .hint("policy files must be YAML text"));
     }
 
-    let mut budget = serde_saphyr::Budget::default();
-    budget.max_events = limits.max_events;
-    budget.max_depth = limits.max_depth;
-    budget.max_aliases = limits.max_aliases;
-    budget.max_anchors = limits.max_aliases;
-    let mut options = serde_saphyr::Options::default();
-    options.budget = Some(budget);
-    options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::PassThrough;
+    let limits = *limits;
+    let run = move || -> Result<Vec<Node>, Diagnostic> {
+        // Built here because the options are not `Send`.
+        let mut budget = serde_saphyr::Budget::default();
+        budget.max_events = limits.max_events;
+        budget.max_depth = limits.max_depth;
+        budget.max_aliases = limits.max_aliases;
+        budget.max_anchors = limits.max_aliases;
+        let mut options = serde_saphyr::Options::default();
+        options.budget = Some(budget);
+        options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::PassThrough;
 
-    let docs: Vec<Spanned<RawNode>> = serde_saphyr::from_str_multiple_with_options(text, options)
-        .map_err(|e| saphyr_error(file, text, &e))?;
-    Ok(docs
-        .into_iter()
-        .map(|d| convert(file, text, d))
-        .filter(|n| n.kind != NodeKind::Null)
-        .collect())
+        let docs: Vec<Spanned<RawNode>> =
+            serde_saphyr::from_str_multiple_with_options(text, options)
+                .map_err(|e| saphyr_error(file, text, &e))?;
+        Ok(docs
+            .into_iter()
+            .map(|d| convert(file, text, d))
+            .filter(|n| n.kind != NodeKind::Null)
+            .collect())
+    };
+    // The deserializer recurses once per nesting level, and in a debug build one level takes
+    // tens of KiB of stack: a file nested up to `max_depth` overflowed a 2 MiB test thread
+    // before the depth budget could stop it. So parsing runs on a thread whose stack fits the
+    // budget, whatever thread the caller is on (the memory is only reserved, not touched).
+    let stack = (limits.max_depth.saturating_add(16)).saturating_mul(256 << 10);
+    std::thread::scope(|scope| {
+        match std::thread::Builder::new()
+            .name("fw-yaml-parse".into())
+            .stack_size(stack)
+            .spawn_scoped(scope, run)
+        {
+            Ok(handle) => handle.join().unwrap_or_else(|_| {
+                Err(
+                    Diagnostic::error(Code::YamlSyntax, "the YAML parser failed on this file")
+                        .at(whole, "while parsing this file"),
+                )
+            }),
+            // No thread to be had: parse here and hope the caller's stack suffices.
+            Err(_) => run(),
+        }
+    })
 }
 
 fn saphyr_error(file: FileId, text: &str, e: &serde_saphyr::Error) -> Diagnostic {
-    let span = e
+    // Syntax errors carry a line and column but often no byte offset (it is 0), so the line and
+    // column are the reliable part; the byte offset is the fallback.
+    let offset = e
         .location()
-        .and_then(|l| l.span().byte_offset())
-        .map(|o| {
-            let o = (o as usize).min(text.len()) as u32;
-            Span::new(file, o, o + u32::from((o as usize) < text.len()))
+        .and_then(|l| {
+            offset_of_line_col(text, l.line(), l.column()).or_else(|| l.span().byte_offset())
         })
-        .unwrap_or_else(|| Span::new(file, 0, 0));
+        .map_or(0, |o| (o as usize).min(text.len()));
+    let at_char = text
+        .get(offset..)
+        .and_then(|t| t.chars().next())
+        .map_or(0, char::len_utf8);
+    let span = Span::new(file, offset as u32, (offset + at_char) as u32);
     // The parser's own message; its first line is the useful part (later lines are its own
-    // snippet rendering, which our renderer replaces).
+    // snippet rendering, which our renderer replaces). Its "error: line N column M: " prefix
+    // is dropped: the diagnostic's span already says where.
     let full = e.to_string();
-    let message = full.lines().next().unwrap_or("invalid YAML").trim().to_string();
+    let first = full.lines().next().unwrap_or("invalid YAML").trim();
+    let mut message = budget_message(e).unwrap_or_else(|| strip_location_prefix(first).to_string());
     let lower = full.to_lowercase();
+    if lower.contains("recursion limit") {
+        // The parser's own guard against very deep nesting, before the budget sees it.
+        message = "nested too deeply".into();
+    }
     if lower.contains("budget") || lower.contains("depth") || lower.contains("limit") {
         Diagnostic::error(Code::InputTooLarge, format!("YAML over budget: {message}"))
             .at(span, "parsing stopped here")
@@ -148,7 +185,76 @@ fn saphyr_error(file: FileId, text: &str, e: &serde_saphyr::Error) -> Diagnostic
     } else {
         Diagnostic::error(Code::YamlSyntax, format!("invalid YAML: {message}"))
             .at(span, "here")
+            .hint(
+                "the mistake may be on an earlier line: look for an unclosed bracket or quote, \
+                 wrong indentation, or a missing space after `:`",
+            )
     }
+}
+
+/// A readable message for the budget breaches a hostile file runs into (the parser's own
+/// message is its debug form, such as `Nodes { nodes: 250001 }`).
+fn budget_message(e: &serde_saphyr::Error) -> Option<String> {
+    use serde_saphyr::budget::BudgetBreach;
+    // The breach may be wrapped, e.g. in an alias error that says where the alias was used.
+    let mut current = e;
+    let breach = loop {
+        if let serde_saphyr::Error::Budget { breach, .. } = current.without_snippet() {
+            break breach;
+        }
+        current = std::error::Error::source(current)?.downcast_ref::<serde_saphyr::Error>()?;
+    };
+    Some(match breach {
+        BudgetBreach::Depth { depth } => {
+            format!("nested more than {} levels deep", depth.saturating_sub(1))
+        }
+        BudgetBreach::Nodes { nodes } => format!(
+            "more than {} values, counting every copy an alias makes",
+            nodes.saturating_sub(1)
+        ),
+        BudgetBreach::Aliases { aliases } => {
+            format!("more than {} aliases", aliases.saturating_sub(1))
+        }
+        BudgetBreach::Anchors { anchors } => {
+            format!("more than {} anchors", anchors.saturating_sub(1))
+        }
+        BudgetBreach::Events { events } => {
+            format!("more than {} YAML events", events.saturating_sub(1))
+        }
+        _ => return None,
+    })
+}
+
+/// Byte offset of a 1-based line and character column; `None` when the position is unknown
+/// (line 0) or past the end of the text.
+fn offset_of_line_col(text: &str, line: u64, column: u64) -> Option<u64> {
+    let line = usize::try_from(line.checked_sub(1)?).ok()?;
+    let column = usize::try_from(column.saturating_sub(1)).ok()?;
+    let mut start = 0usize;
+    for _ in 0..line {
+        start += text.get(start..)?.find('\n')? + 1;
+    }
+    // A column past the end of its line stops at the line's end.
+    let rest = text.get(start..)?;
+    let rest = rest.split('\n').next().unwrap_or(rest);
+    let in_line = rest.char_indices().nth(column).map_or(rest.len(), |(i, _)| i);
+    Some((start + in_line) as u64)
+}
+
+/// `error: line 2 column 5: mapping values are not allowed` -> `mapping values are not allowed`.
+fn strip_location_prefix(message: &str) -> &str {
+    let m = message
+        .strip_prefix("error:")
+        .map_or(message, str::trim_start);
+    if let Some(rest) = m.strip_prefix("line ")
+        && let Some((position, tail)) = rest.split_once(':')
+        && position
+            .split(" column ")
+            .all(|n| n.trim().chars().all(|c| c.is_ascii_digit()))
+    {
+        return tail.trim_start();
+    }
+    m
 }
 
 fn convert(file: FileId, text: &str, raw: Spanned<RawNode>) -> Node {
