@@ -1,2 +1,455 @@
-//! TODO
+//! The ABI between the eBPF programs and user space: map names, keys and values.
+//!
+//! Both sides compile this crate, so it is `#![no_std]` and every type is plain data:
+//! `#[repr(C)]`, only fixed-width integers and byte arrays (no `bool`, `usize`, `Option` or
+//! enums, whose layout or valid bit patterns the verifier and the loader cannot rely on), and
+//! explicit `_pad` fields wherever the C layout would otherwise leave a hole, so that every byte
+//! of a key is defined (the kernel hashes and compares keys byte by byte; an uninitialised hole
+//! would make equal keys differ). Sizes and field offsets are checked at compile time.
+//!
+//! Byte order. The programs run on little-endian targets (`bpfel`), so plain numeric fields
+//! (`prefix_len`, rule ids, class ids in values, ...) are host order, which is little-endian;
+//! `to_bytes` writes them with explicit `to_le_bytes`, so the encoding does not depend on the
+//! machine the compiler runs on. The data part of an LPM trie key is different: the kernel
+//! compares it bit by bit from the most significant bit of its first byte, so every multi-byte
+//! field inside LPM data (addresses, and the class, workload and L4 word of [`L4LpmKey`]) is a
+//! big-endian byte array (network order for addresses). Keeping those as `[u8; N]` rather than
+//! `u32` makes the byte order part of the type instead of a convention a caller could forget.
+//!
+//! `to_bytes`/`from_bytes` give the exact bytes the maps hold; they match the in-memory layout
+//! on a little-endian machine, which is what `aya` copies into the kernel.
+
 #![no_std]
+
+use core::mem::{offset_of, size_of};
+
+/// Names of the maps, as the eBPF programs declare them (at most 15 bytes: the kernel's
+/// `BPF_OBJ_NAME_LEN` is 16 including the terminating NUL).
+pub mod maps {
+    /// Ingress IPv4 LPM trie: [`Ipv4LpmKey`](crate::Ipv4LpmKey) -> [`ClassValue`](crate::ClassValue).
+    pub const INGRESS_V4: &str = "FW_IN_V4";
+    /// Ingress IPv6 LPM trie: [`Ipv6LpmKey`](crate::Ipv6LpmKey) -> [`ClassValue`](crate::ClassValue).
+    pub const INGRESS_V6: &str = "FW_IN_V6";
+    /// Ingress L4 LPM trie: [`L4LpmKey`](crate::L4LpmKey) -> [`L4Value`](crate::L4Value).
+    pub const INGRESS_L4: &str = "FW_IN_L4";
+    /// Egress IPv4 LPM trie: [`Ipv4LpmKey`](crate::Ipv4LpmKey) -> [`ClassValue`](crate::ClassValue).
+    pub const EGRESS_V4: &str = "FW_EG_V4";
+    /// Egress IPv6 LPM trie: [`Ipv6LpmKey`](crate::Ipv6LpmKey) -> [`ClassValue`](crate::ClassValue).
+    pub const EGRESS_V6: &str = "FW_EG_V6";
+    /// Egress L4 LPM trie: [`L4LpmKey`](crate::L4LpmKey) -> [`L4Value`](crate::L4Value).
+    pub const EGRESS_L4: &str = "FW_EG_L4";
+    /// Array of two [`DirectionConfig`](crate::DirectionConfig), indexed by
+    /// [`CONFIG_INGRESS`](crate::CONFIG_INGRESS) and [`CONFIG_EGRESS`](crate::CONFIG_EGRESS);
+    /// the key is a `u32` index (little-endian).
+    pub const CONFIG: &str = "FW_CONFIG";
+    /// Workload table -> [`WorkloadValue`](crate::WorkloadValue). The kernel keys it by
+    /// [`WorkloadKey`](crate::WorkloadKey) (cgroup id); until the daemon resolves paths to
+    /// cgroup ids, the encoded form is keyed by the normalised cgroup path's UTF-8 bytes.
+    pub const WORKLOADS: &str = "FW_WORKLOADS";
+}
+
+/// Action byte: no rule decided (the default applies).
+pub const ACTION_NONE: u8 = 0;
+/// Action byte: allow.
+pub const ACTION_ALLOW: u8 = 1;
+/// Action byte: deny.
+pub const ACTION_DENY: u8 = 2;
+
+/// [`L4Value::flags`] bit: the verdict rule has `log: true`.
+pub const FLAG_LOG_VERDICT: u8 = 1 << 0;
+/// [`L4Value::flags`] bit: the audit rule has `log: true`.
+pub const FLAG_LOG_AUDIT: u8 = 1 << 1;
+
+/// Index of the ingress entry in the config array.
+pub const CONFIG_INGRESS: u32 = 0;
+/// Index of the egress entry in the config array.
+pub const CONFIG_EGRESS: u32 = 1;
+
+/// Bits of LPM data in an [`L4LpmKey`] before the L4 word: class and workload, always matched
+/// in full.
+pub const L4_KEY_FIXED_BITS: u32 = 64;
+
+/// Key of an IPv4 LPM trie (layout of the kernel's `struct bpf_lpm_trie_key` + 4 data bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ipv4LpmKey {
+    /// Number of leading bits of `addr` that are significant, 0..=32. Host order.
+    pub prefix_len: u32,
+    /// The address, network order (big-endian), bits past `prefix_len` zero.
+    pub addr: [u8; 4],
+}
+
+/// Key of an IPv6 LPM trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ipv6LpmKey {
+    /// Number of leading bits of `addr` that are significant, 0..=128. Host order.
+    pub prefix_len: u32,
+    /// The address, network order (big-endian), bits past `prefix_len` zero.
+    pub addr: [u8; 16],
+}
+
+/// Value of the address LPM tries: the address class.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClassValue {
+    /// The address class id, never 0. Host order (it is a value, never compared by the trie).
+    pub class: u32,
+}
+
+/// Key of the L4 LPM trie: exact class and workload, then a prefix of the L4 word.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct L4LpmKey {
+    /// Significant bits counted from the start of `class`: always
+    /// [`L4_KEY_FIXED_BITS`] (class and workload in full) plus the L4 prefix length (0..=32),
+    /// so 64..=96. Host order.
+    pub prefix_len: u32,
+    /// Address class id, big-endian (LPM data).
+    pub class: [u8; 4],
+    /// Workload class id, big-endian (LPM data); 0 = no workload.
+    pub workload: [u8; 4],
+    /// The L4 word `proto << 24 | no_port << 16 | port` (port slot = ICMP type for ICMP),
+    /// big-endian (LPM data), bits past the L4 prefix zero.
+    pub l4: [u8; 4],
+}
+
+/// Value of the L4 trie: the enforcing verdict and the audit (as-if-enforcing) decision.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct L4Value {
+    /// [`ACTION_NONE`], [`ACTION_ALLOW`] or [`ACTION_DENY`] from enforcing rules.
+    pub verdict_action: u8,
+    /// The same, as if audit-mode policies were enforcing.
+    pub audit_action: u8,
+    /// [`FLAG_LOG_VERDICT`] | [`FLAG_LOG_AUDIT`].
+    pub flags: u8,
+    /// Always 0.
+    pub _pad: u8,
+    /// Rule id that decided `verdict_action`; 0 with [`ACTION_NONE`]. Host order.
+    pub verdict_rule: u32,
+    /// Rule id that decided `audit_action`; 0 with [`ACTION_NONE`]. Host order.
+    pub audit_rule: u32,
+}
+
+/// The per-direction configuration (one element of the [`maps::CONFIG`] array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DirectionConfig {
+    /// Default verdict when no enforcing rule decided: [`ACTION_ALLOW`] or [`ACTION_DENY`].
+    pub verdict_default: u8,
+    /// Default of the audit evaluation: [`ACTION_ALLOW`] or [`ACTION_DENY`].
+    pub audit_default: u8,
+    /// Always 0.
+    pub _pad: [u8; 2],
+}
+
+/// Key of the kernel's workload table.
+///
+/// Placeholder: the compiler knows workloads by cgroup path; the daemon will resolve each path
+/// to the cgroup's id (what `bpf_get_current_cgroup_id` and `bpf_get_current_ancestor_cgroup_id`
+/// return) and key the kernel map by it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WorkloadKey {
+    /// cgroup v2 id (the cgroup directory's inode number). Host order.
+    pub cgroup_id: u64,
+}
+
+/// Value of the workload table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WorkloadValue {
+    /// Workload class id, never 0. Host order.
+    pub workload: u32,
+}
+
+// The layouts are ABI: pin sizes and offsets so an accidental change fails to compile.
+const _: () = {
+    assert!(size_of::<Ipv4LpmKey>() == 8);
+    assert!(offset_of!(Ipv4LpmKey, addr) == 4);
+    assert!(size_of::<Ipv6LpmKey>() == 20);
+    assert!(offset_of!(Ipv6LpmKey, addr) == 4);
+    assert!(size_of::<ClassValue>() == 4);
+    assert!(size_of::<L4LpmKey>() == 16);
+    assert!(offset_of!(L4LpmKey, class) == 4);
+    assert!(offset_of!(L4LpmKey, workload) == 8);
+    assert!(offset_of!(L4LpmKey, l4) == 12);
+    assert!(size_of::<L4Value>() == 12);
+    assert!(offset_of!(L4Value, audit_action) == 1);
+    assert!(offset_of!(L4Value, flags) == 2);
+    assert!(offset_of!(L4Value, _pad) == 3);
+    assert!(offset_of!(L4Value, verdict_rule) == 4);
+    assert!(offset_of!(L4Value, audit_rule) == 8);
+    assert!(size_of::<DirectionConfig>() == 4);
+    assert!(size_of::<WorkloadKey>() == 8);
+    assert!(size_of::<WorkloadValue>() == 4);
+};
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(w)
+}
+
+fn array4(b: &[u8], at: usize) -> [u8; 4] {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[at..at + 4]);
+    w
+}
+
+/// Conversion to and from the exact bytes a map holds. `from_bytes` takes a fixed-size array,
+/// so it cannot fail; the caller checks the length.
+pub trait Bytes: Sized {
+    /// `size_of::<Self>()`.
+    const SIZE: usize;
+    /// The bytes as stored in the map (little-endian host-order fields).
+    type Array: AsRef<[u8]>;
+    fn to_bytes(&self) -> Self::Array;
+    /// Reads a value; `bytes.len()` must be `SIZE`, otherwise `None`.
+    fn from_bytes(bytes: &[u8]) -> Option<Self>;
+}
+
+impl Bytes for Ipv4LpmKey {
+    const SIZE: usize = size_of::<Self>();
+    type Array = [u8; 8];
+    fn to_bytes(&self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[0..4].copy_from_slice(&self.prefix_len.to_le_bytes());
+        b[4..8].copy_from_slice(&self.addr);
+        b
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        (b.len() == Self::SIZE).then(|| Self { prefix_len: le_u32(b, 0), addr: array4(b, 4) })
+    }
+}
+
+impl Bytes for Ipv6LpmKey {
+    const SIZE: usize = size_of::<Self>();
+    type Array = [u8; 20];
+    fn to_bytes(&self) -> [u8; 20] {
+        let mut b = [0u8; 20];
+        b[0..4].copy_from_slice(&self.prefix_len.to_le_bytes());
+        b[4..20].copy_from_slice(&self.addr);
+        b
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != Self::SIZE {
+            return None;
+        }
+        let mut addr = [0u8; 16];
+        addr.copy_from_slice(&b[4..20]);
+        Some(Self { prefix_len: le_u32(b, 0), addr })
+    }
+}
+
+impl Bytes for ClassValue {
+    const SIZE: usize = size_of::<Self>();
+    type Array = [u8; 4];
+    fn to_bytes(&self) -> [u8; 4] {
+        self.class.to_le_bytes()
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        (b.len() == Self::SIZE).then(|| Self { class: le_u32(b, 0) })
+    }
+}
+
+impl Bytes for L4LpmKey {
+    const SIZE: usize = size_of::<Self>();
+    type Array = [u8; 16];
+    fn to_bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..4].copy_from_slice(&self.prefix_len.to_le_bytes());
+        b[4..8].copy_from_slice(&self.class);
+        b[8..12].copy_from_slice(&self.workload);
+        b[12..16].copy_from_slice(&self.l4);
+        b
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        (b.len() == Self::SIZE).then(|| Self {
+            prefix_len: le_u32(b, 0),
+            class: array4(b, 4),
+            workload: array4(b, 8),
+            l4: array4(b, 12),
+        })
+    }
+}
+
+impl Bytes for L4Value {
+    const SIZE: usize = size_of::<Self>();
+    type Array = [u8; 12];
+    fn to_bytes(&self) -> [u8; 12] {
+        let mut b = [0u8; 12];
+        b[0] = self.verdict_action;
+        b[1] = self.audit_action;
+        b[2] = self.flags;
+        b[3] = self._pad;
+        b[4..8].copy_from_slice(&self.verdict_rule.to_le_bytes());
+        b[8..12].copy_from_slice(&self.audit_rule.to_le_bytes());
+        b
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        (b.len() == Self::SIZE).then(|| Self {
+            verdict_action: b[0],
+            audit_action: b[1],
+            flags: b[2],
+            _pad: b[3],
+            verdict_rule: le_u32(b, 4),
+            audit_rule: le_u32(b, 8),
+        })
+    }
+}
+
+impl Bytes for DirectionConfig {
+    const SIZE: usize = size_of::<Self>();
+    type Array = [u8; 4];
+    fn to_bytes(&self) -> [u8; 4] {
+        [self.verdict_default, self.audit_default, self._pad[0], self._pad[1]]
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        (b.len() == Self::SIZE).then(|| Self {
+            verdict_default: b[0],
+            audit_default: b[1],
+            _pad: [b[2], b[3]],
+        })
+    }
+}
+
+impl Bytes for WorkloadKey {
+    const SIZE: usize = size_of::<Self>();
+    type Array = [u8; 8];
+    fn to_bytes(&self) -> [u8; 8] {
+        self.cgroup_id.to_le_bytes()
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        let mut w = [0u8; 8];
+        (b.len() == Self::SIZE).then(|| {
+            w.copy_from_slice(b);
+            Self { cgroup_id: u64::from_le_bytes(w) }
+        })
+    }
+}
+
+impl Bytes for WorkloadValue {
+    const SIZE: usize = size_of::<Self>();
+    type Array = [u8; 4];
+    fn to_bytes(&self) -> [u8; 4] {
+        self.workload.to_le_bytes()
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        (b.len() == Self::SIZE).then(|| Self { workload: le_u32(b, 0) })
+    }
+}
+
+/// User-space only: the marker `aya` needs to copy these types into and out of maps.
+///
+/// `aya` is not a dependency yet; this local marker stands in for `aya::Pod` so the list of
+/// types that are safe to treat as plain bytes is written down once. Wiring aya in replaces
+/// the trait with `aya::Pod` and keeps the impls.
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+
+    /// # Safety
+    /// Implementors are `#[repr(C)]`, `Copy`, have no padding bytes that are not explicit
+    /// fields, and every bit pattern is a valid value.
+    pub unsafe trait Pod: Copy + 'static {}
+
+    // SAFETY: all of these are #[repr(C)] structs of integers and byte arrays with explicit
+    // padding (checked by the size and offset assertions above); any bit pattern is valid.
+    unsafe impl Pod for Ipv4LpmKey {}
+    // SAFETY: as above.
+    unsafe impl Pod for Ipv6LpmKey {}
+    // SAFETY: as above.
+    unsafe impl Pod for ClassValue {}
+    // SAFETY: as above.
+    unsafe impl Pod for L4LpmKey {}
+    // SAFETY: as above.
+    unsafe impl Pod for L4Value {}
+    // SAFETY: as above.
+    unsafe impl Pod for DirectionConfig {}
+    // SAFETY: as above.
+    unsafe impl Pod for WorkloadKey {}
+    // SAFETY: as above.
+    unsafe impl Pod for WorkloadValue {}
+}
+
+#[cfg(feature = "user")]
+pub use pod::Pod;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in [
+            maps::INGRESS_V4,
+            maps::INGRESS_V6,
+            maps::INGRESS_L4,
+            maps::EGRESS_V4,
+            maps::EGRESS_V6,
+            maps::EGRESS_L4,
+            maps::CONFIG,
+            maps::WORKLOADS,
+        ] {
+            assert!(name.len() <= 15, "{name}");
+        }
+    }
+
+    #[test]
+    fn l4_key_bytes_put_lpm_data_in_big_endian_after_a_little_endian_length() {
+        let key = L4LpmKey {
+            prefix_len: 64 + 24,
+            class: 0x0102_0304u32.to_be_bytes(),
+            workload: 0u32.to_be_bytes(),
+            l4: (6u32 << 24 | 443).to_be_bytes(),
+        };
+        let b = key.to_bytes();
+        assert_eq!(b, [88, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 6, 0, 1, 0xbb]);
+        assert_eq!(L4LpmKey::from_bytes(&b), Some(key));
+        assert_eq!(L4LpmKey::from_bytes(&b[1..]), None);
+    }
+
+    #[test]
+    fn value_bytes_round_trip_with_little_endian_fields() {
+        let v = L4Value {
+            verdict_action: ACTION_DENY,
+            audit_action: ACTION_ALLOW,
+            flags: FLAG_LOG_AUDIT,
+            _pad: 0,
+            verdict_rule: 0x0a0b_0c0d,
+            audit_rule: 7,
+        };
+        let b = v.to_bytes();
+        assert_eq!(b, [2, 1, 2, 0, 0x0d, 0x0c, 0x0b, 0x0a, 7, 0, 0, 0]);
+        assert_eq!(L4Value::from_bytes(&b), Some(v));
+        let k = Ipv6LpmKey {
+            prefix_len: 48,
+            addr: [0x20, 1, 0xd, 0xb8, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        assert_eq!(Ipv6LpmKey::from_bytes(&k.to_bytes()), Some(k));
+        let c = DirectionConfig {
+            verdict_default: ACTION_DENY,
+            audit_default: ACTION_DENY,
+            _pad: [0; 2],
+        };
+        assert_eq!(c.to_bytes(), [2, 2, 0, 0]);
+        assert_eq!(DirectionConfig::from_bytes(&c.to_bytes()), Some(c));
+        let w = WorkloadKey { cgroup_id: 0x0102 };
+        assert_eq!(w.to_bytes(), [2, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(WorkloadKey::from_bytes(&w.to_bytes()), Some(w));
+    }
+
+    #[test]
+    fn byte_lengths_equal_type_sizes() {
+        assert_eq!(Ipv4LpmKey::default().to_bytes().len(), Ipv4LpmKey::SIZE);
+        assert_eq!(Ipv6LpmKey::default().to_bytes().len(), Ipv6LpmKey::SIZE);
+        assert_eq!(ClassValue::default().to_bytes().len(), ClassValue::SIZE);
+        assert_eq!(L4LpmKey::default().to_bytes().len(), L4LpmKey::SIZE);
+        assert_eq!(L4Value::default().to_bytes().len(), L4Value::SIZE);
+        assert_eq!(DirectionConfig::default().to_bytes().len(), DirectionConfig::SIZE);
+        assert_eq!(WorkloadKey::default().to_bytes().len(), WorkloadKey::SIZE);
+        assert_eq!(WorkloadValue::default().to_bytes().len(), WorkloadValue::SIZE);
+    }
+}

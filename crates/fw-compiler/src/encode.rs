@@ -1,1 +1,565 @@
-//! TODO
+//! Map state -> the exact bytes of the kernel maps, and back.
+//!
+//! The logical `MapState` is typed and host-order; the kernel wants `fw-common`'s `#[repr(C)]`
+//! keys and values. Encoding is the only place that crosses that line, so byte order lives
+//! here and in `fw-common` and nowhere else: numeric fields are little-endian (the programs
+//! are built for `bpfel`), LPM data is big-endian (the trie compares bits from the most
+//! significant one). Every map's entries come out sorted by key bytes, so two encodings of one
+//! state are identical.
+//!
+//! `decode` reads the bytes back into typed tables, checking everything the kernel relies on
+//! (lengths, prefix lengths, zero host bits, action bytes, zero padding), so a round-trip test
+//! can hold `decode(encode(s))` against `s` and catch a byte-order or layout slip.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use fw_common::{
+    ACTION_ALLOW, ACTION_DENY, ACTION_NONE, Bytes, CONFIG_EGRESS, CONFIG_INGRESS, ClassValue,
+    DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT, Ipv4LpmKey, Ipv6LpmKey, L4_KEY_FIXED_BITS,
+    L4LpmKey, WorkloadValue, maps,
+};
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use crate::ast::{Action, Direction};
+use crate::mapstate::{
+    ClassId, Decision, Defaults, DirectionMaps, L4Key, L4Value, MapState, WorkloadId,
+};
+use crate::model::RuleId;
+
+/// Key/value byte pairs of one map, sorted by key.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The encoded maps, by name (`fw_common::maps`):
+/// - `FW_IN_V4`, `FW_EG_V4`: `Ipv4LpmKey` -> `ClassValue`;
+/// - `FW_IN_V6`, `FW_EG_V6`: `Ipv6LpmKey` -> `ClassValue`;
+/// - `FW_IN_L4`, `FW_EG_L4`: `L4LpmKey` -> `fw_common::L4Value`;
+/// - `FW_CONFIG`: `u32` index (`CONFIG_INGRESS`, `CONFIG_EGRESS`) -> `DirectionConfig`;
+/// - `FW_WORKLOADS`: cgroup path (UTF-8) -> `WorkloadValue`, until the daemon resolves paths
+///   to cgroup ids.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Encoded {
+    pub maps: BTreeMap<&'static str, Entries>,
+}
+
+impl Encoded {
+    pub fn get(&self, map: &str) -> Option<&Entries> {
+        self.maps.get(map)
+    }
+}
+
+fn direction_names(direction: Direction) -> (&'static str, &'static str, &'static str) {
+    match direction {
+        Direction::Ingress => (maps::INGRESS_V4, maps::INGRESS_V6, maps::INGRESS_L4),
+        Direction::Egress => (maps::EGRESS_V4, maps::EGRESS_V6, maps::EGRESS_L4),
+    }
+}
+
+fn action_byte(a: Action) -> u8 {
+    match a {
+        Action::Allow => ACTION_ALLOW,
+        Action::Deny => ACTION_DENY,
+    }
+}
+
+fn decision_bytes(d: Decision) -> (u8, u32) {
+    match d {
+        Decision::None => (ACTION_NONE, 0),
+        Decision::Allow(r) => (ACTION_ALLOW, r.0),
+        Decision::Deny(r) => (ACTION_DENY, r.0),
+    }
+}
+
+fn decision_rule(d: Decision) -> Option<RuleId> {
+    match d {
+        Decision::None => None,
+        Decision::Allow(r) | Decision::Deny(r) => Some(r),
+    }
+}
+
+/// The `L4Value::flags` of an entry: which of its deciding rules log.
+fn log_flags(state: &MapState, value: &L4Value) -> u8 {
+    let logs =
+        |d: Decision| decision_rule(d).and_then(|r| state.rules.get(&r)).is_some_and(|i| i.log);
+    let mut flags = 0;
+    if logs(value.verdict) {
+        flags |= FLAG_LOG_VERDICT;
+    }
+    if logs(value.audit) {
+        flags |= FLAG_LOG_AUDIT;
+    }
+    flags
+}
+
+fn sorted(mut entries: Entries) -> Entries {
+    entries.sort_unstable();
+    entries
+}
+
+/// Encodes every map of a state.
+pub fn encode(state: &MapState) -> Encoded {
+    let mut out = BTreeMap::new();
+    for direction in Direction::ALL {
+        let m = state.direction(direction);
+        let (n4, n6, nl4) = direction_names(direction);
+        let v4 =
+            m.v4.iter()
+                .map(|(net, class)| {
+                    let key = Ipv4LpmKey {
+                        prefix_len: u32::from(net.prefix_len()),
+                        addr: net.network().octets(),
+                    };
+                    (key.to_bytes().to_vec(), ClassValue { class: class.0 }.to_bytes().to_vec())
+                })
+                .collect();
+        let v6 =
+            m.v6.iter()
+                .map(|(net, class)| {
+                    let key = Ipv6LpmKey {
+                        prefix_len: u32::from(net.prefix_len()),
+                        addr: net.network().octets(),
+                    };
+                    (key.to_bytes().to_vec(), ClassValue { class: class.0 }.to_bytes().to_vec())
+                })
+                .collect();
+        let l4 =
+            m.l4.iter()
+                .map(|(k, v)| {
+                    let key = L4LpmKey {
+                        prefix_len: L4_KEY_FIXED_BITS + u32::from(k.prefix_len),
+                        class: k.class.0.to_be_bytes(),
+                        workload: k.workload.0.to_be_bytes(),
+                        l4: k.bits.to_be_bytes(),
+                    };
+                    let (verdict_action, verdict_rule) = decision_bytes(v.verdict);
+                    let (audit_action, audit_rule) = decision_bytes(v.audit);
+                    let value = fw_common::L4Value {
+                        verdict_action,
+                        audit_action,
+                        flags: log_flags(state, v),
+                        _pad: 0,
+                        verdict_rule,
+                        audit_rule,
+                    };
+                    (key.to_bytes().to_vec(), value.to_bytes().to_vec())
+                })
+                .collect();
+        out.insert(n4, sorted(v4));
+        out.insert(n6, sorted(v6));
+        out.insert(nl4, sorted(l4));
+    }
+    let config = [(CONFIG_INGRESS, &state.ingress), (CONFIG_EGRESS, &state.egress)]
+        .into_iter()
+        .map(|(index, m)| {
+            let value = DirectionConfig {
+                verdict_default: action_byte(m.defaults.verdict),
+                audit_default: action_byte(m.defaults.audit),
+                _pad: [0; 2],
+            };
+            (index.to_le_bytes().to_vec(), value.to_bytes().to_vec())
+        })
+        .collect();
+    out.insert(maps::CONFIG, sorted(config));
+    let workloads = state
+        .workloads
+        .iter()
+        .map(|(path, id)| {
+            (path.as_bytes().to_vec(), WorkloadValue { workload: id.0 }.to_bytes().to_vec())
+        })
+        .collect();
+    out.insert(maps::WORKLOADS, sorted(workloads));
+    Encoded { maps: out }
+}
+
+/// An L4 entry as the kernel sees it: the decisions and the log flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodedL4 {
+    pub value: L4Value,
+    /// `FLAG_LOG_VERDICT` | `FLAG_LOG_AUDIT`.
+    pub flags: u8,
+}
+
+/// The kernel-relevant tables of one direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodedDirection {
+    pub defaults: Defaults,
+    pub v4: BTreeMap<Ipv4Net, ClassId>,
+    pub v6: BTreeMap<Ipv6Net, ClassId>,
+    pub l4: BTreeMap<L4Key, DecodedL4>,
+}
+
+/// Everything the kernel reads, back in typed form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodedMaps {
+    pub ingress: DecodedDirection,
+    pub egress: DecodedDirection,
+    pub workloads: BTreeMap<String, WorkloadId>,
+}
+
+impl DecodedMaps {
+    /// The kernel-relevant part of a state: what `decode(&encode(state))` must equal.
+    pub fn from_state(state: &MapState) -> Self {
+        let dir = |m: &DirectionMaps| DecodedDirection {
+            defaults: m.defaults,
+            v4: m.v4.clone(),
+            v6: m.v6.clone(),
+            l4: m
+                .l4
+                .iter()
+                .map(|(k, v)| (*k, DecodedL4 { value: *v, flags: log_flags(state, v) }))
+                .collect(),
+        };
+        Self {
+            ingress: dir(&state.ingress),
+            egress: dir(&state.egress),
+            workloads: state.workloads.clone(),
+        }
+    }
+}
+
+/// Why encoded maps are not a valid state.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("map {0} is missing")]
+    MissingMap(&'static str),
+    #[error("map {map}: a key of {got} bytes, expected {expected}")]
+    KeyLength { map: &'static str, expected: usize, got: usize },
+    #[error("map {map}: a value of {got} bytes, expected {expected}")]
+    ValueLength { map: &'static str, expected: usize, got: usize },
+    #[error("map {map}: prefix length {prefix_len} is out of range")]
+    PrefixLength { map: &'static str, prefix_len: u32 },
+    #[error("map {map}: key has bits set past its prefix length")]
+    HostBits { map: &'static str },
+    #[error("map {map}: invalid action byte {byte}")]
+    Action { map: &'static str, byte: u8 },
+    #[error("map {map}: a decision's action and rule id disagree (action {action}, rule {rule})")]
+    DecisionRule { map: &'static str, action: u8, rule: u32 },
+    #[error("map {map}: unknown flag bits {flags:#x}")]
+    Flags { map: &'static str, flags: u8 },
+    #[error("map {map}: padding is not zero")]
+    Padding { map: &'static str },
+    #[error("map {map}: id 0 where a class or workload id is required")]
+    ZeroId { map: &'static str },
+    #[error("map {map}: duplicate key")]
+    DuplicateKey { map: &'static str },
+    #[error("map {map}: config index {index} is not a direction")]
+    ConfigIndex { map: &'static str, index: u32 },
+    #[error("map {map}: no config for {direction}")]
+    MissingConfig { map: &'static str, direction: &'static str },
+    #[error("map {map}: workload path is not UTF-8")]
+    WorkloadPath { map: &'static str },
+}
+
+fn entries<'a>(enc: &'a Encoded, map: &'static str) -> Result<&'a Entries, DecodeError> {
+    enc.maps.get(map).ok_or(DecodeError::MissingMap(map))
+}
+
+fn parse<T: Bytes>(map: &'static str, bytes: &[u8], key: bool) -> Result<T, DecodeError> {
+    T::from_bytes(bytes).ok_or(if key {
+        DecodeError::KeyLength { map, expected: T::SIZE, got: bytes.len() }
+    } else {
+        DecodeError::ValueLength { map, expected: T::SIZE, got: bytes.len() }
+    })
+}
+
+fn insert<K: Ord, V>(
+    map: &'static str,
+    out: &mut BTreeMap<K, V>,
+    k: K,
+    v: V,
+) -> Result<(), DecodeError> {
+    match out.insert(k, v) {
+        Some(_) => Err(DecodeError::DuplicateKey { map }),
+        None => Ok(()),
+    }
+}
+
+fn class(map: &'static str, bytes: &[u8]) -> Result<ClassId, DecodeError> {
+    let v: ClassValue = parse(map, bytes, false)?;
+    if v.class == 0 {
+        return Err(DecodeError::ZeroId { map });
+    }
+    Ok(ClassId(v.class))
+}
+
+fn decision(map: &'static str, action: u8, rule: u32) -> Result<Decision, DecodeError> {
+    match (action, rule) {
+        (ACTION_NONE, 0) => Ok(Decision::None),
+        (ACTION_ALLOW, r) if r != 0 => Ok(Decision::Allow(RuleId(r))),
+        (ACTION_DENY, r) if r != 0 => Ok(Decision::Deny(RuleId(r))),
+        (ACTION_NONE | ACTION_ALLOW | ACTION_DENY, _) => {
+            Err(DecodeError::DecisionRule { map, action, rule })
+        }
+        (byte, _) => Err(DecodeError::Action { map, byte }),
+    }
+}
+
+fn default_action(map: &'static str, byte: u8) -> Result<Action, DecodeError> {
+    match byte {
+        ACTION_ALLOW => Ok(Action::Allow),
+        ACTION_DENY => Ok(Action::Deny),
+        byte => Err(DecodeError::Action { map, byte }),
+    }
+}
+
+fn decode_direction(
+    enc: &Encoded,
+    direction: Direction,
+    defaults: Defaults,
+) -> Result<DecodedDirection, DecodeError> {
+    let (n4, n6, nl4) = direction_names(direction);
+    let mut v4 = BTreeMap::new();
+    for (k, v) in entries(enc, n4)? {
+        let key: Ipv4LpmKey = parse(n4, k, true)?;
+        let len = u8::try_from(key.prefix_len)
+            .ok()
+            .filter(|&l| l <= 32)
+            .ok_or(DecodeError::PrefixLength { map: n4, prefix_len: key.prefix_len })?;
+        let net = Ipv4Net::new(Ipv4Addr::from(key.addr), len)
+            .map_err(|_| DecodeError::PrefixLength { map: n4, prefix_len: key.prefix_len })?;
+        if net.trunc().addr() != net.addr() {
+            return Err(DecodeError::HostBits { map: n4 });
+        }
+        insert(n4, &mut v4, net, class(n4, v)?)?;
+    }
+    let mut v6 = BTreeMap::new();
+    for (k, v) in entries(enc, n6)? {
+        let key: Ipv6LpmKey = parse(n6, k, true)?;
+        let len = u8::try_from(key.prefix_len)
+            .ok()
+            .filter(|&l| l <= 128)
+            .ok_or(DecodeError::PrefixLength { map: n6, prefix_len: key.prefix_len })?;
+        let net = Ipv6Net::new(Ipv6Addr::from(key.addr), len)
+            .map_err(|_| DecodeError::PrefixLength { map: n6, prefix_len: key.prefix_len })?;
+        if net.trunc().addr() != net.addr() {
+            return Err(DecodeError::HostBits { map: n6 });
+        }
+        insert(n6, &mut v6, net, class(n6, v)?)?;
+    }
+    let mut l4 = BTreeMap::new();
+    for (k, v) in entries(enc, nl4)? {
+        let key: L4LpmKey = parse(nl4, k, true)?;
+        let len = key
+            .prefix_len
+            .checked_sub(L4_KEY_FIXED_BITS)
+            .filter(|&l| l <= 32)
+            .ok_or(DecodeError::PrefixLength { map: nl4, prefix_len: key.prefix_len })?;
+        let bits = u32::from_be_bytes(key.l4);
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        if bits & !mask != 0 {
+            return Err(DecodeError::HostBits { map: nl4 });
+        }
+        let class = u32::from_be_bytes(key.class);
+        if class == 0 {
+            return Err(DecodeError::ZeroId { map: nl4 });
+        }
+        let value: fw_common::L4Value = parse(nl4, v, false)?;
+        if value._pad != 0 {
+            return Err(DecodeError::Padding { map: nl4 });
+        }
+        if value.flags & !(FLAG_LOG_VERDICT | FLAG_LOG_AUDIT) != 0 {
+            return Err(DecodeError::Flags { map: nl4, flags: value.flags });
+        }
+        let typed_key = L4Key {
+            class: ClassId(class),
+            workload: WorkloadId(u32::from_be_bytes(key.workload)),
+            prefix_len: len as u8,
+            bits,
+        };
+        let typed = L4Value {
+            verdict: decision(nl4, value.verdict_action, value.verdict_rule)?,
+            audit: decision(nl4, value.audit_action, value.audit_rule)?,
+        };
+        insert(nl4, &mut l4, typed_key, DecodedL4 { value: typed, flags: value.flags })?;
+    }
+    Ok(DecodedDirection { defaults, v4, v6, l4 })
+}
+
+/// Reads encoded maps back, validating what the kernel relies on.
+pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
+    let map = maps::CONFIG;
+    let mut config: BTreeMap<u32, Defaults> = BTreeMap::new();
+    for (k, v) in entries(enc, map)? {
+        let index = match <[u8; 4]>::try_from(k.as_slice()) {
+            Ok(b) => u32::from_le_bytes(b),
+            Err(_) => {
+                return Err(DecodeError::KeyLength { map, expected: 4, got: k.len() });
+            }
+        };
+        if index != CONFIG_INGRESS && index != CONFIG_EGRESS {
+            return Err(DecodeError::ConfigIndex { map, index });
+        }
+        let value: DirectionConfig = parse(map, v, false)?;
+        if value._pad != [0; 2] {
+            return Err(DecodeError::Padding { map });
+        }
+        let defaults = Defaults {
+            verdict: default_action(map, value.verdict_default)?,
+            audit: default_action(map, value.audit_default)?,
+        };
+        insert(map, &mut config, index, defaults)?;
+    }
+    let defaults = |index: u32, direction: Direction| {
+        config
+            .get(&index)
+            .copied()
+            .ok_or(DecodeError::MissingConfig { map, direction: direction.as_str() })
+    };
+    let ingress =
+        decode_direction(enc, Direction::Ingress, defaults(CONFIG_INGRESS, Direction::Ingress)?)?;
+    let egress =
+        decode_direction(enc, Direction::Egress, defaults(CONFIG_EGRESS, Direction::Egress)?)?;
+
+    let map = maps::WORKLOADS;
+    let mut workloads = BTreeMap::new();
+    for (k, v) in entries(enc, map)? {
+        let path = String::from_utf8(k.clone()).map_err(|_| DecodeError::WorkloadPath { map })?;
+        let value: WorkloadValue = parse(map, v, false)?;
+        if value.workload == 0 {
+            return Err(DecodeError::ZeroId { map });
+        }
+        insert(map, &mut workloads, path, WorkloadId(value.workload))?;
+    }
+    Ok(DecodedMaps { ingress, egress, workloads })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapstate::RuleInfo;
+    use crate::model::HostIdentity;
+    use crate::source::Location;
+
+    fn state() -> MapState {
+        let mut v4 = BTreeMap::new();
+        v4.insert("0.0.0.0/0".parse().unwrap(), ClassId(1));
+        v4.insert("10.1.0.0/16".parse().unwrap(), ClassId(0x0102_0304));
+        let mut v6 = BTreeMap::new();
+        v6.insert("::/0".parse().unwrap(), ClassId(1));
+        v6.insert("2001:db8::/32".parse().unwrap(), ClassId(0x0102_0304));
+        let mut l4 = BTreeMap::new();
+        l4.insert(
+            L4Key {
+                class: ClassId(0x0102_0304),
+                workload: WorkloadId(0),
+                prefix_len: 32,
+                bits: 6 << 24 | 443,
+            },
+            L4Value { verdict: Decision::Allow(RuleId(7)), audit: Decision::Deny(RuleId(8)) },
+        );
+        let dir = DirectionMaps {
+            defaults: Defaults { verdict: Action::Deny, audit: Action::Deny },
+            v4,
+            v6,
+            l4,
+        };
+        let mut rules = BTreeMap::new();
+        rules.insert(
+            RuleId(8),
+            RuleInfo {
+                direction: Direction::Ingress,
+                policy: "p".into(),
+                index: 0,
+                name: None,
+                action: Action::Deny,
+                audit: true,
+                log: true,
+                location: Location { file: "p.yaml".into(), line: 1, column: 1 },
+                summary: String::new(),
+            },
+        );
+        let mut workloads = BTreeMap::new();
+        workloads.insert("system.slice/app.service".to_string(), WorkloadId(3));
+        MapState {
+            host: HostIdentity::default(),
+            ingress: dir.clone(),
+            egress: DirectionMaps {
+                defaults: Defaults { verdict: Action::Allow, audit: Action::Deny },
+                ..dir
+            },
+            workloads,
+            rules,
+        }
+    }
+
+    #[test]
+    fn encoding_uses_little_endian_numbers_and_big_endian_lpm_data() {
+        let enc = encode(&state());
+        let v4 = enc.get(maps::INGRESS_V4).unwrap();
+        assert!(v4.contains(&(vec![16, 0, 0, 0, 10, 1, 0, 0], vec![4, 3, 2, 1])));
+        let l4 = enc.get(maps::INGRESS_L4).unwrap();
+        assert_eq!(
+            l4,
+            &vec![(
+                vec![96, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 6, 0, 1, 0xbb],
+                // allow by 7, audit deny by 8 which logs.
+                vec![ACTION_ALLOW, ACTION_DENY, FLAG_LOG_AUDIT, 0, 7, 0, 0, 0, 8, 0, 0, 0],
+            )]
+        );
+        let config = enc.get(maps::CONFIG).unwrap();
+        assert_eq!(
+            config,
+            &vec![(vec![0, 0, 0, 0], vec![2, 2, 0, 0]), (vec![1, 0, 0, 0], vec![1, 2, 0, 0])]
+        );
+        // Sorted by key bytes.
+        for entries in enc.maps.values() {
+            assert!(entries.windows(2).all(|w| w[0].0 < w[1].0));
+        }
+    }
+
+    #[test]
+    fn decode_inverts_encode() {
+        let s = state();
+        assert_eq!(decode(&encode(&s)), Ok(DecodedMaps::from_state(&s)));
+    }
+
+    #[test]
+    fn decode_rejects_what_the_kernel_could_not_use() {
+        let good = encode(&state());
+        let with = |map: &'static str, f: &dyn Fn(&mut Entries)| {
+            let mut e = good.clone();
+            f(e.maps.get_mut(map).unwrap());
+            decode(&e)
+        };
+        assert_eq!(
+            with(maps::INGRESS_V4, &|e| e[0].0.push(0)),
+            Err(DecodeError::KeyLength { map: maps::INGRESS_V4, expected: 8, got: 9 })
+        );
+        // 10.1.0.0/8 has host bits set.
+        assert_eq!(
+            with(maps::INGRESS_V4, &|e| e.iter_mut().for_each(|(k, _)| {
+                if k[0] == 16 {
+                    k[0] = 8
+                }
+            })),
+            Err(DecodeError::HostBits { map: maps::INGRESS_V4 })
+        );
+        assert_eq!(
+            with(maps::EGRESS_V6, &|e| e[0].0[0] = 129),
+            Err(DecodeError::PrefixLength { map: maps::EGRESS_V6, prefix_len: 129 })
+        );
+        assert_eq!(
+            with(maps::INGRESS_L4, &|e| e[0].1[0] = 9),
+            Err(DecodeError::Action { map: maps::INGRESS_L4, byte: 9 })
+        );
+        assert_eq!(
+            with(maps::INGRESS_L4, &|e| e[0].1[3] = 1),
+            Err(DecodeError::Padding { map: maps::INGRESS_L4 })
+        );
+        assert_eq!(
+            with(maps::INGRESS_L4, &|e| e[0].0[0] = 63),
+            Err(DecodeError::PrefixLength { map: maps::INGRESS_L4, prefix_len: 63 })
+        );
+        assert_eq!(
+            with(maps::WORKLOADS, &|e| e[0].0 = vec![0xff]),
+            Err(DecodeError::WorkloadPath { map: maps::WORKLOADS })
+        );
+        assert_eq!(
+            with(maps::CONFIG, &|e| e.truncate(1)),
+            Err(DecodeError::MissingConfig { map: maps::CONFIG, direction: "egress" })
+        );
+        let mut missing = good.clone();
+        missing.maps.remove(maps::EGRESS_L4);
+        assert_eq!(decode(&missing), Err(DecodeError::MissingMap(maps::EGRESS_L4)));
+    }
+}
