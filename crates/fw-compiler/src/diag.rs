@@ -210,9 +210,7 @@ impl Diagnostics {
 
     /// Sorted by file, position and code so output is deterministic.
     pub fn into_sorted(mut self) -> Vec<Diagnostic> {
-        self.items.sort_by_key(|d| {
-            (d.primary.as_ref().map(|l| l.span), d.code, d.message.clone())
-        });
+        self.items.sort_by_key(|d| (d.primary.as_ref().map(|l| l.span), d.code, d.message.clone()));
         self.items.dedup();
         self.items
     }

@@ -28,18 +28,13 @@ pub fn evaluate(policy: &HostPolicy, flow: &Flow) -> Explanation {
     // consulted, so nothing is listed as matched (for ARP, peer and protocol mean nothing).
     if let Some(reason) = always_allowed(flow) {
         return Explanation {
-            outcome: Outcome {
-                verdict: Verdict::Allow,
-                decided_by: Decider::Always(reason),
-            },
+            outcome: Outcome { verdict: Verdict::Allow, decided_by: Decider::Always(reason) },
             matched: Vec::new(),
         };
     }
 
-    let matching: Vec<&ResolvedRule> = policy
-        .rules(flow.direction)
-        .filter(|r| rule_matches(r, flow))
-        .collect();
+    let matching: Vec<&ResolvedRule> =
+        policy.rules(flow.direction).filter(|r| rule_matches(r, flow)).collect();
     let default = policy.default_for(flow.direction);
 
     let enforcing = matching.iter().copied().filter(|r| r.enforcing());
@@ -47,25 +42,13 @@ pub fn evaluate(policy: &HostPolicy, flow: &Flow) -> Explanation {
     let (hypothetical, hypothetical_by) = decide(matching.iter().copied(), default.audit);
 
     let outcome = if real == Action::Deny {
-        Outcome {
-            verdict: Verdict::Deny,
-            decided_by: real_by,
-        }
+        Outcome { verdict: Verdict::Deny, decided_by: real_by }
     } else if hypothetical == Action::Deny {
-        Outcome {
-            verdict: Verdict::AuditDeny,
-            decided_by: hypothetical_by,
-        }
+        Outcome { verdict: Verdict::AuditDeny, decided_by: hypothetical_by }
     } else {
-        Outcome {
-            verdict: Verdict::Allow,
-            decided_by: real_by,
-        }
+        Outcome { verdict: Verdict::Allow, decided_by: real_by }
     };
-    Explanation {
-        outcome,
-        matched: matching.iter().map(|r| r.id).collect(),
-    }
+    Explanation { outcome, matched: matching.iter().map(|r| r.id).collect() }
 }
 
 /// Deny beats allow beats the default; among rules of one action the first (in the order given)
@@ -202,11 +185,7 @@ mod tests {
             icmp: vec![],
             workloads: vec![],
             span: Span::default(),
-            location: Location {
-                file: "t.yaml".into(),
-                line: 1,
-                column: 1,
-            },
+            location: Location { file: "t.yaml".into(), line: 1, column: 1 },
         }
     }
 
@@ -224,12 +203,7 @@ mod tests {
     }
 
     fn def(verdict: Action, audit: Action) -> DirectionDefault {
-        DirectionDefault {
-            verdict,
-            audit,
-            verdict_policy: None,
-            audit_policy: None,
-        }
+        DirectionDefault { verdict, audit, verdict_policy: None, audit_policy: None }
     }
 
     /// Rules are sorted the way `resolve` sorts them.
@@ -251,18 +225,11 @@ mod tests {
     }
 
     fn open(rules: Vec<ResolvedRule>) -> HostPolicy {
-        host(
-            rules,
-            DirectionDefault::default(),
-            DirectionDefault::default(),
-        )
+        host(rules, DirectionDefault::default(), DirectionDefault::default())
     }
 
     fn tcp_in(peer: &str, port: u16) -> Flow {
-        Flow {
-            port: Some(port),
-            ..Flow::new(IN, ip(peer), 6)
-        }
+        Flow { port: Some(port), ..Flow::new(IN, ip(peer), 6) }
     }
 
     fn verdict(p: &HostPolicy, f: &Flow) -> (Verdict, Decider) {
@@ -273,26 +240,13 @@ mod tests {
     #[test]
     fn no_rules_gives_the_default() {
         let f = tcp_in("192.0.2.1", 22);
-        assert_eq!(
-            verdict(&open(vec![]), &f),
-            (Verdict::Allow, Decider::Default)
-        );
-        let closed = host(
-            vec![],
-            def(Action::Deny, Action::Deny),
-            DirectionDefault::default(),
-        );
+        assert_eq!(verdict(&open(vec![]), &f), (Verdict::Allow, Decider::Default));
+        let closed = host(vec![], def(Action::Deny, Action::Deny), DirectionDefault::default());
         assert_eq!(verdict(&closed, &f), (Verdict::Deny, Decider::Default));
         // The egress default does not apply to ingress.
-        let egress_closed = host(
-            vec![],
-            DirectionDefault::default(),
-            def(Action::Deny, Action::Deny),
-        );
-        assert_eq!(
-            verdict(&egress_closed, &f),
-            (Verdict::Allow, Decider::Default)
-        );
+        let egress_closed =
+            host(vec![], DirectionDefault::default(), def(Action::Deny, Action::Deny));
+        assert_eq!(verdict(&egress_closed, &f), (Verdict::Allow, Decider::Default));
     }
 
     #[test]
@@ -326,25 +280,14 @@ mod tests {
         let d = def(Action::Allow, Action::Deny);
         let f = tcp_in("192.0.2.1", 22);
         assert_eq!(
-            verdict(
-                &host(vec![], d.clone(), def(Action::Allow, Action::Allow)),
-                &f
-            ),
+            verdict(&host(vec![], d.clone(), def(Action::Allow, Action::Allow)), &f),
             (Verdict::AuditDeny, Decider::Default)
         );
         // A matching enforcing allow keeps it a plain allow (hypothetically it allows too).
-        let p = host(
-            vec![allow(1, "a", 0)],
-            d.clone(),
-            DirectionDefault::default(),
-        );
+        let p = host(vec![allow(1, "a", 0)], d.clone(), DirectionDefault::default());
         assert_eq!(verdict(&p, &f), (Verdict::Allow, Decider::Rule(RuleId(1))));
         // So does a matching audit allow.
-        let p = host(
-            vec![audit(allow(1, "a", 0))],
-            d,
-            DirectionDefault::default(),
-        );
+        let p = host(vec![audit(allow(1, "a", 0))], d, DirectionDefault::default());
         assert_eq!(verdict(&p, &f), (Verdict::Allow, Decider::Default));
     }
 
@@ -352,16 +295,10 @@ mod tests {
     fn audit_deny_rule_gives_audit_deny() {
         let f = tcp_in("192.0.2.1", 22);
         let p = open(vec![allow(1, "a", 0), audit(deny(2, "b", 0))]);
-        assert_eq!(
-            verdict(&p, &f),
-            (Verdict::AuditDeny, Decider::Rule(RuleId(2)))
-        );
+        assert_eq!(verdict(&p, &f), (Verdict::AuditDeny, Decider::Rule(RuleId(2))));
         // With nothing else: real allow by default, audit deny by the rule.
         let p = open(vec![audit(deny(2, "b", 0))]);
-        assert_eq!(
-            verdict(&p, &f),
-            (Verdict::AuditDeny, Decider::Rule(RuleId(2)))
-        );
+        assert_eq!(verdict(&p, &f), (Verdict::AuditDeny, Decider::Rule(RuleId(2))));
         // An enforcing deny wins over the audit one and names itself.
         let p = open(vec![audit(deny(2, "a", 0)), deny(3, "b", 0)]);
         assert_eq!(verdict(&p, &f), (Verdict::Deny, Decider::Rule(RuleId(3))));
@@ -386,18 +323,12 @@ mod tests {
         // Given out of order; the host sorts by (policy, direction, index).
         let p = open(vec![deny(30, "b", 0), deny(20, "a", 5), deny(10, "a", 3)]);
         assert_eq!(verdict(&p, &f), (Verdict::Deny, Decider::Rule(RuleId(10))));
-        assert_eq!(
-            evaluate(&p, &f).matched,
-            vec![RuleId(10), RuleId(20), RuleId(30)]
-        );
+        assert_eq!(evaluate(&p, &f).matched, vec![RuleId(10), RuleId(20), RuleId(30)]);
         let p = open(vec![allow(30, "b", 0), allow(20, "a", 1)]);
         assert_eq!(verdict(&p, &f), (Verdict::Allow, Decider::Rule(RuleId(20))));
         // The hypothetical decider follows the same order.
         let p = open(vec![audit(deny(30, "b", 0)), audit(deny(20, "a", 1))]);
-        assert_eq!(
-            verdict(&p, &f),
-            (Verdict::AuditDeny, Decider::Rule(RuleId(20)))
-        );
+        assert_eq!(verdict(&p, &f), (Verdict::AuditDeny, Decider::Rule(RuleId(20))));
     }
 
     #[test]
@@ -434,27 +365,12 @@ mod tests {
         let mut r = deny(1, "a", 0);
         // proto any, no ports: every protocol, with or without a port.
         for proto in [0, 1, 6, 17, 47, 58, 255] {
-            assert!(
-                rule_matches(&r, &Flow::new(IN, ip("192.0.2.1"), proto)),
-                "proto {proto}"
-            );
+            assert!(rule_matches(&r, &Flow::new(IN, ip("192.0.2.1"), proto)), "proto {proto}");
         }
         r.proto = Proto::Tcp;
         assert!(rule_matches(&r, &tcp_in("192.0.2.1", 22)));
-        assert!(!rule_matches(
-            &r,
-            &Flow {
-                port: Some(22),
-                ..Flow::new(IN, ip("192.0.2.1"), 17)
-            }
-        ));
-        r.ports = vec![
-            PortRange { start: 80, end: 80 },
-            PortRange {
-                start: 8000,
-                end: 8100,
-            },
-        ];
+        assert!(!rule_matches(&r, &Flow { port: Some(22), ..Flow::new(IN, ip("192.0.2.1"), 17) }));
+        r.ports = vec![PortRange { start: 80, end: 80 }, PortRange { start: 8000, end: 8100 }];
         assert!(rule_matches(&r, &tcp_in("192.0.2.1", 80)));
         assert!(rule_matches(&r, &tcp_in("192.0.2.1", 8000)));
         assert!(rule_matches(&r, &tcp_in("192.0.2.1", 8100)));
@@ -468,26 +384,16 @@ mod tests {
         let mut r = deny(1, "a", 0);
         r.proto = Proto::Tcp;
         assert!(rule_matches(&r, &fragment));
-        r.ports = vec![PortRange {
-            start: 0,
-            end: 65535,
-        }];
+        r.ports = vec![PortRange { start: 0, end: 65535 }];
         assert!(!rule_matches(&r, &fragment));
         // End to end: the port rule does not catch the fragment, the default decides.
-        let p = host(
-            vec![r],
-            def(Action::Allow, Action::Allow),
-            DirectionDefault::default(),
-        );
+        let p = host(vec![r], def(Action::Allow, Action::Allow), DirectionDefault::default());
         assert_eq!(verdict(&p, &fragment), (Verdict::Allow, Decider::Default));
     }
 
     #[test]
     fn icmp_types() {
-        let echo = |proto, t| Flow {
-            icmp_type: Some(t),
-            ..Flow::new(IN, ip("192.0.2.1"), proto)
-        };
+        let echo = |proto, t| Flow { icmp_type: Some(t), ..Flow::new(IN, ip("192.0.2.1"), proto) };
         let mut r = allow(1, "a", 0);
         r.proto = Proto::Icmp;
         // No types: every type, but only ICMP.
@@ -513,31 +419,18 @@ mod tests {
             ..Flow::new(OUT, ip("10.0.5.3"), 6)
         };
         let mut r = rule(1, "a", OUT, 0, Action::Allow, ENF);
-        assert!(
-            rule_matches(&r, &flow(None)),
-            "no workloads = every process"
-        );
+        assert!(rule_matches(&r, &flow(None)), "no workloads = every process");
         r.workloads = vec!["system.slice/app.service".into()];
         assert!(rule_matches(&r, &flow(Some("system.slice/app.service"))));
-        assert!(rule_matches(
-            &r,
-            &flow(Some("system.slice/app.service/worker/1"))
-        ));
+        assert!(rule_matches(&r, &flow(Some("system.slice/app.service/worker/1"))));
         assert!(!rule_matches(&r, &flow(Some("system.slice/app.service2"))));
         assert!(!rule_matches(&r, &flow(Some("system.slice"))));
-        assert!(
-            !rule_matches(&r, &flow(None)),
-            "the root cgroup is below no path"
-        );
+        assert!(!rule_matches(&r, &flow(None)), "the root cgroup is below no path");
 
         // A deny for a child cgroup beats an allow for the parent.
         let mut child = rule(2, "z", OUT, 0, Action::Deny, ENF);
         child.workloads = vec!["system.slice/app.service/untrusted".into()];
-        let p = host(
-            vec![r, child],
-            DirectionDefault::default(),
-            def(Action::Deny, Action::Deny),
-        );
+        let p = host(vec![r, child], DirectionDefault::default(), def(Action::Deny, Action::Deny));
         assert_eq!(
             verdict(&p, &flow(Some("system.slice/app.service/untrusted/x"))),
             (Verdict::Deny, Decider::Rule(RuleId(2)))
@@ -546,10 +439,7 @@ mod tests {
             verdict(&p, &flow(Some("system.slice/app.service/ok"))),
             (Verdict::Allow, Decider::Rule(RuleId(1)))
         );
-        assert_eq!(
-            verdict(&p, &flow(Some("user.slice"))),
-            (Verdict::Deny, Decider::Default)
-        );
+        assert_eq!(verdict(&p, &flow(Some("user.slice"))), (Verdict::Deny, Decider::Default));
     }
 
     #[test]
@@ -562,20 +452,8 @@ mod tests {
         let cases = [
             (Flow::new(IN, ip("127.0.0.1"), 6), AlwaysAllowed::Loopback),
             (Flow::new(OUT, ip("::1"), 17), AlwaysAllowed::Loopback),
-            (
-                Flow {
-                    loopback: true,
-                    ..Flow::new(IN, ip("192.0.2.1"), 6)
-                },
-                AlwaysAllowed::Loopback,
-            ),
-            (
-                Flow {
-                    state: FlowState::Reply,
-                    ..tcp_in("192.0.2.1", 40000)
-                },
-                AlwaysAllowed::Reply,
-            ),
+            (Flow { loopback: true, ..Flow::new(IN, ip("192.0.2.1"), 6) }, AlwaysAllowed::Loopback),
+            (Flow { state: FlowState::Reply, ..tcp_in("192.0.2.1", 40000) }, AlwaysAllowed::Reply),
             (
                 Flow {
                     state: FlowState::Related,
@@ -584,18 +462,9 @@ mod tests {
                 },
                 AlwaysAllowed::RelatedIcmpError,
             ),
+            (Flow { arp: true, ..Flow::new(IN, ip("192.0.2.1"), 0) }, AlwaysAllowed::Arp),
             (
-                Flow {
-                    arp: true,
-                    ..Flow::new(IN, ip("192.0.2.1"), 0)
-                },
-                AlwaysAllowed::Arp,
-            ),
-            (
-                Flow {
-                    icmp_type: Some(135),
-                    ..Flow::new(IN, ip("fe80::1"), 58)
-                },
+                Flow { icmp_type: Some(135), ..Flow::new(IN, ip("fe80::1"), 58) },
                 AlwaysAllowed::NeighbourDiscovery,
             ),
         ];
@@ -603,10 +472,7 @@ mod tests {
             let e = evaluate(&p, &flow);
             assert_eq!(
                 e.outcome,
-                Outcome {
-                    verdict: Verdict::Allow,
-                    decided_by: Decider::Always(reason)
-                },
+                Outcome { verdict: Verdict::Allow, decided_by: Decider::Always(reason) },
                 "{flow:?}"
             );
             assert!(e.matched.is_empty());
@@ -618,17 +484,10 @@ mod tests {
                 icmp_type: Some(8),
                 ..Flow::new(IN, ip("192.0.2.1"), 1)
             },
-            Flow {
-                state: FlowState::Reply,
-                ..Flow::new(OUT, ip("192.0.2.1"), 6)
-            },
+            Flow { state: FlowState::Reply, ..Flow::new(OUT, ip("192.0.2.1"), 6) },
         ];
         for flow in not {
-            assert_eq!(
-                evaluate(&p, &flow).outcome.verdict,
-                Verdict::Deny,
-                "{flow:?}"
-            );
+            assert_eq!(evaluate(&p, &flow).outcome.verdict, Verdict::Deny, "{flow:?}");
         }
     }
 
@@ -636,12 +495,7 @@ mod tests {
     fn matched_lists_enforcing_and_audit_rules_in_order() {
         let mut miss = allow(4, "c", 0);
         miss.proto = Proto::Udp;
-        let p = open(vec![
-            audit(allow(3, "b", 1)),
-            miss,
-            deny(1, "a", 0),
-            allow(2, "b", 0),
-        ]);
+        let p = open(vec![audit(allow(3, "b", 1)), miss, deny(1, "a", 0), allow(2, "b", 0)]);
         let e = evaluate(&p, &tcp_in("192.0.2.1", 22));
         assert_eq!(e.matched, vec![RuleId(1), RuleId(2), RuleId(3)]);
         assert_eq!(e.outcome.decided_by, Decider::Rule(RuleId(1)));

@@ -28,7 +28,8 @@ fn slot(hash: u64) -> u32 {
 
 /// Assigns an id to every key. Keys must be distinct; the result is independent of their order.
 pub fn assign<K: Ord + Clone + AsRef<[u8]>>(keys: impl IntoIterator<Item = K>) -> BTreeMap<K, u32> {
-    let mut ordered: Vec<(u32, K)> = keys.into_iter().map(|k| (slot(fnv1a(k.as_ref())), k)).collect();
+    let mut ordered: Vec<(u32, K)> =
+        keys.into_iter().map(|k| (slot(fnv1a(k.as_ref())), k)).collect();
     ordered.sort();
     ordered.dedup_by(|a, b| a.1 == b.1);
     let mut taken = HashSet::with_capacity(ordered.len());
@@ -53,7 +54,7 @@ mod tests {
         assert_eq!(a, b);
         let ids: HashSet<u32> = a.values().copied().collect();
         assert_eq!(ids.len(), 3);
-        assert!(ids.iter().all(|&i| i >= 1 && i <= ID_MASK));
+        assert!(ids.iter().all(|&i| (1..=ID_MASK).contains(&i)));
     }
 
     #[test]

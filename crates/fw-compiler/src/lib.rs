@@ -11,13 +11,17 @@
 pub mod ast;
 pub mod compile;
 pub mod diag;
+pub mod diff;
 pub mod encode;
 pub mod eval;
 pub mod ids;
+pub mod load;
+pub mod lookup;
 pub mod lower;
 pub mod mapstate;
 pub mod model;
 pub mod resolve;
 pub mod schema;
 pub mod source;
+pub mod testing;
 pub mod yaml;

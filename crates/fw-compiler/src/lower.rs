@@ -67,42 +67,20 @@ const HOSTS_FIELDS: &[&str] = &["labels", "names"];
 const DEFAULTS_FIELDS: &[&str] = &["ingress", "egress"];
 /// Every field a rule may have in one direction or the other; which direction allows which is
 /// checked after, so a misplaced `to` is "not allowed here" (FW023), not "unknown" (FW003).
-const RULE_FIELDS: &[&str] = &[
-    "name",
-    "action",
-    "from",
-    "to",
-    "proto",
-    "ports",
-    "icmp",
-    "log",
-    "workloads",
-];
+const RULE_FIELDS: &[&str] =
+    &["name", "action", "from", "to", "proto", "ports", "icmp", "log", "workloads"];
 const SET_REF_FIELDS: &[&str] = &["set"];
 const POLICY_TEST_FIELDS: &[&str] = &["host", "cases"];
 const TEST_HOST_FIELDS: &[&str] = &["name", "labels"];
-const CASE_FIELDS: &[&str] = &[
-    "direction",
-    "from",
-    "to",
-    "proto",
-    "port",
-    "icmp",
-    "workload",
-    "expect",
-];
+const CASE_FIELDS: &[&str] =
+    &["direction", "from", "to", "proto", "port", "icmp", "workload", "expect"];
 
-const KINDS: &[(&str, Kind)] = &[
-    ("AddressSet", Kind::AddressSet),
-    ("Policy", Kind::Policy),
-    ("PolicyTest", Kind::PolicyTest),
-];
+const KINDS: &[(&str, Kind)] =
+    &[("AddressSet", Kind::AddressSet), ("Policy", Kind::Policy), ("PolicyTest", Kind::PolicyTest)];
 const MODES: &[(&str, Mode)] = &[("enforce", Mode::Enforce), ("audit", Mode::Audit)];
 const ACTIONS: &[(&str, Action)] = &[("allow", Action::Allow), ("deny", Action::Deny)];
-const DIRECTIONS: &[(&str, Direction)] = &[
-    ("ingress", Direction::Ingress),
-    ("egress", Direction::Egress),
-];
+const DIRECTIONS: &[(&str, Direction)] =
+    &[("ingress", Direction::Ingress), ("egress", Direction::Egress)];
 const PROTOS: &[(&str, Proto)] = &[
     ("tcp", Proto::Tcp),
     ("udp", Proto::Udp),
@@ -111,12 +89,8 @@ const PROTOS: &[(&str, Proto)] = &[
     ("any", Proto::Any),
 ];
 /// A test case describes one concrete packet, so `any` is not a protocol it can have.
-const CASE_PROTOS: &[(&str, Proto)] = &[
-    ("tcp", Proto::Tcp),
-    ("udp", Proto::Udp),
-    ("icmp", Proto::Icmp),
-    ("icmpv6", Proto::Icmpv6),
-];
+const CASE_PROTOS: &[(&str, Proto)] =
+    &[("tcp", Proto::Tcp), ("udp", Proto::Udp), ("icmp", Proto::Icmp), ("icmpv6", Proto::Icmpv6)];
 /// Words other firewalls use, and ours: `drop` suggests `deny`, and so on.
 const SYNONYMS: &[(&str, &str)] = &[
     ("drop", "deny"),
@@ -140,11 +114,8 @@ const SYNONYMS: &[(&str, &str)] = &[
     ("ipv6-icmp", "icmpv6"),
     ("icmp6", "icmpv6"),
 ];
-const EXPECTS: &[(&str, Expect)] = &[
-    ("allow", Expect::Allow),
-    ("deny", Expect::Deny),
-    ("audit-deny", Expect::AuditDeny),
-];
+const EXPECTS: &[(&str, Expect)] =
+    &[("allow", Expect::Allow), ("deny", Expect::Deny), ("audit-deny", Expect::AuditDeny)];
 
 type AddressList = Vec<Sp<AddressItem>>;
 
@@ -246,19 +217,12 @@ pub fn check_glob(glob: &str) -> Result<(), String> {
 
 /// The ICMP or ICMPv6 type table for a protocol.
 fn icmp_table(proto: Proto) -> &'static [(&'static str, u8)] {
-    if proto == Proto::Icmpv6 {
-        ICMPV6_TYPES
-    } else {
-        ICMP_TYPES
-    }
+    if proto == Proto::Icmpv6 { ICMPV6_TYPES } else { ICMP_TYPES }
 }
 
 /// An ICMP (`Proto::Icmp`) or ICMPv6 type by its name in the language, e.g. `echo-request`.
 pub fn icmp_type_by_name(proto: Proto, name: &str) -> Option<u8> {
-    icmp_table(proto)
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|&(_, t)| t)
+    icmp_table(proto).iter().find(|(n, _)| *n == name).map(|&(_, t)| t)
 }
 
 /// The closest candidate within a small edit distance, for "did you mean ...?" hints.
@@ -283,9 +247,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
         row[0] = i + 1;
         for (j, &cb) in b.iter().enumerate() {
             let above = row[j + 1];
-            row[j + 1] = (diagonal + usize::from(ca != cb))
-                .min(above + 1)
-                .min(row[j] + 1);
+            row[j + 1] = (diagonal + usize::from(ca != cb)).min(above + 1).min(row[j] + 1);
             diagonal = above;
         }
     }
@@ -349,17 +311,11 @@ struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     fn get(&self, key: &str) -> Option<&'a Node> {
-        self.fields
-            .iter()
-            .find(|f| f.key.value == key)
-            .map(|f| f.value)
+        self.fields.iter().find(|f| f.key.value == key).map(|f| f.value)
     }
 
     fn key_span(&self, key: &str) -> Option<Span> {
-        self.fields
-            .iter()
-            .find(|f| f.key.value == key)
-            .map(|f| f.key.span)
+        self.fields.iter().find(|f| f.key.value == key).map(|f| f.key.span)
     }
 }
 
@@ -371,10 +327,7 @@ struct Cx {
 
 impl Cx {
     fn errors(&self) -> usize {
-        self.diags
-            .iter()
-            .filter(|d| d.severity == Severity::Error)
-            .count()
+        self.diags.iter().filter(|d| d.severity == Severity::Error).count()
     }
 
     fn push(&mut self, d: Diagnostic) {
@@ -438,10 +391,7 @@ impl Cx {
                 continue;
             }
             seen.insert(name, key.span);
-            out.push(Field {
-                key: Sp::new(name, key.span),
-                value,
-            });
+            out.push(Field { key: Sp::new(name, key.span), value });
         }
         Some(out)
     }
@@ -455,11 +405,7 @@ impl Cx {
                 fields.push(field);
                 continue;
             }
-            let valid = known
-                .iter()
-                .map(|k| format!("`{k}`"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let valid = known.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
             let hint = match suggest(field.key.value, known.iter().copied()) {
                 Some(s) => format!("did you mean `{s}`? Valid fields: {valid}"),
                 None => format!("valid fields: {valid}"),
@@ -472,11 +418,7 @@ impl Cx {
             .hint(hint);
             self.push(d);
         }
-        Some(Fields {
-            head: head(node),
-            what,
-            fields,
-        })
+        Some(Fields { head: head(node), what, fields })
     }
 
     /// FW005 at the mapping when a required field is absent.
@@ -591,11 +533,9 @@ impl Cx {
             format!("invalid {what} `{}`", name.value)
         };
         self.push(
-            Diagnostic::error(Code::InvalidValue, message)
-                .at(node.span, "invalid name")
-                .hint(
-                    "names use letters, digits, `.`, `_` and `-`, and start with a letter or digit",
-                ),
+            Diagnostic::error(Code::InvalidValue, message).at(node.span, "invalid name").hint(
+                "names use letters, digits, `.`, `_` and `-`, and start with a letter or digit",
+            ),
         );
         None
     }
@@ -611,11 +551,7 @@ impl Cx {
             "add `kind: AddressSet`, `kind: Policy` or `kind: PolicyTest`",
         );
         let metadata = self.require(&doc, "metadata", "add `metadata: {name: NAME}`");
-        let spec = self.require(
-            &doc,
-            "spec",
-            "add a `spec:` mapping with the document's content",
-        );
+        let spec = self.require(&doc, "spec", "add a `spec:` mapping with the document's content");
 
         // A missing apiVersion is most likely an omission: check the rest as fw/v1.
         let api_ok = match api {
@@ -633,17 +569,11 @@ impl Cx {
         match kind.value {
             Kind::AddressSet => {
                 let (addresses, except) = self.address_set_spec(spec)?;
-                Some(Document::AddressSet(AddressSet {
-                    metadata: metadata?,
-                    addresses,
-                    except,
-                }))
+                Some(Document::AddressSet(AddressSet { metadata: metadata?, addresses, except }))
             }
             // The spec is checked even when the metadata is broken, so every error is reported.
             Kind::Policy => self.policy_spec(spec, metadata).map(Document::Policy),
-            Kind::PolicyTest => self
-                .policy_test_spec(spec, metadata)
-                .map(Document::PolicyTest),
+            Kind::PolicyTest => self.policy_test_spec(spec, metadata).map(Document::PolicyTest),
         }
     }
 
@@ -682,10 +612,7 @@ impl Cx {
         let kinds: Vec<String> = words.iter().map(|w| format!("`{w}`")).collect();
         let mut d = Diagnostic::error(
             Code::UnknownKind,
-            format!(
-                "unknown kind `{s}`; fw/v1 has the kinds {}",
-                kinds.join(", ")
-            ),
+            format!("unknown kind `{s}`; fw/v1 has the kinds {}", kinds.join(", ")),
         )
         .at(node.span, "unknown kind");
         if let Some(s) = suggest(s, words.iter().copied()) {
@@ -704,11 +631,7 @@ impl Cx {
             Some(n) => Some(self.string(n, "`metadata.description`")?.value),
             None => None,
         };
-        Some(Metadata {
-            name: name?,
-            description,
-            document,
-        })
+        Some(Metadata { name: name?, description, document })
     }
 
     // ---- addresses ---------------------------------------------------------------------
@@ -775,11 +698,7 @@ impl Cx {
             NodeKind::Map(_) => {
                 let m = self.fields(node, "an address set reference", SET_REF_FIELDS)?;
                 let name = self
-                    .require(
-                        &m,
-                        "set",
-                        "write `{set: NAME}` to use the addresses of an AddressSet",
-                    )
+                    .require(&m, "set", "write `{set: NAME}` to use the addresses of an AddressSet")
                     .and_then(|n| self.name(n, "AddressSet name"));
                 Some(Sp::new(AddressItem::Set(name?), span))
             }
@@ -839,11 +758,7 @@ impl Cx {
             Some(n) => self.globs(n),
             None => Some(Vec::new()),
         };
-        Some(HostSelector {
-            labels: labels?,
-            names: names?,
-            span: extent(node),
-        })
+        Some(HostSelector { labels: labels?, names: names?, span: extent(node) })
     }
 
     /// A label map: keys `[A-Za-z0-9._/-]+`, values `[A-Za-z0-9._-]*` (FW026 otherwise).
@@ -871,10 +786,7 @@ impl Cx {
                 ok = false;
                 continue;
             };
-            if !v
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-            {
+            if !v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
                 ok = false;
                 self.push(
                     Diagnostic::error(
@@ -929,17 +841,12 @@ impl Cx {
     fn defaults(&mut self, node: &Node) -> Option<Defaults> {
         let m = self.fields(node, "`defaults`", DEFAULTS_FIELDS)?;
         let get = |cx: &mut Self, d: Direction| match m.get(d.as_str()) {
-            Some(n) => cx
-                .keyword(n, &format!("`defaults.{}`", d.as_str()), ACTIONS)
-                .map(Some),
+            Some(n) => cx.keyword(n, &format!("`defaults.{}`", d.as_str()), ACTIONS).map(Some),
             None => Some(None),
         };
         let ingress = get(self, Direction::Ingress);
         let egress = get(self, Direction::Egress);
-        Some(Defaults {
-            ingress: ingress?,
-            egress: egress?,
-        })
+        Some(Defaults { ingress: ingress?, egress: egress? })
     }
 
     fn rules(
@@ -1029,9 +936,7 @@ impl Cx {
             );
         }
         let peers = match m.get(peer_key) {
-            Some(n) => self
-                .address_list(n, &format!("`{peer_key}`"), true)
-                .map(Some),
+            Some(n) => self.address_list(n, &format!("`{peer_key}`"), true).map(Some),
             None => Some(None),
         };
 
@@ -1156,10 +1061,7 @@ impl Cx {
         match &node.kind {
             NodeKind::Int(n) => {
                 let port = self.port_number(node, &n.to_string(), Some(*n))?;
-                Some(PortRange {
-                    start: port,
-                    end: port,
-                })
+                Some(PortRange { start: port, end: port })
             }
             NodeKind::Str(s) => {
                 if let Some((a, b)) = s.split_once('-') {
@@ -1192,18 +1094,11 @@ impl Cx {
                     Some(PortRange { start, end })
                 } else {
                     let port = self.port_number(node, s, None)?;
-                    Some(PortRange {
-                        start: port,
-                        end: port,
-                    })
+                    Some(PortRange { start: port, end: port })
                 }
             }
             _ => {
-                self.wrong_type(
-                    node,
-                    "a port",
-                    "a port number or a range such as \"8000-8100\"",
-                );
+                self.wrong_type(node, "a port", "a port number or a range such as \"8000-8100\"");
                 None
             }
         }
@@ -1269,11 +1164,7 @@ impl Cx {
     /// An ICMP or ICMPv6 type: a name from the protocol's table or a number 0-255.
     fn icmp_type(&mut self, node: &Node, proto: Proto) -> Option<u8> {
         let table = icmp_table(proto);
-        let family = if proto == Proto::Icmpv6 {
-            "ICMPv6"
-        } else {
-            "ICMP"
-        };
+        let family = if proto == Proto::Icmpv6 { "ICMPv6" } else { "ICMP" };
         let number = |cx: &mut Self, v: i128| match u8::try_from(v) {
             Ok(t) => Some(t),
             Err(_) => {
@@ -1299,11 +1190,7 @@ impl Cx {
                 if let Some(&(_, t)) = table.iter().find(|(n, _)| n == s) {
                     return Some(t);
                 }
-                let other = if proto == Proto::Icmpv6 {
-                    ICMP_TYPES
-                } else {
-                    ICMPV6_TYPES
-                };
+                let other = if proto == Proto::Icmpv6 { ICMP_TYPES } else { ICMPV6_TYPES };
                 let hint = if other.iter().any(|(n, _)| n == s) {
                     let (other_family, other_proto) = if proto == Proto::Icmpv6 {
                         ("ICMP (IPv4)", "icmp")
@@ -1391,9 +1278,8 @@ impl Cx {
                 "add `host: {name: NAME, labels: {...}}`: the host the cases run on",
             )
             .and_then(|n| self.test_host(n));
-        let cases = self
-            .require(&m, "cases", "add `cases:` with a list of test cases")
-            .and_then(|n| {
+        let cases =
+            self.require(&m, "cases", "add `cases:` with a list of test cases").and_then(|n| {
                 let items = self.list(n, "`cases`")?;
                 let mut out = Vec::with_capacity(items.len());
                 let mut ok = true;
@@ -1405,11 +1291,7 @@ impl Cx {
                 }
                 ok.then_some(out)
             });
-        Some(PolicyTest {
-            metadata: metadata?,
-            host: host?,
-            cases: cases?,
-        })
+        Some(PolicyTest { metadata: metadata?, host: host?, cases: cases? })
     }
 
     fn test_host(&mut self, node: &Node) -> Option<TestHost> {
@@ -1422,10 +1304,7 @@ impl Cx {
             None => Some(BTreeMap::new()),
         };
         let labels = labels?.into_iter().map(|(k, v)| (k, v.value)).collect();
-        Some(TestHost {
-            name: name?,
-            labels,
-        })
+        Some(TestHost { name: name?, labels })
     }
 
     fn case(&mut self, node: &Node) -> Option<TestCase> {
@@ -1433,11 +1312,7 @@ impl Cx {
         let span = m.head;
         let mut ok = true;
         let direction = self
-            .require(
-                &m,
-                "direction",
-                "add `direction: ingress` or `direction: egress`",
-            )
+            .require(&m, "direction", "add `direction: ingress` or `direction: egress`")
             .and_then(|n| self.keyword(n, "`direction`", DIRECTIONS));
 
         let peer = direction.and_then(|direction| {
@@ -1550,11 +1425,7 @@ impl Cx {
         };
 
         let expect = self
-            .require(
-                &m,
-                "expect",
-                "add `expect: allow`, `expect: deny` or `expect: audit-deny`",
-            )
+            .require(&m, "expect", "add `expect: allow`, `expect: deny` or `expect: audit-deny`")
             .and_then(|n| self.keyword(n, "`expect`", EXPECTS));
 
         let case = TestCase {
@@ -1584,12 +1455,9 @@ impl Cx {
             "write an IPv4 address such as 192.0.2.1 or an IPv6 address such as 2001:db8::1"
         };
         self.push(
-            Diagnostic::error(
-                Code::InvalidIp,
-                format!("invalid IP address `{}`", text.value),
-            )
-            .at(node.span, "not an IP address")
-            .hint(hint),
+            Diagnostic::error(Code::InvalidIp, format!("invalid IP address `{}`", text.value))
+                .at(node.span, "not an IP address")
+                .hint(hint),
         );
         None
     }
@@ -1637,10 +1505,7 @@ fn parse_net(s: &str) -> Result<IpNet, BadAddress> {
                 "invalid CIDR `{s}`: `/{prefix}` is not a prefix length for an {family} address"
             )
         };
-        return Err(cidr(
-            message,
-            Some(format!("{family} prefix lengths run from 0 to {max}")),
-        ));
+        return Err(cidr(message, Some(format!("{family} prefix lengths run from 0 to {max}"))));
     };
     let net = IpNet::new(ip, len).map_err(|_| cidr(format!("invalid CIDR `{s}`"), None))?;
     let network = net.trunc();
@@ -1649,9 +1514,7 @@ fn parse_net(s: &str) -> Result<IpNet, BadAddress> {
             code: Code::HostBitsSet,
             message: format!("`{s}` has host bits set after the /{len} prefix"),
             label: "host bits set",
-            hint: Some(format!(
-                "did you mean {network} (the network) or {ip} (the one address)?"
-            )),
+            hint: Some(format!("did you mean {network} (the network) or {ip} (the one address)?")),
         });
     }
     Ok(net)
@@ -1665,10 +1528,7 @@ fn bad_ip(s: &str) -> BadAddress {
         && b.trim().parse::<IpAddr>().is_ok()
     {
         "address ranges are not supported; write them as CIDRs".to_string()
-    } else if s
-        .chars()
-        .any(|c| c.is_ascii_alphabetic() && !c.is_ascii_hexdigit())
-    {
+    } else if s.chars().any(|c| c.is_ascii_alphabetic() && !c.is_ascii_hexdigit()) {
         "host names are not resolved; to use an AddressSet write `{set: NAME}`".to_string()
     } else {
         "write an IP address such as 192.0.2.1 or 2001:db8::1, or a CIDR such as 192.0.2.0/24"
@@ -1702,9 +1562,7 @@ mod tests {
             Ok("system.slice/app.service")
         );
         assert_eq!(normalise_workload("a").as_deref(), Ok("a"));
-        for bad in [
-            "", "/", "//", "a//b", "a/./b", "../a", "a/..", "a\0b", "a\nb",
-        ] {
+        for bad in ["", "/", "//", "a//b", "a/./b", "../a", "a/..", "a\0b", "a\nb"] {
             assert!(normalise_workload(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -1714,9 +1572,7 @@ mod tests {
         for good in ["web-*", "db-?", "web-[0-9]*", "*", "a[-x]"] {
             assert_eq!(check_glob(good), Ok(()), "{good}");
         }
-        for bad in [
-            "", "web-[0-9", "web-]", "a[]", "a[[b]]", "a b", "a[9-0]", "a/b",
-        ] {
+        for bad in ["", "web-[0-9", "web-]", "a[]", "a[[b]]", "a b", "a[9-0]", "a/b"] {
             assert!(check_glob(bad).is_err(), "{bad} accepted");
         }
     }
@@ -1724,10 +1580,7 @@ mod tests {
     #[test]
     fn suggestions_are_close_and_case_insensitive() {
         assert_eq!(suggest("prot", RULE_FIELDS.iter().copied()), Some("proto"));
-        assert_eq!(
-            suggest("policy", ["AddressSet", "Policy", "PolicyTest"]),
-            Some("Policy")
-        );
+        assert_eq!(suggest("policy", ["AddressSet", "Policy", "PolicyTest"]), Some("Policy"));
         assert_eq!(suggest("xyzzy", RULE_FIELDS.iter().copied()), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
@@ -1735,34 +1588,13 @@ mod tests {
     #[test]
     fn nets_parse_and_reject_host_bits() {
         assert_eq!(parse_net("10.0.0.0/8").ok(), "10.0.0.0/8".parse().ok());
-        assert_eq!(
-            parse_net("198.51.100.7").ok(),
-            "198.51.100.7/32".parse().ok()
-        );
-        assert_eq!(
-            parse_net("2001:db8::1").ok(),
-            "2001:db8::1/128".parse().ok()
-        );
-        assert_eq!(
-            parse_net("10.0.0.1/8").err().map(|b| b.code),
-            Some(Code::HostBitsSet)
-        );
-        assert_eq!(
-            parse_net("10.0.0.0/33").err().map(|b| b.code),
-            Some(Code::InvalidCidr)
-        );
-        assert_eq!(
-            parse_net("10.0.0.0/").err().map(|b| b.code),
-            Some(Code::InvalidCidr)
-        );
-        assert_eq!(
-            parse_net("10.0.0.0/+8").err().map(|b| b.code),
-            Some(Code::InvalidCidr)
-        );
-        assert_eq!(
-            parse_net("10.0.0.256").err().map(|b| b.code),
-            Some(Code::InvalidIp)
-        );
+        assert_eq!(parse_net("198.51.100.7").ok(), "198.51.100.7/32".parse().ok());
+        assert_eq!(parse_net("2001:db8::1").ok(), "2001:db8::1/128".parse().ok());
+        assert_eq!(parse_net("10.0.0.1/8").err().map(|b| b.code), Some(Code::HostBitsSet));
+        assert_eq!(parse_net("10.0.0.0/33").err().map(|b| b.code), Some(Code::InvalidCidr));
+        assert_eq!(parse_net("10.0.0.0/").err().map(|b| b.code), Some(Code::InvalidCidr));
+        assert_eq!(parse_net("10.0.0.0/+8").err().map(|b| b.code), Some(Code::InvalidCidr));
+        assert_eq!(parse_net("10.0.0.256").err().map(|b| b.code), Some(Code::InvalidIp));
     }
 
     #[test]
@@ -1779,12 +1611,9 @@ mod tests {
     fn a_bad_document_does_not_stop_the_next() {
         let text = "apiVersion: fw/v1\nkind: Nope\nmetadata: {name: a}\nspec: {}\n---\n\
                     apiVersion: fw/v1\nkind: AddressSet\nmetadata: {name: b}\nspec: {addresses: [10.0.0.0/8]}\n";
-        let nodes = crate::yaml::parse(
-            crate::source::FileId(0),
-            text.as_bytes(),
-            &Default::default(),
-        )
-        .unwrap_or_default();
+        let nodes =
+            crate::yaml::parse(crate::source::FileId(0), text.as_bytes(), &Default::default())
+                .unwrap_or_default();
         let (docs, diags) = lower(&nodes);
         assert_eq!(docs.len(), 1);
         assert_eq!(diags.len(), 1);

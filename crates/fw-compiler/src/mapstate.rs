@@ -28,12 +28,16 @@ use crate::source::Location;
 
 /// An address class: the set of rules that an address region matches. Stable across compiles
 /// while that set is unchanged. Never 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct ClassId(pub u32);
 
 /// A workload class: one `workloads` cgroup path. 0 is "no workload path matched".
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct WorkloadId(pub u32);
 
@@ -55,7 +59,9 @@ pub fn l4_word(proto: u8, port: Option<u16>) -> u32 {
 
 /// A key of the L4 table: exact class and workload, then the first `prefix_len` bits of the
 /// L4 word.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct L4Key {
     pub class: ClassId,
     pub workload: WorkloadId,
@@ -66,7 +72,9 @@ pub struct L4Key {
 }
 
 /// One half of an L4 entry's outcome.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase", tag = "action", content = "rule")]
 pub enum Decision {
     /// No rule matched: the default applies.
@@ -76,7 +84,9 @@ pub enum Decision {
 }
 
 /// The value of an L4 entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct L4Value {
     /// From enforcing rules only: first deny, else first allow, else none.
     pub verdict: Decision,
@@ -100,6 +110,9 @@ pub struct DirectionMaps {
     /// Longest prefix -> class. Always holds `::/0`.
     pub v6: BTreeMap<Ipv6Net, ClassId>,
     /// Non-overlapping within one (class, workload), so longest-prefix match has one answer.
+    /// Serialized as a list of `[key, value]` pairs: its keys are structs, which JSON objects
+    /// cannot have.
+    #[serde(with = "entries")]
     pub l4: BTreeMap<L4Key, L4Value>,
 }
 
@@ -160,5 +173,28 @@ impl MapState {
             Direction::Ingress => &self.ingress,
             Direction::Egress => &self.egress,
         }
+    }
+}
+
+/// Serializes a map as a list of `[key, value]` pairs.
+mod entries {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        map: &BTreeMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
     }
 }

@@ -16,7 +16,18 @@ use crate::ast::{Action, Direction, Mode, PortRange, Proto};
 use crate::source::{Location, Span};
 
 /// The host a policy is compiled for.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct HostIdentity {
     pub name: String,
     pub labels: BTreeMap<String, String>,
@@ -24,7 +35,9 @@ pub struct HostIdentity {
 
 /// A rule's id: stable while the rule's policy, direction and name (or index, for unnamed rules)
 /// stay the same, so counters and map entries of unchanged rules survive an update. Never 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct RuleId(pub u32);
 
@@ -112,7 +125,12 @@ pub struct DirectionDefault {
 
 impl Default for DirectionDefault {
     fn default() -> Self {
-        Self { verdict: Action::Allow, audit: Action::Allow, verdict_policy: None, audit_policy: None }
+        Self {
+            verdict: Action::Allow,
+            audit: Action::Allow,
+            verdict_policy: None,
+            audit_policy: None,
+        }
     }
 }
 

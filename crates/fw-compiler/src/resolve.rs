@@ -84,10 +84,7 @@ impl PolicySet {
     /// All resolved rules of one policy, in (direction, index) order; `None` for an unknown
     /// policy. Independent of any host.
     pub fn policy_rules(&self, policy: &str) -> Option<&[ResolvedRule]> {
-        let i = self
-            .policies
-            .iter()
-            .position(|p| p.metadata.name.value == policy)?;
+        let i = self.policies.iter().position(|p| p.metadata.name.value == policy)?;
         self.rules.get(i).map(Vec::as_slice)
     }
 }
@@ -98,29 +95,14 @@ fn direction_default(policies: &[&ast::Policy], direction: Direction) -> Directi
     let denying: Vec<&ast::Policy> = policies
         .iter()
         .copied()
-        .filter(|p| {
-            p.defaults
-                .get(direction)
-                .is_some_and(|a| a.value == Action::Deny)
-        })
+        .filter(|p| p.defaults.get(direction).is_some_and(|a| a.value == Action::Deny))
         .collect();
     let name = |p: &ast::Policy| p.metadata.name.value.clone();
-    let first_enforcing = denying
-        .iter()
-        .find(|p| p.mode == Mode::Enforce)
-        .map(|p| name(p));
+    let first_enforcing = denying.iter().find(|p| p.mode == Mode::Enforce).map(|p| name(p));
     let first_any = denying.first().map(|p| name(p));
     DirectionDefault {
-        verdict: if first_enforcing.is_some() {
-            Action::Deny
-        } else {
-            Action::Allow
-        },
-        audit: if first_any.is_some() {
-            Action::Deny
-        } else {
-            Action::Allow
-        },
+        verdict: if first_enforcing.is_some() { Action::Deny } else { Action::Allow },
+        audit: if first_any.is_some() { Action::Deny } else { Action::Allow },
         audit_policy: first_enforcing.clone().or(first_any),
         verdict_policy: first_enforcing,
     }
@@ -130,10 +112,7 @@ fn direction_default(policies: &[&ast::Policy], direction: Direction) -> Directi
 /// the same value, and, when names are given, one of the globs matches the host name.
 pub fn selects(selector: Option<&ast::HostSelector>, host: &HostIdentity) -> bool {
     let Some(sel) = selector else { return true };
-    let labels_ok = sel
-        .labels
-        .iter()
-        .all(|(k, v)| host.labels.get(k) == Some(&v.value));
+    let labels_ok = sel.labels.iter().all(|(k, v)| host.labels.get(k) == Some(&v.value));
     let names_ok = sel.names.is_empty() || sel.names.iter().any(|g| glob_matches(g, &host.name));
     labels_ok && names_ok
 }
@@ -189,11 +168,7 @@ fn match_one(p: &[char], pi: usize, c: char) -> (bool, usize) {
             let negated = p.get(pi + 1) == Some(&'!');
             let first = pi + 1 + usize::from(negated);
             // A `]` right after `[` or `[!` is a member; the class ends at the next one.
-            let close = p
-                .iter()
-                .skip(first + 1)
-                .position(|&x| x == ']')
-                .map(|k| k + first + 1);
+            let close = p.iter().skip(first + 1).position(|&x| x == ']').map(|k| k + first + 1);
             match close {
                 Some(close) => {
                     let members = p.get(first..close).unwrap_or(&[]);
@@ -231,10 +206,7 @@ fn class_contains(members: &[char], c: char) -> bool {
 
 /// The host a PolicyTest describes.
 pub fn host_of_test(t: &ast::PolicyTest) -> HostIdentity {
-    HostIdentity {
-        name: t.host.name.value.clone(),
-        labels: t.host.labels.clone(),
-    }
+    HostIdentity { name: t.host.name.value.clone(), labels: t.host.labels.clone() }
 }
 
 /// The protocol number given to a test case whose proto is `any`: 255 is reserved by IANA, so
@@ -285,10 +257,7 @@ pub fn resolve(docs: &[Document], sources: &SourceMap) -> (Option<PolicySet>, Ve
                 )
                 .at(meta.name.span, "defined again here")
                 .also(first, "first defined here")
-                .hint(format!(
-                    "names must be unique among all {} documents",
-                    doc.kind().as_str()
-                )),
+                .hint(format!("names must be unique among all {} documents", doc.kind().as_str())),
             );
         }
     }
@@ -391,9 +360,7 @@ fn set_refs(items: &[Sp<AddressItem>]) -> impl Iterator<Item = &Sp<String>> {
 
 /// The set references of an AddressSet, addresses first, then excepts.
 fn refs_of_set(set: &ast::AddressSet) -> Vec<&Sp<String>> {
-    set_refs(&set.addresses)
-        .chain(set_refs(&set.except))
-        .collect()
+    set_refs(&set.addresses).chain(set_refs(&set.except)).collect()
 }
 
 fn check_unknown_refs(
@@ -431,11 +398,8 @@ fn unknown_set_hint<'a>(
     known: impl Iterator<Item = &'a String> + Clone,
 ) -> Option<String> {
     let limit = (wanted.chars().count() / 3).max(1);
-    let closest = known
-        .clone()
-        .map(|k| (edit_distance(wanted, k), k))
-        .filter(|(d, _)| *d <= limit)
-        .min();
+    let closest =
+        known.clone().map(|k| (edit_distance(wanted, k), k)).filter(|(d, _)| *d <= limit).min();
     if let Some((_, name)) = closest {
         return Some(format!("did you mean `{name}`?"));
     }
@@ -444,10 +408,7 @@ fn unknown_set_hint<'a>(
         0 => Some("no AddressSet is defined".to_string()),
         1..=8 => Some(format!(
             "the AddressSets are: {}",
-            all.iter()
-                .map(|n| format!("`{n}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            all.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
         )),
         _ => None,
     }
@@ -489,10 +450,8 @@ fn link_sets(sets: &BTreeMap<String, &ast::AddressSet>, diags: &mut Diagnostics)
         Visiting,
         Done,
     }
-    let refs: BTreeMap<&str, Vec<&Sp<String>>> = sets
-        .iter()
-        .map(|(name, s)| (name.as_str(), refs_of_set(s)))
-        .collect();
+    let refs: BTreeMap<&str, Vec<&Sp<String>>> =
+        sets.iter().map(|(name, s)| (name.as_str(), refs_of_set(s))).collect();
     let mut marks: BTreeMap<&str, Mark> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     for root in sets.keys() {
@@ -527,11 +486,7 @@ fn link_sets(sets: &BTreeMap<String, &ast::AddressSet>, diags: &mut Diagnostics)
         }
     }
 
-    let mut linked = Linked {
-        sets: BTreeMap::new(),
-        broken: BTreeSet::new(),
-        order,
-    };
+    let mut linked = Linked { sets: BTreeMap::new(), broken: BTreeSet::new(), order };
     let mut depth: BTreeMap<String, usize> = BTreeMap::new();
     for name in &linked.order {
         let Some(set) = sets.get(name) else { continue };
@@ -572,14 +527,9 @@ fn link_sets(sets: &BTreeMap<String, &ast::AddressSet>, diags: &mut Diagnostics)
             continue;
         }
         depth.insert(name.clone(), my_depth);
-        linked.sets.insert(
-            name.clone(),
-            Arc::new(ResolvedSet {
-                name: name.clone(),
-                addresses,
-                except,
-            }),
-        );
+        linked
+            .sets
+            .insert(name.clone(), Arc::new(ResolvedSet { name: name.clone(), addresses, except }));
     }
     linked
 }
@@ -607,20 +557,13 @@ fn report_cycle(
     let path: Vec<&str> = cycle.iter().map(|(n, _)| *n).chain([target]).collect();
     let mut d = Diagnostic::error(
         Code::SetCycle,
-        format!(
-            "AddressSets include each other in a cycle: {}",
-            path.join(" -> ")
-        ),
+        format!("AddressSets include each other in a cycle: {}", path.join(" -> ")),
     )
     .hint("remove one of the references so the sets no longer include themselves");
     for (i, (from, span)) in edges.iter().enumerate() {
         let to = path.get(i + 1).copied().unwrap_or(target);
         let label = format!("`{from}` includes `{to}`");
-        d = if i == 0 {
-            d.at(*span, label)
-        } else {
-            d.also(*span, label)
-        };
+        d = if i == 0 { d.at(*span, label) } else { d.also(*span, label) };
     }
     diags.push(d);
 }
@@ -682,10 +625,7 @@ fn resolve_rules(
         let mut rules = Vec::new();
         for direction in Direction::ALL {
             for (index, rule) in policy.rules(direction).iter().enumerate() {
-                let id = ids
-                    .get(&key(name, direction, index, rule))
-                    .copied()
-                    .unwrap_or(0);
+                let id = ids.get(&key(name, direction, index, rule)).copied().unwrap_or(0);
                 let peers = resolve_peers(rule.peers.as_deref(), linked);
                 if let (Some(peers), Some(items)) = (&peers, &rule.peers) {
                     check_family(rule, items, peers, &mut memo, diags);
@@ -724,10 +664,9 @@ fn resolve_peers(items: Option<&[Sp<AddressItem>]>, linked: &Linked) -> Option<V
         .map(|item| match &item.value {
             AddressItem::Net(net) => Some(AddrTerm::Net(*net)),
             AddressItem::Any => Some(AddrTerm::Any),
-            AddressItem::Set(name) => linked
-                .sets
-                .get(&name.value)
-                .map(|s| AddrTerm::Set(s.clone())),
+            AddressItem::Set(name) => {
+                linked.sets.get(&name.value).map(|s| AddrTerm::Set(s.clone()))
+            }
         })
         .collect()
 }
@@ -791,11 +730,7 @@ fn check_selectors_against_tests(
         if hosts.iter().any(|h| selects(Some(sel), h)) {
             continue;
         }
-        let listed: Vec<String> = hosts
-            .iter()
-            .take(5)
-            .map(|h| format!("`{}`", h.name))
-            .collect();
+        let listed: Vec<String> = hosts.iter().take(5).map(|h| format!("`{}`", h.name)).collect();
         let more = if hosts.len() > 5 { ", ..." } else { "" };
         diags.push(
             Diagnostic::warning(
@@ -819,16 +754,8 @@ struct Range {
     hi: u128,
 }
 
-const ALL_V4: Range = Range {
-    v6: false,
-    lo: 0,
-    hi: u32::MAX as u128,
-};
-const ALL_V6: Range = Range {
-    v6: true,
-    lo: 0,
-    hi: u128::MAX,
-};
+const ALL_V4: Range = Range { v6: false, lo: 0, hi: u32::MAX as u128 };
+const ALL_V6: Range = Range { v6: true, lo: 0, hi: u128::MAX };
 
 fn net_range(net: &IpNet) -> Range {
     match net {
@@ -837,11 +764,9 @@ fn net_range(net: &IpNet) -> Range {
             lo: u32::from(n.network()).into(),
             hi: u32::from(n.broadcast()).into(),
         },
-        IpNet::V6(n) => Range {
-            v6: true,
-            lo: u128::from(n.network()),
-            hi: u128::from(n.broadcast()),
-        },
+        IpNet::V6(n) => {
+            Range { v6: true, lo: u128::from(n.network()), hi: u128::from(n.broadcast()) }
+        }
     }
 }
 
@@ -958,11 +883,7 @@ mod tests {
         }
 
         fn meta(&self, name: &str) -> Metadata {
-            Metadata {
-                name: self.sp(name.to_string()),
-                description: None,
-                document: self.span(),
-            }
+            Metadata { name: self.sp(name.to_string()), description: None, document: self.span() }
         }
 
         fn item(&self, s: &str) -> Sp<AddressItem> {
@@ -1038,10 +959,7 @@ mod tests {
                 metadata: self.meta(name),
                 host: TestHost {
                     name: self.sp(host.to_string()),
-                    labels: labels
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
+                    labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                 },
                 cases: vec![],
             })
@@ -1065,10 +983,7 @@ mod tests {
     fn host(name: &str, labels: &[(&str, &str)]) -> HostIdentity {
         HostIdentity {
             name: name.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         }
     }
 
@@ -1080,11 +995,7 @@ mod tests {
     fn clean_input_resolves_without_diagnostics() {
         let b = B::new();
         let docs = [
-            b.set(
-                "office",
-                &["203.0.113.0/24", "@partners"],
-                &["203.0.113.99"],
-            ),
+            b.set("office", &["203.0.113.0/24", "@partners"], &["203.0.113.99"]),
             b.set("partners", &["198.51.100.0/24"], &[]),
             Document::Policy(b.policy(
                 "web",
@@ -1127,10 +1038,7 @@ mod tests {
         let r1 = b.rule(Some("x"), Action::Allow, None, Proto::Tcp);
         let r2 = b.rule(Some("x"), Action::Deny, None, Proto::Tcp);
         let r3 = b.rule(Some("y"), Action::Deny, None, Proto::Tcp);
-        let (span1, span2) = (
-            r1.name.as_ref().unwrap().span,
-            r2.name.as_ref().unwrap().span,
-        );
+        let (span1, span2) = (r1.name.as_ref().unwrap().span, r2.name.as_ref().unwrap().span);
         let (_, diags) = run(&[Document::Policy(b.policy("p", vec![r1, r3], vec![r2]))]);
         assert_eq!(codes(&diags), vec![Code::DuplicateName]);
         assert_eq!(primary(&diags[0]), span2);
@@ -1161,10 +1069,7 @@ mod tests {
         ];
         let (_, diags) = run(&docs);
         assert_eq!(codes(&diags), vec![Code::UnknownSet]);
-        assert_eq!(
-            diags[0].hint.as_deref(),
-            Some("the AddressSets are: `office`, `partners`")
-        );
+        assert_eq!(diags[0].hint.as_deref(), Some("the AddressSets are: `office`, `partners`"));
 
         let docs = [Document::Policy(b.policy(
             "p",
@@ -1213,11 +1118,7 @@ mod tests {
     #[test]
     fn a_set_including_a_cycle_is_not_reported_twice() {
         let b = B::new();
-        let docs = [
-            b.set("a", &["@b"], &[]),
-            b.set("b", &["@a"], &[]),
-            b.set("x", &["@a"], &[]),
-        ];
+        let docs = [b.set("a", &["@b"], &[]), b.set("b", &["@a"], &[]), b.set("x", &["@a"], &[])];
         let (_, diags) = run(&docs);
         assert_eq!(codes(&diags), vec![Code::SetCycle]);
     }
@@ -1257,21 +1158,12 @@ mod tests {
     fn sets_empty_after_excepts() {
         let b = B::new();
         let empty = b.set("e", &["10.0.0.0/25", "10.0.0.128/25"], &["10.0.0.0/24"]);
-        let split = b.set(
-            "split",
-            &["10.0.0.0/24"],
-            &["10.0.0.0/25", "10.0.0.128/26", "10.0.0.192/26"],
-        );
+        let split =
+            b.set("split", &["10.0.0.0/24"], &["10.0.0.0/25", "10.0.0.128/26", "10.0.0.192/26"]);
         let not_empty = b.set("ok", &["10.0.0.0/24", "2001:db8::/32"], &["10.0.0.0/24"]);
         let via_ref = b.set("r", &["@inner"], &["10.0.0.0/8"]);
         let inner = b.set("inner", &["10.1.0.0/16", "10.2.0.0/16"], &[]);
-        let (set, diags) = run(&[
-            empty.clone(),
-            split.clone(),
-            not_empty,
-            via_ref.clone(),
-            inner,
-        ]);
+        let (set, diags) = run(&[empty.clone(), split.clone(), not_empty, via_ref.clone(), inner]);
         assert!(set.is_none());
         assert!(diags.iter().all(|d| d.code == Code::EmptyAddressList));
         let mut spans: Vec<Span> = diags.iter().map(primary).collect();
@@ -1290,10 +1182,7 @@ mod tests {
         let cases: &[(&[&str], &[&str])] = &[
             (&["10.0.0.0/8"], &["10.1.0.0/16", "10.255.255.255/32"]),
             (&["0.0.0.0/0", "::/0"], &["0.0.0.0/1", "::/1"]),
-            (
-                &["10.0.0.0/24", "10.0.0.0/25"],
-                &["10.0.0.1/32", "10.0.0.3/32", "10.0.0.2/31"],
-            ),
+            (&["10.0.0.0/24", "10.0.0.0/25"], &["10.0.0.1/32", "10.0.0.3/32", "10.0.0.2/31"]),
             (&["255.255.255.255/32"], &["255.255.255.254/31"]),
         ];
         let probes = [
@@ -1316,9 +1205,7 @@ mod tests {
         ];
         for (addresses, except) in cases {
             let to_terms = |l: &[&str]| {
-                l.iter()
-                    .map(|s| AddrTerm::Net(s.parse().unwrap()))
-                    .collect::<Vec<_>>()
+                l.iter().map(|s| AddrTerm::Net(s.parse().unwrap())).collect::<Vec<_>>()
             };
             let set = ResolvedSet {
                 name: "t".into(),
@@ -1345,12 +1232,7 @@ mod tests {
         let bad_icmp = b.rule(None, Action::Allow, Some(&["@v6"]), Proto::Icmp);
         let bad_icmpv6 = b.rule(None, Action::Allow, Some(&["192.0.2.1"]), Proto::Icmpv6);
         let ok = [
-            b.rule(
-                None,
-                Action::Allow,
-                Some(&["192.0.2.1", "2001:db8::1"]),
-                Proto::Icmp,
-            ),
+            b.rule(None, Action::Allow, Some(&["192.0.2.1", "2001:db8::1"]), Proto::Icmp),
             b.rule(None, Action::Allow, None, Proto::Icmpv6),
             b.rule(None, Action::Allow, Some(&["any"]), Proto::Icmp),
             b.rule(None, Action::Allow, Some(&["2001:db8::1"]), Proto::Tcp),
@@ -1361,9 +1243,7 @@ mod tests {
         let (set, diags) = run(&[v6only, Document::Policy(b.policy("p", rules, vec![]))]);
         assert!(set.is_some(), "warnings only");
         assert!(
-            diags
-                .iter()
-                .all(|d| d.code == Code::FamilyMismatch && d.severity == Severity::Warning)
+            diags.iter().all(|d| d.code == Code::FamilyMismatch && d.severity == Severity::Warning)
         );
         assert_eq!(diags.iter().map(primary).collect::<Vec<_>>(), want);
     }
@@ -1377,11 +1257,8 @@ mod tests {
         typo.hosts = Some(b.selector(&[("role", "wbe")], &[]));
         let typo_span = typo.hosts.as_ref().unwrap().span;
         let everywhere = b.policy("all", vec![], vec![]);
-        let docs = vec![
-            Document::Policy(web),
-            Document::Policy(typo),
-            Document::Policy(everywhere),
-        ];
+        let docs =
+            vec![Document::Policy(web), Document::Policy(typo), Document::Policy(everywhere)];
 
         // Without PolicyTests there is nothing to compare with.
         let (_, diags) = run(&docs);
@@ -1400,45 +1277,21 @@ mod tests {
     #[test]
     fn host_selection() {
         let b = B::new();
-        let sel = b.selector(
-            &[("role", "web"), ("env", "prod")],
-            &["web-*", "edge-[0-9]"],
-        );
+        let sel = b.selector(&[("role", "web"), ("env", "prod")], &["web-*", "edge-[0-9]"]);
         assert!(selects(
             Some(&sel),
             &host("web-1", &[("role", "web"), ("env", "prod"), ("x", "y")])
         ));
-        assert!(selects(
-            Some(&sel),
-            &host("edge-7", &[("role", "web"), ("env", "prod")])
-        ));
-        assert!(!selects(
-            Some(&sel),
-            &host("edge-77", &[("role", "web"), ("env", "prod")])
-        ));
+        assert!(selects(Some(&sel), &host("edge-7", &[("role", "web"), ("env", "prod")])));
+        assert!(!selects(Some(&sel), &host("edge-77", &[("role", "web"), ("env", "prod")])));
+        assert!(!selects(Some(&sel), &host("web-1", &[("role", "web")])), "missing label");
         assert!(
-            !selects(Some(&sel), &host("web-1", &[("role", "web")])),
-            "missing label"
-        );
-        assert!(
-            !selects(
-                Some(&sel),
-                &host("web-1", &[("role", "web"), ("env", "dev")])
-            ),
+            !selects(Some(&sel), &host("web-1", &[("role", "web"), ("env", "dev")])),
             "other value"
         );
-        assert!(
-            !selects(
-                Some(&sel),
-                &host("db-1", &[("role", "web"), ("env", "prod")])
-            ),
-            "name"
-        );
+        assert!(!selects(Some(&sel), &host("db-1", &[("role", "web"), ("env", "prod")])), "name");
         let labels_only = b.selector(&[("role", "web")], &[]);
-        assert!(selects(
-            Some(&labels_only),
-            &host("anything", &[("role", "web")])
-        ));
+        assert!(selects(Some(&labels_only), &host("anything", &[("role", "web")])));
         let names_only = b.selector(&[], &["db?"]);
         assert!(selects(Some(&names_only), &host("db1", &[])));
         assert!(!selects(Some(&names_only), &host("db12", &[])));
@@ -1457,11 +1310,7 @@ mod tests {
             ("*-prod", "web-1-prod2", false),
             ("a*b*c", "aXXbYYc", true),
             ("a*b*c", "aXXcYYb", false),
-            (
-                "a*a*a*a*b",
-                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
-                false,
-            ),
+            ("a*a*a*a*b", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", false),
             ("?", "x", true),
             ("?", "", false),
             ("??", "é1", true),
@@ -1542,22 +1391,15 @@ mod tests {
             vec![b.rule(None, Action::Allow, Some(&["10.0.0.0/8"]), Proto::Any)],
         );
         web.hosts = Some(b.selector(&[("role", "web")], &[]));
-        let mut base = b.policy(
-            "base",
-            vec![],
-            vec![b.rule(None, Action::Deny, None, Proto::Any)],
-        );
+        let mut base = b.policy("base", vec![], vec![b.rule(None, Action::Deny, None, Proto::Any)]);
         base.mode = Mode::Audit;
         let docs = vec![Document::Policy(web), Document::Policy(base)];
         let (set, _) = run(&docs);
         let set = set.unwrap();
 
         let p = set.for_host(&host("w", &[("role", "web")]));
-        let order: Vec<(String, Direction, u32)> = p
-            .rules
-            .iter()
-            .map(|r| (r.policy.clone(), r.direction, r.index))
-            .collect();
+        let order: Vec<(String, Direction, u32)> =
+            p.rules.iter().map(|r| (r.policy.clone(), r.direction, r.index)).collect();
         assert_eq!(
             order,
             vec![
@@ -1591,49 +1433,27 @@ mod tests {
             vec![],
         );
         web.hosts = Some(b.selector(&[("role", "web")], &[]));
-        let db = b.policy(
-            "db",
-            vec![b.rule(None, Action::Allow, None, Proto::Tcp)],
-            vec![],
-        );
+        let db = b.policy("db", vec![b.rule(None, Action::Allow, None, Proto::Tcp)], vec![]);
         let ids_of = |set: &PolicySet, h: &HostIdentity| -> BTreeMap<(String, u32), RuleId> {
-            set.for_host(h)
-                .rules
-                .iter()
-                .map(|r| ((r.policy.clone(), r.index), r.id))
-                .collect()
+            set.for_host(h).rules.iter().map(|r| ((r.policy.clone(), r.index), r.id)).collect()
         };
         let web_host = host("w", &[("role", "web")]);
         let (before, _) = run(&[Document::Policy(web.clone()), Document::Policy(db.clone())]);
         let before = before.unwrap();
 
         // A new policy sorted first, selected by another host only.
-        let mut aaa = b.policy(
-            "aaa",
-            vec![b.rule(None, Action::Deny, None, Proto::Any); 3],
-            vec![],
-        );
+        let mut aaa =
+            b.policy("aaa", vec![b.rule(None, Action::Deny, None, Proto::Any); 3], vec![]);
         aaa.hosts = Some(b.selector(&[("role", "x")], &[]));
-        let (after, _) = run(&[
-            Document::Policy(aaa),
-            Document::Policy(web),
-            Document::Policy(db),
-        ]);
+        let (after, _) = run(&[Document::Policy(aaa), Document::Policy(web), Document::Policy(db)]);
         let after = after.unwrap();
         assert_eq!(ids_of(&before, &web_host), ids_of(&after, &web_host));
 
         // The db rule has the same id for every host that gets it.
         let db_id = |set: &PolicySet, h: &HostIdentity| {
-            set.for_host(h)
-                .rules
-                .iter()
-                .find(|r| r.policy == "db")
-                .map(|r| r.id)
+            set.for_host(h).rules.iter().find(|r| r.policy == "db").map(|r| r.id)
         };
-        assert_eq!(
-            db_id(&after, &web_host),
-            db_id(&after, &host("x", &[("role", "x")]))
-        );
+        assert_eq!(db_id(&after, &web_host), db_id(&after, &host("x", &[("role", "x")])));
         assert_eq!(db_id(&before, &web_host), db_id(&after, &web_host));
         // And it is the id of its key.
         let want = ids::assign(
@@ -1647,10 +1467,7 @@ mod tests {
             ]
             .map(String::from),
         );
-        assert_eq!(
-            db_id(&after, &web_host),
-            Some(RuleId(want["db\0ingress\0#0"]))
-        );
+        assert_eq!(db_id(&after, &web_host), Some(RuleId(want["db\0ingress\0#0"])));
     }
 
     #[test]
@@ -1680,11 +1497,7 @@ mod tests {
                 ..Flow::new(Direction::Egress, "10.0.5.3".parse().unwrap(), 6)
             }
         );
-        let any = flow_of_case(&TestCase {
-            proto: Proto::Any,
-            port: None,
-            ..case
-        });
+        let any = flow_of_case(&TestCase { proto: Proto::Any, port: None, ..case });
         assert_eq!(any.proto, ANY_PROTO_NUMBER);
     }
 }

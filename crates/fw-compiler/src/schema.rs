@@ -343,11 +343,7 @@ impl JsonSchema for IcmpType {
         "IcmpType".into()
     }
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        let mut names: Vec<&str> = ICMP_TYPES
-            .iter()
-            .chain(ICMPV6_TYPES)
-            .map(|(n, _)| *n)
-            .collect();
+        let mut names: Vec<&str> = ICMP_TYPES.iter().chain(ICMPV6_TYPES).map(|(n, _)| *n).collect();
         names.sort_unstable();
         names.dedup();
         json_schema!({

@@ -122,7 +122,9 @@ impl SourceMap {
 }
 
 /// A rendered position: `file:line:column`, 1-based.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Location {
     pub file: String,
     pub line: u32,

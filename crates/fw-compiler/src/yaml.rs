@@ -142,10 +142,8 @@ pub fn parse(file: FileId, bytes: &[u8], limits: &ParseLimits) -> Result<Vec<Nod
             .spawn_scoped(scope, run)
         {
             Ok(handle) => handle.join().unwrap_or_else(|_| {
-                Err(
-                    Diagnostic::error(Code::YamlSyntax, "the YAML parser failed on this file")
-                        .at(whole, "while parsing this file"),
-                )
+                Err(Diagnostic::error(Code::YamlSyntax, "the YAML parser failed on this file")
+                    .at(whole, "while parsing this file"))
             }),
             // No thread to be had: parse here and hope the caller's stack suffices.
             Err(_) => run(),
@@ -162,10 +160,7 @@ fn saphyr_error(file: FileId, text: &str, e: &serde_saphyr::Error) -> Diagnostic
             offset_of_line_col(text, l.line(), l.column()).or_else(|| l.span().byte_offset())
         })
         .map_or(0, |o| (o as usize).min(text.len()));
-    let at_char = text
-        .get(offset..)
-        .and_then(|t| t.chars().next())
-        .map_or(0, char::len_utf8);
+    let at_char = text.get(offset..).and_then(|t| t.chars().next()).map_or(0, char::len_utf8);
     let span = Span::new(file, offset as u32, (offset + at_char) as u32);
     // The parser's own message; its first line is the useful part (later lines are its own
     // snippet rendering, which our renderer replaces). Its "error: line N column M: " prefix
@@ -243,14 +238,10 @@ fn offset_of_line_col(text: &str, line: u64, column: u64) -> Option<u64> {
 
 /// `error: line 2 column 5: mapping values are not allowed` -> `mapping values are not allowed`.
 fn strip_location_prefix(message: &str) -> &str {
-    let m = message
-        .strip_prefix("error:")
-        .map_or(message, str::trim_start);
+    let m = message.strip_prefix("error:").map_or(message, str::trim_start);
     if let Some(rest) = m.strip_prefix("line ")
         && let Some((position, tail)) = rest.split_once(':')
-        && position
-            .split(" column ")
-            .all(|n| n.trim().chars().all(|c| c.is_ascii_digit()))
+        && position.split(" column ").all(|n| n.trim().chars().all(|c| c.is_ascii_digit()))
     {
         return tail.trim_start();
     }

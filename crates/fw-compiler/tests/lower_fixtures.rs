@@ -29,12 +29,7 @@ fn fixtures() -> PathBuf {
 fn fixture_files(dir: &str) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(fixtures().join(dir))
         .expect("fixture folder exists")
-        .map(|e| {
-            e.expect("readable entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
+        .map(|e| e.expect("readable entry").file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".yaml"))
         .map(|n| format!("{dir}/{n}"))
         .collect();
@@ -46,10 +41,7 @@ fn fixture_files(dir: &str) -> Vec<String> {
 fn run(name: &str, bytes: &[u8]) -> (SourceMap, Vec<Document>, Vec<Diagnostic>) {
     let mut sources = SourceMap::new();
     // Non-UTF-8 input is kept lossily for display; the parser sees the real bytes.
-    let file = sources.add(SourceFile::new(
-        name,
-        String::from_utf8_lossy(bytes).into_owned(),
-    ));
+    let file = sources.add(SourceFile::new(name, String::from_utf8_lossy(bytes).into_owned()));
     match parse(file, bytes, &ParseLimits::default()) {
         Ok(nodes) => {
             let (docs, diags) = lower(&nodes);
@@ -121,10 +113,7 @@ fn invalid_fixtures_report_their_code() {
         let bytes = std::fs::read(fixtures().join(&name)).expect("readable fixture");
         let (sources, docs, diags) = run(&name, &bytes);
         let code = code_of(&name).unwrap_or_else(|| panic!("{name}: not named after a code"));
-        assert!(
-            diags.iter().any(|d| d.code == code),
-            "{name}: expected {code}, got {diags:#?}"
-        );
+        assert!(diags.iter().any(|d| d.code == code), "{name}: expected {code}, got {diags:#?}");
         // Files under invalid/ hold only broken documents, so nothing may lower.
         assert!(docs.is_empty(), "{name}: lowered {docs:#?}");
         seen.insert(code);
@@ -185,33 +174,18 @@ fn show(doc: &Document) -> String {
     out.push('\n');
     match doc {
         Document::AddressSet(s) => {
-            let _ = writeln!(
-                out,
-                "  addresses: {}",
-                addrs(s.addresses.iter().map(|a| &a.value))
-            );
+            let _ = writeln!(out, "  addresses: {}", addrs(s.addresses.iter().map(|a| &a.value)));
             if !s.except.is_empty() {
-                let _ = writeln!(
-                    out,
-                    "  except: {}",
-                    addrs(s.except.iter().map(|a| &a.value))
-                );
+                let _ = writeln!(out, "  except: {}", addrs(s.except.iter().map(|a| &a.value)));
             }
         }
         Document::Policy(p) => {
             let _ = writeln!(out, "  mode: {:?}", p.mode);
             if let Some(h) = &p.hosts {
-                let labels: Vec<String> = h
-                    .labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}={}", v.value))
-                    .collect();
+                let labels: Vec<String> =
+                    h.labels.iter().map(|(k, v)| format!("{k}={}", v.value)).collect();
                 let names: Vec<&str> = h.names.iter().map(|n| n.value.as_str()).collect();
-                let _ = writeln!(
-                    out,
-                    "  hosts: labels [{}] names {names:?}",
-                    labels.join(", ")
-                );
+                let _ = writeln!(out, "  hosts: labels [{}] names {names:?}", labels.join(", "));
             }
             let d = |a: Option<fw_compiler::source::Sp<fw_compiler::ast::Action>>| {
                 a.map_or("-", |a| a.value.as_str())
@@ -229,12 +203,8 @@ fn show(doc: &Document) -> String {
             }
         }
         Document::PolicyTest(t) => {
-            let labels: Vec<String> = t
-                .host
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
+            let labels: Vec<String> =
+                t.host.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let _ = writeln!(out, "  host: {} [{}]", t.host.name.value, labels.join(", "));
             for c in &t.cases {
                 let _ = write!(
@@ -353,20 +323,9 @@ fn alias_bomb_is_over_budget() {
 #[test]
 fn deep_nesting_is_over_budget() {
     for (name, text) in [
-        (
-            "flow-seq",
-            format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)),
-        ),
-        (
-            "flow-map",
-            format!("{}1{}", "{a: ".repeat(10_000), "}".repeat(10_000)),
-        ),
-        (
-            "block",
-            (0..2_000)
-                .map(|i| format!("{}k:\n", " ".repeat(i)))
-                .collect::<String>(),
-        ),
+        ("flow-seq", format!("{}{}", "[".repeat(10_000), "]".repeat(10_000))),
+        ("flow-map", format!("{}1{}", "{a: ".repeat(10_000), "}".repeat(10_000))),
+        ("block", (0..2_000).map(|i| format!("{}k:\n", " ".repeat(i))).collect::<String>()),
     ] {
         let (_, docs, diags) = quickly(Duration::from_secs(10), || run(name, text.as_bytes()));
         assert!(docs.is_empty(), "{name}");
@@ -401,9 +360,8 @@ fn huge_input_is_rejected_by_size_before_parsing() {
     let junk = vec![b'x'; 100 << 20];
     // The size check comes first, so this is as fast as the check itself; parsing 100 MB would
     // take far longer.
-    let result = quickly(Duration::from_secs(2), || {
-        parse(FileId(0), &junk, &ParseLimits::default())
-    });
+    let result =
+        quickly(Duration::from_secs(2), || parse(FileId(0), &junk, &ParseLimits::default()));
     let d = result.expect_err("100 MB must be rejected");
     assert_eq!(d.code, Code::InputTooLarge);
     assert!(d.message.contains("104857600 bytes"), "{}", d.message);
@@ -432,11 +390,7 @@ fn random_binary_ends_in_a_diagnostic() {
                 state ^= state << 17;
                 // Some rounds stay in printable ASCII, so the YAML parser (not the UTF-8 check)
                 // sees them.
-                if round % 2 == 0 {
-                    (state >> 24) as u8
-                } else {
-                    b' ' + (state >> 24) as u8 % 95
-                }
+                if round % 2 == 0 { (state >> 24) as u8 } else { b' ' + (state >> 24) as u8 % 95 }
             })
             .collect();
         let (_, docs, diags) = quickly(Duration::from_secs(10), || run("random", &bytes));

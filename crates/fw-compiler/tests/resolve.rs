@@ -33,11 +33,7 @@ fn load_files(files: &[(&str, &str)]) -> Loaded {
     }
     let (policy_set, diags) = resolve(&documents, &sources);
     diagnostics.extend(diags);
-    Loaded {
-        sources,
-        policy_set,
-        diagnostics,
-    }
+    Loaded { sources, policy_set, diagnostics }
 }
 
 fn codes(diags: &[Diagnostic]) -> Vec<Code> {
@@ -115,12 +111,7 @@ spec:
 #[test]
 fn the_documented_example_passes_its_own_tests() {
     let loaded = load_files(&[("example.yaml", EXAMPLE)]);
-    assert_eq!(
-        codes(&loaded.diagnostics),
-        vec![],
-        "{:#?}",
-        loaded.diagnostics
-    );
+    assert_eq!(codes(&loaded.diagnostics), vec![], "{:#?}", loaded.diagnostics);
     let set = loaded.policy_set.expect("no errors, so a policy set");
     assert_eq!(set.tests.len(), 1);
     let test = &set.tests[0];
@@ -138,14 +129,9 @@ fn the_documented_example_passes_its_own_tests() {
     // The audit-deny names the audit rule.
     let case = &test.cases[2];
     let outcome = evaluate(&policy, &flow_of_case(case)).outcome;
-    let Decider::Rule(id) = outcome.decided_by else {
-        panic!("{outcome:?}")
-    };
+    let Decider::Rule(id) = outcome.decided_by else { panic!("{outcome:?}") };
     let rule = policy.rule(id).unwrap();
-    assert_eq!(
-        (rule.policy.as_str(), rule.label().as_str()),
-        ("audit-ssh", "no-ssh")
-    );
+    assert_eq!((rule.policy.as_str(), rule.label().as_str()), ("audit-ssh", "no-ssh"));
     assert_eq!(rule.location.file, "example.yaml");
 
     // A host the web policy does not select gets only the audit policy.
@@ -192,22 +178,11 @@ spec:
     let mut got = codes(&loaded.diagnostics);
     got.sort();
     // The second `dup` is dropped, so its emptiness is not reported on top of the duplicate.
-    assert_eq!(
-        got,
-        vec![Code::UnknownSet, Code::SetCycle, Code::DuplicateName]
-    );
-    let dup = loaded
-        .diagnostics
-        .iter()
-        .find(|d| d.code == Code::DuplicateName)
-        .unwrap();
+    assert_eq!(got, vec![Code::UnknownSet, Code::SetCycle, Code::DuplicateName]);
+    let dup = loaded.diagnostics.iter().find(|d| d.code == Code::DuplicateName).unwrap();
     let record = dup.to_record(&loaded.sources);
     assert_eq!(record.file.as_deref(), Some("b.yaml"));
     assert_eq!(record.related[0].location.file, "a.yaml");
-    let unknown = loaded
-        .diagnostics
-        .iter()
-        .find(|d| d.code == Code::UnknownSet)
-        .unwrap();
+    let unknown = loaded.diagnostics.iter().find(|d| d.code == Code::UnknownSet).unwrap();
     assert_eq!(unknown.hint.as_deref(), Some("did you mean `dup`?"));
 }

@@ -46,10 +46,7 @@ fn checked_in_schema_is_current() {
 #[test]
 fn schema_is_draft_2020_12_with_a_document_per_kind() {
     let schema = json_schema();
-    assert_eq!(
-        schema["$schema"],
-        "https://json-schema.org/draft/2020-12/schema"
-    );
+    assert_eq!(schema["$schema"], "https://json-schema.org/draft/2020-12/schema");
     let kinds: Vec<&str> = schema["oneOf"]
         .as_array()
         .expect("oneOf over the kinds")
@@ -90,9 +87,7 @@ fn to_json(node: &Node) -> Value {
             entries
                 .iter()
                 .map(|(k, v)| {
-                    let key = k
-                        .as_str()
-                        .map_or_else(|| format!("{:?}", k.kind), str::to_string);
+                    let key = k.as_str().map_or_else(|| format!("{:?}", k.kind), str::to_string);
                     (key, to_json(v))
                 })
                 .collect(),
@@ -113,17 +108,9 @@ fn valid_fixtures_validate_against_the_schema() {
     let files = yaml_files(&fixtures().join("valid"));
     assert!(!files.is_empty());
     for path in files {
-        for (i, doc) in documents(&path)
-            .expect("valid fixture parses")
-            .iter()
-            .enumerate()
-        {
+        for (i, doc) in documents(&path).expect("valid fixture parses").iter().enumerate() {
             let errors = validate(&schema, doc);
-            assert!(
-                errors.is_empty(),
-                "{} document {i}: {errors:#?}",
-                path.display()
-            );
+            assert!(errors.is_empty(), "{} document {i}: {errors:#?}", path.display());
         }
     }
 }
@@ -140,10 +127,7 @@ fn schema_rejects_the_mistakes_it_can_express() {
     for code in expressible {
         let path = yaml_files(&fixtures().join("invalid"))
             .into_iter()
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(code))
-            })
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(code)))
             .unwrap_or_else(|| panic!("no fixture for {code}"));
         let docs = documents(&path).expect("fixture parses");
         for (i, doc) in docs.iter().enumerate() {
@@ -249,11 +233,7 @@ fn check(root: &Value, schema: &Value, value: &Value, at: &str, errors: &mut Vec
             }
             "minimum" | "maximum" => {
                 if let (Some(v), Some(limit)) = (value.as_f64(), arg.as_f64()) {
-                    let ok = if keyword == "minimum" {
-                        v >= limit
-                    } else {
-                        v <= limit
-                    };
+                    let ok = if keyword == "minimum" { v >= limit } else { v <= limit };
                     if !ok {
                         errors.push(format!("{at}: {v} is beyond the {keyword} {limit}"));
                     }
@@ -284,12 +264,7 @@ fn check(root: &Value, schema: &Value, value: &Value, at: &str, errors: &mut Vec
             }
             "required" => {
                 if let Value::Object(map) = value {
-                    for name in arg
-                        .as_array()
-                        .expect("required")
-                        .iter()
-                        .filter_map(Value::as_str)
-                    {
+                    for name in arg.as_array().expect("required").iter().filter_map(Value::as_str) {
                         if !map.contains_key(name) {
                             errors.push(format!("{at}: missing {name}"));
                         }
@@ -335,25 +310,15 @@ fn check(root: &Value, schema: &Value, value: &Value, at: &str, errors: &mut Vec
                         e.is_empty()
                     })
                     .count();
-                let ok = if keyword == "oneOf" {
-                    passing == 1
-                } else {
-                    passing >= 1
-                };
+                let ok = if keyword == "oneOf" { passing == 1 } else { passing >= 1 };
                 if !ok {
-                    errors.push(format!(
-                        "{at}: {passing} of the {keyword} schemas match {value}"
-                    ));
+                    errors.push(format!("{at}: {passing} of the {keyword} schemas match {value}"));
                 }
             }
             "if" => {
                 let mut e = Vec::new();
                 check(root, arg, value, at, &mut e);
-                let branch = if e.is_empty() {
-                    schema.get("then")
-                } else {
-                    schema.get("else")
-                };
+                let branch = if e.is_empty() { schema.get("then") } else { schema.get("else") };
                 if let Some(branch) = branch {
                     check(root, branch, value, at, errors);
                 }
@@ -387,9 +352,8 @@ fn errors_md_has_a_section_per_code() {
     let headings: Vec<&str> = text.lines().filter(|l| l.starts_with("## ")).collect();
     for code in Code::ALL {
         let wanted = format!("## {}", code.as_str());
-        let found = headings
-            .iter()
-            .find(|h| h.split_whitespace().take(2).eq(wanted.split_whitespace()));
+        let found =
+            headings.iter().find(|h| h.split_whitespace().take(2).eq(wanted.split_whitespace()));
         assert!(found.is_some(), "docs/errors.md has no `{wanted}` section");
     }
     // Sections are in code order, so the page reads like the table it is.

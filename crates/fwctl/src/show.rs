@@ -1,0 +1,285 @@
+//! Human and JSON views of map states, test reports and explanations.
+
+use std::fmt::Write as _;
+
+use anyhow::{Result, bail};
+use fw_compiler::ast::{Direction, Proto};
+use fw_compiler::mapstate::{Decision, DirectionMaps, MapState};
+use fw_compiler::model::{Decider, Explanation, Flow, HostPolicy, Outcome, RuleId};
+use fw_compiler::resolve::PolicySet;
+use fw_compiler::testing::{self, TestReport};
+
+/// `--proto`: a name, or any protocol number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtoArg {
+    Named(Proto),
+    Number(u8),
+}
+
+impl ProtoArg {
+    pub fn number(self) -> u8 {
+        match self {
+            ProtoArg::Named(p) => p.number().unwrap_or(255),
+            ProtoArg::Number(n) => n,
+        }
+    }
+}
+
+pub fn parse_proto(s: &str) -> Result<ProtoArg> {
+    Ok(match s {
+        "tcp" => ProtoArg::Named(Proto::Tcp),
+        "udp" => ProtoArg::Named(Proto::Udp),
+        "icmp" => ProtoArg::Named(Proto::Icmp),
+        "icmpv6" => ProtoArg::Named(Proto::Icmpv6),
+        other => match other.parse::<u8>() {
+            Ok(6) => ProtoArg::Named(Proto::Tcp),
+            Ok(17) => ProtoArg::Named(Proto::Udp),
+            Ok(1) => ProtoArg::Named(Proto::Icmp),
+            Ok(58) => ProtoArg::Named(Proto::Icmpv6),
+            Ok(n) => ProtoArg::Number(n),
+            Err(_) => {
+                bail!("unknown protocol {other:?}: use tcp, udp, icmp, icmpv6 or a number 0-255")
+            }
+        },
+    })
+}
+
+pub fn parse_icmp(proto: ProtoArg, s: &str) -> Result<u8> {
+    let ProtoArg::Named(p @ (Proto::Icmp | Proto::Icmpv6)) = proto else {
+        bail!("--icmp needs --proto icmp or icmpv6");
+    };
+    if let Ok(n) = s.parse::<u8>() {
+        return Ok(n);
+    }
+    match fw_compiler::lower::icmp_type_by_name(p, s) {
+        Some(n) => Ok(n),
+        None => bail!("unknown {} type {s:?}", p.as_str()),
+    }
+}
+
+pub fn state_json(state: &MapState) -> Result<String> {
+    let counts = counts(state);
+    let value = serde_json::json!({
+        "digest": state.digest(),
+        "entries": counts.iter().map(|(k, n)| (k.to_string(), serde_json::Value::from(*n))).collect::<serde_json::Map<_, _>>(),
+        "state": state,
+    });
+    Ok(serde_json::to_string_pretty(&value)?)
+}
+
+fn counts(state: &MapState) -> Vec<(&'static str, usize)> {
+    vec![
+        ("ingress_v4", state.ingress.v4.len()),
+        ("ingress_v6", state.ingress.v6.len()),
+        ("ingress_l4", state.ingress.l4.len()),
+        ("egress_v4", state.egress.v4.len()),
+        ("egress_v6", state.egress.v6.len()),
+        ("egress_l4", state.egress.l4.len()),
+        ("workloads", state.workloads.len()),
+        ("rules", state.rules.len()),
+    ]
+}
+
+fn decision(state: &MapState, d: Decision) -> String {
+    let rule = |id: RuleId| {
+        state.rules.get(&id).map_or_else(
+            || format!("#{}", id.0),
+            |r| match &r.name {
+                Some(n) => format!("{}/{}", r.policy, n),
+                None => format!("{}/#{}", r.policy, r.index),
+            },
+        )
+    };
+    match d {
+        Decision::None => "-".into(),
+        Decision::Allow(id) => format!("allow ({})", rule(id)),
+        Decision::Deny(id) => format!("deny ({})", rule(id)),
+    }
+}
+
+pub fn state_table(state: &MapState) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "host {} {:?}", state.host.name, state.host.labels);
+    let _ = writeln!(out, "digest {}", state.digest());
+    let _ = writeln!(out, "\nentries per map:");
+    for (name, n) in counts(state) {
+        let _ = writeln!(out, "  {name:<12} {n:>8}");
+    }
+    let _ = writeln!(out, "\nrules:");
+    for (id, r) in &state.rules {
+        let mode = if r.audit { " [audit]" } else { "" };
+        let log = if r.log { " [log]" } else { "" };
+        let _ = writeln!(
+            out,
+            "  {:>10}  {} {}{mode}{log}  ({})",
+            id.0,
+            r.direction.as_str(),
+            r.summary,
+            r.location
+        );
+    }
+    if !state.workloads.is_empty() {
+        let _ = writeln!(out, "\nworkloads:");
+        for (path, id) in &state.workloads {
+            let _ = writeln!(out, "  {:>10}  {path}", id.0);
+        }
+    }
+    for (dir, maps) in [(Direction::Ingress, &state.ingress), (Direction::Egress, &state.egress)] {
+        direction_table(&mut out, state, dir, maps);
+    }
+    out
+}
+
+fn direction_table(out: &mut String, state: &MapState, dir: Direction, maps: &DirectionMaps) {
+    let _ = writeln!(
+        out,
+        "\n{}: default {} (audit: {})",
+        dir.as_str(),
+        maps.defaults.verdict.as_str(),
+        maps.defaults.audit.as_str()
+    );
+    let _ = writeln!(out, "  prefixes -> class:");
+    for (net, class) in &maps.v4 {
+        let _ = writeln!(out, "    {:<43} {:>10}", net.to_string(), class.0);
+    }
+    for (net, class) in &maps.v6 {
+        let _ = writeln!(out, "    {:<43} {:>10}", net.to_string(), class.0);
+    }
+    let _ = writeln!(out, "  (class, workload, l4 prefix) -> decision:");
+    for (key, value) in &maps.l4 {
+        let _ = writeln!(
+            out,
+            "    {:>10} {:>6} {}  {}  audit: {}",
+            key.class.0,
+            key.workload.0,
+            l4_prefix(key.bits, key.prefix_len),
+            decision(state, value.verdict),
+            decision(state, value.audit),
+        );
+    }
+}
+
+/// `tcp/8000-8063`, `icmp/8`, `any`, `udp/no-port`.
+fn l4_prefix(bits: u32, len: u8) -> String {
+    if len < 8 {
+        return if len == 0 { "any".into() } else { format!("proto {:#x}/{len}", bits >> 24) };
+    }
+    let proto = (bits >> 24) as u8;
+    let name = match proto {
+        6 => "tcp".to_string(),
+        17 => "udp".to_string(),
+        1 => "icmp".to_string(),
+        58 => "icmpv6".to_string(),
+        n => format!("proto-{n}"),
+    };
+    let span: u64 = 1u64 << (32 - u32::from(len));
+    let lo = u64::from(bits & 0x00ff_ffff);
+    let hi = lo + span - 1;
+    if lo == 0 && hi == 0xff_ffff {
+        return name;
+    }
+    if lo & 0x1_0000 != 0 {
+        return format!("{name}/no-port");
+    }
+    if lo == hi { format!("{name}/{lo}") } else { format!("{name}/{lo}-{}", hi.min(0xffff)) }
+}
+
+pub fn test_report(set: &PolicySet, report: &TestReport, verbose: bool) -> String {
+    let mut out = String::new();
+    let mut hosts = std::collections::BTreeMap::new();
+    for case in &report.cases {
+        let test = set.tests.iter().find(|t| t.metadata.name.value == case.test);
+        let Some(test) = test else { continue };
+        let host = fw_compiler::resolve::host_of_test(test);
+        let policy = hosts.entry(host.clone()).or_insert_with(|| set.for_host(&host));
+        let ok = case.passed();
+        if ok && !verbose {
+            continue;
+        }
+        let mark = if ok { "ok  " } else { "FAIL" };
+        let _ = writeln!(
+            out,
+            "{mark} {} case {} ({}): expected {}, evaluator says {} by {}{}",
+            case.test,
+            case.index,
+            case.location,
+            case.expect.as_str(),
+            case.evaluated.verdict.as_str(),
+            testing::describe_decider(policy, case.direction, &case.evaluated),
+            match &case.compiled {
+                Some(c) if c == &case.evaluated => String::new(),
+                Some(c) => format!(
+                    "; compiled lookup says {} by {}",
+                    c.verdict.as_str(),
+                    testing::describe_decider(policy, case.direction, c)
+                ),
+                None => "; the host's policy did not compile".to_string(),
+            }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "policy tests: {} passed, {} failed ({} tests)",
+        report.passed(),
+        report.failed(),
+        set.tests.len()
+    );
+    out
+}
+
+pub fn explanation(
+    policy: &HostPolicy,
+    flow: &Flow,
+    e: &Explanation,
+    compiled: Option<&Outcome>,
+) -> String {
+    let mut out = String::new();
+    let peer = match flow.direction {
+        Direction::Ingress => format!("from {}", flow.peer),
+        Direction::Egress => format!("to {}", flow.peer),
+    };
+    let _ = writeln!(out, "{} {} on host {}", flow.direction.as_str(), peer, policy.host.name);
+    let _ = writeln!(out, "verdict: {}", e.outcome.verdict.as_str());
+    let _ = writeln!(
+        out,
+        "decided by: {}",
+        testing::describe_decider(policy, flow.direction, &e.outcome)
+    );
+    let others: Vec<_> =
+        e.matched.iter().filter(|id| e.outcome.decided_by != Decider::Rule(**id)).collect();
+    if others.is_empty() {
+        let _ = writeln!(out, "other matching rules: none");
+    } else {
+        let _ = writeln!(out, "other matching rules:");
+        for id in others {
+            if let Some(r) = policy.rule(*id) {
+                let mode = if r.enforcing() { "" } else { " [audit]" };
+                let _ = writeln!(
+                    out,
+                    "  {} {}/{}{mode} ({})",
+                    r.action.as_str(),
+                    r.policy,
+                    r.label(),
+                    r.location
+                );
+            }
+        }
+    }
+    match compiled {
+        Some(c) if c == &e.outcome => {
+            let _ = writeln!(out, "compiled map lookup: agrees");
+        }
+        Some(c) => {
+            let _ = writeln!(
+                out,
+                "compiled map lookup: DISAGREES: {} by {}",
+                c.verdict.as_str(),
+                testing::describe_decider(policy, flow.direction, c)
+            );
+        }
+        None => {
+            let _ = writeln!(out, "compiled map lookup: the policy does not compile for this host");
+        }
+    }
+    out
+}

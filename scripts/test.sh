@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite; CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -q -- -D warnings
+cargo test --workspace
+cargo build -q -p fwctl
+target/debug/fwctl validate policies/
+target/debug/fwctl test policies/
