@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release -q -p fwctl
-fwctl=target/release/fwctl
+fwctl="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/fwctl"
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 

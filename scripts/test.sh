@@ -6,6 +6,5 @@ bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings
 cargo test --workspace
-cargo build -q -p fwctl
-target/debug/fwctl validate policies/
-target/debug/fwctl test policies/
+cargo run -q -p fwctl -- validate policies/
+cargo run -q -p fwctl -- test policies/
