@@ -22,14 +22,70 @@ for component in rustfmt clippy; do
     fi
 done
 
-# Debian packages: a C compiler for -sys crates and pkg-config.
+# Debian packages, as "command:package": a C compiler for -sys crates and for linking
+# bpf-linker, pkg-config, and for the privileged data-plane tests bpftool (inspecting
+# programs and maps) and iproute2 (network namespaces, veth pairs, attaching XDP).
 missing=()
-for pkg in gcc pkg-config; do
-    command -v "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+for pair in gcc:gcc pkg-config:pkg-config bpftool:bpftool ip:iproute2; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     need_root apt-get install "${missing[@]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+# --- The eBPF toolchain ---------------------------------------------------------------------
+# crates/fw-loader/build.rs builds the kernel crate (crates/fw-ebpf) with aya-build: nightly
+# rustc for bpfel-unknown-none with -Z build-std=core (which needs the rust-src component),
+# linked by bpf-linker.
+if ! rustup toolchain list | grep -q '^nightly'; then
+    rustup toolchain install nightly --profile minimal --component rust-src
+elif ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+    rustup component add rust-src --toolchain nightly
+fi
+
+# bpf-linker must link with the same LLVM that nightly rustc writes its bitcode with, so it is
+# built against nightly's own libLLVM. Its build looks for LLVM under LLVM_PREFIX (lib/libLLVM.so)
+# and records LLVM_PREFIX/lib as the binary's rpath, so the prefix is a stable folder holding
+# two symlinks into the nightly sysroot: the unversioned name (for linking) and the versioned
+# one (what the binary loads). Root uses /opt; others their data directory; FW_BPF_LLVM_PREFIX
+# overrides both.
+if [ -n "${FW_BPF_LLVM_PREFIX:-}" ]; then
+    llvm_prefix="$FW_BPF_LLVM_PREFIX"
+elif [ "$(id -u)" -eq 0 ]; then
+    llvm_prefix=/opt/fw-bpf-llvm
+else
+    llvm_prefix="${XDG_DATA_HOME:-$HOME/.local/share}/fw-bpf-llvm"
+fi
+nightly_sysroot="$(rustc +nightly --print sysroot)"
+libllvm="$(find "$nightly_sysroot/lib" -maxdepth 1 -name 'libLLVM.so.*-rust-*' | sort | tail -n 1)"
+if [ -z "$libllvm" ]; then
+    echo "setup: no libLLVM.so.* in $nightly_sysroot/lib; cannot build bpf-linker" >&2
+    exit 1
+fi
+mkdir -p "$llvm_prefix/lib"
+ln -sfn "$libllvm" "$llvm_prefix/lib/libLLVM.so"
+ln -sfn "$libllvm" "$llvm_prefix/lib/$(basename "$libllvm")"
+
+# Works = runs, and loads the libLLVM of today's nightly (after a nightly update the old
+# library is gone or another one: rebuild).
+bpf_linker_works() {
+    local bin
+    bin="$(command -v bpf-linker 2>/dev/null)" || return 1
+    bpf-linker --version >/dev/null 2>&1 || return 1
+    local loaded
+    loaded="$(ldd "$bin" 2>/dev/null | awk '/libLLVM/ {print $3; exit}')"
+    [ -n "$loaded" ] && [ "$(readlink -f "$loaded")" = "$(readlink -f "$libllvm")" ]
+}
+if ! bpf_linker_works; then
+    # libLLVM.so.22.1-rust-... -> 22: bpf-linker has one feature per LLVM major version.
+    llvm_major="$(basename "$libllvm" | sed -E 's/^libLLVM\.so\.([0-9]+).*/\1/')"
+    LLVM_PREFIX="$llvm_prefix" cargo install bpf-linker --version '^0.13' --force \
+        --no-default-features --features "llvm-$llvm_major"
+    if ! bpf_linker_works; then
+        echo "setup: bpf-linker was installed but does not load $libllvm" >&2
+        exit 1
+    fi
 fi
 echo "setup: ok"

@@ -18,6 +18,13 @@
 //!
 //! `to_bytes`/`from_bytes` give the exact bytes the maps hold; they match the in-memory layout
 //! on a little-endian machine, which is what `aya` copies into the kernel.
+//!
+//! Generations. Every map the compiler fills exists twice: the kernel declares each as an
+//! outer array-of-maps with [`GENERATIONS`] slots whose inner maps user space creates, and
+//! [`maps::GENERATION`] names the slot a packet uses ([`ActiveGeneration`]). A packet reads the
+//! generation once, so an update written to the standby slot becomes visible all at once.
+//! The counter maps ([`maps::RULE_COUNTERS`], [`maps::STATS`]) are not generational: rule ids
+//! are stable across compiles, so a rule's counter survives an update.
 
 #![no_std]
 
@@ -46,7 +53,34 @@ pub mod maps {
     /// [`WorkloadKey`](crate::WorkloadKey) (cgroup id); until the daemon resolves paths to
     /// cgroup ids, the encoded form is keyed by the normalised cgroup path's UTF-8 bytes.
     pub const WORKLOADS: &str = "FW_WORKLOADS";
+    /// One-element array (key `0u32`) -> [`ActiveGeneration`](crate::ActiveGeneration):
+    /// which slot of every generational map above the programs read.
+    pub const GENERATION: &str = "FW_GEN";
+    /// Per-CPU hash: rule id (`u32`, host order) -> [`Counters`](crate::Counters) of the
+    /// packets the rule decided (see [`Counters`](crate::Counters) for what "decided" means).
+    pub const RULE_COUNTERS: &str = "FW_RULE_CNT";
+    /// Per-CPU array of [`Counters`](crate::Counters), indexed by
+    /// [`stat_index`](crate::stat_index): outcomes no rule decided (defaults, always-allowed
+    /// traffic, malformed packets, ...).
+    pub const STATS: &str = "FW_STATS";
+
+    /// The maps the compiler's `encode` fills, each an outer array-of-maps with
+    /// [`GENERATIONS`](crate::GENERATIONS) slots.
+    pub const GENERATIONAL: [&str; 8] =
+        [INGRESS_V4, INGRESS_V6, INGRESS_L4, EGRESS_V4, EGRESS_V6, EGRESS_L4, CONFIG, WORKLOADS];
 }
+
+/// Names of the programs in the eBPF object.
+pub mod programs {
+    /// The XDP program that filters packets arriving at the host.
+    pub const INGRESS: &str = "fw_ingress";
+}
+
+/// Number of generations (slots of every generational map).
+pub const GENERATIONS: u32 = 2;
+
+/// Number of entries of the config array (one per direction).
+pub const CONFIG_ENTRIES: u32 = 2;
 
 /// Action byte: no rule decided (the default applies).
 pub const ACTION_NONE: u8 = 0;
@@ -64,6 +98,51 @@ pub const FLAG_LOG_AUDIT: u8 = 1 << 1;
 pub const CONFIG_INGRESS: u32 = 0;
 /// Index of the egress entry in the config array.
 pub const CONFIG_EGRESS: u32 = 1;
+
+/// Index of a direction's block in the [`maps::STATS`] array (the same numbering as the config
+/// array).
+pub const DIRECTION_INGRESS: u32 = CONFIG_INGRESS;
+/// See [`DIRECTION_INGRESS`].
+pub const DIRECTION_EGRESS: u32 = CONFIG_EGRESS;
+
+/// Stats slot: the verdict was allow and the direction's default decided it.
+pub const STAT_DEFAULT_ALLOW: u32 = 0;
+/// Stats slot: the verdict was deny and the direction's default decided it.
+pub const STAT_DEFAULT_DENY: u32 = 1;
+/// Stats slot: every audit-deny outcome (allowed, but audit-mode policies would have denied),
+/// whether an audit rule or the audit default would have denied it.
+pub const STAT_AUDIT_DENY: u32 = 2;
+/// Stats slot: audit-deny outcomes that the audit default (no rule) would have denied. The
+/// ones an audit rule would have denied are in that rule's [`maps::RULE_COUNTERS`] entry.
+pub const STAT_AUDIT_DEFAULT_DENY: u32 = 3;
+/// Stats slot: always allowed, ARP (ingress).
+pub const STAT_ALWAYS_ARP: u32 = 4;
+/// Stats slot: always allowed, IPv6 neighbour discovery (ICMPv6 133-137, ingress).
+pub const STAT_ALWAYS_ND: u32 = 5;
+/// Stats slot: always allowed, loopback peer address (127.0.0.0/8, ::1).
+pub const STAT_ALWAYS_LOOPBACK: u32 = 6;
+/// Stats slot: always allowed, reply to a flow the host initiated (connection tracking).
+pub const STAT_ALWAYS_REPLY: u32 = 7;
+/// Stats slot: always allowed, ICMP error about a flow the host initiated.
+pub const STAT_ALWAYS_RELATED: u32 = 8;
+/// Stats slot: passed because the frame carries neither IPv4, IPv6 nor ARP.
+pub const STAT_NOT_IP: u32 = 9;
+/// Stats slot: dropped as truncated or malformed (headers that do not fit, bad version or
+/// length fields, too many VLAN tags or IPv6 extension headers).
+pub const STAT_MALFORMED: u32 = 10;
+/// Stats slot: the program's own state was missing or invalid (no inner map in the active
+/// generation, no config, an unknown action byte); the program's internal-error action applied.
+pub const STAT_INTERNAL_ERROR: u32 = 11;
+/// Slots reserved per direction (more than are used, so new slots keep the indices stable).
+pub const STATS_PER_DIRECTION: u32 = 16;
+/// Entries of the [`maps::STATS`] array.
+pub const STATS_ENTRIES: u32 = 2 * STATS_PER_DIRECTION;
+
+/// Index into the [`maps::STATS`] array of a direction's ([`DIRECTION_INGRESS`],
+/// [`DIRECTION_EGRESS`]) stat (`STAT_*`).
+pub const fn stat_index(direction: u32, stat: u32) -> u32 {
+    direction * STATS_PER_DIRECTION + stat
+}
 
 /// Bits of LPM data in an [`L4LpmKey`] before the L4 word: class and workload, always matched
 /// in full.
@@ -164,6 +243,33 @@ pub struct WorkloadValue {
     pub workload: u32,
 }
 
+/// Value of the [`maps::GENERATION`] array: the generation packets use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ActiveGeneration {
+    /// Slot of every generational map to read, `0..GENERATIONS`. Host order. Any other value
+    /// makes the programs' outer lookups miss, which they treat as an internal error.
+    pub index: u32,
+}
+
+/// A packet and byte count: the value of [`maps::RULE_COUNTERS`] and [`maps::STATS`].
+///
+/// Both maps are per-CPU, so the programs add without atomics and user space sums the CPUs.
+/// A rule's counter counts the packets it decided: for an enforcing rule, the packets whose
+/// verdict (allow or deny) it decided, including allowed packets that audit-mode policies
+/// would have denied; for an audit-mode rule, the packets it would have denied while the real
+/// verdict was allow (audit-deny). The two never overlap: an audit-deny needs an allow verdict,
+/// so the rule that would have denied is always an audit rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Counters {
+    /// Number of packets. Host order.
+    pub packets: u64,
+    /// Sum of their lengths in bytes as the hook saw them (XDP: the whole frame from the
+    /// Ethernet header on). Host order.
+    pub bytes: u64,
+}
+
 // The layouts are ABI: pin sizes and offsets so an accidental change fails to compile.
 const _: () = {
     assert!(size_of::<Ipv4LpmKey>() == 8);
@@ -184,6 +290,11 @@ const _: () = {
     assert!(size_of::<DirectionConfig>() == 4);
     assert!(size_of::<WorkloadKey>() == 8);
     assert!(size_of::<WorkloadValue>() == 4);
+    assert!(size_of::<ActiveGeneration>() == 4);
+    assert!(size_of::<Counters>() == 16);
+    assert!(offset_of!(Counters, bytes) == 8);
+    assert!(STATS_ENTRIES == stat_index(DIRECTION_EGRESS, STATS_PER_DIRECTION));
+    assert!(STAT_INTERNAL_ERROR < STATS_PER_DIRECTION);
 };
 
 fn le_u32(b: &[u8], at: usize) -> u32 {
@@ -341,19 +452,45 @@ impl Bytes for WorkloadValue {
     }
 }
 
-/// User-space only: the marker `aya` needs to copy these types into and out of maps.
-///
-/// `aya` is not a dependency yet; this local marker stands in for `aya::Pod` so the list of
-/// types that are safe to treat as plain bytes is written down once. Wiring aya in replaces
-/// the trait with `aya::Pod` and keeps the impls.
+impl Bytes for ActiveGeneration {
+    const SIZE: usize = size_of::<Self>();
+    type Array = [u8; 4];
+    fn to_bytes(&self) -> [u8; 4] {
+        self.index.to_le_bytes()
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        (b.len() == Self::SIZE).then(|| Self { index: le_u32(b, 0) })
+    }
+}
+
+impl Bytes for Counters {
+    const SIZE: usize = size_of::<Self>();
+    type Array = [u8; 16];
+    fn to_bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&self.packets.to_le_bytes());
+        b[8..16].copy_from_slice(&self.bytes.to_le_bytes());
+        b
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != Self::SIZE {
+            return None;
+        }
+        let mut p = [0u8; 8];
+        let mut n = [0u8; 8];
+        p.copy_from_slice(&b[0..8]);
+        n.copy_from_slice(&b[8..16]);
+        Some(Self { packets: u64::from_le_bytes(p), bytes: u64::from_le_bytes(n) })
+    }
+}
+
+/// User-space only: `aya::Pod`, the marker `aya` needs to copy these types into and out of
+/// maps. The kernel side never enables `user`, so it never links aya.
 #[cfg(feature = "user")]
 mod pod {
-    use super::*;
+    use aya::Pod;
 
-    /// # Safety
-    /// Implementors are `#[repr(C)]`, `Copy`, have no padding bytes that are not explicit
-    /// fields, and every bit pattern is a valid value.
-    pub unsafe trait Pod: Copy + 'static {}
+    use super::*;
 
     // SAFETY: all of these are #[repr(C)] structs of integers and byte arrays with explicit
     // padding (checked by the size and offset assertions above); any bit pattern is valid.
@@ -372,10 +509,11 @@ mod pod {
     unsafe impl Pod for WorkloadKey {}
     // SAFETY: as above.
     unsafe impl Pod for WorkloadValue {}
+    // SAFETY: as above.
+    unsafe impl Pod for ActiveGeneration {}
+    // SAFETY: as above.
+    unsafe impl Pod for Counters {}
 }
-
-#[cfg(feature = "user")]
-pub use pod::Pod;
 
 #[cfg(test)]
 mod tests {
@@ -392,9 +530,52 @@ mod tests {
             maps::EGRESS_L4,
             maps::CONFIG,
             maps::WORKLOADS,
+            maps::GENERATION,
+            maps::RULE_COUNTERS,
+            maps::STATS,
+            programs::INGRESS,
         ] {
             assert!(name.len() <= 15, "{name}");
         }
+        // Inner maps are named "<outer>.g<N>" by the loader.
+        for name in maps::GENERATIONAL {
+            assert!(name.len() + 3 <= 15, "{name}");
+        }
+    }
+
+    #[test]
+    fn stat_slots_are_distinct_per_direction() {
+        let slots = [
+            STAT_DEFAULT_ALLOW,
+            STAT_DEFAULT_DENY,
+            STAT_AUDIT_DENY,
+            STAT_AUDIT_DEFAULT_DENY,
+            STAT_ALWAYS_ARP,
+            STAT_ALWAYS_ND,
+            STAT_ALWAYS_LOOPBACK,
+            STAT_ALWAYS_REPLY,
+            STAT_ALWAYS_RELATED,
+            STAT_NOT_IP,
+            STAT_MALFORMED,
+            STAT_INTERNAL_ERROR,
+        ];
+        for (i, a) in slots.iter().enumerate() {
+            assert!(*a < STATS_PER_DIRECTION);
+            assert!(slots[i + 1..].iter().all(|b| b != a));
+        }
+        assert_eq!(stat_index(DIRECTION_EGRESS, STAT_DEFAULT_DENY), 17);
+        assert!(stat_index(DIRECTION_EGRESS, STAT_INTERNAL_ERROR) < STATS_ENTRIES);
+    }
+
+    #[test]
+    fn counters_and_generation_bytes_are_little_endian() {
+        let c = Counters { packets: 0x0102, bytes: 0x0a0b_0c0d };
+        assert_eq!(c.to_bytes(), [2, 1, 0, 0, 0, 0, 0, 0, 0x0d, 0x0c, 0x0b, 0x0a, 0, 0, 0, 0]);
+        assert_eq!(Counters::from_bytes(&c.to_bytes()), Some(c));
+        assert_eq!(Counters::from_bytes(&[0; 15]), None);
+        let g = ActiveGeneration { index: 1 };
+        assert_eq!(g.to_bytes(), [1, 0, 0, 0]);
+        assert_eq!(ActiveGeneration::from_bytes(&g.to_bytes()), Some(g));
     }
 
     #[test]
@@ -451,5 +632,7 @@ mod tests {
         assert_eq!(DirectionConfig::default().to_bytes().len(), DirectionConfig::SIZE);
         assert_eq!(WorkloadKey::default().to_bytes().len(), WorkloadKey::SIZE);
         assert_eq!(WorkloadValue::default().to_bytes().len(), WorkloadValue::SIZE);
+        assert_eq!(ActiveGeneration::default().to_bytes().len(), ActiveGeneration::SIZE);
+        assert_eq!(Counters::default().to_bytes().len(), Counters::SIZE);
     }
 }

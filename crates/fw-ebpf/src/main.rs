@@ -1,0 +1,409 @@
+//! The kernel programs of the host firewall: today the XDP ingress filter.
+//!
+//! The program is a direct transcription of the lookup precedence documented at the top of
+//! fw-compiler's `mapstate.rs` (and modelled in user space by `lookup.rs`): it holds no policy
+//! logic of its own. It parses the frame (`parse`), lets always-allowed traffic through, then
+//! asks the maps the compiler filled, in the order that document gives, and counts the outcome.
+//!
+//! Maps. Everything the compiler fills exists in two generations: each map below marked
+//! "generational" is an array-of-maps with [`GENERATIONS`] slots whose inner maps user space
+//! creates (so a standby generation can get bigger inner maps than the active one), and
+//! [`FW_GEN`] says which slot is active. A packet reads the generation once and then uses only
+//! that generation's maps, so a policy update written to the standby slot takes effect with one
+//! array write. The inner map types declared here are templates: the kernel requires inner maps
+//! of the same type, key size, value size and flags (and, for arrays, the same size); the
+//! templates' `max_entries` only size the template itself (LPM tries are never preallocated,
+//! so it costs nothing). The egress maps and the workload table are declared so the object
+//! carries the whole ABI; only ingress reads its maps so far.
+//!
+//! Byte order: LPM data is big-endian, values are host order (see `fw-common`).
+
+#![no_std]
+#![no_main]
+
+mod parse;
+
+use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, xdp_action};
+use aya_ebpf::btf_maps::lpm_trie::Key;
+use aya_ebpf::btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::macros::{btf_map, xdp};
+use aya_ebpf::programs::XdpContext;
+use fw_common::{
+    ACTION_ALLOW, ACTION_DENY, ACTION_NONE, ActiveGeneration, CONFIG_ENTRIES, CONFIG_INGRESS,
+    ClassValue, Counters, DIRECTION_INGRESS, DirectionConfig, GENERATIONS, L4_KEY_FIXED_BITS,
+    L4Value, STAT_ALWAYS_ARP, STAT_ALWAYS_LOOPBACK, STAT_ALWAYS_ND, STAT_ALWAYS_RELATED,
+    STAT_ALWAYS_REPLY, STAT_AUDIT_DEFAULT_DENY, STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW,
+    STAT_DEFAULT_DENY, STAT_INTERNAL_ERROR, STAT_MALFORMED, STAT_NOT_IP, STATS_ENTRIES,
+    WorkloadKey, WorkloadValue, stat_index,
+};
+
+use crate::parse::{Frame, IpPacket, PROTO_ICMP, PROTO_ICMPV6};
+
+/// `max_entries` of the inner-map templates. The loader creates the real inner maps with the
+/// capacities it is given; a template is only the shape the kernel checks them against.
+const TEMPLATE_ENTRIES: usize = 1;
+/// Default capacity of the rule counter table; the loader overrides it from the compiler's
+/// `Capacities::rules`.
+const RULE_COUNTER_ENTRIES: usize = 1 << 18;
+/// Outer map slots.
+const GENERATION_SLOTS: usize = GENERATIONS as usize;
+/// LPM trie flags: the kernel requires `BPF_F_NO_PREALLOC` for LPM tries.
+const LPM_FLAGS: usize = BPF_F_NO_PREALLOC as usize;
+
+/// Source address -> address class, IPv4, ingress. Generational.
+#[btf_map]
+static FW_IN_V4: ArrayOfMaps<
+    LpmTrie<[u8; 4], ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    GENERATION_SLOTS,
+> = ArrayOfMaps::new();
+
+/// Source address -> address class, IPv6, ingress. Generational.
+#[btf_map]
+static FW_IN_V6: ArrayOfMaps<
+    LpmTrie<[u8; 16], ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    GENERATION_SLOTS,
+> = ArrayOfMaps::new();
+
+/// (class, workload, L4 word prefix) -> decisions, ingress. The 12 data bytes are class,
+/// workload and L4 word, each big-endian (`fw_common::L4LpmKey` without its prefix length).
+/// Generational.
+#[btf_map]
+static FW_IN_L4: ArrayOfMaps<
+    LpmTrie<[u8; 12], L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    GENERATION_SLOTS,
+> = ArrayOfMaps::new();
+
+/// Destination address -> address class, IPv4, egress. Generational. Not read yet (the egress
+/// programs come later).
+#[btf_map]
+static FW_EG_V4: ArrayOfMaps<
+    LpmTrie<[u8; 4], ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    GENERATION_SLOTS,
+> = ArrayOfMaps::new();
+
+/// Destination address -> address class, IPv6, egress. Generational. Not read yet.
+#[btf_map]
+static FW_EG_V6: ArrayOfMaps<
+    LpmTrie<[u8; 16], ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    GENERATION_SLOTS,
+> = ArrayOfMaps::new();
+
+/// (class, workload, L4 word prefix) -> decisions, egress. Generational. Not read yet.
+#[btf_map]
+static FW_EG_L4: ArrayOfMaps<
+    LpmTrie<[u8; 12], L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    GENERATION_SLOTS,
+> = ArrayOfMaps::new();
+
+/// Per-direction defaults, indexed by `CONFIG_INGRESS` / `CONFIG_EGRESS`. Generational: the
+/// defaults change with the policy, so they flip with the tables they belong to.
+#[btf_map]
+static FW_CONFIG: ArrayOfMaps<
+    Array<DirectionConfig, { CONFIG_ENTRIES as usize }>,
+    GENERATION_SLOTS,
+> = ArrayOfMaps::new();
+
+/// cgroup id -> workload class (egress). Generational. Not read yet; the inner map is a
+/// preallocated hash, so its template holds a single entry.
+#[btf_map]
+static FW_WORKLOADS: ArrayOfMaps<
+    HashMap<WorkloadKey, WorkloadValue, TEMPLATE_ENTRIES>,
+    GENERATION_SLOTS,
+> = ArrayOfMaps::new();
+
+/// The active generation: which slot of every generational map packets use. One element,
+/// written by user space only; a packet reads it once.
+#[btf_map]
+static FW_GEN: Array<ActiveGeneration, 1> = Array::new();
+
+/// Rule id -> packets and bytes the rule decided (per CPU; see `fw_common::Counters`). Not
+/// generational: rule ids are stable across compiles. Entries appear on a rule's first packet
+/// (not preallocated, so the capacity costs nothing until used).
+#[btf_map]
+static FW_RULE_CNT: PerCpuHashMap<
+    u32,
+    Counters,
+    RULE_COUNTER_ENTRIES,
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();
+
+/// Outcomes no rule decided, per direction (`fw_common::stat_index`, `STAT_*`), per CPU.
+#[btf_map]
+static FW_STATS: PerCpuArray<Counters, { STATS_ENTRIES as usize }> = PerCpuArray::new();
+
+/// Action when the program's own state is unusable: the active generation has no inner map,
+/// no config, or a value holds an action byte the program does not know. Fail closed (drop).
+/// The loader fills every map of a generation before it attaches the program or flips to it,
+/// so this only happens when the state is broken; a firewall with broken state must not let
+/// everything in silently. Always-allowed traffic (ARP, neighbour discovery, loopback) is
+/// decided before any policy map is read, so the link keeps working and the
+/// `STAT_INTERNAL_ERROR` counter makes the failure visible.
+const INTERNAL_ERROR_ACTION: u32 = xdp_action::XDP_DROP;
+
+/// Action for truncated or malformed IP frames (see `parse`): drop. The kernel would reject
+/// them anyway, and a packet whose headers cannot be read must not reach a path where no rule
+/// can match it.
+const MALFORMED_ACTION: u32 = xdp_action::XDP_DROP;
+
+/// Action for frames that are neither IPv4, IPv6 nor ARP: pass. This is an IP firewall; other
+/// ethertypes (LLDP, MPLS, PPPoE, ...) are outside its scope. The kernel only hands their
+/// payloads to the IP stack through other devices (a ppp device for PPPoE), which this program
+/// does not filter.
+const NOT_IP_ACTION: u32 = xdp_action::XDP_PASS;
+
+/// The program's state is missing or invalid (see [`INTERNAL_ERROR_ACTION`]).
+struct InternalError;
+
+#[xdp]
+pub fn fw_ingress(ctx: XdpContext) -> u32 {
+    match try_ingress(&ctx) {
+        Ok(action) => action,
+        Err(InternalError) => INTERNAL_ERROR_ACTION,
+    }
+}
+
+fn try_ingress(ctx: &XdpContext) -> Result<u32, InternalError> {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    // Parsing comes first: a malformed IP packet is dropped whatever it claims to be (a
+    // truncated neighbour advertisement or a packet from 127.0.0.1 too).
+    let ip = match parse::parse(ctx) {
+        Ok(Frame::Ip(ip)) => ip,
+        Ok(Frame::Arp) => {
+            count_stat(STAT_ALWAYS_ARP, len);
+            return Ok(xdp_action::XDP_PASS);
+        }
+        Ok(Frame::NotIp) => {
+            count_stat(STAT_NOT_IP, len);
+            return Ok(NOT_IP_ACTION);
+        }
+        Err(parse::Malformed) => {
+            count_stat(STAT_MALFORMED, len);
+            return Ok(MALFORMED_ACTION);
+        }
+    };
+
+    // Step 1 of the precedence: always-allowed traffic (fw-compiler `model::always_allowed`,
+    // in its order) never reaches the policy maps. ARP passed above.
+    if ip.loopback_source() {
+        count_stat(STAT_ALWAYS_LOOPBACK, len);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    if ip.neighbour_discovery() {
+        count_stat(STAT_ALWAYS_ND, len);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    match flow_state(ctx, &ip) {
+        FlowState::New => {}
+        FlowState::Reply => {
+            count_stat(STAT_ALWAYS_REPLY, len);
+            return Ok(xdp_action::XDP_PASS);
+        }
+        // Only ICMP errors about a flow are allowed as related; anything else the feeder might
+        // call related is decided by the policy like a new packet.
+        FlowState::Related if is_icmp_error(&ip) => {
+            count_stat(STAT_ALWAYS_RELATED, len);
+            return Ok(xdp_action::XDP_PASS);
+        }
+        FlowState::Related => {}
+    }
+
+    let outcome = match decide(&ip) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            count_stat(STAT_INTERNAL_ERROR, len);
+            return Err(e);
+        }
+    };
+    count_outcome(&outcome, len);
+    Ok(if outcome.deny { xdp_action::XDP_DROP } else { xdp_action::XDP_PASS })
+}
+
+/// Connection-tracking state of a packet, as in fw-compiler's `model::FlowState`.
+#[expect(dead_code, reason = "Reply and Related come with the conntrack table")]
+enum FlowState {
+    /// Not part of anything the host initiated.
+    New,
+    /// A reply to a connection or datagram the host initiated.
+    Reply,
+    /// An ICMP/ICMPv6 error about a connection or datagram the host initiated.
+    Related,
+}
+
+/// Hook for connection tracking: whether this packet is a reply to, or an ICMP error about, a
+/// flow the host initiated (semantics rule 5: those are always allowed on ingress).
+///
+/// Not implemented yet: the conntrack LRU map (keyed by the flow's 5-tuple as the egress side
+/// saw it) and the egress-side programs that feed it come next. Until then nothing can be
+/// recognised as a reply, so every packet is `New` and the policy decides it. An
+/// implementation looks the reversed 5-tuple up (for ICMP errors: the embedded header's
+/// tuple); it needs the ports and addresses that `parse` does not extract yet.
+#[inline(always)]
+fn flow_state(_ctx: &XdpContext, _ip: &IpPacket) -> FlowState {
+    FlowState::New
+}
+
+/// An ICMP error type that may relate to an existing flow (fw-compiler `model`'s
+/// `ICMP_ERROR_TYPES` / `ICMPV6_ERROR_TYPES`).
+#[inline(always)]
+fn is_icmp_error(ip: &IpPacket) -> bool {
+    match (ip.proto, ip.port) {
+        (PROTO_ICMP, Some(t)) => t == 3 || t == 11 || t == 12,
+        (PROTO_ICMPV6, Some(t)) => (1..=4).contains(&t),
+        _ => false,
+    }
+}
+
+/// The result of the policy lookup for one packet.
+struct Outcome {
+    /// The verdict is deny (else allow).
+    deny: bool,
+    /// The rule that decided the verdict; 0 = the direction's default.
+    verdict_rule: u32,
+    /// The verdict is allow but audit-mode policies would have denied: `Some(rule)` (0 = the
+    /// audit default).
+    audit_deny: Option<u32>,
+}
+
+/// Steps 2 to 5 of the precedence for an ingress packet.
+#[inline(always)]
+fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
+    // ------------------------------------------------------------------------------------
+    // Verdict precedence: fw-compiler's mapstate.rs, "Lookup" (lookup.rs is its user-space
+    // model; eval.rs the reference the tests hold both against).
+    //  1. Always-allowed traffic has already passed (try_ingress).
+    //  2. Read the active generation ONCE; every map below is that generation's. The source
+    //     address's longest prefix in the v4/v6 trie gives the address class. The compiler
+    //     always puts a /0 there; on a miss anyway there is no class and step 4 finds nothing.
+    //  3. Egress only (the workload class). Ingress always uses workload 0.
+    //  4. (class, 0, L4 word): longest prefix over the L4 word in the L4 trie gives the
+    //     entry; a miss is an entry with no decisions.
+    //  5. Verdict: the entry's verdict action deny -> DENY (final), allow -> ALLOW, none ->
+    //     the direction's default. If the verdict is allow and the entry's audit action is
+    //     deny (none -> the audit default decides), the outcome is AUDIT-DENY: the packet
+    //     passes and is counted as what audit-mode policies would have denied.
+    // ------------------------------------------------------------------------------------
+
+    // Step 2.
+    let generation = FW_GEN.get(0).ok_or(InternalError)?.index;
+    let class = if ip.v6 {
+        let trie = FW_IN_V6.get(generation).ok_or(InternalError)?;
+        trie.get(&Key::new(128, ip.src)).map(|c| c.class)
+    } else {
+        let trie = FW_IN_V4.get(generation).ok_or(InternalError)?;
+        let addr = [ip.src[0], ip.src[1], ip.src[2], ip.src[3]];
+        trie.get(&Key::new(32, addr)).map(|c| c.class)
+    };
+
+    // Step 4 (step 3: ingress has no workload, so the key's workload is 0).
+    let l4_trie = FW_IN_L4.get(generation).ok_or(InternalError)?;
+    let word = l4_word(ip.proto, ip.port).to_be_bytes();
+    let entry = match class {
+        Some(class) => {
+            let c = class.to_be_bytes();
+            let data = [c[0], c[1], c[2], c[3], 0, 0, 0, 0, word[0], word[1], word[2], word[3]];
+            l4_trie.get(&Key::new(L4_KEY_FIXED_BITS + 32, data))
+        }
+        None => None,
+    };
+    let (verdict_action, verdict_rule, audit_action, audit_rule) = match entry {
+        Some(v) => (v.verdict_action, v.verdict_rule, v.audit_action, v.audit_rule),
+        None => (ACTION_NONE, 0, ACTION_NONE, 0),
+    };
+
+    // Step 5.
+    let config =
+        FW_CONFIG.get(generation).ok_or(InternalError)?.get(CONFIG_INGRESS).ok_or(InternalError)?;
+    let (deny, verdict_rule) = match verdict_action {
+        ACTION_DENY => (true, verdict_rule),
+        ACTION_ALLOW => (false, verdict_rule),
+        ACTION_NONE => (is_deny(config.verdict_default)?, 0),
+        _ => return Err(InternalError),
+    };
+    if deny {
+        return Ok(Outcome { deny, verdict_rule, audit_deny: None });
+    }
+    let audit_deny = match audit_action {
+        ACTION_DENY => Some(audit_rule),
+        ACTION_ALLOW => None,
+        ACTION_NONE => is_deny(config.audit_default)?.then_some(0),
+        _ => return Err(InternalError),
+    };
+    Ok(Outcome { deny, verdict_rule, audit_deny })
+}
+
+/// A default's action byte: deny, allow, or (anything else) a broken config.
+#[inline(always)]
+fn is_deny(action: u8) -> Result<bool, InternalError> {
+    match action {
+        ACTION_DENY => Ok(true),
+        ACTION_ALLOW => Ok(false),
+        _ => Err(InternalError),
+    }
+}
+
+/// fw-compiler's `mapstate::l4_word`: `proto << 24 | no_port << 16 | port`, where the port
+/// slot holds the ICMP type for ICMP and ICMPv6.
+#[inline(always)]
+fn l4_word(proto: u8, port: Option<u16>) -> u32 {
+    match port {
+        Some(p) => (u32::from(proto) << 24) | u32::from(p),
+        None => (u32::from(proto) << 24) | (1 << 16),
+    }
+}
+
+/// Counts an outcome: the rule (or default) that decided the verdict and, for audit-deny, the
+/// audit rule (or audit default) that would have denied.
+#[inline(always)]
+fn count_outcome(o: &Outcome, len: u64) {
+    match o.verdict_rule {
+        0 => count_stat(if o.deny { STAT_DEFAULT_DENY } else { STAT_DEFAULT_ALLOW }, len),
+        rule => count_rule(rule, len),
+    }
+    if let Some(rule) = o.audit_deny {
+        count_stat(STAT_AUDIT_DENY, len);
+        match rule {
+            0 => count_stat(STAT_AUDIT_DEFAULT_DENY, len),
+            rule => count_rule(rule, len),
+        }
+    }
+}
+
+#[inline(always)]
+fn add(c: *mut Counters, len: u64) {
+    // SAFETY: `c` comes from a per-CPU map lookup on this CPU, which stays valid for the whole
+    // program run; per-CPU values are only written by this CPU, so plain adds do not race.
+    unsafe {
+        (*c).packets += 1;
+        (*c).bytes += len;
+    }
+}
+
+#[inline(always)]
+fn count_stat(stat: u32, len: u64) {
+    if let Some(c) = FW_STATS.get_ptr_mut(stat_index(DIRECTION_INGRESS, stat)) {
+        add(c, len);
+    }
+}
+
+#[inline(always)]
+fn count_rule(rule: u32, len: u64) {
+    if let Some(c) = FW_RULE_CNT.get_ptr_mut(rule) {
+        add(c, len);
+        return;
+    }
+    let first = Counters { packets: 1, bytes: len };
+    if FW_RULE_CNT.insert(rule, first, u64::from(BPF_NOEXIST)).is_err() {
+        // Another CPU created the entry since the lookup (or the table is full: then there is
+        // nothing to count into, and the verdict does not depend on counting).
+        if let Some(c) = FW_RULE_CNT.get_ptr_mut(rule) {
+            add(c, len);
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach this; it exists for the compiler.
+    loop {}
+}
