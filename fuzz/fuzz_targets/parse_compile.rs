@@ -17,11 +17,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     // Fewer flows than the default budget so the fuzzer runs more inputs per second; fuzz
     // inputs are small, so every boundary point of their rules usually still fits.
-    let budget = oracle::Budget {
-        flows_per_host: 200,
-        hosts: 6,
-        determinism: true,
-    };
+    let budget = oracle::Budget { flows_per_host: 200, hosts: 6, determinism: true };
     if let Err(finding) = oracle::check_bytes(data, &budget) {
         panic!("{finding}");
     }

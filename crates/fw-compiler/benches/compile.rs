@@ -3,19 +3,22 @@
 //! Plain `harness = false` binary rather than criterion: the interesting sizes take seconds,
 //! not nanoseconds, and what we need besides time is peak memory per size, which a statistics
 //! harness running everything in one process cannot give. So the parent re-executes this
-//! binary once per size (`--child KEY`); the child generates its input, measures each stage,
-//! reads its resident high-water mark (`VmHWM` in `/proc/self/status`) and prints one
-//! `RESULT` line, which the parent collects into a table. Each child also checks a few hundred
-//! probe flows of the compiled state against the reference evaluator (untimed), so a figure is
-//! never reported for a compile that is wrong.
+//! binary once per size (`--child KEY`, under a virtual-memory limit so one exploding size
+//! cannot take the machine down); the child generates its input, measures each stage, reads
+//! its resident high-water mark (`VmHWM` in `/proc/self/status`) and prints `RESULT` lines
+//! (load figures first, compile figures after, so a compile that fails still leaves the first
+//! half), which the parent collects into a table. Each child also checks a few hundred probe
+//! flows of the compiled state against the reference evaluator (untimed), so a figure is never
+//! reported for a compile that is wrong.
 //!
 //! Inputs come from the deterministic generator in `policygen/` (fixed seed). Times are the
 //! minimum over a few repetitions for the small sizes and one run for the large ones.
 //!
-//! Usage: `cargo bench -p fw-compiler --bench compile [-- --quick] [-- --only KEY]
-//! [-- --stages] [-- --stats] [-- --mem-limit-mb N]`; `--child KEY` runs one size in this
-//! process (for profilers).
-//! `--stages` times yaml, lower and resolve separately; `--stats` describes the compiled state.
+//! Usage: `cargo bench -p fw-compiler --bench compile [-- --quick | --only KEY] [--stages]
+//! [--stats] [--mem-limit-mb N]`. `--stages` times yaml, lower and resolve separately;
+//! `--stats` describes the compiled state (classes, L4 entries per (class, workload));
+//! `--child KEY` runs one size in this process, for profilers. The exit status is non-zero
+//! when a size fails or a check finds a mismatch, not when a target is missed.
 
 #[path = "oracle/mod.rs"]
 mod oracle;
@@ -145,7 +148,7 @@ fn peak_rss_kb() -> u64 {
         .unwrap_or(0)
 }
 
-/// One size, in this process. Prints exactly one `RESULT` line on stdout; progress on stderr.
+/// One size, in this process. Figures go to stdout as `RESULT` lines; progress to stderr.
 fn child(size: &Size, stages: bool, stats: bool) -> Result<(), String> {
     let t = Instant::now();
     let generated = generate(size);

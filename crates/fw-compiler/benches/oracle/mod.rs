@@ -77,6 +77,8 @@ pub fn check_bytes(bytes: &[u8], budget: &Budget) -> Result<Stats, String> {
 /// The differential check over an already loaded policy set.
 pub fn check_loaded(loaded: &Loaded, caps: &Capacities, budget: &Budget) -> Result<Stats, String> {
     let mut stats = Stats::default();
+    // A policy set exactly when there is no error: a run with no error and no set would tell
+    // the user "valid" and then compile nothing.
     if loaded.has_errors() != loaded.policy_set.is_none() {
         return Err(format!(
             "load: has_errors() is {} but policy_set is {}",
