@@ -30,6 +30,9 @@
 
 use core::mem::{offset_of, size_of};
 
+pub mod conntrack;
+pub mod events;
+
 /// Names of the maps, as the eBPF programs declare them (at most 15 bytes: the kernel's
 /// `BPF_OBJ_NAME_LEN` is 16 including the terminating NUL).
 pub mod maps {
@@ -63,6 +66,15 @@ pub mod maps {
     /// [`stat_index`](crate::stat_index): outcomes no rule decided (defaults, always-allowed
     /// traffic, malformed packets, ...).
     pub const STATS: &str = "FW_STATS";
+    /// LRU hash: [`ConntrackKey`](crate::conntrack::ConntrackKey) ->
+    /// [`ConntrackValue`](crate::conntrack::ConntrackValue), flows local processes sent on.
+    /// Not generational (it is traffic state, not policy).
+    pub const CONNTRACK: &str = "FW_CONNTRACK";
+    /// Ring buffer of [`Event`](crate::events::Event)s.
+    pub const EVENTS: &str = "FW_EVENTS";
+    /// Per-CPU array (one element) of [`EventLimiter`](crate::events::EventLimiter): the
+    /// events' rate limit and the count of dropped events.
+    pub const EVENT_LIMIT: &str = "FW_EV_LIMIT";
 
     /// The maps the compiler's `encode` fills, each an outer array-of-maps with
     /// [`GENERATIONS`](crate::GENERATIONS) slots.
@@ -74,6 +86,18 @@ pub mod maps {
 pub mod programs {
     /// The XDP program that filters packets arriving at the host.
     pub const INGRESS: &str = "fw_ingress";
+    /// The cgroup sock_addr programs that filter connect(2) and sendmsg(2) of local processes.
+    pub const CONNECT4: &str = "fw_connect4";
+    /// See [`CONNECT4`].
+    pub const CONNECT6: &str = "fw_connect6";
+    /// See [`CONNECT4`].
+    pub const SENDMSG4: &str = "fw_sendmsg4";
+    /// See [`CONNECT4`].
+    pub const SENDMSG6: &str = "fw_sendmsg6";
+    /// The egress sock_addr programs, in the order the loader loads and attaches them.
+    pub const EGRESS: [&str; 4] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6];
+    /// The cgroup_skb egress program that records outgoing flows for connection tracking.
+    pub const CONNTRACK: &str = "fw_ct_egress";
 }
 
 /// Number of generations (slots of every generational map).
@@ -533,7 +557,15 @@ mod tests {
             maps::GENERATION,
             maps::RULE_COUNTERS,
             maps::STATS,
+            maps::CONNTRACK,
+            maps::EVENTS,
+            maps::EVENT_LIMIT,
             programs::INGRESS,
+            programs::CONNECT4,
+            programs::CONNECT6,
+            programs::SENDMSG4,
+            programs::SENDMSG6,
+            programs::CONNTRACK,
         ] {
             assert!(name.len() <= 15, "{name}");
         }

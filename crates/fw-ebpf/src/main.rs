@@ -1,4 +1,6 @@
-//! The kernel programs of the host firewall: today the XDP ingress filter.
+//! The kernel programs of the host firewall: the XDP ingress filter (this file), the egress
+//! filter on connect/sendmsg (`egress`), the connection tracker (`conntrack`) and events
+//! (`events`).
 //!
 //! The program is a direct transcription of the lookup precedence documented at the top of
 //! fw-compiler's `mapstate.rs` (and modelled in user space by `lookup.rs`): it holds no policy
@@ -13,14 +15,18 @@
 //! array write. The inner map types declared here are templates: the kernel requires inner maps
 //! of the same type, key size, value size and flags (and, for arrays, the same size); the
 //! templates' `max_entries` only size the template itself (LPM tries are never preallocated,
-//! so it costs nothing). The egress maps and the workload table are declared so the object
-//! carries the whole ABI; only ingress reads its maps so far.
+//! so it costs nothing). The egress tables and the workload table are read by `egress`; the
+//! conntrack table and the event maps live in their modules and are not generational (they
+//! hold traffic state, not policy).
 //!
 //! Byte order: LPM data is big-endian, values are host order (see `fw-common`).
 
 #![no_std]
 #![no_main]
 
+mod conntrack;
+mod egress;
+mod events;
 mod parse;
 
 use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, xdp_action};
@@ -73,22 +79,21 @@ static FW_IN_L4: ArrayOfMaps<
     GENERATION_SLOTS,
 > = ArrayOfMaps::new();
 
-/// Destination address -> address class, IPv4, egress. Generational. Not read yet (the egress
-/// programs come later).
+/// Destination address -> address class, IPv4, egress. Generational. Read by `egress`.
 #[btf_map]
 static FW_EG_V4: ArrayOfMaps<
     LpmTrie<[u8; 4], ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
     GENERATION_SLOTS,
 > = ArrayOfMaps::new();
 
-/// Destination address -> address class, IPv6, egress. Generational. Not read yet.
+/// Destination address -> address class, IPv6, egress. Generational. Read by `egress`.
 #[btf_map]
 static FW_EG_V6: ArrayOfMaps<
     LpmTrie<[u8; 16], ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
     GENERATION_SLOTS,
 > = ArrayOfMaps::new();
 
-/// (class, workload, L4 word prefix) -> decisions, egress. Generational. Not read yet.
+/// (class, workload, L4 word prefix) -> decisions, egress. Generational. Read by `egress`.
 #[btf_map]
 static FW_EG_L4: ArrayOfMaps<
     LpmTrie<[u8; 12], L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>,
@@ -103,7 +108,7 @@ static FW_CONFIG: ArrayOfMaps<
     GENERATION_SLOTS,
 > = ArrayOfMaps::new();
 
-/// cgroup id -> workload class (egress). Generational. Not read yet; the inner map is a
+/// cgroup id -> workload class (egress). Generational. Read by `egress`; the inner map is a
 /// preallocated hash, so its template holds a single entry.
 #[btf_map]
 static FW_WORKLOADS: ArrayOfMaps<
@@ -215,11 +220,13 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, InternalError> {
         }
     };
     count_outcome(&outcome, len);
+    if events::wanted(&outcome) {
+        events::ingress(ctx, &ip, &outcome);
+    }
     Ok(if outcome.deny { xdp_action::XDP_DROP } else { xdp_action::XDP_PASS })
 }
 
 /// Connection-tracking state of a packet, as in fw-compiler's `model::FlowState`.
-#[expect(dead_code, reason = "Reply and Related come with the conntrack table")]
 enum FlowState {
     /// Not part of anything the host initiated.
     New,
@@ -229,17 +236,11 @@ enum FlowState {
     Related,
 }
 
-/// Hook for connection tracking: whether this packet is a reply to, or an ICMP error about, a
-/// flow the host initiated (semantics rule 5: those are always allowed on ingress).
-///
-/// Not implemented yet: the conntrack LRU map (keyed by the flow's 5-tuple as the egress side
-/// saw it) and the egress-side programs that feed it come next. Until then nothing can be
-/// recognised as a reply, so every packet is `New` and the policy decides it. An
-/// implementation looks the reversed 5-tuple up (for ICMP errors: the embedded header's
-/// tuple); it needs the ports and addresses that `parse` does not extract yet.
+/// Whether this packet is a reply to, or an ICMP error about, a flow a local process started
+/// (semantics rule 5: those are always allowed on ingress); see `conntrack`.
 #[inline(always)]
-fn flow_state(_ctx: &XdpContext, _ip: &IpPacket) -> FlowState {
-    FlowState::New
+fn flow_state(ctx: &XdpContext, ip: &IpPacket) -> FlowState {
+    conntrack::flow_state(ctx, ip)
 }
 
 /// An ICMP error type that may relate to an existing flow (fw-compiler `model`'s
@@ -262,6 +263,8 @@ struct Outcome {
     /// The verdict is allow but audit-mode policies would have denied: `Some(rule)` (0 = the
     /// audit default).
     audit_deny: Option<u32>,
+    /// The L4 entry's `FLAG_LOG_*` bits (0 when no entry matched).
+    flags: u8,
 }
 
 /// Steps 2 to 5 of the precedence for an ingress packet.
@@ -305,9 +308,9 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
         }
         None => None,
     };
-    let (verdict_action, verdict_rule, audit_action, audit_rule) = match entry {
-        Some(v) => (v.verdict_action, v.verdict_rule, v.audit_action, v.audit_rule),
-        None => (ACTION_NONE, 0, ACTION_NONE, 0),
+    let (verdict_action, verdict_rule, audit_action, audit_rule, flags) = match entry {
+        Some(v) => (v.verdict_action, v.verdict_rule, v.audit_action, v.audit_rule, v.flags),
+        None => (ACTION_NONE, 0, ACTION_NONE, 0, 0),
     };
 
     // Step 5.
@@ -320,7 +323,7 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
         _ => return Err(InternalError),
     };
     if deny {
-        return Ok(Outcome { deny, verdict_rule, audit_deny: None });
+        return Ok(Outcome { deny, verdict_rule, audit_deny: None, flags });
     }
     let audit_deny = match audit_action {
         ACTION_DENY => Some(audit_rule),
@@ -328,7 +331,7 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
         ACTION_NONE => is_deny(config.audit_default)?.then_some(0),
         _ => return Err(InternalError),
     };
-    Ok(Outcome { deny, verdict_rule, audit_deny })
+    Ok(Outcome { deny, verdict_rule, audit_deny, flags })
 }
 
 /// A default's action byte: deny, allow, or (anything else) a broken config.

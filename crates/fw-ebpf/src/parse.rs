@@ -75,6 +75,11 @@ pub struct IpPacket {
     pub v6: bool,
     /// Source address in network order; IPv4 uses the first four bytes.
     pub src: [u8; 16],
+    /// Destination address, as `src` (connection tracking).
+    pub dst: [u8; 16],
+    /// Offset of the L4 header in the frame when `port` is `Some` (its fixed part is inside
+    /// the packet); 0 otherwise.
+    pub l4_off: usize,
     /// Upper-layer protocol: IPv4's protocol field, or IPv6's last next-header value after the
     /// skipped extension headers.
     pub proto: u8,
@@ -104,7 +109,7 @@ impl IpPacket {
 
 /// `N` bytes at `off`, or `Malformed` when they are not all inside the frame.
 #[inline(always)]
-fn load<const N: usize>(ctx: &XdpContext, off: usize) -> Result<[u8; N], Malformed> {
+pub fn load<const N: usize>(ctx: &XdpContext, off: usize) -> Result<[u8; N], Malformed> {
     if off > MAX_OFFSET {
         return Err(Malformed);
     }
@@ -168,12 +173,18 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Result<IpPacket, Malformed> {
     src[1] = h[13];
     src[2] = h[14];
     src[3] = h[15];
+    let mut dst = [0u8; 16];
+    dst[0] = h[16];
+    dst[1] = h[17];
+    dst[2] = h[18];
+    dst[3] = h[19];
     let proto = h[9];
     // Fragment offset (low 13 bits of bytes 6-7): non-zero = a non-first fragment, which
     // carries no L4 header.
     let port =
         if be16(h[6], h[7]) & 0x1fff != 0 { None } else { l4(ctx, proto, l3 + ihl, l3 + total)? };
-    Ok(IpPacket { v6: false, src, proto, port })
+    let l4_off = if port.is_some() { l3 + ihl } else { 0 };
+    Ok(IpPacket { v6: false, src, dst, l4_off, proto, port })
 }
 
 #[inline(always)]
@@ -187,6 +198,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<IpPacket, Malformed> {
         return Err(Malformed);
     }
     let src: [u8; 16] = load(ctx, l3 + 8)?;
+    let dst: [u8; 16] = load(ctx, l3 + 24)?;
     let mut next = h[6];
     let mut off = l3 + 40;
     // One iteration per extension header, plus the last one that finds the upper layer.
@@ -217,12 +229,13 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<IpPacket, Malformed> {
                 // upper-layer protocol in practice (an extension header there is taken as the
                 // protocol, since what follows is not at the start of this fragment).
                 if be16(frag[2], frag[3]) >> 3 != 0 {
-                    return Ok(IpPacket { v6: true, src, proto: next, port: None });
+                    return Ok(IpPacket { v6: true, src, dst, l4_off: 0, proto: next, port: None });
                 }
             }
             _ => {
                 let port = l4(ctx, next, off, end)?;
-                return Ok(IpPacket { v6: true, src, proto: next, port });
+                let l4_off = if port.is_some() { off } else { 0 };
+                return Ok(IpPacket { v6: true, src, dst, l4_off, proto: next, port });
             }
         }
     }

@@ -1,0 +1,231 @@
+//! Connection tracking: which ingress packets are replies to, or ICMP errors about, flows local
+//! processes started (semantics rule 5: always allowed on ingress).
+//!
+//! Two halves around one LRU hash ([`FW_CONNTRACK`], ABI and timeouts in
+//! `fw_common::conntrack`):
+//! - [`fw_ct_egress`], a cgroup_skb egress program attached at the same cgroup as the egress
+//!   filter, records every outgoing TCP segment, UDP datagram and ICMP/ICMPv6 echo request of
+//!   the processes below that cgroup, keyed by the flow as seen from the host, with the time
+//!   and (TCP) whether the host's side is established. It drops only ICMP/ICMPv6 echo
+//!   requests the egress policy denies (see `egress.rs`: ping is filtered here because raw and
+//!   ping sockets bypass the sendmsg hooks); TCP and UDP were decided at connect/sendmsg.
+//!   Recording on packets rather than on connect() also covers unconnected UDP sockets and
+//!   keeps established flows alive for as long as the host keeps sending.
+//! - [`flow_state`], called by the XDP ingress program: a TCP/UDP packet or ICMP echo reply
+//!   whose reversed flow is recorded and not expired is a `Reply`; an ICMP/ICMPv6 error (the
+//!   types in `main::is_icmp_error`) addressed to the host whose embedded header is a recorded,
+//!   unexpired flow of the host (embedded source = the error's destination) is `Related`.
+//!   Everything else is `New` and goes to the policy.
+//!
+//! Limits (documented rather than hidden): IPv6 packets with extension headers before the
+//! upper layer are not recorded on egress, and an ICMPv6 error whose embedded packet carries
+//! extension headers is not recognised (it is then decided by the policy like any packet);
+//! IPv4 non-first fragments are not recorded (the first fragment carries the ports). Only
+//! flows of processes below the cgroup the program is attached to are recorded: attach it at
+//! the cgroup v2 root to cover the whole host.
+
+use aya_ebpf::bindings::BPF_ANY;
+use aya_ebpf::btf_maps::LruHashMap;
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::macros::{btf_map, cgroup_skb};
+use aya_ebpf::programs::{SkBuffContext, XdpContext};
+use fw_common::conntrack::{
+    CT_ENTRIES, CT_FAMILY_V4, CT_FAMILY_V6, CT_STATE_ESTABLISHED, CT_STATE_OTHER, ConntrackKey,
+    ConntrackValue, timeout_ns,
+};
+
+use crate::parse::{IpPacket, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, load};
+use crate::{FlowState, egress};
+
+/// Outgoing flows of local processes (see the module doc). Not generational.
+#[btf_map]
+static FW_CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue, { CT_ENTRIES as usize }> =
+    LruHashMap::new();
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// cgroup_skb return value: let the packet go.
+const SKB_PASS: i32 = 1;
+
+/// cgroup_skb return value: drop the packet (the sender's sendmsg fails with EPERM).
+const SKB_DROP: i32 = 0;
+
+#[cgroup_skb(egress)]
+pub fn fw_ct_egress(ctx: SkBuffContext) -> i32 {
+    match record(&ctx) {
+        Some(false) => SKB_DROP,
+        _ => SKB_PASS,
+    }
+}
+
+#[inline(always)]
+fn be16(b0: u8, b1: u8) -> u16 {
+    u16::from_be_bytes([b0, b1])
+}
+
+/// Records one outgoing packet (the skb's data starts at the IP header). `Some(false)` when
+/// the packet is an echo request the egress policy denies (it is then not recorded); `None`
+/// when the packet is not tracked.
+#[inline(always)]
+fn record(ctx: &SkBuffContext) -> Option<bool> {
+    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
+    let mut key = ConntrackKey::default();
+    let l4_off = if ethertype == ETH_P_IP {
+        let h: [u8; 20] = ctx.load(0).ok()?;
+        // Not IPv4, or a non-first fragment (no L4 header).
+        if h[0] >> 4 != 4 || be16(h[6], h[7]) & 0x1fff != 0 {
+            return None;
+        }
+        key.family = CT_FAMILY_V4;
+        key.proto = h[9];
+        key.local[..4].copy_from_slice(&h[12..16]);
+        key.remote[..4].copy_from_slice(&h[16..20]);
+        usize::from(h[0] & 0x0f) * 4
+    } else if ethertype == ETH_P_IPV6 {
+        let h: [u8; 40] = ctx.load(0).ok()?;
+        key.family = CT_FAMILY_V6;
+        key.proto = h[6];
+        key.local.copy_from_slice(&h[8..24]);
+        key.remote.copy_from_slice(&h[24..40]);
+        40
+    } else {
+        return None;
+    };
+    let l4: [u8; 8] = ctx.load(l4_off).ok()?;
+    let mut state = CT_STATE_OTHER;
+    match key.proto {
+        PROTO_TCP | PROTO_UDP => {
+            key.local_port = be16(l4[0], l4[1]);
+            key.remote_port = be16(l4[2], l4[3]);
+            if key.proto == PROTO_TCP {
+                let flags: u8 = ctx.load(l4_off + 13).ok()?;
+                if flags & TCP_ACK != 0 && flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+                    state = CT_STATE_ESTABLISHED;
+                }
+            }
+        }
+        PROTO_ICMP | PROTO_ICMPV6
+            if (key.proto == PROTO_ICMP && l4[0] == ICMP_ECHO_REQUEST)
+                || (key.proto == PROTO_ICMPV6 && l4[0] == ICMPV6_ECHO_REQUEST) =>
+        {
+            let v6 = key.family == CT_FAMILY_V6;
+            if !egress::allow_echo_request(ctx.skb.skb, v6, key.remote, l4[0]) {
+                return Some(false);
+            }
+            key.local_port = be16(l4[4], l4[5]);
+        }
+        _ => return None,
+    }
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(v) = FW_CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: a pointer from a map lookup, valid for the whole run. Concurrent writers
+        // (other CPUs sending on the same flow) write the same kind of values; a torn pair of
+        // time and state costs at most one early expiry.
+        unsafe {
+            (*v).last_seen_ns = now;
+            (*v).state = state;
+        }
+        return Some(true);
+    }
+    let value = ConntrackValue { last_seen_ns: now, state, _pad: 0 };
+    // A full table evicts; a failed insert only costs tracking, never the packet.
+    let _ = FW_CONNTRACK.insert(&key, &value, u64::from(BPF_ANY));
+    Some(true)
+}
+
+/// The recorded flow `key` exists and has not expired.
+#[inline(always)]
+fn live(key: &ConntrackKey) -> bool {
+    let Some(v) = FW_CONNTRACK.get_ptr(key) else { return false };
+    // SAFETY: a pointer from a map lookup, valid for the whole run; a helper without
+    // preconditions.
+    let (seen, state, now) = unsafe { ((*v).last_seen_ns, (*v).state, bpf_ktime_get_ns()) };
+    now.saturating_sub(seen) <= timeout_ns(key.proto, state)
+}
+
+/// Connection-tracking state of an ingress packet (see the module doc).
+#[inline(always)]
+pub fn flow_state(ctx: &XdpContext, ip: &IpPacket) -> FlowState {
+    if ip.port.is_none() {
+        return FlowState::New;
+    }
+    let Ok(l4) = load::<8>(ctx, ip.l4_off) else { return FlowState::New };
+    let mut key = ConntrackKey {
+        family: if ip.v6 { CT_FAMILY_V6 } else { CT_FAMILY_V4 },
+        proto: ip.proto,
+        local: ip.dst,
+        remote: ip.src,
+        ..ConntrackKey::default()
+    };
+    match (ip.proto, l4[0]) {
+        (PROTO_TCP | PROTO_UDP, _) => {
+            key.local_port = be16(l4[2], l4[3]);
+            key.remote_port = be16(l4[0], l4[1]);
+        }
+        (PROTO_ICMP, ICMP_ECHO_REPLY) | (PROTO_ICMPV6, ICMPV6_ECHO_REPLY) => {
+            key.local_port = be16(l4[4], l4[5]);
+        }
+        (PROTO_ICMP, 3 | 11 | 12) | (PROTO_ICMPV6, 1..=4) => {
+            return if related(ctx, ip, ip.l4_off + 8) {
+                FlowState::Related
+            } else {
+                FlowState::New
+            };
+        }
+        _ => return FlowState::New,
+    }
+    if live(&key) { FlowState::Reply } else { FlowState::New }
+}
+
+/// Whether the packet embedded in an ICMP error at `off` is a live flow the host sent.
+#[inline(always)]
+fn related(ctx: &XdpContext, ip: &IpPacket, off: usize) -> bool {
+    let mut key = ConntrackKey::default();
+    let l4_off = if ip.v6 {
+        let Ok(h) = load::<40>(ctx, off) else { return false };
+        if h[0] >> 4 != 6 {
+            return false;
+        }
+        key.family = CT_FAMILY_V6;
+        key.proto = h[6];
+        key.local.copy_from_slice(&h[8..24]);
+        key.remote.copy_from_slice(&h[24..40]);
+        off + 40
+    } else {
+        let Ok(h) = load::<20>(ctx, off) else { return false };
+        if h[0] >> 4 != 4 || h[0] & 0x0f < 5 {
+            return false;
+        }
+        key.family = CT_FAMILY_V4;
+        key.proto = h[9];
+        key.local[..4].copy_from_slice(&h[12..16]);
+        key.remote[..4].copy_from_slice(&h[16..20]);
+        off + usize::from(h[0] & 0x0f) * 4
+    };
+    // The error must be about a packet this host sent to it: addressed to the embedded source.
+    if key.local != ip.dst {
+        return false;
+    }
+    let Ok(l4) = load::<8>(ctx, l4_off) else { return false };
+    match (key.proto, l4[0]) {
+        (PROTO_TCP | PROTO_UDP, _) => {
+            key.local_port = be16(l4[0], l4[1]);
+            key.remote_port = be16(l4[2], l4[3]);
+        }
+        (PROTO_ICMP, ICMP_ECHO_REQUEST) | (PROTO_ICMPV6, ICMPV6_ECHO_REQUEST) => {
+            key.local_port = be16(l4[4], l4[5]);
+        }
+        _ => return false,
+    }
+    live(&key)
+}
