@@ -88,4 +88,11 @@ if ! bpf_linker_works; then
         exit 1
     fi
 fi
+
+# The data plane pins its programs and maps under /sys/fs/bpf (fwctl apply, the privileged
+# tests): mount the BPF filesystem there when it is not (some containers and minimal VMs do not).
+if [ "$(id -u)" -eq 0 ] && [ "$(stat -f -c %T /sys/fs/bpf 2>/dev/null)" != "bpf_fs" ]; then
+    mkdir -p /sys/fs/bpf 2>/dev/null || true
+    mount -t bpf bpf /sys/fs/bpf
+fi
 echo "setup: ok"

@@ -5,6 +5,7 @@
 //! verifier's log when the kernel rejects a program (without it a rejection is undebuggable).
 
 use std::io;
+use std::path::PathBuf;
 
 use aya::maps::MapError;
 use aya::programs::ProgramError;
@@ -78,6 +79,75 @@ pub enum Error {
     /// Reading the number of CPUs (for per-CPU maps) failed.
     #[error("cannot read the number of CPUs: {0}")]
     Cpus(#[source] io::Error),
+
+    /// The pin root is not on a BPF filesystem.
+    #[error(
+        "{0} is not on a BPF filesystem; mount one (mount -t bpf bpf /sys/fs/bpf) or choose another --bpffs root"
+    )]
+    NotBpffs(PathBuf),
+
+    /// Nothing is pinned under this bpffs root (no record map).
+    #[error("nothing is loaded under {0} (no pinned record)")]
+    NotPinned(PathBuf),
+
+    /// The pinned programs were built from a different object than the one embedded here; the
+    /// maps' layout may differ, so they are not adopted (unload first).
+    #[error(
+        "the programs pinned under {root} have ABI {pinned}, this build has {embedded}; unload them first"
+    )]
+    AbiMismatch { root: PathBuf, pinned: String, embedded: String },
+
+    /// A file-system operation on the bpffs root failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// Pinning an object failed.
+    #[error("cannot pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::pin::PinError>,
+    },
+
+    /// Opening a pinned link failed.
+    #[error("link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::programs::links::LinkError>,
+    },
+
+    /// Attaching the XDP program to an interface failed (in driver mode and in SKB mode).
+    #[error("cannot attach XDP to {interface}: {source}")]
+    Attach {
+        interface: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+
+    /// The pinned record map holds something this loader cannot parse.
+    #[error("the pinned record is corrupt: {0}")]
+    Record(&'static str),
+
+    /// A revision must be one line of at most `max` bytes.
+    #[error("the revision must be a single line of at most {max} bytes")]
+    BadRevision { max: usize },
+
+    /// The saved state is larger than the record can hold.
+    #[error("the saved state is {len} bytes, more than {max}")]
+    StateTooLarge { len: usize, max: usize },
+
+    /// After writing, the kernel's map does not hold what was written.
+    #[error("map {0}: read-back after writing does not match the desired state")]
+    VerifyFailed(&'static str),
+
+    /// `FW_LOADER_HOOK` asked the apply to stop at this step (a test of failing static).
+    #[error("apply aborted at step {0} (FW_LOADER_HOOK)")]
+    HookAbort(&'static str),
 }
 
 impl Error {

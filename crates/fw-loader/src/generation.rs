@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::Pod;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, ArrayOfMaps, HashMap, InnerMap, Map, MapData};
 use aya_obj::generated::bpf_map_type;
 use fw_common::{
     Bytes, CONFIG_ENTRIES, ClassValue, DirectionConfig, Ipv4LpmKey, Ipv6LpmKey, L4LpmKey, L4Value,
@@ -40,6 +40,8 @@ pub(crate) struct GenerationMaps {
     pub eg_l4: LpmTrie<MapData, [u8; 12], L4Value>,
     pub config: Array<MapData, DirectionConfig>,
     pub workloads: HashMap<MapData, WorkloadKey, WorkloadValue>,
+    /// The capacities these maps were created with (read back from the kernel when adopted).
+    pub caps: Capacities,
 }
 
 /// How many entries a write changed.
@@ -59,7 +61,7 @@ impl std::ops::AddAssign for WriteStats {
 }
 
 /// Creates one inner map. `name` is what bpftool shows ("FW_IN_V4.g0").
-fn create(
+pub(crate) fn create(
     name: &str,
     map_type: bpf_map_type,
     key_size: usize,
@@ -121,6 +123,7 @@ impl GenerationMaps {
             eg_l4: lpm(&name(maps::EGRESS_L4), caps.l4_entries)?,
             config: Array::try_from(config).map_err(Error::map(config_name))?,
             workloads: HashMap::try_from(workloads).map_err(Error::map(workloads_name))?,
+            caps: *caps,
         })
     }
 
@@ -290,4 +293,268 @@ fn v6_key_bytes(prefix_len: u32, addr: [u8; 16]) -> Vec<u8> {
 fn l4_key_bytes(prefix_len: u32, d: [u8; 12]) -> Vec<u8> {
     let part = |i: usize| [d[i], d[i + 1], d[i + 2], d[i + 3]];
     L4LpmKey { prefix_len, class: part(0), workload: part(4), l4: part(8) }.to_bytes().to_vec()
+}
+
+/// What must change in one map to go from what it holds to what is desired: the entries to
+/// write (new or with a different value) and the keys to delete, as `encode`'s bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapDelta {
+    pub upsert: Entries,
+    pub remove: Vec<Vec<u8>>,
+}
+
+impl MapDelta {
+    pub fn len(&self) -> usize {
+        self.upsert.len() + self.remove.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The entry-level difference between two encodings, per map (only maps that differ). The
+/// workload table is left out: the encoded state keys it by cgroup path, the kernel by id.
+pub fn delta(current: &Encoded, desired: &Encoded) -> BTreeMap<&'static str, MapDelta> {
+    let empty = Entries::new();
+    let mut out = BTreeMap::new();
+    let names: BTreeSet<&'static str> =
+        current.maps.keys().chain(desired.maps.keys()).copied().collect();
+    for name in names.into_iter().filter(|&n| n != maps::WORKLOADS) {
+        let have: BTreeMap<&[u8], &[u8]> = current
+            .maps
+            .get(name)
+            .unwrap_or(&empty)
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        let want: BTreeMap<&[u8], &[u8]> = desired
+            .maps
+            .get(name)
+            .unwrap_or(&empty)
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        let mut d = MapDelta::default();
+        for (k, v) in &want {
+            if have.get(k) != Some(v) {
+                d.upsert.push((k.to_vec(), v.to_vec()));
+            }
+        }
+        for k in have.keys().filter(|k| !want.contains_key(*k)) {
+            d.remove.push(k.to_vec());
+        }
+        if !d.is_empty() {
+            out.insert(name, d);
+        }
+    }
+    out
+}
+
+/// Generation `generation`'s inner map of the outer map `name`, and its capacity.
+fn inner_of(
+    outer: &BTreeMap<&'static str, Map>,
+    name: &'static str,
+    generation: u32,
+) -> Result<(Map, u32), Error> {
+    let map = outer.get(name).ok_or(Error::MissingMap(name))?;
+    let slots: ArrayOfMaps<&MapData, MapData> =
+        ArrayOfMaps::try_from(map).map_err(Error::map(name))?;
+    let data = slots.get(&generation, 0).map_err(Error::map(name))?;
+    let max = data.info().map_err(Error::map(name))?.max_entries();
+    Ok((Map::from_map_data(data).map_err(Error::map(name))?, max))
+}
+
+/// Puts `inner` into slot `generation` of the outer map `name`. The kernel waits for an RCU
+/// grace period before the update returns (no program still uses the map it replaced).
+fn set_slot<V: InnerMap>(
+    outer: &mut BTreeMap<&'static str, Map>,
+    name: &'static str,
+    generation: u32,
+    inner: &V,
+) -> Result<(), Error> {
+    let map = outer.get_mut(name).ok_or(Error::MissingMap(name))?;
+    let mut slots: ArrayOfMaps<&mut MapData, V> =
+        ArrayOfMaps::try_from(map).map_err(Error::map(name))?;
+    slots.set(generation, inner, 0).map_err(Error::map(name))
+}
+
+fn lpm_delta<T: Bytes, K: Pod, V: Pod + Bytes>(
+    map: &mut LpmTrie<MapData, K, V>,
+    name: &'static str,
+    d: &MapDelta,
+    split: fn(T) -> (u32, K),
+) -> Result<WriteStats, Error> {
+    let mut stats = WriteStats::default();
+    for k in &d.remove {
+        let key = T::from_bytes(k).ok_or(Error::Entry { map: name, reason: "key size" })?;
+        let (prefix_len, data) = split(key);
+        map.remove(&Key::new(prefix_len, data)).map_err(Error::map(name))?;
+        stats.deleted += 1;
+    }
+    for ((prefix_len, data), value) in parse_entries::<T, K, V>(name, &d.upsert, split)? {
+        map.insert(&Key::new(prefix_len, data), value, 0).map_err(Error::map(name))?;
+        stats.written += 1;
+    }
+    Ok(stats)
+}
+
+impl GenerationMaps {
+    /// Opens generation `generation`'s inner maps through the outer maps, as a process that
+    /// adopts pinned maps must (the inner maps are reachable only through their outer slot,
+    /// which is also what makes replacing one with a bigger map a single slot update).
+    pub fn from_outer(
+        generation: u32,
+        outer: &BTreeMap<&'static str, Map>,
+        rules: u32,
+    ) -> Result<Self, Error> {
+        let g = generation;
+        let (in_v4, v4) = inner_of(outer, maps::INGRESS_V4, g)?;
+        let (in_v6, v6) = inner_of(outer, maps::INGRESS_V6, g)?;
+        let (in_l4, l4) = inner_of(outer, maps::INGRESS_L4, g)?;
+        let (eg_v4, _) = inner_of(outer, maps::EGRESS_V4, g)?;
+        let (eg_v6, _) = inner_of(outer, maps::EGRESS_V6, g)?;
+        let (eg_l4, _) = inner_of(outer, maps::EGRESS_L4, g)?;
+        let (config, _) = inner_of(outer, maps::CONFIG, g)?;
+        let (workloads, w) = inner_of(outer, maps::WORKLOADS, g)?;
+        let m = |name: &'static str| Error::map(name);
+        Ok(Self {
+            in_v4: LpmTrie::try_from(in_v4).map_err(m(maps::INGRESS_V4))?,
+            in_v6: LpmTrie::try_from(in_v6).map_err(m(maps::INGRESS_V6))?,
+            in_l4: LpmTrie::try_from(in_l4).map_err(m(maps::INGRESS_L4))?,
+            eg_v4: LpmTrie::try_from(eg_v4).map_err(m(maps::EGRESS_V4))?,
+            eg_v6: LpmTrie::try_from(eg_v6).map_err(m(maps::EGRESS_V6))?,
+            eg_l4: LpmTrie::try_from(eg_l4).map_err(m(maps::EGRESS_L4))?,
+            config: Array::try_from(config).map_err(m(maps::CONFIG))?,
+            workloads: HashMap::try_from(workloads).map_err(m(maps::WORKLOADS))?,
+            caps: Capacities {
+                v4_prefixes: v4,
+                v6_prefixes: v6,
+                l4_entries: l4,
+                rules,
+                workloads: w,
+            },
+        })
+    }
+
+    /// Puts these maps into slot `generation` of every outer map (one RCU wait per slot).
+    pub fn install(
+        &self,
+        generation: u32,
+        outer: &mut BTreeMap<&'static str, Map>,
+    ) -> Result<(), Error> {
+        let g = generation;
+        set_slot(outer, maps::INGRESS_V4, g, &self.in_v4)?;
+        set_slot(outer, maps::INGRESS_V6, g, &self.in_v6)?;
+        set_slot(outer, maps::INGRESS_L4, g, &self.in_l4)?;
+        set_slot(outer, maps::EGRESS_V4, g, &self.eg_v4)?;
+        set_slot(outer, maps::EGRESS_V6, g, &self.eg_v6)?;
+        set_slot(outer, maps::EGRESS_L4, g, &self.eg_l4)?;
+        set_slot(outer, maps::CONFIG, g, &self.config)?;
+        set_slot(outer, maps::WORKLOADS, g, &self.workloads)
+    }
+
+    /// Re-sets slot `generation` of the config outer map to the map it already holds: the
+    /// update changes nothing, but returns only after an RCU grace period, so every program
+    /// run that started before the call has finished.
+    pub fn wait_grace_period(
+        &self,
+        generation: u32,
+        outer: &mut BTreeMap<&'static str, Map>,
+    ) -> Result<(), Error> {
+        set_slot(outer, maps::CONFIG, generation, &self.config)
+    }
+
+    /// Whether `encoded` fits these maps' capacities.
+    pub fn fits(&self, encoded: &Encoded) -> Option<(&'static str, usize, u32)> {
+        let c = &self.caps;
+        for (&name, entries) in &encoded.maps {
+            let cap = match name {
+                maps::INGRESS_V4 | maps::EGRESS_V4 => c.v4_prefixes,
+                maps::INGRESS_V6 | maps::EGRESS_V6 => c.v6_prefixes,
+                maps::INGRESS_L4 | maps::EGRESS_L4 => c.l4_entries,
+                _ => continue,
+            };
+            if entries.len() > cap as usize {
+                return Some((name, entries.len(), cap));
+            }
+        }
+        None
+    }
+
+    /// Writes only `deltas` (from [`delta`]): deletes, then upserts, map by map.
+    pub fn apply_delta(
+        &mut self,
+        deltas: &BTreeMap<&'static str, MapDelta>,
+    ) -> Result<WriteStats, Error> {
+        let mut stats = WriteStats::default();
+        for (&name, d) in deltas {
+            stats += match name {
+                maps::INGRESS_V4 => lpm_delta(&mut self.in_v4, name, d, split_v4)?,
+                maps::INGRESS_V6 => lpm_delta(&mut self.in_v6, name, d, split_v6)?,
+                maps::INGRESS_L4 => lpm_delta(&mut self.in_l4, name, d, split_l4)?,
+                maps::EGRESS_V4 => lpm_delta(&mut self.eg_v4, name, d, split_v4)?,
+                maps::EGRESS_V6 => lpm_delta(&mut self.eg_v6, name, d, split_v6)?,
+                maps::EGRESS_L4 => lpm_delta(&mut self.eg_l4, name, d, split_l4)?,
+                maps::CONFIG => {
+                    // An array cannot delete: a removed index goes back to all zeros.
+                    let mut s = WriteStats::default();
+                    let zero = DirectionConfig::default().to_bytes().to_vec();
+                    let entries = d
+                        .upsert
+                        .iter()
+                        .cloned()
+                        .chain(d.remove.iter().map(|k| (k.clone(), zero.clone())));
+                    for (k, v) in entries {
+                        let index =
+                            <[u8; 4]>::try_from(k.as_slice()).map(u32::from_le_bytes).map_err(
+                                |_| Error::Entry { map: name, reason: "config key is not 4 bytes" },
+                            )?;
+                        let value = DirectionConfig::from_bytes(&v).ok_or(Error::Entry {
+                            map: name,
+                            reason: "config value of the wrong size",
+                        })?;
+                        self.config.set(index, value, 0).map_err(Error::map(name))?;
+                        s.written += 1;
+                    }
+                    s
+                }
+                other => return Err(Error::UnknownMap(other.to_string())),
+            };
+        }
+        Ok(stats)
+    }
+
+    /// Reads one map back (`encode`'s format, sorted by key).
+    pub fn read_map(&self, name: &str) -> Result<Entries, Error> {
+        match name {
+            maps::INGRESS_V4 => read_lpm(&self.in_v4, maps::INGRESS_V4, v4_key_bytes),
+            maps::INGRESS_V6 => read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes),
+            maps::INGRESS_L4 => read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes),
+            maps::EGRESS_V4 => read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes),
+            maps::EGRESS_V6 => read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes),
+            maps::EGRESS_L4 => read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes),
+            maps::CONFIG => {
+                let mut config = Vec::new();
+                for index in 0..CONFIG_ENTRIES {
+                    let value = self.config.get(&index, 0).map_err(Error::map(maps::CONFIG))?;
+                    config.push((index.to_le_bytes().to_vec(), value.to_bytes().to_vec()));
+                }
+                Ok(config)
+            }
+            other => Err(Error::UnknownMap(other.to_string())),
+        }
+    }
+}
+
+fn split_v4(k: Ipv4LpmKey) -> (u32, [u8; 4]) {
+    (k.prefix_len, k.addr)
+}
+
+fn split_v6(k: Ipv6LpmKey) -> (u32, [u8; 16]) {
+    (k.prefix_len, k.addr)
+}
+
+fn split_l4(k: L4LpmKey) -> (u32, [u8; 12]) {
+    (k.prefix_len, l4_data(&k))
 }

@@ -5,8 +5,13 @@
 //! inner maps of both generations with the compiler's capacities and puts them into the outer
 //! maps. From there the caller writes a compiled state into a generation
 //! ([`Dataplane::write_generation`], whose input is exactly `fw_compiler::encode`'s output),
-//! flips the active generation, and reads counters. Attaching, pinning and the apply protocol
-//! (diff, write standby, verify, flip, replay) build on these pieces and live elsewhere.
+//! flips the active generation, and reads counters.
+//!
+//! A data plane that outlives the process lives under a bpffs root (`pin`): the programs, the
+//! XDP links, the outer maps, the counters and a small record map are pinned there, and a later
+//! process adopts them (`Dataplane::open_pinned`) instead of loading again, so program ids never
+//! change. `apply` is the update protocol on top of that: diff against what the standby
+//! generation holds, write the diff, verify, flip, wait a grace period, replay.
 //!
 //! [`Dataplane::test_run_ingress`] runs the XDP program on a frame with `BPF_PROG_TEST_RUN`,
 //! without attaching it anywhere: the kernel's real program and maps, no traffic. The
@@ -16,8 +21,14 @@
 //! to this crate, fw-common and fw-ebpf: callers hand over `Encoded` state and get verdicts and
 //! counters back, so the representation can change without touching the compiler or callers.
 
+mod apply;
+mod cgroup;
+pub mod conntrack;
 mod error;
+mod events;
 mod generation;
+mod pin;
+pub mod workloads;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -32,9 +43,15 @@ use fw_common::{
 use fw_compiler::encode::{Encoded, decode};
 use fw_compiler::mapstate::Capacities;
 
+pub use crate::apply::{Applied, ApplyReport, HOOK_ENV};
+pub use crate::cgroup::{CgroupAttachment, CgroupLinks, EgressAttachment, cgroup2_mount};
 pub use crate::error::Error;
+pub use crate::events::{EventStats, Events};
 use crate::generation::GenerationMaps;
-pub use crate::generation::WriteStats;
+pub use crate::generation::{MapDelta, WriteStats, delta as entry_delta};
+pub use crate::pin::{
+    Attachment, DEFAULT_ROOT, MapStatus, Opened, Status, abi_version, attachments, unload_pinned,
+};
 
 /// The eBPF object built from crates/fw-ebpf; empty when fw-loader was built with
 /// `AYA_BUILD_SKIP=1`.
@@ -77,7 +94,10 @@ pub struct TestRunOutput {
 
 /// The loaded programs and maps.
 pub struct Dataplane {
-    ebpf: Ebpf,
+    /// The object as this process loaded it; `None` when the data plane was adopted from its
+    /// pins, whose programs are then opened from the pins (`pinned_ingress`).
+    ebpf: Option<Ebpf>,
+    pinned_ingress: Option<Xdp>,
     /// Slot `g` holds generation `g`'s inner maps (user-space handles; the outer maps hold
     /// the kernel's references).
     generations: Vec<GenerationMaps>,
@@ -87,6 +107,8 @@ pub struct Dataplane {
     /// The outer maps, kept open for pinning.
     outer: BTreeMap<&'static str, Map>,
     caps: Capacities,
+    /// Present when the data plane is pinned under a bpffs root.
+    pins: Option<pin::Pins>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -132,6 +154,7 @@ impl Dataplane {
             .try_into()
             .map_err(Error::program(name))?;
         program.load().map_err(Error::program(name))?;
+        cgroup::load_egress_programs(&mut ebpf)?;
 
         let generations = (0..GENERATIONS)
             .map(|g| GenerationMaps::create(g, caps))
@@ -157,7 +180,17 @@ impl Dataplane {
             .map_err(Error::map(maps::RULE_COUNTERS))?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, maps::STATS)?)
             .map_err(Error::map(maps::STATS))?;
-        Ok(Self { ebpf, generations, generation, rule_counters, stats, outer, caps: *caps })
+        Ok(Self {
+            ebpf: Some(ebpf),
+            pinned_ingress: None,
+            generations,
+            generation,
+            rule_counters,
+            stats,
+            outer,
+            caps: *caps,
+            pins: None,
+        })
     }
 
     /// The capacities the inner maps were created with.
@@ -168,8 +201,25 @@ impl Dataplane {
     /// The XDP ingress program (loaded, not attached).
     pub fn ingress_program(&mut self) -> Result<&mut Xdp, Error> {
         let name = programs::INGRESS;
+        if let Some(p) = self.pinned_ingress.as_mut() {
+            return Ok(p);
+        }
         self.ebpf
-            .program_mut(name)
+            .as_mut()
+            .and_then(|e| e.program_mut(name))
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(Error::program(name))
+    }
+
+    fn ingress(&self) -> Result<&Xdp, Error> {
+        let name = programs::INGRESS;
+        if let Some(p) = self.pinned_ingress.as_ref() {
+            return Ok(p);
+        }
+        self.ebpf
+            .as_ref()
+            .and_then(|e| e.program(name))
             .ok_or(Error::MissingProgram(name))?
             .try_into()
             .map_err(Error::program(name))
@@ -213,8 +263,12 @@ impl Dataplane {
 
     /// Reads generation `generation`'s maps back in `encode`'s format (every map but the
     /// workload table), to verify a write.
-    pub fn read_generation(&mut self, generation: u32) -> Result<Encoded, Error> {
-        self.generation_maps(generation)?.read()
+    pub fn read_generation(&self, generation: u32) -> Result<Encoded, Error> {
+        usize::try_from(generation)
+            .ok()
+            .and_then(|g| self.generations.get(g))
+            .ok_or(Error::NoSuchGeneration(generation))?
+            .read()
     }
 
     /// The generation packets use.
@@ -250,12 +304,7 @@ impl Dataplane {
         repeat: u32,
     ) -> Result<TestRunOutput, Error> {
         let name = programs::INGRESS;
-        let program: &Xdp = self
-            .ebpf
-            .program(name)
-            .ok_or(Error::MissingProgram(name))?
-            .try_into()
-            .map_err(Error::program(name))?;
+        let program = self.ingress()?;
         let opts = TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::new() };
         let result = program.test_run(opts).map_err(Error::program(name))?;
         Ok(TestRunOutput {

@@ -4,6 +4,7 @@
 //! library and formats what comes back. Exit codes are part of the interface: 0 success,
 //! 1 the input is invalid or a check failed, 2 usage error (clap's own).
 
+mod dataplane;
 mod inputs;
 mod render;
 mod show;
@@ -65,6 +66,18 @@ enum Command {
     Explain(ExplainArgs),
     /// Print the JSON Schema of fw/v1 documents.
     Schema,
+    /// Compile the policy for this host and make the kernel enforce it (needs root).
+    Apply(dataplane::DataplaneArgs),
+    /// Print what `apply` would change, as rules: exit 0 no change, 1 changes, 2 error (needs
+    /// root).
+    Diff(dataplane::DataplaneArgs),
+    /// Show the loaded data plane: programs, attachments, generations, maps, counters.
+    Status(dataplane::RootArgs),
+    /// Detach and unpin the data plane.
+    Unload(dataplane::RootArgs),
+    /// Follow the data plane's events (logged rule hits, default denies, audit-denies), one
+    /// line each, until Ctrl-C (needs root).
+    Events(dataplane::EventsArgs),
 }
 
 #[derive(Args)]
@@ -154,6 +167,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&schema)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Apply(args) => dataplane::apply(&args),
+        Command::Diff(args) => dataplane::diff(&args),
+        Command::Status(args) => dataplane::status(&args),
+        Command::Unload(args) => dataplane::unload(&args),
+        Command::Events(args) => dataplane::events(&args),
     }
 }
 

@@ -1,0 +1,633 @@
+//! Pinning the data plane under a bpffs root, adopting it from there, and unloading it.
+//!
+//! Why it is built this way:
+//! - Everything that must outlive the process is pinned flat under one root (default
+//!   [`DEFAULT_ROOT`]): the program (`fw_ingress`), the outer maps and the counter and
+//!   generation maps (by their ABI names), the record map (`FW_RECORD`), one saved-state map per
+//!   generation (`FW_STATE_g0`, `_g1`) and, in `links/`, one XDP link per interface
+//!   (`links/<drv|skb>-<interface>`, the mode in the name because the kernel's link info does
+//!   not say it). bpffs refuses names with a dot, so the saved-state maps are `FW_STATE_g0` and
+//!   `.` and `%` in interface names (VLANs: `eth0.100`) are written `%2E` and `%25`. Inner maps are not pinned: they are reachable through their outer slot, which is
+//!   also what lets apply replace one with a bigger map in a single slot update.
+//! - A later process adopts the pins instead of loading again, so program ids and map ids
+//!   never change across applies. Adoption is refused when the record's ABI version (a hash of
+//!   the embedded object) differs from this build's: the maps' layout could differ.
+//! - The record map is an array of three fixed-size text records, one per generation
+//!   (revision, digest and saved-state length of what that generation holds) and one of
+//!   metadata (ABI, cgroup), so `status` and `diff` read the applied revision from the kernel,
+//!   not from a file that could disagree with it. bpffs holds no regular files, so the saved
+//!   state (the compiler's full `MapState` as JSON, which carries the rule table the kernel maps
+//!   do not hold) lives in an array map of 4 KiB chunks.
+//! - Pins are made 0600 and directories 0700: the maps decide what the host lets through.
+//! - Links are bpf links (`bpf_link_create`), pinned: the attachment lives as long as the pin,
+//!   and removing the pin detaches (once no process holds the link open).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, IterableMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{Xdp, XdpMode};
+use aya_obj::generated::bpf_map_type;
+use aya_obj::programs::XdpAttachType;
+use fw_common::{GENERATIONS, maps, programs};
+use fw_compiler::mapstate::Capacities;
+
+use crate::generation::{GenerationMaps, create};
+use crate::{Dataplane, Error, object};
+
+/// The default bpffs root.
+pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/fw";
+
+const RECORD: &str = "FW_RECORD";
+const LINKS: &str = "links";
+/// Bytes per record entry.
+pub(crate) const RECORD_SIZE: usize = 1024;
+/// Bytes per chunk of a saved-state map.
+pub(crate) const CHUNK: usize = 4096;
+/// Record index of the metadata entry (after one entry per generation).
+const META: u32 = GENERATIONS;
+
+type Record = [u8; RECORD_SIZE];
+pub(crate) type Chunk = [u8; CHUNK];
+
+/// The ABI version of the embedded object: 64-bit FNV-1a of its bytes, in hex.
+pub fn abi_version() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in object() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// What [`Dataplane::open_pinned`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opened {
+    /// Nothing was pinned: the object was loaded and pinned.
+    Loaded,
+    /// The pins were adopted; no program was loaded or attached.
+    Adopted,
+}
+
+/// One XDP attachment, as pinned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub interface: String,
+    /// "drv" (native) or "skb" (generic).
+    pub mode: String,
+    pub link_id: u32,
+    pub program_id: u32,
+    pub pin: PathBuf,
+}
+
+/// One generational map of the active generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapStatus {
+    pub name: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+/// What `fwctl status` shows (everything read from the kernel).
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub root: PathBuf,
+    pub abi: String,
+    pub program: &'static str,
+    pub program_id: u32,
+    pub attachments: Vec<Attachment>,
+    pub active_generation: u32,
+    /// What each generation holds, by the record.
+    pub generations: Vec<Option<crate::Applied>>,
+    pub cgroup: Option<String>,
+    pub maps: Vec<MapStatus>,
+}
+
+/// The pinned objects a [`Dataplane`] owns besides the ones every data plane has.
+pub(crate) struct Pins {
+    pub root: PathBuf,
+    pub record: Array<MapData, Record>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+fn pin_err(path: &Path) -> impl FnOnce(aya::pin::PinError) -> Error + '_ {
+    move |source| Error::Pin { path: path.to_path_buf(), source: Box::new(source) }
+}
+
+fn private(path: &Path, mode: u32) -> Result<(), Error> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io(path))
+}
+
+fn mkdir_private(path: &Path) -> Result<(), Error> {
+    fs::create_dir_all(path).map_err(io(path))?;
+    private(path, 0o700)
+}
+
+fn open_pinned_map(root: &Path, name: &str) -> Result<Map, Error> {
+    let data = MapData::from_pin(root.join(name)).map_err(Error::map(name))?;
+    Map::from_map_data(data).map_err(Error::map(name))
+}
+
+impl Pins {
+    /// Parses record entry `index`: `key=value` lines up to the first NUL. `None` when empty.
+    pub fn read(&self, index: u32) -> Result<Option<BTreeMap<String, String>>, Error> {
+        let raw = self.record.get(&index, 0).map_err(Error::map(RECORD))?;
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        if end == 0 {
+            return Ok(None);
+        }
+        let text = std::str::from_utf8(raw.get(..end).unwrap_or_default())
+            .map_err(|_| Error::Record("not UTF-8"))?;
+        let mut out = BTreeMap::new();
+        for line in text.lines() {
+            let (k, v) = line.split_once('=').ok_or(Error::Record("a line without '='"))?;
+            out.insert(k.to_string(), v.to_string());
+        }
+        Ok(Some(out))
+    }
+
+    /// Replaces record entry `index` (an empty list clears it).
+    pub fn write(&mut self, index: u32, fields: &[(&str, &str)]) -> Result<(), Error> {
+        let mut text = String::new();
+        for (k, v) in fields {
+            if v.contains(['\n', '\0']) || k.contains(['\n', '\0', '=']) {
+                return Err(Error::Record("a field with a newline or NUL"));
+            }
+            text.push_str(k);
+            text.push('=');
+            text.push_str(v);
+            text.push('\n');
+        }
+        let mut raw = [0u8; RECORD_SIZE];
+        raw.get_mut(..text.len())
+            .ok_or(Error::Record("the fields do not fit the record"))?
+            .copy_from_slice(text.as_bytes());
+        self.record.set(index, raw, 0).map_err(Error::map(RECORD))
+    }
+
+    fn state_pin(&self, generation: u32) -> PathBuf {
+        self.root.join(format!("FW_STATE_g{generation}"))
+    }
+
+    /// Replaces generation `generation`'s saved-state map with one holding `bytes`: a new map
+    /// pinned under a temporary name, then renamed over the old pin.
+    pub fn write_state(&self, generation: u32, bytes: &[u8]) -> Result<(), Error> {
+        let name = format!("FW_STATE_g{generation}");
+        let chunks = bytes.len().div_ceil(CHUNK).max(1);
+        let n = u32::try_from(chunks)
+            .map_err(|_| Error::StateTooLarge { len: bytes.len(), max: u32::MAX as usize })?;
+        let map = create(&name, bpf_map_type::BPF_MAP_TYPE_ARRAY, 4, CHUNK, n, 0)?;
+        let mut array: Array<MapData, Chunk> = Array::try_from(map).map_err(Error::map(&name))?;
+        for (i, part) in bytes.chunks(CHUNK).enumerate() {
+            let mut chunk = [0u8; CHUNK];
+            if let Some(dst) = chunk.get_mut(..part.len()) {
+                dst.copy_from_slice(part);
+            }
+            array.set(i as u32, chunk, 0).map_err(Error::map(&name))?;
+        }
+        let tmp = self.root.join(format!("{name}_new"));
+        let _ = fs::remove_file(&tmp);
+        array.map().pin(&tmp).map_err(pin_err(&tmp))?;
+        private(&tmp, 0o600)?;
+        let dst = self.state_pin(generation);
+        fs::rename(&tmp, &dst).map_err(io(&dst))
+    }
+
+    /// Generation `generation`'s saved state, `len` bytes long (from its record).
+    pub fn read_state(&self, generation: u32, len: usize) -> Result<Vec<u8>, Error> {
+        let path = self.state_pin(generation);
+        let name = "FW_STATE";
+        let data = MapData::from_pin(&path).map_err(Error::map(name))?;
+        let array: Array<MapData, Chunk> =
+            Array::try_from(Map::from_map_data(data).map_err(Error::map(name))?)
+                .map_err(Error::map(name))?;
+        let mut out = Vec::with_capacity(len);
+        let mut i = 0u32;
+        while out.len() < len {
+            let chunk = array.get(&i, 0).map_err(Error::map(name))?;
+            let take = (len - out.len()).min(CHUNK);
+            out.extend_from_slice(chunk.get(..take).unwrap_or_default());
+            i += 1;
+        }
+        Ok(out)
+    }
+}
+
+impl Dataplane {
+    /// Adopts the data plane pinned under `root`, or loads and pins one when nothing is pinned
+    /// there.
+    pub fn open_pinned(root: &Path, caps: &Capacities) -> Result<(Self, Opened), Error> {
+        if root.join(RECORD).exists() {
+            Ok((Self::adopt(root)?, Opened::Adopted))
+        } else {
+            Ok((Self::load_pinned(root, caps)?, Opened::Loaded))
+        }
+    }
+
+    /// Loads the embedded object and pins it under `root` (created 0700). On failure whatever
+    /// was pinned is removed again.
+    pub fn load_pinned(root: &Path, caps: &Capacities) -> Result<Self, Error> {
+        if !on_bpffs(root) {
+            return Err(Error::NotBpffs(root.to_path_buf()));
+        }
+        let mut dp = Self::load(caps)?;
+        mkdir_private(root)?;
+        match dp.pin_all(root) {
+            Ok(pins) => {
+                dp.pins = Some(pins);
+                Ok(dp)
+            }
+            Err(e) => {
+                drop(dp);
+                let _ = unload_pinned(root);
+                Err(e)
+            }
+        }
+    }
+
+    fn pin_all(&mut self, root: &Path) -> Result<Pins, Error> {
+        let mut pinned = Vec::new();
+        // Every program of the object, by its name (the egress programs too, so a later
+        // process can open them from their pins).
+        if let Some(ebpf) = self.ebpf.as_mut() {
+            for (name, program) in ebpf.programs_mut() {
+                if program.fd().is_err() {
+                    continue; // not loaded by this loader: nothing to pin
+                }
+                let path = root.join(name);
+                program.pin(&path).map_err(pin_err(&path))?;
+                pinned.push(path);
+            }
+        }
+        // Maps still inside the object (those other modules take when they need them: the
+        // conntrack table, the event ring, ...), so a later process can open them by name
+        // ([`Dataplane::open_pinned_map`]). Names with a dot are the programs' own data
+        // sections (.rodata, .bss), which bpffs would refuse anyway.
+        if let Some(ebpf) = self.ebpf.as_ref() {
+            for (name, map) in ebpf.maps().filter(|(n, _)| !n.contains('.')) {
+                let path = root.join(name);
+                map.pin(&path).map_err(pin_err(&path))?;
+                pinned.push(path);
+            }
+        }
+        for (name, map) in &self.outer {
+            let path = root.join(name);
+            map.pin(&path).map_err(pin_err(&path))?;
+            pinned.push(path);
+        }
+        for (name, data) in [
+            (maps::GENERATION, self.generation.map()),
+            (maps::RULE_COUNTERS, self.rule_counters.map()),
+            (maps::STATS, self.stats.map()),
+        ] {
+            let path = root.join(name);
+            data.pin(&path).map_err(pin_err(&path))?;
+            pinned.push(path);
+        }
+        let map = create(RECORD, bpf_map_type::BPF_MAP_TYPE_ARRAY, 4, RECORD_SIZE, META + 1, 0)?;
+        let record = Array::try_from(map).map_err(Error::map(RECORD))?;
+        let mut pins = Pins { root: root.to_path_buf(), record };
+        pins.write(META, &[("abi", &abi_version())])?;
+        // Pinned last: its presence is what makes a root adoptable.
+        let path = root.join(RECORD);
+        pins.record.map().pin(&path).map_err(pin_err(&path))?;
+        pinned.push(path);
+        for p in &pinned {
+            private(p, 0o600)?;
+        }
+        mkdir_private(&root.join(LINKS))?;
+        Ok(pins)
+    }
+
+    /// Opens the data plane pinned under `root` without loading or attaching anything.
+    pub fn adopt(root: &Path) -> Result<Self, Error> {
+        let record_path = root.join(RECORD);
+        if !record_path.exists() {
+            return Err(Error::NotPinned(root.to_path_buf()));
+        }
+        let record = Array::try_from(open_pinned_map(root, RECORD)?).map_err(Error::map(RECORD))?;
+        let pins = Pins { root: root.to_path_buf(), record };
+        let meta = pins.read(META)?.ok_or(Error::Record("no metadata entry"))?;
+        let pinned = meta.get("abi").cloned().unwrap_or_default();
+        let embedded = abi_version();
+        if pinned != embedded {
+            return Err(Error::AbiMismatch { root: root.to_path_buf(), pinned, embedded });
+        }
+        let name = programs::INGRESS;
+        let program = Xdp::from_pin(root.join(name), XdpAttachType::Interface)
+            .map_err(Error::program(name))?;
+        let mut outer = BTreeMap::new();
+        for name in maps::GENERATIONAL {
+            outer.insert(name, open_pinned_map(root, name)?);
+        }
+        let generation = Array::try_from(open_pinned_map(root, maps::GENERATION)?)
+            .map_err(Error::map(maps::GENERATION))?;
+        let counters = MapData::from_pin(root.join(maps::RULE_COUNTERS))
+            .map_err(Error::map(maps::RULE_COUNTERS))?;
+        let rules = counters.info().map_err(Error::map(maps::RULE_COUNTERS))?.max_entries();
+        let rule_counters: PerCpuHashMap<MapData, u32, fw_common::Counters> =
+            PerCpuHashMap::try_from(
+                Map::from_map_data(counters).map_err(Error::map(maps::RULE_COUNTERS))?,
+            )
+            .map_err(Error::map(maps::RULE_COUNTERS))?;
+        let stats: PerCpuArray<MapData, fw_common::Counters> =
+            PerCpuArray::try_from(open_pinned_map(root, maps::STATS)?)
+                .map_err(Error::map(maps::STATS))?;
+        let generations = (0..GENERATIONS)
+            .map(|g| GenerationMaps::from_outer(g, &outer, rules))
+            .collect::<Result<Vec<_>, _>>()?;
+        let caps = generations.first().map(|g| g.caps).unwrap_or_default();
+        Ok(Self {
+            ebpf: None,
+            pinned_ingress: Some(program),
+            generations,
+            generation,
+            rule_counters,
+            stats,
+            outer,
+            caps,
+            pins: Some(pins),
+        })
+    }
+
+    /// Takes an exclusive `flock` on the pin root, held until the returned file is dropped (or
+    /// the process dies), so two appliers never interleave their steps. Blocks while another
+    /// holds it.
+    pub fn lock(&self) -> Result<fs::File, Error> {
+        let root = self.pin_root().ok_or(Error::NotPinned(PathBuf::from("<unpinned>")))?;
+        let dir = fs::File::open(root).map_err(io(root))?;
+        // SAFETY: flock on a valid open fd has no memory-safety preconditions.
+        let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&dir), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(Error::Io {
+                path: root.to_path_buf(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(dir)
+    }
+
+    /// Opens a map pinned under this data plane's root by its name (`fw_common::maps`), e.g.
+    /// the conntrack table or the event ring of an adopted data plane.
+    pub fn open_pinned_map(&self, name: &str) -> Result<Map, Error> {
+        let root = self.pin_root().ok_or(Error::NotPinned(PathBuf::from("<unpinned>")))?;
+        open_pinned_map(root, name)
+    }
+
+    /// The bpffs root, when pinned.
+    pub fn pin_root(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|p| p.root.as_path())
+    }
+
+    pub(crate) fn pins_mut(&mut self) -> Option<&mut Pins> {
+        self.pins.as_mut()
+    }
+
+    pub(crate) fn pins(&self) -> Option<&Pins> {
+        self.pins.as_ref()
+    }
+
+    /// The kernel's id of the ingress program.
+    pub fn ingress_program_id(&self) -> Result<u32, Error> {
+        let name = programs::INGRESS;
+        Ok(self.ingress()?.info().map_err(Error::program(name))?.id())
+    }
+
+    /// Attaches the ingress program to `interface` (native mode, else generic) and pins the
+    /// link. Already attached (a pinned link running this program): nothing changes.
+    pub fn attach_xdp(&mut self, interface: &str) -> Result<Attachment, Error> {
+        let root =
+            self.pin_root().ok_or(Error::NotPinned(PathBuf::from("<unpinned>")))?.to_path_buf();
+        let program_id = self.ingress_program_id()?;
+        for a in attachments(&root)? {
+            if a.interface == interface {
+                if a.program_id == program_id {
+                    return Ok(a);
+                }
+                // A link left by another program: replace it.
+                fs::remove_file(&a.pin).map_err(io(&a.pin))?;
+            }
+        }
+        let program = self.ingress_program()?;
+        let (id, mode) = match program.attach(interface, XdpMode::Driver) {
+            Ok(id) => (id, "drv"),
+            Err(_) => match program.attach(interface, XdpMode::Skb) {
+                Ok(id) => (id, "skb"),
+                Err(e) => {
+                    return Err(Error::Attach {
+                        interface: interface.to_string(),
+                        source: Box::new(e),
+                    });
+                }
+            },
+        };
+        let attach_err =
+            |e| Error::Attach { interface: interface.to_string(), source: Box::new(e) };
+        let link = program.take_link(id).map_err(attach_err)?;
+        let link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
+            Error::Link { path: PathBuf::from(interface), source: Box::new(e) }
+        })?;
+        let path = root.join(LINKS).join(format!("{mode}-{}", escape(interface)));
+        let pinned = link.pin(&path).map_err(pin_err(&path))?;
+        private(&path, 0o600)?;
+        let info = FdLink::from(pinned)
+            .info()
+            .map_err(|e| Error::Link { path: path.clone(), source: Box::new(e) })?;
+        Ok(Attachment {
+            interface: interface.to_string(),
+            mode: mode.to_string(),
+            link_id: info.id(),
+            program_id: info.program_id(),
+            pin: path,
+        })
+    }
+
+    /// Detaches (unpins) every XDP link whose interface is not in `keep`; returns the removed
+    /// pins.
+    pub fn detach_xdp_except(&mut self, keep: &[String]) -> Result<Vec<PathBuf>, Error> {
+        let root =
+            self.pin_root().ok_or(Error::NotPinned(PathBuf::from("<unpinned>")))?.to_path_buf();
+        let mut removed = Vec::new();
+        for a in attachments(&root)? {
+            if !keep.contains(&a.interface) {
+                fs::remove_file(&a.pin).map_err(io(&a.pin))?;
+                removed.push(a.pin);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The cgroup the egress programs were attached to, by the record's metadata.
+    pub fn recorded_cgroup(&self) -> Result<Option<String>, Error> {
+        let Some(pins) = self.pins.as_ref() else { return Ok(None) };
+        Ok(pins.read(META)?.and_then(|mut m| m.remove("cgroup")))
+    }
+
+    /// Stores the cgroup the egress programs attach to (in the record's metadata).
+    pub fn set_cgroup(&mut self, cgroup: Option<&str>) -> Result<(), Error> {
+        let Some(pins) = self.pins.as_mut() else { return Ok(()) };
+        let mut meta = pins.read(META)?.unwrap_or_default();
+        match cgroup {
+            Some(c) => meta.insert("cgroup".into(), c.to_string()),
+            None => meta.remove("cgroup"),
+        };
+        let fields: Vec<(&str, &str)> =
+            meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        pins.write(META, &fields)
+    }
+
+    /// Everything `fwctl status` shows, read from the kernel.
+    pub fn status(&self) -> Result<Status, Error> {
+        let pins = self.pins.as_ref().ok_or(Error::NotPinned(PathBuf::from("<unpinned>")))?;
+        let meta = pins.read(META)?.unwrap_or_default();
+        let active = self.active_generation()?;
+        let generations =
+            (0..GENERATIONS).map(|g| self.applied(g)).collect::<Result<Vec<_>, _>>()?;
+        let gm = self.generations.get(active as usize).ok_or(Error::NoSuchGeneration(active))?;
+        let mut map_status = Vec::new();
+        for name in maps::GENERATIONAL {
+            let capacity = match name {
+                maps::INGRESS_V4 | maps::EGRESS_V4 => gm.caps.v4_prefixes,
+                maps::INGRESS_V6 | maps::EGRESS_V6 => gm.caps.v6_prefixes,
+                maps::INGRESS_L4 | maps::EGRESS_L4 => gm.caps.l4_entries,
+                maps::CONFIG => fw_common::CONFIG_ENTRIES,
+                maps::WORKLOADS => gm.caps.workloads,
+                _ => 0,
+            };
+            let entries = match name {
+                maps::WORKLOADS => gm.workloads.keys().count(),
+                _ => gm.read_map(name)?.len(),
+            };
+            map_status.push(MapStatus { name, entries, capacity });
+        }
+        Ok(Status {
+            root: pins.root.clone(),
+            abi: meta.get("abi").cloned().unwrap_or_default(),
+            program: programs::INGRESS,
+            program_id: self.ingress_program_id()?,
+            attachments: attachments(&pins.root)?,
+            active_generation: active,
+            generations,
+            cgroup: meta.get("cgroup").cloned(),
+            maps: map_status,
+        })
+    }
+
+    /// Drops this handle, then detaches and unpins everything under its root.
+    pub fn unload(self) -> Result<Vec<PathBuf>, Error> {
+        let root = self.pin_root().map(Path::to_path_buf);
+        drop(self);
+        match root {
+            Some(root) => unload_pinned(&root),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+/// An interface name as a bpffs file name: bpffs refuses dots.
+fn escape(interface: &str) -> String {
+    interface.replace('%', "%25").replace('.', "%2E")
+}
+
+fn unescape(name: &str) -> String {
+    name.replace("%2E", ".").replace("%25", "%")
+}
+
+/// Whether `path` (or, when it does not exist yet, its nearest existing ancestor) is on a BPF
+/// filesystem: pinning anywhere else fails with a confusing ENOENT or EPERM.
+fn on_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Some(existing) = path.ancestors().find(|p| p.exists()) else { return false };
+    let Ok(c) = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path and `buf` a properly sized, writable statfs.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut buf) };
+    rc == 0 && buf.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// The XDP links pinned under `root`.
+pub fn attachments(root: &Path) -> Result<Vec<Attachment>, Error> {
+    let dir = root.join(LINKS);
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::Io { path: dir, source: e }),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io(&dir))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(crate::cgroup::LINK_PREFIX) {
+            continue; // an egress link, not an XDP one
+        }
+        let Some((mode, interface)) = name.split_once('-') else { continue };
+        let interface = unescape(interface);
+        let link = PinnedLink::from_pin(&path)
+            .map_err(|e| Error::Link { path: path.clone(), source: Box::new(e) })?;
+        let info = FdLink::from(link)
+            .info()
+            .map_err(|e| Error::Link { path: path.clone(), source: Box::new(e) })?;
+        out.push(Attachment {
+            interface,
+            mode: mode.to_string(),
+            link_id: info.id(),
+            program_id: info.program_id(),
+            pin: path,
+        });
+    }
+    out.sort_by(|a, b| a.interface.cmp(&b.interface));
+    Ok(out)
+}
+
+/// Removes every pin under `root` (links first, which detaches them once no process holds
+/// them open), then the directories; returns what was removed, in order.
+pub fn unload_pinned(root: &Path) -> Result<Vec<PathBuf>, Error> {
+    if !root.exists() {
+        return Err(Error::NotPinned(root.to_path_buf()));
+    }
+    let mut removed = Vec::new();
+    let links = root.join(LINKS);
+    if links.exists() {
+        for entry in fs::read_dir(&links).map_err(io(&links))? {
+            let path = entry.map_err(io(&links))?.path();
+            fs::remove_file(&path).map_err(io(&path))?;
+            removed.push(path);
+        }
+        fs::remove_dir(&links).map_err(io(&links))?;
+        removed.push(links);
+    }
+    let mut rest: Vec<PathBuf> = fs::read_dir(root)
+        .map_err(io(root))?
+        .map(|e| e.map(|e| e.path()).map_err(io(root)))
+        .collect::<Result<_, _>>()?;
+    rest.sort();
+    for path in rest {
+        fs::remove_file(&path).map_err(io(&path))?;
+        removed.push(path);
+    }
+    fs::remove_dir(root).map_err(io(root))?;
+    removed.push(root.to_path_buf());
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_round_trip_through_dot_free_pin_names() {
+        for name in ["eth0", "eth0.100", "a%2Eb", "x-y.z%"] {
+            let e = escape(name);
+            assert!(!e.contains('.'), "{e}");
+            assert_eq!(unescape(&e), name);
+        }
+    }
+}
