@@ -28,7 +28,7 @@
 
 #![no_std]
 
-use core::mem::{offset_of, size_of};
+use core::mem::{align_of, offset_of, size_of};
 
 pub mod conntrack;
 pub mod events;
@@ -233,7 +233,38 @@ pub struct L4Value {
     pub verdict_rule: u32,
     /// Rule id that decided `audit_action`; 0 with [`ACTION_NONE`]. Host order.
     pub audit_rule: u32,
+    /// High 32 bits of the 64-bit precedence rank of `verdict_rule` (lower decides first
+    /// among decisions with the same action; compiler: the policy's ordinal); 0 with
+    /// [`ACTION_NONE`]. The programs look up two L4 entries (the address class's and the
+    /// [`SHARED_CLASS`]'s) and keep, for the verdict and for the audit decision separately,
+    /// the better one: deny before allow, then the lower rank; none loses to anything. The
+    /// rank is split into two `u32`s because the LPM trie's values must not be aligned to
+    /// more than 4 bytes (its 12-byte key data is followed directly by the value). Host order.
+    pub verdict_rank_hi: u32,
+    /// Low 32 bits of the rank of `verdict_rule` (compiler: the rule's index). Host order.
+    pub verdict_rank_lo: u32,
+    /// High 32 bits of the rank of `audit_rule`, as `verdict_rank_hi`. Host order.
+    pub audit_rank_hi: u32,
+    /// Low 32 bits of the rank of `audit_rule`. Host order.
+    pub audit_rank_lo: u32,
 }
+
+impl L4Value {
+    /// The verdict decision's rank, `hi << 32 | lo`.
+    pub const fn verdict_rank(&self) -> u64 {
+        ((self.verdict_rank_hi as u64) << 32) | self.verdict_rank_lo as u64
+    }
+
+    /// The audit decision's rank, `hi << 32 | lo`.
+    pub const fn audit_rank(&self) -> u64 {
+        ((self.audit_rank_hi as u64) << 32) | self.audit_rank_lo as u64
+    }
+}
+
+/// The reserved class id of the shared L4 table: the decisions of the rules whose peers cover
+/// every address of both families. Address classes are never 0, so `(SHARED_CLASS, workload,
+/// L4 word)` keys cannot collide with an address class's entries.
+pub const SHARED_CLASS: u32 = 0;
 
 /// The per-direction configuration (one element of the [`maps::CONFIG`] array).
 #[repr(C)]
@@ -305,7 +336,12 @@ const _: () = {
     assert!(offset_of!(L4LpmKey, class) == 4);
     assert!(offset_of!(L4LpmKey, workload) == 8);
     assert!(offset_of!(L4LpmKey, l4) == 12);
-    assert!(size_of::<L4Value>() == 12);
+    assert!(size_of::<L4Value>() == 28);
+    assert!(align_of::<L4Value>() == 4);
+    assert!(offset_of!(L4Value, verdict_rank_hi) == 12);
+    assert!(offset_of!(L4Value, verdict_rank_lo) == 16);
+    assert!(offset_of!(L4Value, audit_rank_hi) == 20);
+    assert!(offset_of!(L4Value, audit_rank_lo) == 24);
     assert!(offset_of!(L4Value, audit_action) == 1);
     assert!(offset_of!(L4Value, flags) == 2);
     assert!(offset_of!(L4Value, _pad) == 3);
@@ -412,15 +448,19 @@ impl Bytes for L4LpmKey {
 
 impl Bytes for L4Value {
     const SIZE: usize = size_of::<Self>();
-    type Array = [u8; 12];
-    fn to_bytes(&self) -> [u8; 12] {
-        let mut b = [0u8; 12];
+    type Array = [u8; 28];
+    fn to_bytes(&self) -> [u8; 28] {
+        let mut b = [0u8; 28];
         b[0] = self.verdict_action;
         b[1] = self.audit_action;
         b[2] = self.flags;
         b[3] = self._pad;
         b[4..8].copy_from_slice(&self.verdict_rule.to_le_bytes());
         b[8..12].copy_from_slice(&self.audit_rule.to_le_bytes());
+        b[12..16].copy_from_slice(&self.verdict_rank_hi.to_le_bytes());
+        b[16..20].copy_from_slice(&self.verdict_rank_lo.to_le_bytes());
+        b[20..24].copy_from_slice(&self.audit_rank_hi.to_le_bytes());
+        b[24..28].copy_from_slice(&self.audit_rank_lo.to_le_bytes());
         b
     }
     fn from_bytes(b: &[u8]) -> Option<Self> {
@@ -431,6 +471,10 @@ impl Bytes for L4Value {
             _pad: b[3],
             verdict_rule: le_u32(b, 4),
             audit_rule: le_u32(b, 8),
+            verdict_rank_hi: le_u32(b, 12),
+            verdict_rank_lo: le_u32(b, 16),
+            audit_rank_hi: le_u32(b, 20),
+            audit_rank_lo: le_u32(b, 24),
         })
     }
 }
@@ -633,9 +677,20 @@ mod tests {
             _pad: 0,
             verdict_rule: 0x0a0b_0c0d,
             audit_rule: 7,
+            verdict_rank_hi: 0x0102,
+            verdict_rank_lo: 3,
+            audit_rank_hi: 0,
+            audit_rank_lo: 9,
         };
+        assert_eq!((v.verdict_rank(), v.audit_rank()), (0x0102_0000_0003, 9));
         let b = v.to_bytes();
-        assert_eq!(b, [2, 1, 2, 0, 0x0d, 0x0c, 0x0b, 0x0a, 7, 0, 0, 0]);
+        assert_eq!(
+            b,
+            [
+                2, 1, 2, 0, 0x0d, 0x0c, 0x0b, 0x0a, 7, 0, 0, 0, 2, 1, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0,
+                9, 0, 0, 0
+            ]
+        );
         assert_eq!(L4Value::from_bytes(&b), Some(v));
         let k = Ipv6LpmKey {
             prefix_len: 48,

@@ -21,8 +21,12 @@
 //!    order-independent 128-bit fingerprint of its rule ids, `fp(parent) + fp(own)`, which
 //!    interns it and keys its class id (`ids::assign` over the fingerprint), so a class keeps
 //!    its id while its rule set is unchanged. That keeps a class's cost at O(own rules), where
-//!    listing, sorting and hashing every class's full set was quadratic (the rules without an
-//!    address restriction are in every class).
+//!    listing, sorting and hashing every class's full set was quadratic.
+//!    Rules without an address restriction (peers flattening to `0.0.0.0/0` and `::/0`, e.g.
+//!    `any`) do not enter the walk: they would be in every class and multiply its L4 entries
+//!    by the number of classes. They form one more rule set whose entries go to the shared L4
+//!    table (`ClassId::SHARED`, 0), which the data plane consults for every address next to
+//!    the class's table and combines with it by action and rank (`mapstate`, "Lookup").
 //! 3. L4 decisions. A set's decisions over the 32-bit L4 word space (`mapstate::l4_word`) are
 //!    "pieces": disjoint word ranges with a constant (verdict, audit) decision. Own rules are
 //!    swept (range starts and ends as events) into pieces. "First deny, else first allow" is a
@@ -41,10 +45,15 @@
 //!    while they are emitted and the compile stops with FW019 ("at least N") once a direction
 //!    passes its L4 capacity, which bounds memory on oversized or hostile input.
 //!
-//! Cost: sorting the pairs and the events, plus work linear in the output. The output is the
-//! limit: every class carries the entries of the rules without an address restriction, so
-//! with many such rules the L4 table grows as classes x those rules (see
-//! `docs/benchmarks.md`; the ignored `scale_*` tests time smaller shapes).
+//! Cost: sorting the pairs and the events, plus work linear in the output. The rules without
+//! an address restriction are written once (the shared table), not once per class, so the L4
+//! table grows with the classes times the address-scoped rules that overlap in them, not
+//! times every `any` rule (see `docs/benchmarks.md`; the ignored `scale_*` tests time smaller
+//! shapes).
+//!
+//! Ranks. Every rule gets `RuleInfo::rank` (see `ranks` and `mapstate`, "Ranks"), which the
+//! kernel uses to compare a class decision with a shared decision. Inside the compiler the
+//! order is a rule's position in `HostPolicy::rules`; `ranks` orders exactly like it.
 //!
 //! Everything that reaches the output goes through `BTreeMap`s and deterministic sorts; hash
 //! maps are only used as memo tables, never iterated, so the same input gives the same
@@ -1049,6 +1058,15 @@ struct DirectionLpm {
     v6: Vec<((u128, u8), SetIdx)>,
     /// Per rule position: how many prefixes it contributed (for capacity diagnostics).
     contributed: Vec<(u32, usize, usize)>,
+    /// Positions of the rules without an address restriction (peers covering every address of
+    /// both families): they go to the shared L4 table, not into the walk.
+    shared: Vec<u32>,
+}
+
+/// Whether a rule's prefix lists cover every IPv4 and every IPv6 address: `0.0.0.0/0` and
+/// `::/0` (from `any`, or from addresses that flatten to both).
+fn unrestricted(p4: &[(u128, u8)], p6: &[(u128, u8)]) -> bool {
+    p4 == [(0, 0)] && p6 == [(0, 0)]
 }
 
 fn build_direction_lpm(
@@ -1067,6 +1085,7 @@ fn build_direction_lpm(
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     let mut contributed = Vec::new();
+    let mut shared = Vec::new();
     for (pos, rule) in policy.rules.iter().enumerate() {
         if rule.direction != direction {
             continue;
@@ -1075,6 +1094,12 @@ fn build_direction_lpm(
         let p4 = flattener.rule_prefixes(rule, Family::V4);
         let p6 = flattener.rule_prefixes(rule, Family::V6);
         contributed.push((pos, p4.len(), p6.len()));
+        // In every class: kept out of the walk, so the classes (and the tries) only split on
+        // rules with an address restriction, and their decisions are written once.
+        if unrestricted(&p4, &p6) {
+            shared.push(pos);
+            continue;
+        }
         for (list, pairs) in [(p4, &mut v4), (p6, &mut v6)] {
             if list.is_empty() {
                 continue;
@@ -1105,6 +1130,7 @@ fn build_direction_lpm(
         v4: build_lpm(v4, &groups, 32, sets),
         v6: build_lpm(v6, &groups, 128, sets),
         contributed,
+        shared,
     }
 }
 
@@ -1176,8 +1202,31 @@ pub fn compile(policy: &HostPolicy, caps: &Capacities) -> Result<MapState, Vec<D
         let mut prefixes = Vec::new();
         let egress_below = (direction == Direction::Egress).then_some(&below);
         let mut builder = L4Builder::new(policy, &l4_ranges, &sets, egress_below);
-        let mut overflow = false;
+        // The shared table first: class 0 sorts before every address class. It is a rule set
+        // of its own (one derivation step from the empty set), so the workload deltas are
+        // built exactly as for a class.
+        let mut overflow = {
+            let mut shared_sets = RuleSets::new();
+            let fp = lpm
+                .shared
+                .iter()
+                .filter_map(|&pos| policy.rules.get(pos as usize))
+                .fold(Fingerprint::default(), |acc, r| acc.add(Fingerprint::of_rule(r.id.0)));
+            let groups = Groups { members: vec![Arc::from(lpm.shared.as_slice())], fps: vec![fp] };
+            let s = shared_sets.extend(RuleSets::EMPTY, &[0], &groups);
+            let mut shared_builder = L4Builder::new(policy, &l4_ranges, &shared_sets, egress_below);
+            let base = shared_builder.base(&shared_sets, s);
+            shared_builder.emit(&base, ClassId::SHARED, WorkloadId::NONE, &mut prefixes, &mut l4);
+            for (w, better) in shared_builder.workload_list(&shared_sets, s).iter() {
+                let delta = overlay(&base, better, true);
+                shared_builder.emit(&delta, ClassId::SHARED, *w, &mut prefixes, &mut l4);
+            }
+            l4.len() > cap
+        };
         'classes: for &(class, s) in &classes {
+            if overflow {
+                break;
+            }
             let base = builder.base(&sets, s);
             builder.emit(&base, class, WorkloadId::NONE, &mut prefixes, &mut l4);
             if l4.len() > cap {
@@ -1211,10 +1260,12 @@ pub fn compile(policy: &HostPolicy, caps: &Capacities) -> Result<MapState, Vec<D
         });
     }
 
+    let ranks = ranks(policy);
     let rules = policy
         .rules
         .iter()
-        .map(|r| {
+        .zip(ranks)
+        .map(|(r, rank)| {
             let info = RuleInfo {
                 direction: r.direction,
                 policy: r.policy.clone(),
@@ -1225,6 +1276,7 @@ pub fn compile(policy: &HostPolicy, caps: &Capacities) -> Result<MapState, Vec<D
                 log: r.log,
                 location: r.location.clone(),
                 summary: summary(r),
+                rank,
             };
             (r.id, info)
         })
@@ -1257,6 +1309,42 @@ pub fn compile(policy: &HostPolicy, caps: &Capacities) -> Result<MapState, Vec<D
         // Direction::ALL has two elements; this arm only keeps the code free of panics.
         _ => Err(Vec::new()),
     }
+}
+
+/// Per rule position: its precedence rank (`mapstate`, "Ranks"): `policy ordinal << 32 |
+/// index`, the ordinal being the policy's position among the host's policy names (sorted), so
+/// the rank moves only when the rule's own policy changes or a policy before it is added or
+/// removed, never when an unrelated rule is inserted. The kernel compares ranks across the
+/// class and shared tables, so they must order exactly like the positions `HostPolicy::rules`
+/// gives (what the compiler's own `Rank` and the evaluator use): a direction whose rules are
+/// not in strictly increasing (policy, index) order, which `resolve` never produces, gets the
+/// positions themselves instead.
+fn ranks(policy: &HostPolicy) -> Vec<u64> {
+    let mut names: Vec<&str> = policy.rules.iter().map(|r| r.policy.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let ordinal = |name: &str| names.binary_search(&name).unwrap_or(0) as u64;
+    let mut out: Vec<u64> =
+        policy.rules.iter().map(|r| (ordinal(&r.policy) << 32) | u64::from(r.index)).collect();
+    for direction in Direction::ALL {
+        let mut last: Option<u64> = None;
+        let monotonic =
+            policy.rules.iter().zip(&out).filter(|(r, _)| r.direction == direction).all(
+                |(_, &rank)| {
+                    let ok = last.is_none_or(|l| l < rank);
+                    last = Some(rank);
+                    ok
+                },
+            );
+        if !monotonic {
+            for (pos, (r, rank)) in policy.rules.iter().zip(out.iter_mut()).enumerate() {
+                if r.direction == direction {
+                    *rank = pos as u64;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// FW019 for the address tables of one direction. An overflow points at the rule that
@@ -1306,8 +1394,8 @@ fn l4_overflow(direction: Direction, n: usize, cap: usize) -> Diagnostic {
         format!("{} L4 entries: at least {n} entries, capacity {cap}", direction.as_str()),
     )
     .hint(
-        "every address class gets its own L4 entries: fewer distinct address groups with port rules, \
-         or a larger capacity, helps",
+        "every address class gets its own L4 entries for its address-scoped rules: fewer distinct \
+         address groups with port rules, or a larger capacity, helps",
     )
 }
 
@@ -1362,7 +1450,8 @@ fn summary(rule: &ResolvedRule) -> String {
 mod tests {
     use super::*;
     use crate::ast::{Mode, PortRange};
-    use crate::model::{DirectionDefault, HostIdentity, RuleId};
+    use crate::eval;
+    use crate::model::{Decider, DirectionDefault, Flow, HostIdentity, RuleId};
     use crate::source::{Location, Span};
 
     fn rs(v: &[(u128, u128)]) -> RangeSet {
@@ -1589,6 +1678,77 @@ mod tests {
         // Egress has only its root.
         assert_eq!(state.egress.v4.len(), 1);
         assert_eq!(state.egress.v6.len(), 1);
+    }
+
+    #[test]
+    fn rules_without_an_address_restriction_go_only_to_the_shared_table() {
+        let both = vec![net("0.0.0.0/0"), net("::/0")];
+        let policy = host(vec![
+            rule(1, 0, Action::Allow, vec![AddrTerm::Any]),
+            rule(2, 1, Action::Deny, both),
+            rule(3, 2, Action::Allow, vec![net("10.0.0.0/8")]),
+        ]);
+        let state = compile(&policy, &Capacities::default()).unwrap();
+        // Only the scoped rule splits the address space.
+        let v4: Vec<String> = state.ingress.v4.keys().map(|n| n.to_string()).collect();
+        assert_eq!(v4, ["0.0.0.0/0", "10.0.0.0/8"]);
+        let (shared, scoped): (Vec<_>, Vec<_>) =
+            state.ingress.l4.iter().partition(|(k, _)| k.class == ClassId::SHARED);
+        // Rules 1 and 2 cover everything: one shared entry, decided by the deny.
+        assert_eq!(shared.len(), 1);
+        assert_eq!(shared[0].1.verdict, Decision::Deny(RuleId(2)));
+        // The class of 10/8 holds rule 3 alone; no class entry names rule 1 or 2.
+        assert_eq!(scoped.len(), 1);
+        assert_eq!(scoped[0].1.verdict, Decision::Allow(RuleId(3)));
+        assert!(state.ingress.l4.keys().all(|k| k.class == ClassId::SHARED
+            || k.class == state.ingress.v4[&"10.0.0.0/8".parse::<Ipv4Net>().unwrap()]));
+    }
+
+    #[test]
+    fn the_shared_and_class_decisions_compete_by_action_then_rank() {
+        let mut p = vec![
+            // Policy "a" comes first: its allow from anywhere outranks "b"'s scoped allow.
+            rule(10, 0, Action::Allow, vec![AddrTerm::Any]),
+            rule(11, 0, Action::Allow, vec![net("10.0.0.0/8")]),
+            // Policy "b"'s scoped deny beats both allows, whatever its rank.
+            rule(12, 1, Action::Deny, vec![net("10.1.0.0/16")]),
+        ];
+        p[0].policy = "a".into();
+        p[1].policy = "b".into();
+        p[2].policy = "b".into();
+        let policy = host(p);
+        let state = compile(&policy, &Capacities::default()).unwrap();
+        let decide = |addr: &str| {
+            let flow = Flow::new(Direction::Ingress, addr.parse().unwrap(), 6);
+            (state.lookup(&flow).decided_by, eval::evaluate(&policy, &flow).outcome.decided_by)
+        };
+        assert_eq!(decide("10.2.0.1"), (Decider::Rule(RuleId(10)), Decider::Rule(RuleId(10))));
+        assert_eq!(decide("10.1.0.1"), (Decider::Rule(RuleId(12)), Decider::Rule(RuleId(12))));
+        assert_eq!(decide("192.0.2.1"), (Decider::Rule(RuleId(10)), Decider::Rule(RuleId(10))));
+        // Ranks are (policy ordinal, index).
+        assert_eq!(state.rules[&RuleId(10)].rank, 0);
+        assert_eq!(state.rules[&RuleId(12)].rank, (1 << 32) | 1);
+    }
+
+    #[test]
+    fn ranks_do_not_move_when_an_unrelated_rule_is_inserted() {
+        let mk = |extra: bool| {
+            let mut rules = vec![rule(1, 0, Action::Allow, vec![AddrTerm::Any])];
+            if extra {
+                rules.push(rule(5, 1, Action::Deny, vec![net("192.0.2.0/24")]));
+            }
+            let mut r = rule(2, 0, Action::Allow, vec![net("10.0.0.0/8")]);
+            r.policy = "q".into();
+            rules.push(r);
+            host(rules)
+        };
+        let a = ranks(&mk(false));
+        let b = ranks(&mk(true));
+        assert_eq!((a[0], a[1]), (b[0], b[2]));
+        // Out of (policy, index) order: the positions are used instead, still ordered.
+        let mut odd = mk(false);
+        odd.rules.swap(0, 1);
+        assert_eq!(ranks(&odd), [0, 1]);
     }
 
     #[test]

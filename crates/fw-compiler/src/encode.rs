@@ -77,6 +77,12 @@ fn decision_rule(d: Decision) -> Option<RuleId> {
     }
 }
 
+/// A decision's precedence rank (`RuleInfo::rank`); 0 for none, or for a rule the state does
+/// not describe.
+fn decision_rank(state: &MapState, d: Decision) -> u64 {
+    decision_rule(d).and_then(|r| state.rules.get(&r)).map_or(0, |i| i.rank)
+}
+
 /// The `L4Value::flags` of an entry: which of its deciding rules log.
 fn log_flags(state: &MapState, value: &L4Value) -> u8 {
     let logs =
@@ -133,6 +139,8 @@ pub fn encode(state: &MapState) -> Encoded {
                     };
                     let (verdict_action, verdict_rule) = decision_bytes(v.verdict);
                     let (audit_action, audit_rule) = decision_bytes(v.audit);
+                    let verdict_rank = decision_rank(state, v.verdict);
+                    let audit_rank = decision_rank(state, v.audit);
                     let value = fw_common::L4Value {
                         verdict_action,
                         audit_action,
@@ -140,6 +148,10 @@ pub fn encode(state: &MapState) -> Encoded {
                         _pad: 0,
                         verdict_rule,
                         audit_rule,
+                        verdict_rank_hi: (verdict_rank >> 32) as u32,
+                        verdict_rank_lo: verdict_rank as u32,
+                        audit_rank_hi: (audit_rank >> 32) as u32,
+                        audit_rank_lo: audit_rank as u32,
                     };
                     (key.to_bytes().to_vec(), value.to_bytes().to_vec())
                 })
@@ -177,6 +189,8 @@ pub struct DecodedL4 {
     pub value: L4Value,
     /// `FLAG_LOG_VERDICT` | `FLAG_LOG_AUDIT`.
     pub flags: u8,
+    /// The ranks of the verdict and audit decisions (0 for none).
+    pub ranks: (u64, u64),
 }
 
 /// The kernel-relevant tables of one direction.
@@ -206,7 +220,10 @@ impl DecodedMaps {
             l4: m
                 .l4
                 .iter()
-                .map(|(k, v)| (*k, DecodedL4 { value: *v, flags: log_flags(state, v) }))
+                .map(|(k, v)| {
+                    let ranks = (decision_rank(state, v.verdict), decision_rank(state, v.audit));
+                    (*k, DecodedL4 { value: *v, flags: log_flags(state, v), ranks })
+                })
                 .collect(),
         };
         Self {
@@ -236,6 +253,8 @@ pub enum DecodeError {
     DecisionRule { map: &'static str, action: u8, rule: u32 },
     #[error("map {map}: unknown flag bits {flags:#x}")]
     Flags { map: &'static str, flags: u8 },
+    #[error("map {map}: a decision without a rule has rank {rank}, not 0")]
+    NoneRank { map: &'static str, rank: u64 },
     #[error("map {map}: padding is not zero")]
     Padding { map: &'static str },
     #[error("map {map}: id 0 where a class or workload id is required")]
@@ -349,10 +368,8 @@ fn decode_direction(
         if bits & !mask != 0 {
             return Err(DecodeError::HostBits { map: nl4 });
         }
+        // Class 0 is the shared table (`ClassId::SHARED`), so any class id is valid here.
         let class = u32::from_be_bytes(key.class);
-        if class == 0 {
-            return Err(DecodeError::ZeroId { map: nl4 });
-        }
         let value: fw_common::L4Value = parse(nl4, v, false)?;
         if value._pad != 0 {
             return Err(DecodeError::Padding { map: nl4 });
@@ -370,7 +387,15 @@ fn decode_direction(
             verdict: decision(nl4, value.verdict_action, value.verdict_rule)?,
             audit: decision(nl4, value.audit_action, value.audit_rule)?,
         };
-        insert(nl4, &mut l4, typed_key, DecodedL4 { value: typed, flags: value.flags })?;
+        for (action, rank) in
+            [(value.verdict_action, value.verdict_rank()), (value.audit_action, value.audit_rank())]
+        {
+            if action == ACTION_NONE && rank != 0 {
+                return Err(DecodeError::NoneRank { map: nl4, rank });
+            }
+        }
+        let ranks = (value.verdict_rank(), value.audit_rank());
+        insert(nl4, &mut l4, typed_key, DecodedL4 { value: typed, flags: value.flags, ranks })?;
     }
     Ok(DecodedDirection { defaults, v4, v6, l4 })
 }
@@ -447,6 +472,11 @@ mod tests {
             },
             L4Value { verdict: Decision::Allow(RuleId(7)), audit: Decision::Deny(RuleId(8)) },
         );
+        // The shared table (class 0).
+        l4.insert(
+            L4Key { class: ClassId::SHARED, workload: WorkloadId(0), prefix_len: 8, bits: 1 << 24 },
+            L4Value { verdict: Decision::None, audit: Decision::Deny(RuleId(8)) },
+        );
         let dir = DirectionMaps {
             defaults: Defaults { verdict: Action::Deny, audit: Action::Deny },
             v4,
@@ -466,6 +496,7 @@ mod tests {
                 log: true,
                 location: Location { file: "p.yaml".into(), line: 1, column: 1 },
                 summary: String::new(),
+                rank: (1 << 32) | 2,
             },
         );
         let mut workloads = BTreeMap::new();
@@ -490,11 +521,77 @@ mod tests {
         let l4 = enc.get(maps::INGRESS_L4).unwrap();
         assert_eq!(
             l4,
-            &vec![(
-                vec![96, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 6, 0, 1, 0xbb],
-                // allow by 7, audit deny by 8 which logs.
-                vec![ACTION_ALLOW, ACTION_DENY, FLAG_LOG_AUDIT, 0, 7, 0, 0, 0, 8, 0, 0, 0],
-            )]
+            &vec![
+                (
+                    // Shared table: class 0, icmp.
+                    vec![72, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+                    // no verdict, audit deny by 8 (rank 1 << 32 | 2) which logs.
+                    vec![
+                        ACTION_NONE,
+                        ACTION_DENY,
+                        FLAG_LOG_AUDIT,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        8,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        1,
+                        0,
+                        0,
+                        0,
+                        2,
+                        0,
+                        0,
+                        0
+                    ],
+                ),
+                (
+                    vec![96, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 6, 0, 1, 0xbb],
+                    // allow by 7 (not described: rank 0), audit deny by 8 which logs.
+                    vec![
+                        ACTION_ALLOW,
+                        ACTION_DENY,
+                        FLAG_LOG_AUDIT,
+                        0,
+                        7,
+                        0,
+                        0,
+                        0,
+                        8,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        1,
+                        0,
+                        0,
+                        0,
+                        2,
+                        0,
+                        0,
+                        0
+                    ],
+                )
+            ]
         );
         let config = enc.get(maps::CONFIG).unwrap();
         assert_eq!(
@@ -545,6 +642,11 @@ mod tests {
         assert_eq!(
             with(maps::INGRESS_L4, &|e| e[0].1[3] = 1),
             Err(DecodeError::Padding { map: maps::INGRESS_L4 })
+        );
+        // The shared entry's verdict is none: its rank must be 0.
+        assert_eq!(
+            with(maps::INGRESS_L4, &|e| e[0].1[16] = 5),
+            Err(DecodeError::NoneRank { map: maps::INGRESS_L4, rank: 5 })
         );
         assert_eq!(
             with(maps::INGRESS_L4, &|e| e[0].0[0] = 63),

@@ -3,7 +3,8 @@
 //! This is deliberately written the way the data plane works, not the way the evaluator
 //! thinks: longest-prefix match is a probe of every prefix length from the longest down (as an
 //! LPM trie answers it), the workload is found by walking the process's cgroup path from the
-//! deepest ancestor up, and the decision comes from one L4 entry. It shares nothing with
+//! deepest ancestor up, and the decision comes from two L4 entries (the address class's and
+//! the shared table's), combined by action and rank as the kernel combines them. It shares nothing with
 //! `eval` except `model::always_allowed`, which is protocol necessity rather than policy, so a
 //! differential test between the two checks the compiler and this precedence, not a common
 //! helper. The precedence is the one documented at the top of `mapstate`.
@@ -54,20 +55,43 @@ impl MapState {
             _ => WorkloadId::NONE,
         };
 
-        // 4. The L4 entry: (class, workload) first, then (class, 0).
+        // 4. Two L4 entries, each (table, workload) first, then (table, 0): the address
+        // class's table and the shared table (rules without an address restriction). The
+        // shared table is consulted even when the address has no class.
         let word = match flow.proto {
             1 | 58 => l4_word(flow.proto, flow.icmp_type.map(u16::from)),
             _ => l4_word(flow.proto, flow.port),
         };
-        let entry = class.and_then(|class| {
-            let probe = |workload: WorkloadId| l4_longest(maps, class, workload, word);
-            probe(workload).or_else(|| {
-                if workload == WorkloadId::NONE { None } else { probe(WorkloadId::NONE) }
-            })
-        });
-        let value = entry.unwrap_or(L4Value { verdict: Decision::None, audit: Decision::None });
+        let entry_of =
+            |table: ClassId| {
+                let probe = |workload: WorkloadId| l4_longest(maps, table, workload, word);
+                probe(workload)
+                    .or_else(|| {
+                        if workload == WorkloadId::NONE { None } else { probe(WorkloadId::NONE) }
+                    })
+                    .unwrap_or(L4Value { verdict: Decision::None, audit: Decision::None })
+            };
+        let none = L4Value { verdict: Decision::None, audit: Decision::None };
+        let scoped = class.map_or(none, entry_of);
+        let shared = entry_of(ClassId::SHARED);
 
-        // 5. Verdict, then audit.
+        // 5. Combine, verdict and audit separately: deny beats allow, then the lower rank;
+        // none loses to anything.
+        let better = |a: Decision, b: Decision| {
+            let key = |d: Decision| match d {
+                Decision::Deny(r) => (0u8, self.rules.get(&r).map_or(0, |i| i.rank)),
+                Decision::Allow(r) => (1, self.rules.get(&r).map_or(0, |i| i.rank)),
+                Decision::None => (2, 0),
+            };
+            // Ties (the same rule in both tables cannot happen) keep the class's decision.
+            if key(b) < key(a) { b } else { a }
+        };
+        let value = L4Value {
+            verdict: better(scoped.verdict, shared.verdict),
+            audit: better(scoped.audit, shared.audit),
+        };
+
+        // 6. Verdict, then audit.
         let (verdict, decided_by) = match value.verdict {
             Decision::Deny(rule) => (Action::Deny, Decider::Rule(rule)),
             Decision::Allow(rule) => (Action::Allow, Decider::Rule(rule)),

@@ -12,11 +12,30 @@
 //!    address class (a `/0` entry is always present, so every address has a class);
 //! 3. egress only: the process's cgroup and its ancestors are looked up in `workloads`,
 //!    deepest first; the first hit is the workload class, none is 0;
-//! 4. (class, workload, l4 bits) is looked up in the L4 table (longest prefix over the l4
-//!    bits); on a miss with a non-zero workload, (class, 0, l4 bits) is tried;
-//! 5. the entry's `verdict` decision gives allow or deny; none gives the direction's default;
-//!    if the result is allow and the entry's `audit` decision (or, when it is none, the audit
+//! 4. two L4 entries are looked up (longest prefix over the L4 bits each): the class's,
+//!    (class, workload, l4 bits), and the shared table's, ([`ClassId::SHARED`], workload, l4
+//!    bits); each, on a miss with a non-zero workload, tries workload 0 instead. The class
+//!    table holds the decisions of the rules with an address restriction that match the
+//!    class; the shared table those of the rules whose peers cover every address of both
+//!    families (`any`, or `0.0.0.0/0` with `::/0`), which would otherwise be repeated in
+//!    every class. A miss is an entry with no decisions;
+//! 5. the two entries are combined, for `verdict` and for `audit` separately: deny beats
+//!    allow, between two decisions with the same action the lower [`RuleInfo::rank`] wins,
+//!    and none loses to anything (the rules of both tables are then ranked "first deny in
+//!    (policy name, rule index) order, else first allow", as within one table);
+//! 6. the combined `verdict` decision gives allow or deny; none gives the direction's default;
+//!    if the result is allow and the combined `audit` decision (or, when it is none, the audit
 //!    default) is deny, the outcome is audit-deny.
+//!
+//! Ranks. A rank only has to order two rules that can decide the same packet, but it must not
+//! shift when an unrelated rule is inserted, or a one-rule edit would rewrite every L4 entry
+//! after it. The compiler uses `policy ordinal << 32 | rule index`, where the ordinal is the
+//! policy's position among the host's policy names (sorted) and the index the rule's position
+//! in its policy's direction list: editing a policy's rules changes only that policy's ranks,
+//! and only adding or removing a whole policy shifts the ranks of the policies after it (the
+//! loader then rewrites the entries naming their rules). Should the host's rules not be in
+//! (policy, index) order (a hand-built `HostPolicy`), the rank of a direction falls back to
+//! the rule's position in `HostPolicy::rules`, which is always correct but not stable.
 
 use std::collections::BTreeMap;
 
@@ -33,6 +52,13 @@ use crate::source::Location;
 )]
 #[serde(transparent)]
 pub struct ClassId(pub u32);
+
+impl ClassId {
+    /// The shared L4 table: decisions of the rules without an address restriction, consulted
+    /// for every address (step 4 above). Never the id of an address class (those are never
+    /// 0); never a value of the LPM tables.
+    pub const SHARED: ClassId = ClassId(0);
+}
 
 /// A workload class: one `workloads` cgroup path. 0 is "no workload path matched".
 #[derive(
@@ -83,7 +109,7 @@ pub enum Decision {
     Deny(RuleId),
 }
 
-/// The value of an L4 entry.
+/// The value of an L4 entry. Its decisions' ranks are their rules' [`RuleInfo::rank`].
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
@@ -129,6 +155,11 @@ pub struct RuleInfo {
     pub location: Location,
     /// A one-line description: "allow tcp/443 from 0.0.0.0/0".
     pub summary: String,
+    /// Precedence among the rules of the direction (see "Ranks" above): between two
+    /// decisions with the same action, the lower rank wins. Absent in states saved before
+    /// ranks existed (read as 0).
+    #[serde(default)]
+    pub rank: u64,
 }
 
 /// Each map's capacity in entries. The compiler rejects a policy set that does not fit.

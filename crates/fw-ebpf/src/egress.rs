@@ -13,8 +13,10 @@
 //! program, for the egress tables: loopback destinations always pass; the destination's class
 //! comes from the egress v4/v6 trie of the generation read once; the workload class from the
 //! caller's cgroup and its ancestors, deepest first, in that generation's workload table; the
-//! L4 entry for (class, workload, L4 word), falling back to (class, 0, L4 word) when a
-//! non-zero workload has no entry; then verdict, default and audit exactly as on ingress.
+//! L4 entries for (class, workload, L4 word) and (shared table, workload, L4 word), each
+//! falling back to workload 0 when a non-zero workload has no entry, combined by `combine`
+//! (deny beats allow, then the lower rank); then verdict, default and audit exactly as on
+//! ingress.
 //!
 //! Protocol. The hook sees a socket, not a packet: `SOCK_STREAM` is TCP, `SOCK_DGRAM` UDP.
 //! ICMP is not decided here: raw sockets (`ping` as root) run no sock_addr hook when sending,
@@ -44,7 +46,7 @@ use aya_ebpf::macros::cgroup_sock_addr;
 use aya_ebpf::programs::SockAddrContext;
 use fw_common::events::Event;
 use fw_common::{
-    ACTION_ALLOW, ACTION_DENY, ACTION_NONE, CONFIG_EGRESS, DIRECTION_EGRESS, L4_KEY_FIXED_BITS,
+    ACTION_ALLOW, ACTION_DENY, ACTION_NONE, CONFIG_EGRESS, DIRECTION_EGRESS, SHARED_CLASS,
     STAT_ALWAYS_LOOPBACK, STAT_AUDIT_DEFAULT_DENY, STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW,
     STAT_DEFAULT_DENY, STAT_INTERNAL_ERROR, WorkloadKey, stat_index,
 };
@@ -52,8 +54,8 @@ use fw_common::{
 use crate::events;
 use crate::parse::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use crate::{
-    FW_CONFIG, FW_EG_L4, FW_EG_V4, FW_EG_V6, FW_GEN, FW_STATS, FW_WORKLOADS, InternalError,
-    Outcome, add, count_rule, is_deny, l4_word,
+    Combined, FW_CONFIG, FW_EG_L4, FW_EG_V4, FW_EG_V6, FW_GEN, FW_STATS, FW_WORKLOADS,
+    InternalError, NO_DECISIONS, Outcome, add, combine, count_rule, is_deny, l4_entry, l4_word,
 };
 
 /// Return value of a cgroup sock_addr program that lets the call proceed.
@@ -279,48 +281,33 @@ fn workload(generation: u32, cgroups: &Cgroups) -> Result<u32, InternalError> {
     Ok(0)
 }
 
-/// Steps 2 to 5 of the precedence for an egress call (step 1, loopback, is done).
+/// Steps 2 to 6 of the precedence for an egress call (step 1, loopback, is done).
 #[inline(always)]
 fn decide(dest: &Dest, cgroups: &Cgroups) -> Result<Outcome, InternalError> {
     let generation = FW_GEN.get(0).ok_or(InternalError)?.index;
-    // Step 2: the destination's class.
-    let class = if dest.v6 {
+    // Step 2: the destination's class, as (found, class) for the verifier (see main.rs).
+    let (has_class, class) = if dest.v6 {
         let trie = FW_EG_V6.get(generation).ok_or(InternalError)?;
-        trie.get(&Key::new(128, dest.addr)).map(|c| c.class)
+        trie.get(&Key::new(128, dest.addr)).map_or((false, 0), |c| (true, c.class))
     } else {
         let trie = FW_EG_V4.get(generation).ok_or(InternalError)?;
         let a = [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]];
-        trie.get(&Key::new(32, a)).map(|c| c.class)
+        trie.get(&Key::new(32, a)).map_or((false, 0), |c| (true, c.class))
     };
     // Step 3: the workload class.
     let workload = workload(generation, cgroups)?;
-    // Step 4: (class, workload, L4), then (class, 0, L4).
+    // Step 4: two entries, each (table, workload, L4) then (table, 0, L4): the class's table
+    // and the shared table (rules without an address restriction, class SHARED_CLASS),
+    // consulted even without a class.
     let l4_trie = FW_EG_L4.get(generation).ok_or(InternalError)?;
     let word = dest.l4.to_be_bytes();
-    let entry = match class {
-        Some(class) => {
-            let c = class.to_be_bytes();
-            let w = workload.to_be_bytes();
-            let data = [
-                c[0], c[1], c[2], c[3], w[0], w[1], w[2], w[3], word[0], word[1], word[2], word[3],
-            ];
-            match l4_trie.get(&Key::new(L4_KEY_FIXED_BITS + 32, data)) {
-                Some(v) => Some(v),
-                None if workload != 0 => {
-                    let data =
-                        [c[0], c[1], c[2], c[3], 0, 0, 0, 0, word[0], word[1], word[2], word[3]];
-                    l4_trie.get(&Key::new(L4_KEY_FIXED_BITS + 32, data))
-                }
-                None => None,
-            }
-        }
-        None => None,
-    };
-    let (verdict_action, verdict_rule, audit_action, audit_rule, flags) = match entry {
-        Some(v) => (v.verdict_action, v.verdict_rule, v.audit_action, v.audit_rule, v.flags),
-        None => (ACTION_NONE, 0, ACTION_NONE, 0, 0),
-    };
-    // Step 5.
+    let scoped = if has_class { l4_entry(l4_trie, class, workload, word) } else { NO_DECISIONS };
+    let shared = l4_entry(l4_trie, SHARED_CLASS, workload, word);
+    // Step 5: the better decision of the two (deny beats allow, then the lower rank, none
+    // loses), for the verdict and for audit separately.
+    let Combined { verdict_action, verdict_rule, audit_action, audit_rule, flags } =
+        combine(&scoped, &shared)?;
+    // Step 6.
     let config =
         FW_CONFIG.get(generation).ok_or(InternalError)?.get(CONFIG_EGRESS).ok_or(InternalError)?;
     let (deny, verdict_rule) = match verdict_action {

@@ -36,11 +36,11 @@ use aya_ebpf::macros::{btf_map, xdp};
 use aya_ebpf::programs::XdpContext;
 use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, ActiveGeneration, CONFIG_ENTRIES, CONFIG_INGRESS,
-    ClassValue, Counters, DIRECTION_INGRESS, DirectionConfig, GENERATIONS, L4_KEY_FIXED_BITS,
-    L4Value, STAT_ALWAYS_ARP, STAT_ALWAYS_LOOPBACK, STAT_ALWAYS_ND, STAT_ALWAYS_RELATED,
-    STAT_ALWAYS_REPLY, STAT_AUDIT_DEFAULT_DENY, STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW,
-    STAT_DEFAULT_DENY, STAT_INTERNAL_ERROR, STAT_MALFORMED, STAT_NOT_IP, STATS_ENTRIES,
-    WorkloadKey, WorkloadValue, stat_index,
+    ClassValue, Counters, DIRECTION_INGRESS, DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT,
+    GENERATIONS, L4_KEY_FIXED_BITS, L4Value, SHARED_CLASS, STAT_ALWAYS_ARP, STAT_ALWAYS_LOOPBACK,
+    STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY, STAT_AUDIT_DEFAULT_DENY,
+    STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_INTERNAL_ERROR, STAT_MALFORMED,
+    STAT_NOT_IP, STATS_ENTRIES, WorkloadKey, WorkloadValue, stat_index,
 };
 
 use crate::parse::{Frame, IpPacket, PROTO_ICMP, PROTO_ICMPV6};
@@ -70,14 +70,15 @@ static FW_IN_V6: ArrayOfMaps<
     GENERATION_SLOTS,
 > = ArrayOfMaps::new();
 
+/// An L4 trie (inner map): (class, workload, L4 word prefix) -> decisions.
+type L4Trie = LpmTrie<[u8; 12], L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>;
+
 /// (class, workload, L4 word prefix) -> decisions, ingress. The 12 data bytes are class,
 /// workload and L4 word, each big-endian (`fw_common::L4LpmKey` without its prefix length).
+/// Class `SHARED_CLASS` (0) is the shared table: the rules without an address restriction.
 /// Generational.
 #[btf_map]
-static FW_IN_L4: ArrayOfMaps<
-    LpmTrie<[u8; 12], L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>,
-    GENERATION_SLOTS,
-> = ArrayOfMaps::new();
+static FW_IN_L4: ArrayOfMaps<L4Trie, GENERATION_SLOTS> = ArrayOfMaps::new();
 
 /// Destination address -> address class, IPv4, egress. Generational. Read by `egress`.
 #[btf_map]
@@ -93,12 +94,10 @@ static FW_EG_V6: ArrayOfMaps<
     GENERATION_SLOTS,
 > = ArrayOfMaps::new();
 
-/// (class, workload, L4 word prefix) -> decisions, egress. Generational. Read by `egress`.
+/// (class, workload, L4 word prefix) -> decisions, egress; class 0 is the shared table, as for
+/// `FW_IN_L4`. Generational. Read by `egress`.
 #[btf_map]
-static FW_EG_L4: ArrayOfMaps<
-    LpmTrie<[u8; 12], L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>,
-    GENERATION_SLOTS,
-> = ArrayOfMaps::new();
+static FW_EG_L4: ArrayOfMaps<L4Trie, GENERATION_SLOTS> = ArrayOfMaps::new();
 
 /// Per-direction defaults, indexed by `CONFIG_INGRESS` / `CONFIG_EGRESS`. Generational: the
 /// defaults change with the policy, so they flip with the tables they belong to.
@@ -267,7 +266,7 @@ struct Outcome {
     flags: u8,
 }
 
-/// Steps 2 to 5 of the precedence for an ingress packet.
+/// Steps 2 to 6 of the precedence for an ingress packet.
 #[inline(always)]
 fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
     // ------------------------------------------------------------------------------------
@@ -278,42 +277,42 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
     //     address's longest prefix in the v4/v6 trie gives the address class. The compiler
     //     always puts a /0 there; on a miss anyway there is no class and step 4 finds nothing.
     //  3. Egress only (the workload class). Ingress always uses workload 0.
-    //  4. (class, 0, L4 word): longest prefix over the L4 word in the L4 trie gives the
-    //     entry; a miss is an entry with no decisions.
-    //  5. Verdict: the entry's verdict action deny -> DENY (final), allow -> ALLOW, none ->
-    //     the direction's default. If the verdict is allow and the entry's audit action is
+    //  4. Two entries, longest prefix over the L4 word in the L4 trie each: (class, 0, L4
+    //     word), the address class's table, and (SHARED_CLASS, 0, L4 word), the shared table
+    //     of the rules without an address restriction (consulted even without a class). A
+    //     miss is an entry with no decisions.
+    //  5. Combine them (`combine`), verdict and audit separately: deny beats allow, then the
+    //     lower rank; none loses to anything.
+    //  6. Verdict: the combined verdict action deny -> DENY (final), allow -> ALLOW, none ->
+    //     the direction's default. If the verdict is allow and the combined audit action is
     //     deny (none -> the audit default decides), the outcome is AUDIT-DENY: the packet
     //     passes and is counted as what audit-mode policies would have denied.
     // ------------------------------------------------------------------------------------
 
     // Step 2.
     let generation = FW_GEN.get(0).ok_or(InternalError)?.index;
-    let class = if ip.v6 {
+    // (found, class) rather than an `Option`: a `None`'s undefined payload can end up spilled
+    // to the stack, which the verifier rejects as a read of an uninitialised register.
+    let (has_class, class) = if ip.v6 {
         let trie = FW_IN_V6.get(generation).ok_or(InternalError)?;
-        trie.get(&Key::new(128, ip.src)).map(|c| c.class)
+        trie.get(&Key::new(128, ip.src)).map_or((false, 0), |c| (true, c.class))
     } else {
         let trie = FW_IN_V4.get(generation).ok_or(InternalError)?;
         let addr = [ip.src[0], ip.src[1], ip.src[2], ip.src[3]];
-        trie.get(&Key::new(32, addr)).map(|c| c.class)
+        trie.get(&Key::new(32, addr)).map_or((false, 0), |c| (true, c.class))
     };
 
-    // Step 4 (step 3: ingress has no workload, so the key's workload is 0).
+    // Step 4 (step 3: ingress has no workload, so the keys' workload is 0): the class's
+    // entry and the shared table's entry.
     let l4_trie = FW_IN_L4.get(generation).ok_or(InternalError)?;
     let word = l4_word(ip.proto, ip.port).to_be_bytes();
-    let entry = match class {
-        Some(class) => {
-            let c = class.to_be_bytes();
-            let data = [c[0], c[1], c[2], c[3], 0, 0, 0, 0, word[0], word[1], word[2], word[3]];
-            l4_trie.get(&Key::new(L4_KEY_FIXED_BITS + 32, data))
-        }
-        None => None,
-    };
-    let (verdict_action, verdict_rule, audit_action, audit_rule, flags) = match entry {
-        Some(v) => (v.verdict_action, v.verdict_rule, v.audit_action, v.audit_rule, v.flags),
-        None => (ACTION_NONE, 0, ACTION_NONE, 0, 0),
-    };
+    let scoped = if has_class { l4_entry(l4_trie, class, 0, word) } else { NO_DECISIONS };
+    let shared = l4_entry(l4_trie, SHARED_CLASS, 0, word);
+    // Step 5: the better decision of the two, for the verdict and for audit.
+    let Combined { verdict_action, verdict_rule, audit_action, audit_rule, flags } =
+        combine(&scoped, &shared)?;
 
-    // Step 5.
+    // Step 6.
     let config =
         FW_CONFIG.get(generation).ok_or(InternalError)?.get(CONFIG_INGRESS).ok_or(InternalError)?;
     let (deny, verdict_rule) = match verdict_action {
@@ -332,6 +331,113 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
         _ => return Err(InternalError),
     };
     Ok(Outcome { deny, verdict_rule, audit_deny, flags })
+}
+
+/// An L4 value with no decisions (every field 0): what a miss means.
+pub(crate) const NO_DECISIONS: L4Value = L4Value {
+    verdict_action: ACTION_NONE,
+    audit_action: ACTION_NONE,
+    flags: 0,
+    _pad: 0,
+    verdict_rule: 0,
+    audit_rule: 0,
+    verdict_rank_hi: 0,
+    verdict_rank_lo: 0,
+    audit_rank_hi: 0,
+    audit_rank_lo: 0,
+};
+
+/// The L4 entry of (`table`, `workload`, `word`), falling back to (`table`, 0, `word`) on a
+/// miss with a non-zero workload; [`NO_DECISIONS`] on a miss. `table` is an address class or
+/// `SHARED_CLASS`. A plain value rather than an `Option`, for the verifier (see `decide`).
+#[inline(always)]
+pub(crate) fn l4_entry(trie: &L4Trie, table: u32, workload: u32, word: [u8; 4]) -> L4Value {
+    let c = table.to_be_bytes();
+    let w = workload.to_be_bytes();
+    let data = [c[0], c[1], c[2], c[3], w[0], w[1], w[2], w[3], word[0], word[1], word[2], word[3]];
+    if let Some(v) = trie.get(&Key::new(L4_KEY_FIXED_BITS + 32, data)) {
+        return *v;
+    }
+    if workload == 0 {
+        return NO_DECISIONS;
+    }
+    let data = [c[0], c[1], c[2], c[3], 0, 0, 0, 0, word[0], word[1], word[2], word[3]];
+    trie.get(&Key::new(L4_KEY_FIXED_BITS + 32, data)).copied().unwrap_or(NO_DECISIONS)
+}
+
+/// One decision of an L4 entry (its verdict or its audit half), as `combine` compares it.
+#[derive(Clone, Copy)]
+struct Pick {
+    action: u8,
+    rule: u32,
+    rank: u64,
+    /// The deciding rule logs.
+    log: bool,
+}
+
+/// The combined decisions of the class entry and the shared entry.
+pub(crate) struct Combined {
+    pub(crate) verdict_action: u8,
+    pub(crate) verdict_rule: u32,
+    pub(crate) audit_action: u8,
+    pub(crate) audit_rule: u32,
+    /// `FLAG_LOG_VERDICT` / `FLAG_LOG_AUDIT` of the decisions that won.
+    pub(crate) flags: u8,
+}
+
+/// Orders action bytes: deny (0) before allow (1) before none (2); anything else is a broken
+/// entry.
+#[inline(always)]
+fn action_order(action: u8) -> Result<u8, InternalError> {
+    match action {
+        ACTION_DENY => Ok(0),
+        ACTION_ALLOW => Ok(1),
+        ACTION_NONE => Ok(2),
+        _ => Err(InternalError),
+    }
+}
+
+/// The better of two decisions (fw-compiler's mapstate.rs, "Lookup" step 5): deny beats
+/// allow; with the same action the lower rank wins ("first in (policy, index) order"); none
+/// loses to anything. On a tie (not produced by the compiler) the class's decision `a` stays.
+#[inline(always)]
+fn better(a: Pick, b: Pick) -> Result<Pick, InternalError> {
+    let (oa, ob) = (action_order(a.action)?, action_order(b.action)?);
+    Ok(if ob < oa || (ob == oa && b.rank < a.rank) { b } else { a })
+}
+
+/// Combines the address class's entry and the shared table's entry (a miss is
+/// [`NO_DECISIONS`]), verdict and audit separately.
+#[inline(always)]
+pub(crate) fn combine(scoped: &L4Value, shared: &L4Value) -> Result<Combined, InternalError> {
+    let verdict = |v: &L4Value| Pick {
+        action: v.verdict_action,
+        rule: v.verdict_rule,
+        rank: v.verdict_rank(),
+        log: v.flags & FLAG_LOG_VERDICT != 0,
+    };
+    let audit = |v: &L4Value| Pick {
+        action: v.audit_action,
+        rule: v.audit_rule,
+        rank: v.audit_rank(),
+        log: v.flags & FLAG_LOG_AUDIT != 0,
+    };
+    let v = better(verdict(scoped), verdict(shared))?;
+    let a = better(audit(scoped), audit(shared))?;
+    let mut flags = 0;
+    if v.log {
+        flags |= FLAG_LOG_VERDICT;
+    }
+    if a.log {
+        flags |= FLAG_LOG_AUDIT;
+    }
+    Ok(Combined {
+        verdict_action: v.action,
+        verdict_rule: v.rule,
+        audit_action: a.action,
+        audit_rule: a.rule,
+        flags,
+    })
 }
 
 /// A default's action byte: deny, allow, or (anything else) a broken config.

@@ -650,6 +650,7 @@ mod tests {
                 column: 7,
             },
             summary: String::new(),
+            rank: 0,
         };
         let rules = [(fw_compiler::model::RuleId(7), rule)].into();
         let offset = 1_795_705_200i128 * 1_000_000_000 - 5_000_000_000;
