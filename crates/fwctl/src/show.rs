@@ -147,10 +147,17 @@ fn direction_table(out: &mut String, state: &MapState, dir: Direction, maps: &Di
     }
     let _ = writeln!(out, "  (class, workload, l4 prefix) -> decision:");
     for (key, value) in &maps.l4 {
+        // Class 0 is the shared table (rules without an address restriction), consulted for
+        // every address next to the address's class.
+        let class = if key.class == fw_compiler::mapstate::ClassId::SHARED {
+            "shared".to_string()
+        } else {
+            key.class.0.to_string()
+        };
         let _ = writeln!(
             out,
             "    {:>10} {:>6} {}  {}  audit: {}",
-            key.class.0,
+            class,
             key.workload.0,
             l4_prefix(key.bits, key.prefix_len),
             decision(state, value.verdict),
