@@ -54,8 +54,8 @@ use fw_common::{
 use crate::events;
 use crate::parse::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use crate::{
-    Combined, FW_CONFIG, FW_EG_L4, FW_EG_V4, FW_EG_V6, FW_GEN, FW_STATS, FW_WORKLOADS,
-    InternalError, NO_DECISIONS, Outcome, add, combine, count_rule, is_deny, l4_entry, l4_word,
+    FW_CONFIG, FW_EG_L4, FW_EG_V4, FW_EG_V6, FW_GEN, FW_STATS, FW_WORKLOADS,
+    InternalError, NO_DECISIONS, Outcome, add, combine, count_rule, is_deny, l4_entry, l4_word, outcome,
 };
 
 /// Return value of a cgroup sock_addr program that lets the call proceed.
@@ -305,27 +305,11 @@ fn decide(dest: &Dest, cgroups: &Cgroups) -> Result<Outcome, InternalError> {
     let shared = l4_entry(l4_trie, SHARED_CLASS, workload, word);
     // Step 5: the better decision of the two (deny beats allow, then the lower rank, none
     // loses), for the verdict and for audit separately.
-    let Combined { verdict_action, verdict_rule, audit_action, audit_rule, flags } =
-        combine(&scoped, &shared)?;
+    let combined = combine(&scoped, &shared)?;
     // Step 6.
     let config =
         FW_CONFIG.get(generation).ok_or(InternalError)?.get(CONFIG_EGRESS).ok_or(InternalError)?;
-    let (deny, verdict_rule) = match verdict_action {
-        ACTION_DENY => (true, verdict_rule),
-        ACTION_ALLOW => (false, verdict_rule),
-        ACTION_NONE => (is_deny(config.verdict_default)?, 0),
-        _ => return Err(InternalError),
-    };
-    if deny {
-        return Ok(Outcome { deny, verdict_rule, audit_deny: None, flags });
-    }
-    let audit_deny = match audit_action {
-        ACTION_DENY => Some(audit_rule),
-        ACTION_ALLOW => None,
-        ACTION_NONE => is_deny(config.audit_default)?.then_some(0),
-        _ => return Err(InternalError),
-    };
-    Ok(Outcome { deny, verdict_rule, audit_deny, flags })
+    outcome(combined, config)
 }
 
 /// Emits the event of a logged egress decision. The local address and port are not chosen yet

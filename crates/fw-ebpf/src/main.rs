@@ -254,7 +254,7 @@ fn is_icmp_error(ip: &IpPacket) -> bool {
 }
 
 /// The result of the policy lookup for one packet.
-struct Outcome {
+pub(crate) struct Outcome {
     /// The verdict is deny (else allow).
     deny: bool,
     /// The rule that decided the verdict; 0 = the direction's default.
@@ -309,12 +309,20 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
     let scoped = if has_class { l4_entry(l4_trie, class, 0, word) } else { NO_DECISIONS };
     let shared = l4_entry(l4_trie, SHARED_CLASS, 0, word);
     // Step 5: the better decision of the two, for the verdict and for audit.
-    let Combined { verdict_action, verdict_rule, audit_action, audit_rule, flags } =
-        combine(&scoped, &shared)?;
+    let combined = combine(&scoped, &shared)?;
 
     // Step 6.
     let config =
         FW_CONFIG.get(generation).ok_or(InternalError)?.get(CONFIG_INGRESS).ok_or(InternalError)?;
+    outcome(combined, config)
+}
+
+/// Step 6 of the precedence, for either direction: a decision gives allow or deny, none gives
+/// the direction's default; an allow whose audit decision (or, when none, the audit default)
+/// is deny is an audit-deny.
+#[inline(always)]
+pub(crate) fn outcome(c: Combined, config: &DirectionConfig) -> Result<Outcome, InternalError> {
+    let Combined { verdict_action, verdict_rule, audit_action, audit_rule, flags } = c;
     let (deny, verdict_rule) = match verdict_action {
         ACTION_DENY => (true, verdict_rule),
         ACTION_ALLOW => (false, verdict_rule),
