@@ -23,6 +23,7 @@
 
 mod cgroup;
 mod error;
+mod flood;
 mod netns;
 mod sys;
 mod traffic;
@@ -30,6 +31,7 @@ mod veth;
 
 pub use cgroup::{Cgroup, cgroup2_mount};
 pub use error::{Error, Result};
+pub use flood::{FloodCount, UdpFlood};
 pub use netns::Netns;
 pub use traffic::{
     Outcome, TcpEchoServer, UdpEchoServer, ping, ping_command, tcp_connect, tcp_echo, udp_echo,
