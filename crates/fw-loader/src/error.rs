@@ -90,6 +90,10 @@ pub enum Error {
     #[error("nothing is loaded under {0} (no pinned record)")]
     NotPinned(PathBuf),
 
+    /// A data plane is already pinned under this root (a load would replace it).
+    #[error("a data plane is already pinned under {0}; adopt it or unload it first")]
+    AlreadyPinned(PathBuf),
+
     /// The pinned programs were built from a different object than the one embedded here; the
     /// maps' layout may differ, so they are not adopted (unload first).
     #[error(

@@ -50,7 +50,8 @@ pub use crate::events::{EventStats, Events};
 use crate::generation::GenerationMaps;
 pub use crate::generation::{MapDelta, WriteStats, delta as entry_delta};
 pub use crate::pin::{
-    Attachment, DEFAULT_ROOT, MapStatus, Opened, Status, abi_version, attachments, unload_pinned,
+    Attachment, DEFAULT_ROOT, MapStatus, Opened, Status, abi_version, attachments, lock_root,
+    unload_pinned,
 };
 
 /// The eBPF object built from crates/fw-ebpf; empty when fw-loader was built with

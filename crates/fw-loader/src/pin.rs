@@ -12,6 +12,10 @@
 //! - A later process adopts the pins instead of loading again, so program ids and map ids
 //!   never change across applies. Adoption is refused when the record's ABI version (a hash of
 //!   the embedded object) differs from this build's: the maps' layout could differ.
+//! - One lock per root ([`lock_root`], an `flock` on the root directory): loading and adopting
+//!   take it, and an applier holds it for its apply ([`Dataplane::lock`]), so two processes
+//!   opening a fresh root at once load once (the second adopts), and no process adopts pins
+//!   another is still making.
 //! - The record map is an array of three fixed-size text records, one per generation
 //!   (revision, digest and saved-state length of what that generation holds) and one of
 //!   metadata (ABI, cgroup), so `status` and `diff` read the applied revision from the kernel,
@@ -220,21 +224,37 @@ impl Pins {
 
 impl Dataplane {
     /// Adopts the data plane pinned under `root`, or loads and pins one when nothing is pinned
-    /// there.
+    /// there. The check and the load or adoption happen under the root's lock
+    /// ([`lock_root`]), so two processes opening the same fresh root at once load once: the
+    /// second waits and adopts what the first pinned.
     pub fn open_pinned(root: &Path, caps: &Capacities) -> Result<(Self, Opened), Error> {
+        if !on_bpffs(root) {
+            return Err(Error::NotBpffs(root.to_path_buf()));
+        }
+        let _lock = lock_root(root, true)?;
         if root.join(RECORD).exists() {
-            Ok((Self::adopt(root)?, Opened::Adopted))
+            Ok((Self::adopt_locked(root)?, Opened::Adopted))
         } else {
-            Ok((Self::load_pinned(root, caps)?, Opened::Loaded))
+            Ok((Self::load_pinned_locked(root, caps)?, Opened::Loaded))
         }
     }
 
-    /// Loads the embedded object and pins it under `root` (created 0700). On failure whatever
-    /// was pinned is removed again.
+    /// Loads the embedded object and pins it under `root` (created 0700), under the root's
+    /// lock. Refused when a data plane is already pinned there ([`Error::AlreadyPinned`]). On
+    /// failure whatever was pinned is removed again.
     pub fn load_pinned(root: &Path, caps: &Capacities) -> Result<Self, Error> {
         if !on_bpffs(root) {
             return Err(Error::NotBpffs(root.to_path_buf()));
         }
+        let _lock = lock_root(root, true)?;
+        if root.join(RECORD).exists() {
+            return Err(Error::AlreadyPinned(root.to_path_buf()));
+        }
+        Self::load_pinned_locked(root, caps)
+    }
+
+    /// [`Dataplane::load_pinned`] for a caller that holds the root's lock.
+    fn load_pinned_locked(root: &Path, caps: &Capacities) -> Result<Self, Error> {
         let mut dp = Self::load(caps)?;
         mkdir_private(root)?;
         match dp.pin_all(root) {
@@ -304,8 +324,21 @@ impl Dataplane {
         Ok(pins)
     }
 
-    /// Opens the data plane pinned under `root` without loading or attaching anything.
+    /// Opens the data plane pinned under `root` without loading or attaching anything. Takes
+    /// the root's lock while it opens the pins (not after), so it never sees a root that a
+    /// load or an upgrade is still pinning; it waits for them instead. The lock is an `flock`,
+    /// which conflicts between two opens even within one process: do not call this while
+    /// holding [`Dataplane::lock`] on the same root.
     pub fn adopt(root: &Path) -> Result<Self, Error> {
+        if !root.join(RECORD).exists() {
+            return Err(Error::NotPinned(root.to_path_buf()));
+        }
+        let _lock = lock_root(root, false)?;
+        Self::adopt_locked(root)
+    }
+
+    /// [`Dataplane::adopt`] for a caller that holds the root's lock.
+    fn adopt_locked(root: &Path) -> Result<Self, Error> {
         let record_path = root.join(RECORD);
         if !record_path.exists() {
             return Err(Error::NotPinned(root.to_path_buf()));
@@ -355,21 +388,12 @@ impl Dataplane {
         })
     }
 
-    /// Takes an exclusive `flock` on the pin root, held until the returned file is dropped (or
-    /// the process dies), so two appliers never interleave their steps. Blocks while another
-    /// holds it.
+    /// Takes the pin root's exclusive lock ([`lock_root`]), held until the returned file is
+    /// dropped (or the process dies), so two appliers never interleave their steps. Blocks
+    /// while another holds it.
     pub fn lock(&self) -> Result<fs::File, Error> {
         let root = self.pin_root().ok_or(Error::NotPinned(PathBuf::from("<unpinned>")))?;
-        let dir = fs::File::open(root).map_err(io(root))?;
-        // SAFETY: flock on a valid open fd has no memory-safety preconditions.
-        let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&dir), libc::LOCK_EX) };
-        if rc != 0 {
-            return Err(Error::Io {
-                path: root.to_path_buf(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(dir)
+        lock_root(root, false)
     }
 
     /// Opens a map pinned under this data plane's root by its name (`fw_common::maps`), e.g.
@@ -525,6 +549,52 @@ impl Dataplane {
         match root {
             Some(root) => unload_pinned(&root),
             None => Ok(Vec::new()),
+        }
+    }
+}
+
+/// Takes an exclusive `flock` on the bpffs root directory itself (bpffs directories take
+/// flocks like any other), creating the root first (0700) when `create` is set; the lock is
+/// held until the returned file is dropped or the process dies. Loading, adopting, upgrading
+/// and applying all take it, so no process ever sees another's half-made pins.
+///
+/// A root can disappear while a process waits for its lock (an unload, or a failed first load
+/// that removes what it pinned) and be made anew by a third process: the lock would then be on
+/// a directory nobody else uses. So after locking, the locked directory is compared with what
+/// `root` names now (device and inode), and the lock is taken again when they differ.
+pub fn lock_root(root: &Path, create: bool) -> Result<fs::File, Error> {
+    use std::os::unix::fs::MetadataExt as _;
+    loop {
+        if create {
+            mkdir_private(root)?;
+        }
+        let dir = match fs::File::open(root) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => {
+                return Err(Error::NotPinned(root.to_path_buf()));
+            }
+            Err(e) => return Err(Error::Io { path: root.to_path_buf(), source: e }),
+        };
+        loop {
+            // SAFETY: flock on a valid open fd has no memory-safety preconditions.
+            let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&dir), libc::LOCK_EX) };
+            if rc == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::Io { path: root.to_path_buf(), source: e });
+            }
+        }
+        let locked = dir.metadata().map_err(io(root))?;
+        match fs::metadata(root) {
+            Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => return Ok(dir),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => {
+                return Err(Error::NotPinned(root.to_path_buf()));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::Io { path: root.to_path_buf(), source: e }),
         }
     }
 }
