@@ -121,7 +121,7 @@ pub(crate) fn pinned_cgroup_links(root: &Path) -> Vec<(&'static str, PathBuf)> {
         .collect()
 }
 
-fn link_info(path: &Path) -> Result<(u32, u32), Error> {
+pub(crate) fn link_info(path: &Path) -> Result<(u32, u32), Error> {
     let link = PinnedLink::from_pin(path).map_err(link_err(path))?;
     let info = FdLink::from(link).info().map_err(link_err(path))?;
     Ok((info.id(), info.program_id()))

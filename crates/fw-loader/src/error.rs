@@ -95,9 +95,10 @@ pub enum Error {
     AlreadyPinned(PathBuf),
 
     /// The pinned programs were built from a different object than the one embedded here; the
-    /// maps' layout may differ, so they are not adopted (unload first).
+    /// maps' layout may differ, so they are not adopted. `Dataplane::upgrade_pinned` replaces
+    /// them in place (or unload first).
     #[error(
-        "the programs pinned under {root} have ABI {pinned}, this build has {embedded}; unload them first"
+        "the programs pinned under {root} have ABI {pinned}, this build has {embedded}; upgrade them in place or unload them first"
     )]
     AbiMismatch { root: PathBuf, pinned: String, embedded: String },
 
@@ -131,6 +132,15 @@ pub enum Error {
         interface: String,
         #[source]
         source: Box<ProgramError>,
+    },
+
+    /// Swapping a pinned link's program (`BPF_LINK_UPDATE`) failed; the links already swapped
+    /// were swapped back.
+    #[error("cannot swap the program of link {path}: {source}")]
+    LinkUpdate {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
     },
 
     /// The pinned record map holds something this loader cannot parse.

@@ -10,8 +10,10 @@
 //! A data plane that outlives the process lives under a bpffs root (`pin`): the programs, the
 //! XDP links, the outer maps, the counters and a small record map are pinned there, and a later
 //! process adopts them (`Dataplane::open_pinned`) instead of loading again, so program ids never
-//! change. `apply` is the update protocol on top of that: diff against what the standby
-//! generation holds, write the diff, verify, flip, wait a grace period, replay.
+//! change, except when this build's ABI differs from the pinned one: then
+//! `Dataplane::upgrade_pinned` (`upgrade`) swaps the programs in place under their links.
+//! `apply` is the update protocol on top of that: diff against what the standby generation
+//! holds, write the diff, verify, flip, wait a grace period, replay.
 //!
 //! [`Dataplane::test_run_ingress`] runs the XDP program on a frame with `BPF_PROG_TEST_RUN`,
 //! without attaching it anywhere: the kernel's real program and maps, no traffic. The
@@ -28,6 +30,7 @@ mod error;
 mod events;
 mod generation;
 mod pin;
+mod upgrade;
 pub mod workloads;
 
 use std::collections::BTreeMap;
@@ -50,9 +53,10 @@ pub use crate::events::{EventStats, Events};
 use crate::generation::GenerationMaps;
 pub use crate::generation::{MapDelta, WriteStats, delta as entry_delta};
 pub use crate::pin::{
-    Attachment, DEFAULT_ROOT, MapStatus, Opened, Status, abi_version, attachments, lock_root,
-    unload_pinned,
+    Attachment, DEFAULT_ROOT, MapStatus, Opened, Status, abi_version, attachments,
+    conntrack_layout, lock_root, unload_pinned,
 };
+pub use crate::upgrade::{ConntrackMigration, Desired, SwappedLink, Upgrade};
 
 /// The eBPF object built from crates/fw-ebpf; empty when fw-loader was built with
 /// `AYA_BUILD_SKIP=1`.

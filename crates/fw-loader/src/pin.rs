@@ -11,14 +11,16 @@
 //!   also what lets apply replace one with a bigger map in a single slot update.
 //! - A later process adopts the pins instead of loading again, so program ids and map ids
 //!   never change across applies. Adoption is refused when the record's ABI version (a hash of
-//!   the embedded object) differs from this build's: the maps' layout could differ.
-//! - One lock per root ([`lock_root`], an `flock` on the root directory): loading and adopting
-//!   take it, and an applier holds it for its apply ([`Dataplane::lock`]), so two processes
-//!   opening a fresh root at once load once (the second adopts), and no process adopts pins
-//!   another is still making.
+//!   the embedded object) differs from this build's: the maps' layout could differ. That case
+//!   is the one path on which program ids change: `upgrade` swaps the programs under their
+//!   pinned links and replaces the pins.
+//! - One lock per root ([`lock_root`], an `flock` on the root directory): loading, adopting
+//!   and upgrading take it, and an applier holds it for its apply ([`Dataplane::lock`]), so two
+//!   processes opening a fresh root at once load once (the second adopts), and no process
+//!   adopts pins another is still making or replacing.
 //! - The record map is an array of three fixed-size text records, one per generation
 //!   (revision, digest and saved-state length of what that generation holds) and one of
-//!   metadata (ABI, cgroup), so `status` and `diff` read the applied revision from the kernel,
+//!   metadata (ABI, conntrack entry layout, cgroup), so `status` and `diff` read the applied revision from the kernel,
 //!   not from a file that could disagree with it. bpffs holds no regular files, so the saved
 //!   state (the compiler's full `MapState` as JSON, which carries the rule table the kernel maps
 //!   do not hold) lives in an array map of 4 KiB chunks.
@@ -45,14 +47,14 @@ use crate::{Dataplane, Error, object};
 /// The default bpffs root.
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/fw";
 
-const RECORD: &str = "FW_RECORD";
-const LINKS: &str = "links";
+pub(crate) const RECORD: &str = "FW_RECORD";
+pub(crate) const LINKS: &str = "links";
 /// Bytes per record entry.
 pub(crate) const RECORD_SIZE: usize = 1024;
 /// Bytes per chunk of a saved-state map.
 pub(crate) const CHUNK: usize = 4096;
 /// Record index of the metadata entry (after one entry per generation).
-const META: u32 = GENERATIONS;
+pub(crate) const META: u32 = GENERATIONS;
 
 type Record = [u8; RECORD_SIZE];
 pub(crate) type Chunk = [u8; CHUNK];
@@ -64,6 +66,30 @@ pub fn abi_version() -> String {
         h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
     }
     format!("{h:016x}")
+}
+
+/// The layout of the connection-tracking table's entries: each field's offset and size in
+/// `ConntrackKey` and `ConntrackValue`, and both sizes. Kept in the record, so an upgrade can
+/// tell whether the pinned table's entries mean the same to the new programs (then they are
+/// copied over) or not. It sees layout only: a change of what a field means without a change
+/// of where it is must come with a renamed or moved field.
+pub fn conntrack_layout() -> String {
+    use core::mem::{offset_of, size_of};
+    use fw_common::conntrack::{ConntrackKey as K, ConntrackValue as V};
+    format!(
+        "key{}:family@{},proto@{},local_port@{},remote_port@{},local@{},remote@{};\
+         value{}:last_seen_ns@{},state@{}",
+        size_of::<K>(),
+        offset_of!(K, family),
+        offset_of!(K, proto),
+        offset_of!(K, local_port),
+        offset_of!(K, remote_port),
+        offset_of!(K, local),
+        offset_of!(K, remote),
+        size_of::<V>(),
+        offset_of!(V, last_seen_ns),
+        offset_of!(V, state),
+    )
 }
 
 /// What [`Dataplane::open_pinned`] did.
@@ -115,11 +141,11 @@ pub(crate) struct Pins {
     pub record: Array<MapData, Record>,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
-fn pin_err(path: &Path) -> impl FnOnce(aya::pin::PinError) -> Error + '_ {
+pub(crate) fn pin_err(path: &Path) -> impl FnOnce(aya::pin::PinError) -> Error + '_ {
     move |source| Error::Pin { path: path.to_path_buf(), source: Box::new(source) }
 }
 
@@ -132,7 +158,7 @@ fn mkdir_private(path: &Path) -> Result<(), Error> {
     private(path, 0o700)
 }
 
-fn open_pinned_map(root: &Path, name: &str) -> Result<Map, Error> {
+pub(crate) fn open_pinned_map(root: &Path, name: &str) -> Result<Map, Error> {
     let data = MapData::from_pin(root.join(name)).map_err(Error::map(name))?;
     Map::from_map_data(data).map_err(Error::map(name))
 }
@@ -271,7 +297,27 @@ impl Dataplane {
     }
 
     fn pin_all(&mut self, root: &Path) -> Result<Pins, Error> {
+        Ok(self.pin_all_as(root, "")?.0)
+    }
+
+    /// Pins every program and map of this (loaded) data plane under `root`, each under its
+    /// name followed by `suffix`, and returns the record (already holding the metadata) with
+    /// the (pinned path, name) pairs, the record last. With an empty suffix these are the final
+    /// names; an upgrade pins under a temporary suffix and renames afterwards.
+    pub(crate) fn pin_all_as(
+        &mut self,
+        root: &Path,
+        suffix: &str,
+    ) -> Result<(Pins, Vec<(PathBuf, PathBuf)>), Error> {
         let mut pinned = Vec::new();
+        let at = |name: &str| {
+            let path = root.join(format!("{name}{suffix}"));
+            if !suffix.is_empty() {
+                // Left by an upgrade that died before renaming.
+                let _ = fs::remove_file(&path);
+            }
+            (path, root.join(name))
+        };
         // Every program of the object, by its name (the egress programs too, so a later
         // process can open them from their pins).
         if let Some(ebpf) = self.ebpf.as_mut() {
@@ -279,9 +325,9 @@ impl Dataplane {
                 if program.fd().is_err() {
                     continue; // not loaded by this loader: nothing to pin
                 }
-                let path = root.join(name);
+                let (path, dst) = at(name);
                 program.pin(&path).map_err(pin_err(&path))?;
-                pinned.push(path);
+                pinned.push((path, dst));
             }
         }
         // Maps still inside the object (those other modules take when they need them: the
@@ -290,38 +336,38 @@ impl Dataplane {
         // sections (.rodata, .bss), which bpffs would refuse anyway.
         if let Some(ebpf) = self.ebpf.as_ref() {
             for (name, map) in ebpf.maps().filter(|(n, _)| !n.contains('.')) {
-                let path = root.join(name);
+                let (path, dst) = at(name);
                 map.pin(&path).map_err(pin_err(&path))?;
-                pinned.push(path);
+                pinned.push((path, dst));
             }
         }
         for (name, map) in &self.outer {
-            let path = root.join(name);
+            let (path, dst) = at(name);
             map.pin(&path).map_err(pin_err(&path))?;
-            pinned.push(path);
+            pinned.push((path, dst));
         }
         for (name, data) in [
             (maps::GENERATION, self.generation.map()),
             (maps::RULE_COUNTERS, self.rule_counters.map()),
             (maps::STATS, self.stats.map()),
         ] {
-            let path = root.join(name);
+            let (path, dst) = at(name);
             data.pin(&path).map_err(pin_err(&path))?;
-            pinned.push(path);
+            pinned.push((path, dst));
         }
         let map = create(RECORD, bpf_map_type::BPF_MAP_TYPE_ARRAY, 4, RECORD_SIZE, META + 1, 0)?;
         let record = Array::try_from(map).map_err(Error::map(RECORD))?;
         let mut pins = Pins { root: root.to_path_buf(), record };
-        pins.write(META, &[("abi", &abi_version())])?;
+        pins.write(META, &[("abi", &abi_version()), ("conntrack", &conntrack_layout())])?;
         // Pinned last: its presence is what makes a root adoptable.
-        let path = root.join(RECORD);
+        let (path, dst) = at(RECORD);
         pins.record.map().pin(&path).map_err(pin_err(&path))?;
-        pinned.push(path);
-        for p in &pinned {
+        pinned.push((path, dst));
+        for (p, _) in &pinned {
             private(p, 0o600)?;
         }
         mkdir_private(&root.join(LINKS))?;
-        Ok(pins)
+        Ok((pins, pinned))
     }
 
     /// Opens the data plane pinned under `root` without loading or attaching anything. Takes
@@ -338,7 +384,7 @@ impl Dataplane {
     }
 
     /// [`Dataplane::adopt`] for a caller that holds the root's lock.
-    fn adopt_locked(root: &Path) -> Result<Self, Error> {
+    pub(crate) fn adopt_locked(root: &Path) -> Result<Self, Error> {
         let record_path = root.join(RECORD);
         if !record_path.exists() {
             return Err(Error::NotPinned(root.to_path_buf()));
