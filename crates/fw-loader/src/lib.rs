@@ -276,6 +276,20 @@ impl Dataplane {
             .read()
     }
 
+    /// Generation `generation`'s workload table: cgroup id -> workload class, as the kernel
+    /// holds it (the ids [`Dataplane::write_workloads`] was given).
+    pub fn read_workloads(&self, generation: u32) -> Result<BTreeMap<u64, u32>, Error> {
+        let name = maps::WORKLOADS;
+        let gm = usize::try_from(generation)
+            .ok()
+            .and_then(|g| self.generations.get(g))
+            .ok_or(Error::NoSuchGeneration(generation))?;
+        gm.workloads
+            .iter()
+            .map(|item| item.map(|(k, v)| (k.cgroup_id, v.workload)).map_err(Error::map(name)))
+            .collect()
+    }
+
     /// The generation packets use.
     pub fn active_generation(&self) -> Result<u32, Error> {
         let value = self.generation.get(&0, 0).map_err(Error::map(maps::GENERATION))?;

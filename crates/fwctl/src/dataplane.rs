@@ -14,6 +14,9 @@
 //! - Workloads are cgroup paths relative to the cgroup the egress programs attach to (`--cgroup`,
 //!   default the cgroup v2 mount); each apply resolves them to cgroup ids afresh (a re-created
 //!   cgroup has a new id) and writes them into the generation it writes, with the rest.
+//! - `diff` also compares the kernel's workload table (cgroup id -> workload class, which the
+//!   saved state cannot hold: ids are resolved at apply time) with what apply would write, so a
+//!   cgroup created or re-created since the last apply shows as a change, named by its path.
 //! - `events` names rules from the saved rule table (as `status` does), re-read when an event
 //!   names a rule it does not know (an apply happened meanwhile).
 
@@ -27,7 +30,7 @@ use clap::Args;
 use fw_compiler::ast::{Action, Direction};
 use fw_compiler::diff::MapDiff;
 use fw_compiler::encode::{Encoded, encode};
-use fw_compiler::mapstate::{Capacities, MapState, RuleInfo};
+use fw_compiler::mapstate::{Capacities, MapState, RuleInfo, WorkloadId};
 use fw_compiler::model::HostIdentity;
 use fw_loader::{Dataplane, Error as LoaderError};
 
@@ -306,13 +309,99 @@ pub fn render_diff(d: &MapDiff) -> String {
             );
         }
     }
-    for (w, _) in &d.workloads.added {
-        let _ = writeln!(out, "+ workload {w}");
-    }
-    for (w, _) in &d.workloads.removed {
-        let _ = writeln!(out, "- workload {w}");
-    }
     out
+}
+
+/// One change of the kernel's workload table (cgroup id -> workload class), named by the
+/// workload path when one resolves to that cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadChange {
+    pub path: Option<String>,
+    /// `None` for a desired path whose cgroup does not exist (so nothing enters the table).
+    pub cgroup: Option<u64>,
+    pub old: Option<u32>,
+    pub new: Option<u32>,
+}
+
+/// What applying would change in the workload table: `held` is what the kernel's active
+/// generation holds; `desired` the new state's paths, which `resolve` turns into cgroup ids as
+/// apply does; `old_paths` the applied state's paths when known, to name cgroups the new state
+/// no longer lists. With `old_paths` known, paths without a cgroup (not in the table, now or
+/// after the apply) are listed too (`cgroup: None`) when they are added, removed or change
+/// class, so a policy edit shows before its cgroup exists.
+pub fn workload_changes(
+    held: &BTreeMap<u64, u32>,
+    desired: &BTreeMap<String, WorkloadId>,
+    old_paths: Option<&BTreeMap<String, WorkloadId>>,
+    resolve: impl Fn(&str) -> Option<u64>,
+) -> Vec<WorkloadChange> {
+    let mut names: BTreeMap<u64, String> = BTreeMap::new();
+    let mut want: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut unresolved = Vec::new();
+    for (path, class) in desired {
+        match resolve(path) {
+            Some(id) => {
+                names.entry(id).or_insert_with(|| path.clone());
+                // As `workloads::resolve`: two paths on one cgroup, the lower class wins.
+                want.entry(id).and_modify(|c| *c = (*c).min(class.0)).or_insert(class.0);
+            }
+            None => {
+                if let Some(old) = old_paths {
+                    let before = old.get(path).map(|c| c.0);
+                    if before != Some(class.0) {
+                        unresolved.push((path.clone(), before, Some(class.0)));
+                    }
+                }
+            }
+        }
+    }
+    for (path, class) in old_paths.into_iter().flatten() {
+        match resolve(path) {
+            Some(id) => {
+                names.entry(id).or_insert_with(|| path.clone());
+            }
+            None if !desired.contains_key(path) => {
+                unresolved.push((path.clone(), Some(class.0), None));
+            }
+            None => {}
+        }
+    }
+    let ids: std::collections::BTreeSet<u64> = held.keys().chain(want.keys()).copied().collect();
+    let mut out: Vec<WorkloadChange> = ids
+        .into_iter()
+        .filter_map(|id| {
+            let (old, new) = (held.get(&id).copied(), want.get(&id).copied());
+            (old != new).then(|| WorkloadChange {
+                path: names.get(&id).cloned(),
+                cgroup: Some(id),
+                old,
+                new,
+            })
+        })
+        .collect();
+    out.extend(unresolved.into_iter().map(|(path, old, new)| WorkloadChange {
+        path: Some(path),
+        cgroup: None,
+        old,
+        new,
+    }));
+    out
+}
+
+/// `+ workload system.slice/app.service (cgroup 1234) -> class 3`, `-` for a removed entry,
+/// `~ ... class 2 -> 3` for a changed one.
+pub fn render_workload_change(c: &WorkloadChange) -> String {
+    let name = c.path.as_deref().unwrap_or("(no workload path names it)");
+    let at = match c.cgroup {
+        Some(id) => format!("cgroup {id}"),
+        None => "no such cgroup: not in the kernel table".to_string(),
+    };
+    match (c.old, c.new) {
+        (None, Some(n)) => format!("+ workload {name} ({at}) -> class {n}"),
+        (Some(o), None) => format!("- workload {name} ({at}) -> class {o}"),
+        (Some(o), Some(n)) => format!("~ workload {name} ({at}) class {o} -> {n}"),
+        (None, None) => format!("  workload {name} ({at})"),
+    }
 }
 
 /// Exit 0: no change; 1: changes; 2: the diff could not be computed (1 is taken).
@@ -334,33 +423,61 @@ fn diff_inner(args: &DataplaneArgs) -> Result<ExitCode> {
         Err(LoaderError::NotPinned(_)) => None,
         Err(e) => return Err(loader(e)),
     };
+    // Workload paths resolve against the cgroup apply would use: --cgroup, else the one the
+    // egress programs are attached to, else the cgroup v2 mount.
+    let recorded = match &dp {
+        Some(dp) => dp.recorded_cgroup().map_err(loader)?.map(PathBuf::from),
+        None => None,
+    };
+    let cgroup = match args.cgroup.clone().or(recorded) {
+        Some(c) => c,
+        None => fw_loader::cgroup2_mount().map_err(loader)?,
+    };
+    let resolve = |path: &str| {
+        let one = BTreeMap::from([(path.to_string(), WorkloadId(0))]);
+        fw_loader::workloads::resolve(&cgroup, &one).into_keys().next()
+    };
     let Some(dp) = dp else {
         println!("nothing is loaded under {}: applying would add every rule", args.bpffs.display());
         let empty = MapState { rules: BTreeMap::new(), ..state.clone() };
         print!("{}", render_diff(&empty.diff(&state)));
+        let none = BTreeMap::new();
+        for c in workload_changes(&BTreeMap::new(), &state.workloads, Some(&none), resolve) {
+            println!("{}", render_workload_change(&c));
+        }
         return Ok(ExitCode::from(1));
     };
+    let active = dp.active_generation().map_err(loader)?;
+    let held_workloads = dp.read_workloads(active).map_err(loader)?;
     match kernel_state(&dp)? {
         Ok(old) => {
             let d = old.diff(&state);
-            if d.is_empty() {
+            let w =
+                workload_changes(&held_workloads, &state.workloads, Some(&old.workloads), resolve);
+            if d.is_empty() && w.is_empty() {
                 println!("no changes (digest {})", old.digest());
                 return Ok(ExitCode::SUCCESS);
             }
             print!("{}", render_diff(&d));
+            for c in &w {
+                println!("{}", render_workload_change(c));
+            }
             Ok(ExitCode::from(1))
         }
         Err(why) => {
             println!("cannot name rules ({why}); map entries that would change:");
-            let active = dp.active_generation().map_err(loader)?;
             let held = dp.read_generation(active).map_err(loader)?;
             let deltas = fw_loader::entry_delta(&held, &kernel_view(&state));
-            if deltas.is_empty() {
+            let w = workload_changes(&held_workloads, &state.workloads, None, resolve);
+            if deltas.is_empty() && w.is_empty() {
                 println!("no changes");
                 return Ok(ExitCode::SUCCESS);
             }
             for (name, d) in deltas {
                 println!("  {name}: {} written, {} deleted", d.upsert.len(), d.remove.len());
+            }
+            for c in &w {
+                println!("{}", render_workload_change(c));
             }
             Ok(ExitCode::from(1))
         }
@@ -613,6 +730,42 @@ pub fn events(args: &EventsArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workload_table_changes_are_named_by_path_and_cgroup() {
+        let ids = BTreeMap::from([
+            ("a".to_string(), 11u64),
+            ("b".to_string(), 22),
+            ("c".to_string(), 33),
+        ]);
+        let resolve = |p: &str| ids.get(p).copied();
+        let w = |pairs: &[(&str, u32)]| -> BTreeMap<String, WorkloadId> {
+            pairs.iter().map(|(p, c)| (p.to_string(), WorkloadId(*c))).collect()
+        };
+        let old = w(&[("a", 1), ("b", 2), ("gone", 4)]);
+        let new = w(&[("a", 1), ("b", 5), ("c", 3), ("later", 6)]);
+        // The kernel holds a (unchanged), b with its old class, and a cgroup no path names.
+        let held = BTreeMap::from([(11, 1), (22, 2), (99, 7)]);
+        let lines: Vec<String> = workload_changes(&held, &new, Some(&old), resolve)
+            .iter()
+            .map(render_workload_change)
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "~ workload b (cgroup 22) class 2 -> 5",
+                "+ workload c (cgroup 33) -> class 3",
+                "- workload (no workload path names it) (cgroup 99) -> class 7",
+                "+ workload later (no such cgroup: not in the kernel table) -> class 6",
+                "- workload gone (no such cgroup: not in the kernel table) -> class 4",
+            ]
+        );
+        // Same paths, same classes, same cgroups: nothing.
+        let table = BTreeMap::from([(11, 1), (22, 5), (33, 3)]);
+        assert_eq!(workload_changes(&table, &new, Some(&new), resolve), vec![]);
+        // Unknown applied state: unresolved paths are not table changes.
+        assert_eq!(workload_changes(&table, &new, None, resolve), vec![]);
+    }
 
     #[test]
     fn epoch_seconds_format_as_utc() {

@@ -507,3 +507,62 @@ spec:
     assert!(text(&out).contains("links/cgroup-fw_connect4"), "{}", text(&out));
     assert_eq!(app.tcp_connect(server.addr(), t).expect("probe"), Outcome::Ok, "after unload");
 }
+
+fn diff_args<'a>(s: &'a Scratch, policy: &'a Path) -> Vec<&'a str> {
+    vec![
+        "diff",
+        policy.to_str().expect("utf-8 path"),
+        "--host",
+        "h1",
+        "--bpffs",
+        s.root.to_str().expect("utf-8 root"),
+        "--cgroup",
+        s.cg.dir().to_str().expect("utf-8 cgroup"),
+    ]
+}
+
+#[test]
+fn diff_shows_workload_table_changes_by_path_and_cgroup_and_counts_them() {
+    if !root_ok() {
+        return;
+    }
+    let s = Scratch::new();
+    let net = Net::new();
+    let yaml = "apiVersion: fw/v1
+kind: Policy
+metadata: {name: eg}
+spec:
+  egress:
+    - {name: app-deny, action: deny, to: [10.200.0.0/16], proto: tcp, ports: [5432], workloads: [app]}
+";
+    let p = s.policy("eg.yaml", yaml);
+    // Applied before the workload's cgroup exists: the kernel's table is empty.
+    let out = run(&apply_args(&s, &p, &net.veth));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("workloads: 0 of 1 resolved"), "{}", text(&out));
+    let out = run(&diff_args(&s, &p));
+    assert_eq!(out.status.code(), Some(0), "nothing to change: {}", text(&out));
+
+    // The cgroup appears: the policy is the same, the table apply would write is not.
+    let app = s.cg.child("app").expect("app cgroup");
+    let out = run(&diff_args(&s, &p));
+    assert_eq!(out.status.code(), Some(1), "a table change counts: {}", text(&out));
+    let added = format!("+ workload app (cgroup {}) -> class ", app.id());
+    assert!(text(&out).contains(&added), "{}", text(&out));
+    let out = run(&apply_args(&s, &p, &net.veth));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(&diff_args(&s, &p));
+    assert_eq!(out.status.code(), Some(0), "applied: {}", text(&out));
+
+    // Re-created (a new id): the old entry goes, the new one comes.
+    let old_id = app.id();
+    drop(app);
+    let app = s.cg.child("app").expect("app cgroup again");
+    assert_ne!(app.id(), old_id);
+    let out = run(&diff_args(&s, &p));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let removed = format!("- workload (no workload path names it) (cgroup {old_id}) -> class ");
+    assert!(text(&out).contains(&removed), "{}", text(&out));
+    let added = format!("+ workload app (cgroup {}) -> class ", app.id());
+    assert!(text(&out).contains(&added), "{}", text(&out));
+}
