@@ -98,7 +98,7 @@ pub enum Error {
     /// maps' layout may differ, so they are not adopted. `Dataplane::upgrade_pinned` replaces
     /// them in place (or unload first).
     #[error(
-        "the programs pinned under {root} have ABI {pinned}, this build has {embedded}; upgrade them in place or unload them first"
+        "the programs pinned under {root} have ABI {pinned}, this build has {embedded}; unload them first"
     )]
     AbiMismatch { root: PathBuf, pinned: String, embedded: String },
 

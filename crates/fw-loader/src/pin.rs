@@ -281,7 +281,15 @@ impl Dataplane {
 
     /// [`Dataplane::load_pinned`] for a caller that holds the root's lock.
     fn load_pinned_locked(root: &Path, caps: &Capacities) -> Result<Self, Error> {
-        let mut dp = Self::load(caps)?;
+        let mut dp = match Self::load(caps) {
+            Ok(dp) => dp,
+            Err(e) => {
+                // The root was made to be locked; leave no empty root behind (a process
+                // waiting for its lock notices the removal and locks the next one).
+                let _ = fs::remove_dir(root);
+                return Err(e);
+            }
+        };
         mkdir_private(root)?;
         match dp.pin_all(root) {
             Ok(pins) => {
