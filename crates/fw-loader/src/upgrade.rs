@@ -32,6 +32,9 @@
 //!    atomically), the record last: its ABI field is what tells the next process the upgrade is
 //!    complete. Pins the new object no longer has are removed. The old programs and maps are
 //!    freed by the kernel when their last reference (pin, link, this process's fds) is gone.
+//!    Should a step after the swap fail, the links run the new programs while the pins and the
+//!    record are still the old ones; the record then still names the old ABI, so running the
+//!    upgrade again (which swaps each link from whatever program it runs) finishes the job.
 //!
 //! The rule counters and stats start at zero with the new maps (the old ones are not carried
 //! over: their layout may be what changed).
@@ -228,23 +231,27 @@ impl Dataplane {
             }
         };
 
-        // 4 and 5. Conntrack (first pass), then the links.
+        // 4 and 5. Conntrack (first pass), then the links. Up to and including the swap a
+        // failure leaves the old data plane as it was.
         let same_layout = meta.get("conntrack").is_some_and(|l| *l == conntrack_layout());
         let result = (|| {
-            let mut copied = if same_layout { new.copy_conntrack(root)? } else { 0 };
-            let links = new.swap_links(root)?;
-            if same_layout {
-                copied += new.copy_conntrack(root)?;
-            }
-            Ok::<_, Error>((copied, links))
+            let copied = if same_layout { new.copy_conntrack(root)? } else { 0 };
+            Ok::<_, Error>((copied, new.swap_links(root)?))
         })();
-        let (copied, links) = match result {
+        let (mut copied, links) = match result {
             Ok(r) => r,
             Err(e) => {
                 remove_staged(root);
                 return Err(e);
             }
         };
+        // From here on the links run the new programs. The second pass is best effort (an
+        // entry it misses is only a reply judged by the policy); a failure of the steps below
+        // leaves the old pins and record in place, so the record still names the old ABI and
+        // running the upgrade again finishes it (it swaps the links from whatever they run).
+        if same_layout {
+            copied += new.copy_conntrack(root).unwrap_or(0);
+        }
         let conntrack = if same_layout {
             ConntrackMigration::Copied(copied)
         } else {
