@@ -143,6 +143,11 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// A pinned link is not of the kind its pin name says (link type or attach type), so its
+    /// program was not swapped; the links already swapped were swapped back.
+    #[error("link {path} is not a {program} attachment; not swapped")]
+    LinkMismatch { path: PathBuf, program: &'static str },
+
     /// The pinned record map holds something this loader cannot parse.
     #[error("the pinned record is corrupt: {0}")]
     Record(&'static str),

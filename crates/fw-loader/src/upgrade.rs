@@ -27,7 +27,9 @@
 //!    overwritten). The kernel swaps the program pointer of the attachment atomically: each
 //!    packet runs either the old program on the old maps or the new program on the new maps,
 //!    and there is no instant without a program. Links keep their ids; a failure swaps the
-//!    links already done back.
+//!    links already done back. For a cgroup link the kernel checks only the program type, not
+//!    the attach type (it would put a connect4 program on a connect6 hook), so each link's
+//!    type and attach type are checked against the program before its swap.
 //! 6. The temporary pins are renamed over the old ones (a rename on bpffs replaces its target
 //!    atomically), the record last: its ABI field is what tells the next process the upgrade is
 //!    complete. Pins the new object no longer has are removed. The old programs and maps are
@@ -47,7 +49,9 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData};
-use aya_obj::generated::{BPF_F_REPLACE, bpf_attr, bpf_cmd};
+use aya_obj::generated::{
+    BPF_F_REPLACE, bpf_attach_type, bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type,
+};
 use fw_common::conntrack::{ConntrackKey, ConntrackValue};
 use fw_common::{GENERATIONS, maps, programs};
 use fw_compiler::encode::Encoded;
@@ -160,6 +164,41 @@ fn link_update(
     attr.link_update.__bindgen_anon_2.old_prog_fd = expected.as_raw_fd() as u32;
     attr.link_update.flags = BPF_F_REPLACE;
     sys_bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a link: (link type, attach type; the latter only for cgroup
+/// links, else 0).
+fn link_kind(link: BorrowedFd<'_>) -> std::io::Result<(u32, u32)> {
+    // SAFETY: all-zero is a valid bpf_link_info and bpf_attr.
+    let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.info.bpf_fd = link.as_raw_fd() as u32;
+    attr.info.info_len = std::mem::size_of::<bpf_link_info>() as u32;
+    attr.info.info = &mut info as *mut bpf_link_info as u64;
+    sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let attach = if info.type_ == bpf_link_type::BPF_LINK_TYPE_CGROUP as u32 {
+        // SAFETY: the kernel filled the cgroup member for a cgroup link.
+        unsafe { info.__bindgen_anon_1.cgroup.attach_type }
+    } else {
+        0
+    };
+    Ok((info.type_, attach))
+}
+
+/// The (link type, attach type) of a link that may run `program`. The kernel checks only the
+/// program type when a cgroup link's program is replaced (a connect4 program would be taken
+/// for a connect6 hook), so the upgrade checks the attach type itself.
+fn kind_for(program: &str) -> (u32, u32) {
+    use bpf_attach_type as A;
+    let cgroup = |a: A| (bpf_link_type::BPF_LINK_TYPE_CGROUP as u32, a as u32);
+    match program {
+        programs::CONNECT4 => cgroup(A::BPF_CGROUP_INET4_CONNECT),
+        programs::CONNECT6 => cgroup(A::BPF_CGROUP_INET6_CONNECT),
+        programs::SENDMSG4 => cgroup(A::BPF_CGROUP_UDP4_SENDMSG),
+        programs::SENDMSG6 => cgroup(A::BPF_CGROUP_UDP6_SENDMSG),
+        programs::CONNTRACK => cgroup(A::BPF_CGROUP_INET_EGRESS),
+        _ => (bpf_link_type::BPF_LINK_TYPE_XDP as u32, 0),
+    }
 }
 
 /// One link to swap: its pin, the program name its new program has, its fd, and the old
@@ -342,6 +381,20 @@ impl Dataplane {
                     break;
                 }
             };
+            // Checked link by link, right before each swap: a mismatch is a pin that does not
+            // hold what its name says (not made by this loader), and swapping the links done so
+            // far back is harmless, each swap being atomic.
+            match link_kind(swap.link.as_fd()) {
+                Ok(kind) if kind == kind_for(name) => {}
+                Ok(_) => {
+                    failure = Some(Error::LinkMismatch { path: swap.pin.clone(), program: name });
+                    break;
+                }
+                Err(source) => {
+                    failure = Some(Error::LinkUpdate { path: swap.pin.clone(), source });
+                    break;
+                }
+            }
             if let Err(source) = link_update(swap.link.as_fd(), new_fd.as_fd(), swap.old.as_fd()) {
                 failure = Some(Error::LinkUpdate { path: swap.pin.clone(), source });
                 break;

@@ -86,6 +86,24 @@ fn rewrite_recorded_abi(root: &Path, abi: &str) {
     record.set(meta_index, out, 0).expect("write the record");
 }
 
+/// The id of the program pinned under `root` as `name` (the old data plane's).
+fn old_program(root: &Path, name: &str) -> u32 {
+    use aya::programs::{CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockAddrAttachType};
+    let path = root.join(name);
+    let info = match name {
+        "fw_ct_egress" => {
+            CgroupSkb::from_pin(&path, CgroupSkbAttachType::Egress).expect("pin").info()
+        }
+        "fw_connect6" => {
+            CgroupSockAddr::from_pin(&path, CgroupSockAddrAttachType::Connect6).expect("pin").info()
+        }
+        _ => CgroupSockAddr::from_pin(&path, CgroupSockAddrAttachType::UDPSendMsg4)
+            .expect("pin")
+            .info(),
+    };
+    info.expect("info").id()
+}
+
 fn stat(dp: &Dataplane, slot: u32) -> u64 {
     dp.stat(DIRECTION_INGRESS, slot).expect("stat").packets
 }
@@ -261,4 +279,72 @@ fn an_upgrade_of_a_current_data_plane_adopts_it() {
     let (again, upgrade) = Dataplane::upgrade_pinned(&root.0, &caps, &desired).expect("upgrade");
     assert!(upgrade.is_none(), "same ABI: nothing is reloaded");
     assert_eq!(again.ingress_program_id().expect("id"), id);
+}
+
+#[test]
+fn a_swap_that_fails_midway_swaps_the_done_links_back_and_leaves_the_old_data_plane() {
+    if !privileged(
+        "a_swap_that_fails_midway_swaps_the_done_links_back_and_leaves_the_old_data_plane",
+    ) {
+        return;
+    }
+    let root =
+        PinRoot(PathBuf::from(format!("/sys/fs/bpf/fwtest-upgrade-fail-{}", std::process::id())));
+    let ns = Netns::new().expect("netns");
+    let veth = VethPair::new(&ns).expect("veth");
+    let cg = Cgroup::new().expect("cgroup");
+    let caps = Capacities::default();
+    let deny = state(DENY);
+    let enc = encode(&deny);
+    let (mut old, _) = Dataplane::open_pinned(&root.0, &caps).expect("load");
+    old.apply(&enc, "old", &deny.digest(), b"old").expect("apply");
+    let xdp = old.attach_xdp(veth.host_name()).expect("attach xdp");
+    old.attach_egress_pinned(cg.dir()).expect("attach egress");
+    // The connect4 pin now holds a connect6 link. The kernel would swap a connect4 program
+    // onto it (it checks only the program type of a cgroup link); the upgrade refuses, after
+    // XDP (swapped first) was swapped, which it must swap back.
+    let other = cg.child("other").expect("child cgroup");
+    let links = old.attach_egress(other.dir()).expect("attach at the child");
+    let (_, connect6) = links
+        .links
+        .into_iter()
+        .find(|(name, _)| *name == fw_common::programs::CONNECT6)
+        .expect("a connect6 link");
+    let pin = root.0.join("links").join(format!("cgroup-{}", fw_common::programs::CONNECT4));
+    std::fs::remove_file(&pin).expect("unpin connect4");
+    connect6.pin(&pin).expect("pin connect6 as connect4");
+    rewrite_recorded_abi(&root.0, "00000000deadbeef");
+
+    let desired =
+        Desired { encoded: &enc, workloads: None, revision: "new", digest: "d", saved_state: b"" };
+    let err = Dataplane::upgrade_pinned(&root.0, &caps, &desired).expect_err("the swap fails");
+    assert!(matches!(&err, Error::LinkMismatch { path, .. } if *path == pin), "{err:?}");
+    let now = fw_loader::attachments(&root.0).expect("attachments");
+    assert_eq!(now[0].link_id, xdp.link_id);
+    assert_eq!(now[0].program_id, xdp.program_id, "the XDP link runs the old program again");
+    let staged: Vec<_> = std::fs::read_dir(&root.0)
+        .expect("root")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("_new"))
+        .collect();
+    assert_eq!(staged, Vec::<String>::new(), "no staged pins are left");
+    assert!(matches!(Dataplane::adopt(&root.0), Err(Error::AbiMismatch { .. })), "old record");
+    let cgroup_links: Vec<(u32, u32)> = ["fw_connect6", "fw_sendmsg4", "fw_ct_egress"]
+        .iter()
+        .map(|n| {
+            let info = aya::programs::links::FdLink::from(
+                aya::programs::links::PinnedLink::from_pin(
+                    root.0.join("links").join(format!("cgroup-{n}")),
+                )
+                .expect("pinned link"),
+            )
+            .info()
+            .expect("info");
+            (info.program_id(), old_program(&root.0, n))
+        })
+        .collect();
+    for (runs, pinned) in cgroup_links {
+        assert_eq!(runs, pinned, "cgroup links after the failed one were never swapped");
+    }
+    let _ = (ns, other);
 }
