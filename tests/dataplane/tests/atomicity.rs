@@ -4,17 +4,24 @@
 //! many times. Every flooded packet must be decided by the deciding rule of policy A or of
 //! policy B, never by anything else, and the programs must stay the same.
 //!
-//! The two policies are built so that a packet which saw a mix of generations would show up:
-//! A allows the flood by a rule restricted to the sender's /32, B denies it by another such
-//! rule, and both have no rule without an address restriction. The sender's address therefore
-//! has a different address class in each (a class id is a hash of its rule set) and neither
-//! class has L4 entries in the other policy's table, nor does the (empty) shared table: a
-//! lookup that took the LPM of one generation and the L4 table of the other finds no decision
-//! and falls to the default, which the stats count and this test requires to stay at zero.
-//! Any other slot (internal error, malformed, ...) must stay at zero too. ARP is the one slot
-//! not checked: it is always allowed before any generation is read, and the sender's neighbour
-//! resolution needs it. IPv6 is switched off in the namespace so no router or multicast
-//! listener traffic reaches the program.
+//! The two policies are built so that a packet which saw a mix of generations would show up
+//! on a rule of its own. Each has three rules:
+//! - `flood`, restricted to the sender's /32: A allows the flood by it, B denies it. The
+//!   sender's address therefore has a different address class in each (a class id is a hash of
+//!   its rule set), and neither class has L4 entries in the other policy's table;
+//! - `mixed`, allowing the flood's port from any address: it sits in the shared table
+//!   (rules without an address restriction), so in a pure lookup it loses to `flood` (A: both
+//!   allow, `flood` ranks first; B: deny beats allow) and never decides a flood packet. A
+//!   lookup that took the LPM of one generation and the L4 table of the other misses the class
+//!   and is decided by the other policy's `mixed` instead;
+//! - `rest`, allowing anything else: the namespace's own traffic (IPv6 neighbour discovery and
+//!   MLD reports, which come on their own schedule) is decided there and never reaches the
+//!   default.
+//!
+//! So the flood may only ever count on A's and B's `flood` rules: `mixed` must stay at zero,
+//! no rule outside the two policies may count, and no stats slot may either (default, internal
+//! error, malformed, ...) except ARP and neighbour discovery, which are always allowed before
+//! any generation is read.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -22,7 +29,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use fw_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, STAT_ALWAYS_ARP, STATS_PER_DIRECTION, stat_index,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, STAT_ALWAYS_ARP, STAT_ALWAYS_ND, STATS_PER_DIRECTION,
+    stat_index,
 };
 use fw_compiler::compile::compile;
 use fw_compiler::encode::encode;
@@ -35,7 +43,7 @@ use fw_loader::{Dataplane, Opened};
 use fw_netkit::{Netns, UdpEchoServer, UdpFlood, VethPair};
 
 /// How many applies the flood sees (A and B alternating).
-const APPLIES: usize = 60;
+const APPLIES: usize = 200;
 
 /// A bpffs root of the test's own; unloads everything under it on drop.
 struct PinRoot(PathBuf);
@@ -60,7 +68,7 @@ fn state(yaml: &str) -> MapState {
     compile(&set.for_host(&host), &Capacities::default()).expect("compiles")
 }
 
-fn policy(name: &str, rule: &str, action: &str, peer: IpAddr, port: u16) -> String {
+fn policy(name: &str, flood: &str, peer: IpAddr, port: u16) -> String {
     format!(
         "apiVersion: fw/v1
 kind: Policy
@@ -68,14 +76,17 @@ metadata: {{name: {name}}}
 spec:
   defaults: {{ingress: deny}}
   ingress:
-    - {{name: {rule}, action: {action}, from: [{peer}/32], proto: udp, ports: [{port}]}}
+    - {{name: flood, action: {flood}, from: [{peer}/32], proto: udp, ports: [{port}]}}
+    - {{name: mixed, action: allow, proto: udp, ports: [{port}]}}
+    - {{name: rest, action: allow}}
 "
     )
 }
 
-fn only_rule(st: &MapState) -> u32 {
-    assert_eq!(st.rules.len(), 1, "one rule per policy");
-    st.rules.keys().next().map(|r| r.0).expect("a rule")
+fn rule_id(st: &MapState, name: &str) -> u32 {
+    assert_eq!(st.rules.len(), 3, "three rules per policy");
+    let id = st.rules.iter().find(|(_, r)| r.name.as_deref() == Some(name)).map(|(id, _)| id.0);
+    id.unwrap_or_else(|| panic!("no rule {name}"))
 }
 
 /// The address class of `peer` (a /32 in the policy).
@@ -86,7 +97,8 @@ fn class_of(st: &MapState, peer: IpAddr) -> ClassId {
 }
 
 /// The mixes this test relies on to be visible really are: the sender's class in one policy
-/// has no L4 entries in the other, and the shared table is empty in both.
+/// has no L4 entries in the other (so a mixed lookup falls to the shared table, whose entry
+/// for the flood's port is `mixed`).
 fn assert_mixes_are_visible(a: &MapState, b: &MapState, peer: IpAddr) {
     let (ca, cb) = (class_of(a, peer), class_of(b, peer));
     assert_ne!(ca, cb, "the sender's class must differ between the policies");
@@ -96,16 +108,18 @@ fn assert_mixes_are_visible(a: &MapState, b: &MapState, peer: IpAddr) {
             !other.ingress.l4.keys().any(|k| k.class == class),
             "{class:?} must have no L4 entries in the other policy"
         );
-        assert!(!this.ingress.l4.keys().any(|k| k.class == ClassId::SHARED), "shared is empty");
+        assert!(this.ingress.l4.keys().any(|k| k.class == ClassId::SHARED), "a shared table");
     }
 }
 
-/// Every stats slot but ARP's, by (direction, slot), with what it counted.
+/// Every stats slot but ARP's and neighbour discovery's, by (direction, slot), with what it
+/// counted.
 fn stray_stats(dp: &Dataplane) -> BTreeMap<(u32, u32), u64> {
     let mut out = BTreeMap::new();
     for direction in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
         for slot in 0..STATS_PER_DIRECTION {
-            if direction == DIRECTION_INGRESS && slot == STAT_ALWAYS_ARP {
+            if direction == DIRECTION_INGRESS && (slot == STAT_ALWAYS_ARP || slot == STAT_ALWAYS_ND)
+            {
                 continue;
             }
             let c = dp.stat(direction, slot).expect("stat");
@@ -126,9 +140,6 @@ fn a_flood_across_many_applies_is_only_ever_decided_by_one_generation() {
     let root = PinRoot::new("atomicity");
     let ns = Netns::new().expect("netns");
     let veth = VethPair::new(&ns).expect("veth");
-    ns.run(|| std::fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1"))
-        .expect("ns")
-        .expect("switch IPv6 off in the namespace");
     let host = IpAddr::V4(veth.host_v4());
     let peer = IpAddr::V4(veth.peer_v4());
     // A receiver on the host, so allowed datagrams are consumed rather than answered with
@@ -136,9 +147,11 @@ fn a_flood_across_many_applies_is_only_ever_decided_by_one_generation() {
     let sink = UdpEchoServer::start(SocketAddr::new(host, 0)).expect("sink");
     let port = sink.addr().port();
 
-    let a = state(&policy("gen-a", "a-allow", "allow", peer, port));
-    let b = state(&policy("gen-b", "b-deny", "deny", peer, port));
-    let (rule_a, rule_b) = (only_rule(&a), only_rule(&b));
+    let a = state(&policy("gen-a", "allow", peer, port));
+    let b = state(&policy("gen-b", "deny", peer, port));
+    let (rule_a, rule_b) = (rule_id(&a, "flood"), rule_id(&b, "flood"));
+    let mixed = [rule_id(&a, "mixed"), rule_id(&b, "mixed")];
+    let rest = [rule_id(&a, "rest"), rule_id(&b, "rest")];
     assert_ne!(rule_a, rule_b);
     assert_mixes_are_visible(&a, &b, peer);
     let (enc_a, enc_b) = (encode(&a), encode(&b));
@@ -180,17 +193,25 @@ fn a_flood_across_many_applies_is_only_ever_decided_by_one_generation() {
     assert_eq!(attachments[0].link_id, attachment.link_id, "the same link");
 
     let counters = dp.rule_counters().expect("counters");
-    let strays: Vec<_> = counters.iter().filter(|(r, _)| **r != rule_a && **r != rule_b).collect();
+    let held = |r: &u32| *r == rule_a || *r == rule_b || mixed.contains(r) || rest.contains(r);
+    let strays: Vec<_> = counters.iter().filter(|(r, _)| !held(r)).collect();
     assert!(strays.is_empty(), "rules neither generation holds decided packets: {strays:?}");
+    let by_mixed: Vec<_> = counters.iter().filter(|(r, _)| mixed.contains(r)).collect();
+    assert!(
+        by_mixed.is_empty(),
+        "mixed lookups (LPM of one generation, L4 of the other): {by_mixed:?}"
+    );
+    let by_rest: u64 = rest.iter().filter_map(|r| counters.get(r)).map(|c| c.packets).sum();
     let stats = stray_stats(&dp);
-    assert!(stats.is_empty(), "packets decided by neither A's nor B's rule: {stats:?}");
+    assert!(stats.is_empty(), "packets decided by no rule of A or B: {stats:?}");
     let got = |r| counters.get(&r).map_or(0, |c| c.packets);
     let (by_a, by_b) = (got(rule_a), got(rule_b));
     assert!(by_a > 0 && by_b > 0, "both generations decided flood packets: A {by_a}, B {by_b}");
     assert!(by_a + by_b <= sent.sent, "counted {} of {} sent", by_a + by_b, sent.sent);
     eprintln!(
         "{APPLIES} applies in {elapsed:?} under a flood of {} datagrams ({} send errors): \
-         A allowed {by_a}, B denied {by_b}, nothing else decided any",
+         A allowed {by_a}, B denied {by_b}, no mixed lookup \
+         ({by_rest} packets of the namespace's own by the rest rules)",
         sent.sent, sent.failed
     );
 }
