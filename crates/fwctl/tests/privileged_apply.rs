@@ -153,6 +153,18 @@ impl Net {
     }
 }
 
+/// Waits (up to 5 s) for `done`. Removing a link's last pin does not detach it at once: the
+/// kernel releases the link from a work queue after the pin's inode is freed (itself after an
+/// RCU grace period), which under load takes long enough for an immediate probe to still see
+/// the program. The first check that holds ends the wait; never holding fails the test.
+fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: still not so after 5 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn root_ok() -> bool {
     fw_netkit::require_root()
 }
@@ -297,9 +309,13 @@ fn unload_removes_every_pin_and_detaches() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("links/"), "names the removed link: {}", text(&out));
     assert!(!s.root.exists(), "the root is gone");
-    let link =
-        Command::new("ip").args(["-d", "link", "show", net.veth.host_name()]).output().expect("ip");
-    assert!(!String::from_utf8_lossy(&link.stdout).contains("prog/xdp"), "XDP is detached");
+    eventually("XDP is detached", || {
+        let link = Command::new("ip")
+            .args(["-d", "link", "show", net.veth.host_name()])
+            .output()
+            .expect("ip");
+        !String::from_utf8_lossy(&link.stdout).contains("prog/xdp")
+    });
     assert_eq!(net.observe(), (true, true, true), "traffic flows again");
     let again = run(&["unload", "--bpffs", s.root.to_str().expect("utf-8")]);
     assert_eq!(again.status.code(), Some(1), "nothing left to unload");
@@ -505,7 +521,9 @@ spec:
     let out = run(&["unload", "--bpffs", s.root.to_str().expect("utf-8")]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("links/cgroup-fw_connect4"), "{}", text(&out));
-    assert_eq!(app.tcp_connect(server.addr(), t).expect("probe"), Outcome::Ok, "after unload");
+    eventually("the app cgroup connects after unload", || {
+        app.tcp_connect(server.addr(), t).expect("probe") == Outcome::Ok
+    });
 }
 
 fn diff_args<'a>(s: &'a Scratch, policy: &'a Path) -> Vec<&'a str> {
