@@ -15,8 +15,10 @@
 //!    counter: there is no shared counter to keep consistent across processes and crashes, and
 //!    only equality matters. Entries changed behind the protocol's back (by hand, with
 //!    bpftool) do not change the record: [`Dataplane::drift`] finds them with a full read.
-//! 2. Check the desired state before anything is written: every map that changes is decoded in
-//!    full (`encode::decode`), the unchanged ones are what the kernel already holds. Clear the
+//! 2. Check the desired state before anything is written: the entries to be written are
+//!    decoded (`encode::decode`; every map that changes in full when the desired entries are
+//!    not sorted, which is how duplicate keys are ruled out), the unchanged ones are what the
+//!    kernel already holds. Clear the
 //!    standby's record, write only the diff, and verify only what was written: each upserted
 //!    key is present with its value, each removed key is absent (O(diff) lookups). If the
 //!    desired state does not fit the standby's maps, bigger inner maps are created, filled,
@@ -132,17 +134,25 @@ fn write_id() -> Result<String, Error> {
     Ok(format!("{:016x}", u64::from_ne_bytes(b)))
 }
 
-/// `encoded` with the entries of the maps `deltas` does not touch left out (the workload
-/// table and the config are kept whole; both are tiny): what must be checked before writing.
-fn changed_part(encoded: &Encoded, deltas: &BTreeMap<&'static str, MapDelta>) -> Encoded {
+/// What must be checked (`decode`) before writing `deltas`: the config and the workload
+/// table whole (both are tiny), and of the other maps only the entries to be written when
+/// `desired` was found sorted without duplicate keys (`generation::delta_checked`), else every
+/// map that changes, whole. The maps that do not change are what the kernel already holds.
+fn to_check(encoded: &Encoded, deltas: &BTreeMap<&'static str, MapDelta>, sorted: bool) -> Encoded {
     let maps = encoded
         .maps
         .iter()
         .map(|(&name, entries)| {
-            let keep = deltas.contains_key(name)
-                || name == fw_common::maps::CONFIG
-                || name == fw_common::maps::WORKLOADS;
-            (name, if keep { entries.clone() } else { Vec::new() })
+            let entries = if name == fw_common::maps::CONFIG || name == fw_common::maps::WORKLOADS {
+                entries.clone()
+            } else {
+                match deltas.get(name) {
+                    Some(d) if sorted => d.upsert.clone(),
+                    Some(_) => entries.clone(),
+                    None => Vec::new(),
+                }
+            };
+            (name, entries)
         })
         .collect();
     Encoded { maps }
@@ -422,9 +432,9 @@ impl Dataplane {
         report.to = standby;
 
         let current = self.held_state(standby)?;
-        let deltas = generation::delta(&current, encoded);
-        // Nothing is written unless what changes decodes (see the module docs, step 2).
-        decode(&changed_part(encoded, &deltas)).map_err(Error::InvalidState)?;
+        let (deltas, sorted) = generation::delta_checked(&current, encoded);
+        // Nothing is written unless what is written decodes (see the module docs, step 2).
+        decode(&to_check(encoded, &deltas, sorted)).map_err(Error::InvalidState)?;
         lap(&mut report, "diff");
 
         if let Some(pins) = self.pins_mut() {
@@ -554,6 +564,15 @@ mod tests {
         let d = a.get("FW_IN_V4").expect("a diff");
         assert_eq!(d.upsert, vec![(vec![2], vec![9]), (vec![4], vec![4])]);
         assert_eq!(d.remove, vec![vec![3]]);
+        // The same with shared entries before and after (skipped before the middle is diffed).
+        let wrap = |e: &Vec<(Vec<u8>, Vec<u8>)>| {
+            let mut w = vec![(vec![0], vec![0])];
+            w.extend(e.iter().cloned());
+            w.push((vec![9], vec![9]));
+            w
+        };
+        assert_eq!(generation::delta(&enc(&wrap(&sorted)), &enc(&wrap(&want))), b);
+        assert_eq!(generation::delta(&enc(&wrap(&sorted)), &enc(&wrap(&want_sorted))), b);
     }
 
     #[test]

@@ -317,34 +317,100 @@ impl MapDelta {
 /// The entry-level difference between two encodings, per map (only maps that differ). The
 /// workload table is left out: the encoded state keys it by cgroup path, the kernel by id.
 ///
-/// Both sides are normally sorted by key with no duplicates (`encode` emits them so, a
-/// read-back sorts), and then each map is one merge walk without allocating a map of either
-/// side: at 100k entries this is a fraction of a millisecond, where building two `BTreeMap`s
-/// took tens. A side that is not strictly sorted falls back to the map-based comparison.
-/// Either way the output lists upserts and removals in key order.
+/// This runs on every apply before anything is written, so it is built to cost little when
+/// little changed: the entries both sides share at the start and at the end are skipped with
+/// a plain element-by-element comparison (a tight loop, no allocation), and only the middle
+/// is diffed. That middle is normally sorted by key with no duplicates (`encode` emits entries
+/// so, a read-back sorts), and then it is one merge walk; a side that is not strictly sorted
+/// falls back to a map-based comparison of the middle (the shared ends are equal pairwise, so
+/// the set difference is the middles'; a key repeated across the two parts is a duplicate,
+/// which `decode` rejects for every map that changes). Either way the output lists upserts and
+/// removals in key order. At 100k entries, building two `BTreeMap`s per map took tens of
+/// milliseconds.
 pub fn delta(current: &Encoded, desired: &Encoded) -> BTreeMap<&'static str, MapDelta> {
+    delta_checked(current, desired).0
+}
+
+/// [`delta`], and whether every map of `desired` that differs was found strictly sorted by
+/// key (so without duplicate keys), assuming `current`'s maps are (a read-back or a patched
+/// cache always is). When it was, checking the upserted entries checks every entry the
+/// apply writes and every key is unique; when not, the caller must check the changed maps in
+/// full.
+pub(crate) fn delta_checked(
+    current: &Encoded,
+    desired: &Encoded,
+) -> (BTreeMap<&'static str, MapDelta>, bool) {
     let empty = Entries::new();
     let mut out = BTreeMap::new();
+    let mut sorted = true;
     let names: BTreeSet<&'static str> =
         current.maps.keys().chain(desired.maps.keys()).copied().collect();
     for name in names.into_iter().filter(|&n| n != maps::WORKLOADS) {
-        let have = current.maps.get(name).unwrap_or(&empty);
-        let want = desired.maps.get(name).unwrap_or(&empty);
-        let d = merge_delta(have, want).unwrap_or_else(|| map_delta(have, want));
+        let have_all = current.maps.get(name).unwrap_or(&empty).as_slice();
+        let want_all = desired.maps.get(name).unwrap_or(&empty).as_slice();
+        let head = have_all.iter().zip(want_all).take_while(|(a, b)| same(a, b)).count();
+        if head == have_all.len() && head == want_all.len() {
+            continue;
+        }
+        let (have, want) =
+            (have_all.get(head..).unwrap_or_default(), want_all.get(head..).unwrap_or_default());
+        let tail = have.iter().rev().zip(want.iter().rev()).take_while(|(a, b)| same(a, b)).count();
+        let have = have.get(..have.len() - tail).unwrap_or_default();
+        let want = want.get(..want.len() - tail).unwrap_or_default();
+        // The shared ends equal `current`'s, which is sorted; the middle must also sort after
+        // the head and before the tail.
+        let before = head.checked_sub(1).and_then(|i| want_all.get(i));
+        let after =
+            want_all.len().checked_sub(tail).and_then(|i| want_all.get(i)).filter(|_| tail > 0);
+        let joins = match (want.first(), want.last()) {
+            (Some(first), Some(last)) => {
+                before.is_none_or(|b| b.0 < first.0) && after.is_none_or(|a| last.0 < a.0)
+            }
+            _ => true,
+        };
+        let d = match merge_delta(have, want).filter(|_| joins) {
+            Some(d) => d,
+            None => {
+                sorted = false;
+                map_delta(have, want)
+            }
+        };
         if !d.is_empty() {
             out.insert(name, d);
         }
     }
-    out
+    (out, sorted)
 }
 
+/// Entry equality without a `memcmp` call per byte slice: the slices are a few bytes long and
+/// the head and tail comparison of [`delta_checked`] runs over every entry of every map.
+#[inline]
+fn same(a: &Entry, b: &Entry) -> bool {
+    #[inline]
+    fn eq(a: &[u8], b: &[u8]) -> bool {
+        if a.len() != b.len() {
+            return false;
+        }
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        ca.zip(cb).all(|(x, y)| {
+            let word = |c: &[u8]| <[u8; 8]>::try_from(c).map(u64::from_ne_bytes).unwrap_or(0);
+            word(x) == word(y)
+        }) && ra.iter().zip(rb).all(|(x, y)| x == y)
+    }
+    eq(&a.0, &b.0) && eq(&a.1, &b.1)
+}
+
+/// One entry: key and value bytes.
+type Entry = (Vec<u8>, Vec<u8>);
+
 /// One merge walk over two key-sorted entry lists; `None` when either is not strictly sorted.
-fn merge_delta(have: &Entries, want: &Entries) -> Option<MapDelta> {
+fn merge_delta(have: &[Entry], want: &[Entry]) -> Option<MapDelta> {
     use std::cmp::Ordering;
     let mut d = MapDelta::default();
     let (mut i, mut j) = (0, 0);
     let sorted_at =
-        |e: &Entries, i: usize| match (i.checked_sub(1).and_then(|p| e.get(p)), e.get(i)) {
+        |e: &[Entry], i: usize| match (i.checked_sub(1).and_then(|p| e.get(p)), e.get(i)) {
             (Some(a), Some(b)) => a.0 < b.0,
             _ => true,
         };
@@ -393,7 +459,7 @@ fn merge_delta(have: &Entries, want: &Entries) -> Option<MapDelta> {
 
 /// The same as [`merge_delta`] for entry lists in any order (a duplicate key counts once, the
 /// last value winning, as it would in the kernel).
-fn map_delta(have: &Entries, want: &Entries) -> MapDelta {
+fn map_delta(have: &[Entry], want: &[Entry]) -> MapDelta {
     let have: BTreeMap<&[u8], &[u8]> =
         have.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
     let want: BTreeMap<&[u8], &[u8]> =

@@ -192,3 +192,33 @@ fn drift_finds_entries_changed_behind_the_protocol_and_an_apply_repairs_them() {
     assert_holds(&dp, &without);
     assert_eq!(dp.test_run_ingress(&frame(from, 80)).expect("run").action, XdpAction::Drop);
 }
+
+#[test]
+fn an_apply_whose_written_entries_do_not_decode_changes_nothing() {
+    if !privileged("an_apply_whose_written_entries_do_not_decode_changes_nothing") {
+        return;
+    }
+    let root = Root::new();
+    let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
+    let good = encode(&state(&policy(false)));
+    dp.apply(&good, "r1", "d1", b"s").expect("apply");
+    let before = dp.applied(0).expect("record");
+
+    // A /24 with host bits set: only the new entry is bad, the rest is what is loaded.
+    let mut host_bits = good.clone();
+    let v4 = host_bits.maps.get_mut(maps::INGRESS_V4).expect("v4");
+    v4.push((vec![24, 0, 0, 0, 203, 0, 113, 7], vec![1, 0, 0, 0]));
+    v4.sort();
+    // A key given twice with two values (sorted, so only the duplicate is wrong).
+    let mut twice = good.clone();
+    let v4 = twice.maps.get_mut(maps::INGRESS_V4).expect("v4");
+    let first = v4.first().cloned().expect("an entry");
+    v4.insert(1, (first.0, vec![0x7f, 0, 0, 0]));
+    for bad in [host_bits, twice] {
+        let err = dp.apply(&bad, "r2", "d2", b"t").expect_err("refused");
+        assert!(matches!(err, fw_loader::Error::InvalidState(_)), "{err:?}");
+        assert_holds(&dp, &good);
+        assert_eq!(dp.applied(0).expect("record"), before);
+        assert_eq!(dp.applied(1).expect("record"), before);
+    }
+}
