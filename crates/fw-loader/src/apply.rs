@@ -41,6 +41,11 @@
 //!    state, so no program can still count for them), and saved-state pins neither record
 //!    names. Counters of rules that are still referenced, changed or not, are kept.
 //!
+//! Step 1 still compares the whole desired state with what the generation holds, in memory:
+//! O(policy size), about a millisecond at 100k entries. [`Dataplane::apply_changes`] takes the
+//! change as entry deltas instead, on top of the state applied last (checked by its digest
+//! and the write id in the record), so nothing before the flip is O(policy size).
+//!
 //! `FW_LOADER_HOOK` ([`HOOK_ENV`]) lets tests stop an apply between steps to check that the
 //! data plane fails static: `STEP[:pause|:abort]`, comma-separated, with STEP one of
 //! `after-standby-write`, `after-flip`, `before-replay`. `pause` prints
@@ -171,6 +176,97 @@ fn referenced_rules(encoded: &Encoded) -> BTreeSet<u32> {
     out
 }
 
+/// `changes` reduced to what differs from `current` (key-sorted, `current` being sorted):
+/// upserts of entries already held and removals of keys not held are dropped. A key given
+/// twice, or both upserted and removed, is refused, as is a map the data plane does not have.
+fn effective_changes(
+    current: &Encoded,
+    changes: &BTreeMap<&'static str, MapDelta>,
+) -> Result<BTreeMap<&'static str, MapDelta>, Error> {
+    let empty = Vec::new();
+    let mut out = BTreeMap::new();
+    for (&name, change) in changes {
+        if !fw_common::maps::GENERATIONAL.contains(&name) || name == fw_common::maps::WORKLOADS {
+            return Err(Error::UnknownMap(name.to_string()));
+        }
+        let held = current.maps.get(name).unwrap_or(&empty);
+        let find = |k: &[u8]| held.binary_search_by(|e| e.0.as_slice().cmp(k)).ok();
+        let mut d = MapDelta::default();
+        let mut keys: Vec<&[u8]> = Vec::new();
+        for (k, v) in &change.upsert {
+            keys.push(k);
+            if find(k).and_then(|i| held.get(i)).is_none_or(|e| &e.1 != v) {
+                d.upsert.push((k.clone(), v.clone()));
+            }
+        }
+        for k in &change.remove {
+            keys.push(k);
+            if find(k).is_some() {
+                d.remove.push(k.clone());
+            }
+        }
+        keys.sort_unstable();
+        if keys.windows(2).any(|w| w.first() == w.get(1)) {
+            return Err(Error::InvalidState(fw_compiler::encode::DecodeError::DuplicateKey {
+                map: name,
+            }));
+        }
+        d.upsert.sort_unstable();
+        d.remove.sort_unstable();
+        if !d.is_empty() {
+            out.insert(name, d);
+        }
+    }
+    Ok(out)
+}
+
+/// Checks `deltas` against what the standby holds before anything is written: the entries to
+/// write decode (with the config as it will be), and every map still fits its capacity.
+fn check_changes(
+    current: &Encoded,
+    deltas: &BTreeMap<&'static str, MapDelta>,
+    caps: &fw_compiler::mapstate::Capacities,
+) -> Result<(), Error> {
+    let mut check = Encoded::default();
+    for name in fw_common::maps::GENERATIONAL {
+        let d = deltas.get(name);
+        let entries = if name == fw_common::maps::CONFIG {
+            let mut config = current.maps.get(name).cloned().unwrap_or_default();
+            if let Some(d) = d {
+                generation::patch(&mut config, d);
+            }
+            config
+        } else {
+            d.map(|d| d.upsert.clone()).unwrap_or_default()
+        };
+        check.maps.insert(name, entries);
+    }
+    decode(&check).map_err(Error::InvalidState)?;
+    for (&name, d) in deltas {
+        let held = current.maps.get(name).map_or(0, Vec::len);
+        let new = d
+            .upsert
+            .iter()
+            .filter(|(k, _)| {
+                current
+                    .maps
+                    .get(name)
+                    .is_none_or(|h| h.binary_search_by(|e| e.0.as_slice().cmp(k)).is_err())
+            })
+            .count();
+        let cap = match name {
+            fw_common::maps::INGRESS_V4 | fw_common::maps::EGRESS_V4 => caps.v4_prefixes,
+            fw_common::maps::INGRESS_V6 | fw_common::maps::EGRESS_V6 => caps.v6_prefixes,
+            fw_common::maps::INGRESS_L4 | fw_common::maps::EGRESS_L4 => caps.l4_entries,
+            _ => continue,
+        };
+        if held + new - d.remove.len().min(held + new) > cap as usize {
+            return Err(Error::StaleBase);
+        }
+    }
+    Ok(())
+}
+
 /// One generation's drift: what must change in its maps to hold the desired state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GenerationDrift {
@@ -261,7 +357,7 @@ impl Dataplane {
         &mut self,
         generation: u32,
         encoded: &Encoded,
-        mut current: Encoded,
+        current: Encoded,
         deltas: &BTreeMap<&'static str, MapDelta>,
         grown: &mut Vec<u32>,
     ) -> Result<(WriteStats, Encoded), Error> {
@@ -296,12 +392,7 @@ impl Dataplane {
             grown.push(generation);
             return Ok((stats, back));
         }
-        let stats = gm.apply_delta(deltas)?;
-        gm.verify_delta(deltas)?;
-        for (&name, d) in deltas {
-            generation::patch(current.maps.entry(name).or_default(), d);
-        }
-        Ok((stats, current))
+        self.write_delta(generation, current, deltas)
     }
 
     /// Writes generation `generation`'s record (its write id last).
@@ -507,6 +598,185 @@ impl Dataplane {
         }
         lap(&mut report, "clean up");
         Ok(report)
+    }
+
+    /// The cached state of `generation`, taken out of the cache, when the record still carries
+    /// its write id and names `digest` as what the generation holds; else `None` (and the
+    /// cache entry, if any, stays).
+    fn held_as(&mut self, generation: u32, digest: &str) -> Result<Option<Encoded>, Error> {
+        let g = Self::slot(generation)?;
+        let Some(pins) = self.pins() else { return Ok(None) };
+        let Some(fields) = pins.read(generation)? else { return Ok(None) };
+        let matches = |h: &Held| {
+            fields.get("digest").map(String::as_str) == Some(digest)
+                && fields.get("write") == Some(&h.write)
+        };
+        match self.held.get_mut(g) {
+            Some(slot) if slot.as_ref().is_some_and(matches) => Ok(slot.take().map(|h| h.state)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Applies a change given as entry deltas on top of the state applied last, with the same
+    /// protocol as [`Dataplane::apply`], for a caller that knows what changed (the daemon,
+    /// from an incremental compile): nothing in it is O(policy size) before the flip, where
+    /// `apply` compares the whole desired state with what the generation holds.
+    ///
+    /// `base_digest` is the digest the state the change applies to was applied with. The
+    /// change is refused ([`Error::StaleBase`], nothing written) unless the standby
+    /// generation's record names that digest and carries the write id of a write this
+    /// `Dataplane` made and still caches (so what it holds is known without reading it); the
+    /// caller then falls back to `apply` with the whole state. Upserts equal to what is held
+    /// and removals of keys not held are dropped; the entries to write are decoded first, and
+    /// a key given twice, or both written and removed, is refused. A change that would not fit
+    /// the standby's maps is refused too (`apply` grows them). The old generation is replayed
+    /// the same way when its record also names `base_digest`, else read and diffed in full.
+    /// The workload tables are not touched.
+    pub fn apply_changes(
+        &mut self,
+        base_digest: &str,
+        changes: &BTreeMap<&'static str, MapDelta>,
+        revision: &str,
+        digest: &str,
+        saved_state: &[u8],
+    ) -> Result<ApplyReport, Error> {
+        if revision.len() > MAX_REVISION || revision.contains(['\n', '\0']) {
+            return Err(Error::BadRevision { max: MAX_REVISION });
+        }
+        if digest.contains(['\n', '\0']) || digest.len() > 128 {
+            return Err(Error::Record("the digest is not one short line"));
+        }
+        let mut report = ApplyReport::default();
+        let mut t = Instant::now();
+        let mut lap = |report: &mut ApplyReport, step| {
+            report.timings.push((step, t.elapsed()));
+            t = Instant::now();
+        };
+        let active = self.active_generation()?;
+        let standby = (active + 1) % GENERATIONS;
+        report.from = active;
+        report.to = standby;
+
+        let Some(current) = self.held_as(standby, base_digest)? else {
+            return Err(Error::StaleBase);
+        };
+        let checked = effective_changes(&current, changes).and_then(|deltas| {
+            let gm = self.generations.get(Self::slot(standby)?);
+            let caps = gm.ok_or(Error::NoSuchGeneration(standby))?.caps;
+            check_changes(&current, &deltas, &caps)?;
+            Ok(deltas)
+        });
+        let deltas = match checked {
+            Ok(d) => d,
+            Err(e) => {
+                // Nothing was written: what the standby holds is still known.
+                let g = Self::slot(standby)?;
+                let write = self.pins().and_then(|p| p.read(standby).ok().flatten());
+                if let (Some(slot), Some(write)) =
+                    (self.held.get_mut(g), write.and_then(|mut f| f.remove("write")))
+                {
+                    *slot = Some(Held { write, state: current });
+                }
+                return Err(e);
+            }
+        };
+        lap(&mut report, "diff");
+
+        if let Some(pins) = self.pins_mut() {
+            pins.write(standby, &[])?;
+        }
+        let (stats, held) = self.write_delta(standby, current, &deltas)?;
+        report.standby = stats;
+        let saved = self.save_state(saved_state, false)?;
+        let write = write_id()?;
+        let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
+        self.record(standby, revision, digest, &write, saved_ref)?;
+        let l4_rules = deltas
+            .keys()
+            .any(|n| [fw_common::maps::INGRESS_L4, fw_common::maps::EGRESS_L4].contains(n));
+        if let Some(slot) = self.held.get_mut(Self::slot(standby)?) {
+            *slot = Some(Held { write: write.clone(), state: held });
+        }
+        lap(&mut report, "write standby");
+        hook("after-standby-write")?;
+
+        self.set_active_generation(standby)?;
+        lap(&mut report, "flip");
+        hook("after-flip")?;
+
+        let saved = match saved {
+            Some(id) => Some(id),
+            None => {
+                let id = self.save_state(saved_state, true)?;
+                let saved_ref = id.as_deref().map(|id| (id, saved_state.len()));
+                self.record(standby, revision, digest, &write, saved_ref)?;
+                id
+            }
+        };
+        lap(&mut report, "save state");
+
+        let g = Self::slot(standby)?;
+        self.generations
+            .get(g)
+            .ok_or(Error::NoSuchGeneration(standby))?
+            .wait_grace_period(standby, &mut self.outer)?;
+        lap(&mut report, "grace period");
+        hook("before-replay")?;
+
+        // The old generation: the same deltas when it is known to hold the base, else a diff
+        // against what the standby now holds.
+        let (current, replay) = match self.held_as(active, base_digest)? {
+            Some(current) => (current, deltas),
+            None => {
+                let current = self.held_state(active)?;
+                let new = self.held.get(g).and_then(Option::as_ref).map(|h| &h.state);
+                let replay = generation::delta(&current, new.ok_or(Error::StaleBase)?);
+                (current, replay)
+            }
+        };
+        if let Some(pins) = self.pins_mut() {
+            pins.write(active, &[])?;
+        }
+        let (stats, held) = self.write_delta(active, current, &replay)?;
+        report.replay = stats;
+        let write = write_id()?;
+        let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
+        self.record(active, revision, digest, &write, saved_ref)?;
+        if let Some(slot) = self.held.get_mut(Self::slot(active)?) {
+            *slot = Some(Held { write, state: held });
+        }
+        lap(&mut report, "replay");
+
+        if l4_rules {
+            let held = self.held.get(g).and_then(Option::as_ref).map(|h| &h.state);
+            let keep = held.map(referenced_rules).unwrap_or_default();
+            if held.is_some() {
+                report.counters_removed = self.remove_counters_except(&keep)?;
+            }
+        }
+        if let Some(pins) = self.pins() {
+            pins.remove_unreferenced_states()?;
+        }
+        lap(&mut report, "clean up");
+        Ok(report)
+    }
+
+    /// Writes `deltas` into generation `generation`, which holds `current`, verifies what was
+    /// written, and returns what it holds afterwards.
+    fn write_delta(
+        &mut self,
+        generation: u32,
+        mut current: Encoded,
+        deltas: &BTreeMap<&'static str, MapDelta>,
+    ) -> Result<(WriteStats, Encoded), Error> {
+        let g = Self::slot(generation)?;
+        let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
+        let stats = gm.apply_delta(deltas)?;
+        gm.verify_delta(deltas)?;
+        for (&name, d) in deltas {
+            generation::patch(current.maps.entry(name).or_default(), d);
+        }
+        Ok((stats, current))
     }
 
     /// Deletes the per-rule counters of every rule not in `keep`; returns how many.

@@ -13,7 +13,9 @@
 //! change. `apply` is the update protocol on top of that: diff against what the standby
 //! generation holds, write the diff, verify what was written, flip, wait a grace period,
 //! replay; its kernel work is proportional to the diff once the process knows what each
-//! generation holds. `drift` compares the generations with a desired state in full.
+//! generation holds. `apply_changes` does the same from a change given as entry deltas, with
+//! nothing O(policy size) before the flip; `drift` compares the generations with a desired
+//! state in full.
 //!
 //! [`Dataplane::test_run_ingress`] runs the XDP program on a frame with `BPF_PROG_TEST_RUN`,
 //! without attaching it anywhere: the kernel's real program and maps, no traffic. The

@@ -222,3 +222,59 @@ fn an_apply_whose_written_entries_do_not_decode_changes_nothing() {
         assert_eq!(dp.applied(1).expect("record"), before);
     }
 }
+
+#[test]
+fn a_change_given_as_deltas_applies_on_top_of_the_state_applied_last_only() {
+    if !privileged("a_change_given_as_deltas_applies_on_top_of_the_state_applied_last_only") {
+        return;
+    }
+    let root = Root::new();
+    let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
+    let (with, without) = (state(&policy(true)), state(&policy(false)));
+    let (enc_with, enc_without) = (encode(&with), encode(&without));
+    let gone = rule_id(&with, "gone");
+    dp.apply(&enc_with, "r1", &with.digest(), b"one").expect("apply");
+    assert_eq!(
+        dp.test_run_ingress(&frame([10, 2, 0, 9].into(), 80)).expect("run").action,
+        XdpAction::Pass
+    );
+    let changes = fw_loader::entry_delta(&kernel_view(&enc_with), &kernel_view(&enc_without));
+    assert!(!changes.is_empty());
+
+    // Not on top of what is loaded: refused, nothing written.
+    let err = dp.apply_changes("not-the-base", &changes, "r2", &without.digest(), b"two");
+    assert!(matches!(err, Err(fw_loader::Error::StaleBase)), "{err:?}");
+    let mut fresh = Dataplane::adopt(&root.0).expect("adopt");
+    let err = fresh.apply_changes(&with.digest(), &changes, "r2", &without.digest(), b"two");
+    assert!(
+        matches!(err, Err(fw_loader::Error::StaleBase)),
+        "a fresh process knows nothing: {err:?}"
+    );
+    drop(fresh);
+    // A key written twice: refused before anything is written.
+    let mut twice = changes.clone();
+    let d = twice.get_mut(maps::INGRESS_V4).expect("a v4 change");
+    let e = d.remove.first().cloned().expect("a removed prefix");
+    d.upsert.push((e.clone(), vec![1, 0, 0, 0]));
+    let err = dp.apply_changes(&with.digest(), &twice, "r2", &without.digest(), b"two");
+    assert!(matches!(err, Err(fw_loader::Error::InvalidState(_))), "{err:?}");
+    assert_holds(&dp, &enc_with);
+
+    let r =
+        dp.apply_changes(&with.digest(), &changes, "r2", &without.digest(), b"two").expect("apply");
+    let n: usize = changes.values().map(|d| d.len()).sum();
+    assert_eq!(r.standby.written + r.standby.deleted, n, "{r:?}");
+    assert_eq!(r.standby, r.replay);
+    assert_holds(&dp, &enc_without);
+    assert_eq!(
+        dp.test_run_ingress(&frame([10, 2, 0, 9].into(), 80)).expect("run").action,
+        XdpAction::Drop
+    );
+    assert_eq!(dp.rule_counters().expect("counters").get(&gone), None);
+    assert_eq!(dp.saved_state(0).expect("saved").as_deref(), Some(&b"two"[..]));
+    // The next change builds on it; the base is now `without`.
+    let back = fw_loader::entry_delta(&kernel_view(&enc_without), &kernel_view(&enc_with));
+    dp.apply_changes(&without.digest(), &back, "r3", &with.digest(), b"one").expect("apply");
+    assert_holds(&dp, &enc_with);
+    assert!(dp.drift(&enc_with).expect("drift").is_clean());
+}
