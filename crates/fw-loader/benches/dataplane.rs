@@ -12,7 +12,8 @@
 //!    state into an empty data plane; a one-rule change (one port rule's port, back and forth)
 //!    against the loaded 100k state, warm (the same `Dataplane` as the previous apply, which
 //!    knows what each generation holds) as p50/p99 over `--changes` cycles, and cold (a fresh
-//!    `Dataplane` adopting the pins, as a one-shot `fwctl apply` does) over `--cold` cycles.
+//!    `Dataplane` adopting the pins, as a one-shot `fwctl apply` does) over `--cold` cycles,
+//!    and warm given as entry deltas (`Dataplane::apply_changes`, deltas computed beforehand).
 //!    Each is reported to *enforced* (from the call through the flip) and to *complete*
 //!    (through the replay onto the old generation and the clean-up). The timed region starts
 //!    with the encoded desired state in hand: compiling is the compiler's figure.
@@ -256,7 +257,7 @@ fn main() {
     }
     let rounds = arg(&args, "--rounds", 7) as usize;
     let repeat = arg(&args, "--repeat", 1_000_000) as u32;
-    let changes = arg(&args, "--changes", 100) as usize;
+    let changes_count = arg(&args, "--changes", 100) as usize;
     let cold = arg(&args, "--cold", 5) as usize;
     let sizes = [1_000usize, 10_000, 100_000];
 
@@ -398,7 +399,7 @@ fn main() {
     let mut warm_cpu = Vec::new();
     let mut steps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut k = 0;
-    for i in 0..changes {
+    for i in 0..changes_count {
         k = (i + 1) % 2;
         let (t, c) = (Instant::now(), thread_cpu_ms());
         let r = dp
@@ -417,6 +418,41 @@ fn main() {
             steps.entry(s).or_default().push(ms(*d));
         }
     }
+    // Warm, the change given as entry deltas (`apply_changes`): what the daemon can do when
+    // its compile tells it what changed. The deltas are computed before the timed region.
+    let view = |e: &fw_compiler::encode::Encoded| {
+        let mut e = e.clone();
+        e.maps.remove(fw_common::maps::WORKLOADS);
+        e
+    };
+    let changes = [
+        fw_loader::entry_delta(&view(&encs[1]), &view(&encs[0])),
+        fw_loader::entry_delta(&view(&encs[0]), &view(&encs[1])),
+    ];
+    let mut delta_enforced = Vec::new();
+    let mut delta_total = Vec::new();
+    for i in 0..changes_count {
+        let (base, next) = (k, 1 - k);
+        let t = Instant::now();
+        let r = dp
+            .apply_changes(
+                &digests[base],
+                &changes[next],
+                &format!("delta-{i}"),
+                &digests[next],
+                &saved[next],
+            )
+            .expect("apply changes");
+        let total = t.elapsed();
+        if i == 0 {
+            print_report("warm one-rule change as deltas #1", total, &r);
+        }
+        assert_eq!(r.standby.written + r.standby.deleted, 2, "one L4 entry out, one in");
+        delta_enforced.push(enforced(&r));
+        delta_total.push(ms(total));
+        k = next;
+    }
+
     // Where a cold apply's time goes: reading a generation back from the kernel.
     let mut reads = Vec::new();
     for _ in 0..5 {
@@ -469,6 +505,8 @@ fn main() {
     row("warm, to enforced (through the flip)", &mut warm_enforced);
     row("warm, to complete (through replay and clean-up)", &mut warm_total);
     row("warm, whole apply, this thread's CPU time", &mut warm_cpu);
+    row("warm, given as deltas (apply_changes), to enforced", &mut delta_enforced);
+    row("warm, given as deltas (apply_changes), to complete", &mut delta_total);
     row("cold (adopt + apply), to enforced", &mut cold_enforced);
     row("cold (adopt + apply), to complete", &mut cold_total);
     println!();
