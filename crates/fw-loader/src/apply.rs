@@ -631,11 +631,25 @@ impl Dataplane {
     /// a key given twice, or both written and removed, is refused. A change that would not fit
     /// the standby's maps is refused too (`apply` grows them). The old generation is replayed
     /// the same way when its record also names `base_digest`, else read and diffed in full.
-    /// The workload tables are not touched.
+    /// The workload tables are not touched (see [`Dataplane::apply_changes_with_workloads`]).
     pub fn apply_changes(
         &mut self,
         base_digest: &str,
         changes: &BTreeMap<&'static str, MapDelta>,
+        revision: &str,
+        digest: &str,
+        saved_state: &[u8],
+    ) -> Result<ApplyReport, Error> {
+        self.apply_changes_with_workloads(base_digest, changes, None, revision, digest, saved_state)
+    }
+
+    /// [`Dataplane::apply_changes`], also making each generation's workload table hold
+    /// `workloads` when given, as [`Dataplane::apply_with_workloads`] does (O(workloads)).
+    pub fn apply_changes_with_workloads(
+        &mut self,
+        base_digest: &str,
+        changes: &BTreeMap<&'static str, MapDelta>,
+        workloads: Option<&BTreeMap<u64, u32>>,
         revision: &str,
         digest: &str,
         saved_state: &[u8],
@@ -687,6 +701,9 @@ impl Dataplane {
         }
         let (stats, held) = self.write_delta(standby, current, &deltas)?;
         report.standby = stats;
+        if let Some(w) = workloads {
+            report.standby += self.write_workloads(standby, w)?;
+        }
         let saved = self.save_state(saved_state, false)?;
         let write = write_id()?;
         let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
@@ -739,6 +756,9 @@ impl Dataplane {
         }
         let (stats, held) = self.write_delta(active, current, &replay)?;
         report.replay = stats;
+        if let Some(w) = workloads {
+            report.replay += self.write_workloads(active, w)?;
+        }
         let write = write_id()?;
         let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
         self.record(active, revision, digest, &write, saved_ref)?;

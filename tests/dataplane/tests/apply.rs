@@ -3,6 +3,7 @@
 //! removed rules go while those of kept rules stay, and entries changed behind the protocol's
 //! back are found by `drift` and repaired by the next apply.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -272,9 +273,26 @@ fn a_change_given_as_deltas_applies_on_top_of_the_state_applied_last_only() {
     );
     assert_eq!(dp.rule_counters().expect("counters").get(&gone), None);
     assert_eq!(dp.saved_state(0).expect("saved").as_deref(), Some(&b"two"[..]));
-    // The next change builds on it; the base is now `without`.
+    // The next change builds on it; the base is now `without`. With a workload table (cgroup
+    // id -> class; the id needs no cgroup behind it for the table), both generations get it.
     let back = fw_loader::entry_delta(&kernel_view(&enc_without), &kernel_view(&enc_with));
-    dp.apply_changes(&without.digest(), &back, "r3", &with.digest(), b"one").expect("apply");
+    let workloads: BTreeMap<u64, u32> = [(1, 7)].into();
+    let r = dp
+        .apply_changes_with_workloads(
+            &without.digest(),
+            &back,
+            Some(&workloads),
+            "r3",
+            &with.digest(),
+            b"one",
+        )
+        .expect("apply");
+    let upserts: usize = back.values().map(|d| d.upsert.len()).sum();
+    assert_eq!(r.standby.written, upserts + 1, "the changes and one workload: {r:?}");
+    assert_eq!(r.replay.written, upserts + 1, "{r:?}");
     assert_holds(&dp, &enc_with);
+    let status = dp.status().expect("status");
+    let table = status.maps.iter().find(|m| m.name == maps::WORKLOADS).expect("FW_WORKLOADS");
+    assert_eq!(table.entries, 1);
     assert!(dp.drift(&enc_with).expect("drift").is_clean());
 }
