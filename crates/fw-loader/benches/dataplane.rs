@@ -8,10 +8,17 @@
 //!    XDP_PASS, loaded here with a raw `BPF_PROG_LOAD`; it is benchmark-only and exists only in
 //!    this process). Rounds are interleaved; figures are medians over rounds.
 //! 2. Apply time through `Dataplane::apply` on a data plane pinned under a private bpffs root
-//!    (removed afterwards): a full load of the 100k state into an empty data plane, and a
-//!    one-rule change (one port rule's port) against the loaded 100k state.
+//!    (removed afterwards), with fwctl's saved state (the rule table): a full load of the 100k
+//!    state into an empty data plane; a one-rule change (one port rule's port, back and forth)
+//!    against the loaded 100k state, warm (the same `Dataplane` as the previous apply, which
+//!    knows what each generation holds) as p50/p99 over `--changes` cycles, and cold (a fresh
+//!    `Dataplane` adopting the pins, as a one-shot `fwctl apply` does) over `--cold` cycles,
+//!    and warm given as entry deltas (`Dataplane::apply_changes`, deltas computed beforehand).
+//!    Each is reported to *enforced* (from the call through the flip) and to *complete*
+//!    (through the replay onto the old generation and the clean-up). The timed region starts
+//!    with the encoded desired state in hand: compiling is the compiler's figure.
 //!
-//! `cargo bench -p fw-loader --bench dataplane [-- --rounds N --repeat N --changes N]`
+//! `cargo bench -p fw-loader --bench dataplane [-- --rounds N --repeat N --changes N --cold N]`
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -216,6 +223,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// This thread's CPU time (user and system) in ms: unlike wall time, not inflated by other
+/// processes on a shared machine.
+fn thread_cpu_ms() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+}
+
 /// Removes the bench's pin root even when the bench panics.
 struct PinRoot(PathBuf);
 
@@ -241,7 +257,8 @@ fn main() {
     }
     let rounds = arg(&args, "--rounds", 7) as usize;
     let repeat = arg(&args, "--repeat", 1_000_000) as u32;
-    let changes = arg(&args, "--changes", 30) as usize;
+    let changes_count = arg(&args, "--changes", 100) as usize;
+    let cold = arg(&args, "--cold", 5) as usize;
     let sizes = [1_000usize, 10_000, 100_000];
 
     // --- 1. per-packet cost ---
@@ -314,18 +331,40 @@ fn main() {
     let changed = state(100_000, 1);
     let encs = [encode(&big), encode(&changed)];
     let digests = [big.digest(), changed.digest()];
-    let saved = [
-        serde_json::to_vec(&big).expect("serialize"),
-        serde_json::to_vec(&changed).expect("serialize"),
-    ];
+    // What fwctl saves with a generation: the state without its prefix and L4 entries.
+    let rule_table = |s: &MapState| {
+        let mut t = s.clone();
+        for d in [&mut t.ingress, &mut t.egress] {
+            d.v4.clear();
+            d.v6.clear();
+            d.l4.clear();
+        }
+        serde_json::to_vec(&t).expect("serialize")
+    };
+    let saved = [rule_table(&big), rule_table(&changed)];
+    let full_json = serde_json::to_vec(&big).expect("serialize").len();
     let apply_caps = Capacities::default();
     let print_report = |label: &str, total: Duration, r: &fw_loader::ApplyReport| {
         let steps: Vec<String> =
-            r.timings.iter().map(|(s, d)| format!("{s} {:.2} ms", ms(*d))).collect();
-        println!("{label}: total {:.2} ms; {}", ms(total), steps.join(", "));
+            r.timings.iter().map(|(s, d)| format!("{s} {:.3} ms", ms(*d))).collect();
+        println!("{label}: total {:.3} ms; {}", ms(total), steps.join(", "));
+    };
+    // Time from the call until the flip returned (the state is enforced), from the report.
+    let enforced = |r: &fw_loader::ApplyReport| {
+        let mut t = 0.0;
+        for (s, d) in &r.timings {
+            t += ms(*d);
+            if *s == "flip" {
+                break;
+            }
+        }
+        t
     };
     println!();
-    let mut full = Vec::new();
+    println!(
+        "saved state (rule table) {} bytes; the full state as JSON would be {full_json} bytes",
+        saved[0].len()
+    );
     for i in 0..3 {
         let mut dp = Dataplane::load_pinned(&root.0, &apply_caps).expect("load pinned");
         let t = Instant::now();
@@ -333,41 +372,88 @@ fn main() {
         let total = t.elapsed();
         print_report(&format!("full load 100k #{}", i + 1), total, &r);
         println!("  standby entries {:?}, replay entries {:?}", r.standby, r.replay);
-        full.push((total, r));
         dp.unload().expect("unload");
     }
+
+    // The user-space part of an apply's diff step: comparing two 100k encodings in memory.
+    let mut in_memory = Vec::new();
+    let mut in_memory_cpu = Vec::new();
+    for _ in 0..20 {
+        let (t, c) = (Instant::now(), thread_cpu_ms());
+        let d = fw_loader::entry_delta(&encs[0], &encs[1]);
+        in_memory_cpu.push(thread_cpu_ms() - c);
+        in_memory.push(ms(t.elapsed()));
+        assert_eq!(d.values().map(|d| d.len()).sum::<usize>(), 2);
+    }
+    println!(
+        "in-memory entry diff of the two 100k encodings: median {:.3} ms wall, {:.3} ms CPU, of 20",
+        median(&mut in_memory),
+        median(&mut in_memory_cpu)
+    );
+
+    // Warm: one process applies one-rule changes back and forth against the loaded state.
     let mut dp = Dataplane::load_pinned(&root.0, &apply_caps).expect("load pinned");
     dp.apply(&encs[0], "base", &digests[0], &saved[0]).expect("apply 100k");
-    let mut totals = Vec::new();
-    let mut to_flip = Vec::new();
+    let mut warm_enforced = Vec::new();
+    let mut warm_total = Vec::new();
+    let mut warm_cpu = Vec::new();
     let mut steps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    for i in 0..changes {
-        let k = (i + 1) % 2;
-        let t = Instant::now();
+    let mut k = 0;
+    for i in 0..changes_count {
+        k = (i + 1) % 2;
+        let (t, c) = (Instant::now(), thread_cpu_ms());
         let r = dp
             .apply(&encs[k], &format!("change-{i}"), &digests[k], &saved[k])
             .expect("apply change");
         let total = t.elapsed();
+        warm_cpu.push(thread_cpu_ms() - c);
         if i == 0 {
-            print_report("one-rule change #1", total, &r);
+            print_report("warm one-rule change #1", total, &r);
             println!("  standby entries {:?}, replay entries {:?}", r.standby, r.replay);
         }
-        totals.push(ms(total));
-        let mut flip = 0.0;
-        let mut before_flip = true;
+        assert_eq!(r.standby.written + r.standby.deleted, 2, "one L4 entry out, one in");
+        warm_enforced.push(enforced(&r));
+        warm_total.push(ms(total));
         for (s, d) in &r.timings {
             steps.entry(s).or_default().push(ms(*d));
-            if before_flip {
-                flip += ms(*d);
-            }
-            if *s == "flip" {
-                before_flip = false;
-            }
         }
-        to_flip.push(flip);
     }
-    // Where the time before the flip goes: the apply reads the standby generation back from
-    // the kernel to diff against it (`read_generation` is that read, untimed by the report).
+    // Warm, the change given as entry deltas (`apply_changes`): what the daemon can do when
+    // its compile tells it what changed. The deltas are computed before the timed region.
+    let view = |e: &fw_compiler::encode::Encoded| {
+        let mut e = e.clone();
+        e.maps.remove(fw_common::maps::WORKLOADS);
+        e
+    };
+    let changes = [
+        fw_loader::entry_delta(&view(&encs[1]), &view(&encs[0])),
+        fw_loader::entry_delta(&view(&encs[0]), &view(&encs[1])),
+    ];
+    let mut delta_enforced = Vec::new();
+    let mut delta_total = Vec::new();
+    for i in 0..changes_count {
+        let (base, next) = (k, 1 - k);
+        let t = Instant::now();
+        let r = dp
+            .apply_changes(
+                &digests[base],
+                &changes[next],
+                &format!("delta-{i}"),
+                &digests[next],
+                &saved[next],
+            )
+            .expect("apply changes");
+        let total = t.elapsed();
+        if i == 0 {
+            print_report("warm one-rule change as deltas #1", total, &r);
+        }
+        assert_eq!(r.standby.written + r.standby.deleted, 2, "one L4 entry out, one in");
+        delta_enforced.push(enforced(&r));
+        delta_total.push(ms(total));
+        k = next;
+    }
+
+    // Where a cold apply's time goes: reading a generation back from the kernel.
     let mut reads = Vec::new();
     for _ in 0..5 {
         let g = dp.active_generation().expect("active generation");
@@ -375,19 +461,58 @@ fn main() {
         dp.read_generation(g).expect("read generation");
         reads.push(ms(t.elapsed()));
     }
-    println!(
-        "read back one 100k generation from the kernel: median {:.1} ms of 5; saved state {} bytes",
-        median(&mut reads),
-        saved[0].len()
-    );
+    drop(dp);
+
+    // Cold: a fresh process (a new `Dataplane` adopting the pins, as `fwctl apply` does).
+    let mut cold_enforced = Vec::new();
+    let mut cold_total = Vec::new();
+    for i in 0..cold {
+        k = (k + 1) % 2;
+        let t = Instant::now();
+        let mut dp = Dataplane::adopt(&root.0).expect("adopt");
+        let r = dp.apply(&encs[k], &format!("cold-{i}"), &digests[k], &saved[k]).expect("apply");
+        let total = t.elapsed();
+        let adopt = ms(total) - r.timings.iter().map(|(_, d)| ms(*d)).sum::<f64>();
+        if i == 0 {
+            print_report(&format!("cold one-rule change #1 (adopt {adopt:.1} ms)"), total, &r);
+        }
+        cold_enforced.push(adopt + enforced(&r));
+        cold_total.push(ms(total));
+    }
+    let dp = Dataplane::adopt(&root.0).expect("adopt");
+    assert_eq!(dp.read_generation(0).expect("g0"), dp.read_generation(1).expect("g1"));
     dp.unload().expect("unload");
     drop(root);
+
     println!();
-    println!("one-rule change against the loaded 100k state, {changes} applies (ms):");
-    println!("| step | median | p99 | max |");
+    println!(
+        "read back one 100k generation from the kernel: median {:.1} ms of 5",
+        median(&mut reads)
+    );
+    println!();
+    println!("one-rule change against the loaded 100k state (ms):");
+    println!("| case | n | p50 | p99 | max |");
+    println!("|---|---:|---:|---:|---:|");
+    let row = |label: &str, v: &mut Vec<f64>| {
+        let n = v.len();
+        if n == 0 {
+            return;
+        }
+        let (m, p) = (median(v), pct(v, 99.0));
+        let x = v.iter().copied().fold(f64::MIN, f64::max);
+        println!("| {label} | {n} | {m:.3} | {p:.3} | {x:.3} |");
+    };
+    row("warm, to enforced (through the flip)", &mut warm_enforced);
+    row("warm, to complete (through replay and clean-up)", &mut warm_total);
+    row("warm, whole apply, this thread's CPU time", &mut warm_cpu);
+    row("warm, given as deltas (apply_changes), to enforced", &mut delta_enforced);
+    row("warm, given as deltas (apply_changes), to complete", &mut delta_total);
+    row("cold (adopt + apply), to enforced", &mut cold_enforced);
+    row("cold (adopt + apply), to complete", &mut cold_total);
+    println!();
+    println!("warm steps (ms):");
+    println!("| step | p50 | p99 | max |");
     println!("|---|---:|---:|---:|");
-    steps.insert("until flip (enforced)", to_flip);
-    steps.insert("total", totals);
     for (s, v) in steps.iter_mut() {
         let m = median(v);
         let p = pct(v, 99.0);

@@ -2,20 +2,49 @@
 //! seeing a mix of old and new.
 //!
 //! Why it is built this way (the steps of [`Dataplane::apply`]):
-//! 1. Read what the standby generation holds and diff it against the desired encoding, entry
-//!    by entry. Reading rather than trusting a record makes the protocol self-healing: after a
-//!    crash at any step the next apply writes whatever is really missing.
-//! 2. Clear the standby's record (it no longer describes the maps), write only the diff, and
-//!    read the changed maps back to verify. If the desired state does not fit the standby's
-//!    maps, bigger inner maps are created, filled and put into the standby's outer slots
-//!    instead (each slot update waits for an RCU grace period).
-//! 3. Record the standby's revision, digest and saved state, then flip: one write of the
+//! 1. Find out what the standby generation holds and diff it against the desired encoding,
+//!    entry by entry. The kernel is the truth, but reading a 100k-prefix generation back costs
+//!    ~170 ms, so a `Dataplane` keeps, per generation, the encoded state it last wrote *and
+//!    verified* there, tagged with a random 64-bit write id. The same id goes into the
+//!    generation's pinned record, which is cleared before the generation is written and set
+//!    only after the write is verified. An apply reads the record (one small array lookup):
+//!    when its write id is the one cached, nothing wrote the generation through the protocol
+//!    since, and the cache is what the kernel holds; otherwise (a fresh process, another
+//!    writer, a write interrupted by a crash, which leaves the record cleared) the generation
+//!    is read in full as before, so the protocol stays self-healing. A random id rather than a
+//!    counter: there is no shared counter to keep consistent across processes and crashes, and
+//!    only equality matters. Entries changed behind the protocol's back (by hand, with
+//!    bpftool) do not change the record: [`Dataplane::drift`] finds them with a full read.
+//! 2. Check the desired state before anything is written: the entries to be written are
+//!    decoded (`encode::decode`; every map that changes in full when the desired entries are
+//!    not sorted, which is how duplicate keys are ruled out), the unchanged ones are what the
+//!    kernel already holds. Clear the
+//!    standby's record, write only the diff, and verify only what was written: each upserted
+//!    key is present with its value, each removed key is absent (O(diff) lookups). If the
+//!    desired state does not fit the standby's maps, bigger inner maps are created, filled,
+//!    read back in full and put into the standby's outer slots instead (each slot update
+//!    waits for an RCU grace period).
+//! 3. Record the standby's revision, digest and write id, then flip: one write of the
 //!    one-element generation array. This is the commit point; any error before it leaves the
 //!    active generation untouched and enforcing.
-//! 4. Wait for an RCU grace period (re-setting an outer slot to the map it already holds
+//! 4. Save the caller's saved state (fwctl's rule table) when it differs from the one saved
+//!    last, in a pinned map named by an id the records refer to: after the flip, so it is not
+//!    on the path to "enforced". A crash between the flip and this step leaves the active
+//!    record without a saved state (readers say so), and the next apply saves it.
+//! 5. Wait for an RCU grace period (re-setting an outer slot to the map it already holds
 //!    returns only after one), so no packet still runs on the old generation.
-//! 5. Replay onto the old generation (diff against what it really holds again) and record it,
-//!    so both generations hold the same state and the next apply's diff is small.
+//! 6. Replay onto the old generation (diff against what it holds, known the same way as in
+//!    step 1) and record it, so both generations hold the same state and the next apply's diff
+//!    is small.
+//! 7. Clean up what no generation refers to any more: per-rule counters of rules no L4 entry
+//!    names (safe only now: the grace period has passed and both generations hold the new
+//!    state, so no program can still count for them), and saved-state pins neither record
+//!    names. Counters of rules that are still referenced, changed or not, are kept.
+//!
+//! Step 1 still compares the whole desired state with what the generation holds, in memory:
+//! O(policy size), about a millisecond at 100k entries. [`Dataplane::apply_changes`] takes the
+//! change as entry deltas instead, on top of the state applied last (checked by its digest
+//! and the write id in the record), so nothing before the flip is O(policy size).
 //!
 //! `FW_LOADER_HOOK` ([`HOOK_ENV`]) lets tests stop an apply between steps to check that the
 //! data plane fails static: `STEP[:pause|:abort]`, comma-separated, with STEP one of
@@ -23,12 +52,13 @@
 //! `fw-loader: paused at STEP` to stderr and sleeps (the test kills the process); `abort`
 //! returns [`Error::HookAbort`]. This is the one place the library writes to stderr.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use fw_common::GENERATIONS;
 use fw_compiler::encode::{Encoded, decode};
 
-use crate::generation::{self, GenerationMaps};
+use crate::generation::{self, GenerationMaps, MapDelta};
 use crate::{Dataplane, Error, WriteStats};
 
 /// The environment variable of the test hook (see the module docs).
@@ -59,7 +89,10 @@ pub struct ApplyReport {
     pub replay: WriteStats,
     /// Generations whose inner maps were replaced by bigger ones.
     pub grown: Vec<u32>,
-    /// How long each step took.
+    /// Per-rule counters deleted because no generation refers to their rule any more.
+    pub counters_removed: usize,
+    /// How long each step took, in order: `diff`, `write standby`, `flip` (the state is
+    /// enforced from here), `save state`, `grace period`, `replay`, `clean up`.
     pub timings: Vec<(&'static str, Duration)>,
 }
 
@@ -87,6 +120,183 @@ fn grow(old: u32, n: usize) -> u32 {
     old.max(n.checked_next_power_of_two().unwrap_or(u32::MAX))
 }
 
+/// What this process last wrote into one generation and verified, with the write id of that
+/// write (the generation's record carries the same id while nothing else wrote it).
+#[derive(Debug)]
+pub(crate) struct Held {
+    write: String,
+    state: Encoded,
+}
+
+/// A fresh write id: 64 random bits in hex.
+pub(crate) fn write_id() -> Result<String, Error> {
+    let mut b = [0u8; 8];
+    // SAFETY: `b` is a writable buffer of the given length.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        return Err(Error::Random(std::io::Error::last_os_error()));
+    }
+    Ok(format!("{:016x}", u64::from_ne_bytes(b)))
+}
+
+/// What must be checked (`decode`) before writing `deltas`: the config and the workload
+/// table whole (both are tiny), and of the other maps only the entries to be written when
+/// `desired` was found sorted without duplicate keys (`generation::delta_checked`), else every
+/// map that changes, whole. The maps that do not change are what the kernel already holds.
+fn to_check(encoded: &Encoded, deltas: &BTreeMap<&'static str, MapDelta>, sorted: bool) -> Encoded {
+    let maps = encoded
+        .maps
+        .iter()
+        .map(|(&name, entries)| {
+            let entries = if name == fw_common::maps::CONFIG || name == fw_common::maps::WORKLOADS {
+                entries.clone()
+            } else {
+                match deltas.get(name) {
+                    Some(d) if sorted => d.upsert.clone(),
+                    Some(_) => entries.clone(),
+                    None => Vec::new(),
+                }
+            };
+            (name, entries)
+        })
+        .collect();
+    Encoded { maps }
+}
+
+/// The rule ids the L4 values of `encoded` name: the only rules a program can count for.
+fn referenced_rules(encoded: &Encoded) -> BTreeSet<u32> {
+    let mut out = BTreeSet::new();
+    for name in [fw_common::maps::INGRESS_L4, fw_common::maps::EGRESS_L4] {
+        for (_, v) in encoded.maps.get(name).into_iter().flatten() {
+            if let Some(v) = <fw_common::L4Value as fw_common::Bytes>::from_bytes(v) {
+                out.extend([v.verdict_rule, v.audit_rule].into_iter().filter(|&r| r != 0));
+            }
+        }
+    }
+    out
+}
+
+/// `changes` reduced to what differs from `current` (key-sorted, `current` being sorted):
+/// upserts of entries already held and removals of keys not held are dropped. A key given
+/// twice, or both upserted and removed, is refused, as is a map the data plane does not have.
+fn effective_changes(
+    current: &Encoded,
+    changes: &BTreeMap<&'static str, MapDelta>,
+) -> Result<BTreeMap<&'static str, MapDelta>, Error> {
+    let empty = Vec::new();
+    let mut out = BTreeMap::new();
+    for (&name, change) in changes {
+        if !fw_common::maps::GENERATIONAL.contains(&name) || name == fw_common::maps::WORKLOADS {
+            return Err(Error::UnknownMap(name.to_string()));
+        }
+        let held = current.maps.get(name).unwrap_or(&empty);
+        let find = |k: &[u8]| held.binary_search_by(|e| e.0.as_slice().cmp(k)).ok();
+        let mut d = MapDelta::default();
+        let mut keys: Vec<&[u8]> = Vec::new();
+        for (k, v) in &change.upsert {
+            keys.push(k);
+            if find(k).and_then(|i| held.get(i)).is_none_or(|e| &e.1 != v) {
+                d.upsert.push((k.clone(), v.clone()));
+            }
+        }
+        for k in &change.remove {
+            keys.push(k);
+            if find(k).is_some() {
+                d.remove.push(k.clone());
+            }
+        }
+        keys.sort_unstable();
+        if keys.windows(2).any(|w| w.first() == w.get(1)) {
+            return Err(Error::InvalidState(fw_compiler::encode::DecodeError::DuplicateKey {
+                map: name,
+            }));
+        }
+        d.upsert.sort_unstable();
+        d.remove.sort_unstable();
+        if !d.is_empty() {
+            out.insert(name, d);
+        }
+    }
+    Ok(out)
+}
+
+/// Checks `deltas` against what the standby holds before anything is written: the entries to
+/// write decode (with the config as it will be), and every map still fits its capacity.
+fn check_changes(
+    current: &Encoded,
+    deltas: &BTreeMap<&'static str, MapDelta>,
+    caps: &fw_compiler::mapstate::Capacities,
+) -> Result<(), Error> {
+    let mut check = Encoded::default();
+    for name in fw_common::maps::GENERATIONAL {
+        let d = deltas.get(name);
+        let entries = if name == fw_common::maps::CONFIG {
+            let mut config = current.maps.get(name).cloned().unwrap_or_default();
+            if let Some(d) = d {
+                generation::patch(&mut config, d);
+            }
+            config
+        } else {
+            d.map(|d| d.upsert.clone()).unwrap_or_default()
+        };
+        check.maps.insert(name, entries);
+    }
+    decode(&check).map_err(Error::InvalidState)?;
+    for (&name, d) in deltas {
+        let held = current.maps.get(name).map_or(0, Vec::len);
+        let new = d
+            .upsert
+            .iter()
+            .filter(|(k, _)| {
+                current
+                    .maps
+                    .get(name)
+                    .is_none_or(|h| h.binary_search_by(|e| e.0.as_slice().cmp(k)).is_err())
+            })
+            .count();
+        let cap = match name {
+            fw_common::maps::INGRESS_V4 | fw_common::maps::EGRESS_V4 => caps.v4_prefixes,
+            fw_common::maps::INGRESS_V6 | fw_common::maps::EGRESS_V6 => caps.v6_prefixes,
+            fw_common::maps::INGRESS_L4 | fw_common::maps::EGRESS_L4 => caps.l4_entries,
+            _ => continue,
+        };
+        if held + new - d.remove.len().min(held + new) > cap as usize {
+            return Err(Error::StaleBase);
+        }
+    }
+    Ok(())
+}
+
+/// One generation's drift: what must change in its maps to hold the desired state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GenerationDrift {
+    pub generation: u32,
+    /// Whether packets use this generation.
+    pub active: bool,
+    /// Whether the generation has a record (a verified write that was not interrupted).
+    pub recorded: bool,
+    /// Per map, the entries to write and the keys to delete (only maps that differ).
+    pub maps: BTreeMap<&'static str, MapDelta>,
+}
+
+/// What [`Dataplane::drift`] found, per generation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DriftReport {
+    pub generations: Vec<GenerationDrift>,
+}
+
+impl DriftReport {
+    /// Whether every generation holds exactly the desired state.
+    pub fn is_clean(&self) -> bool {
+        self.generations.iter().all(|g| g.maps.is_empty())
+    }
+
+    /// Entries that differ, over all generations and maps.
+    pub fn entries(&self) -> usize {
+        self.generations.iter().flat_map(|g| g.maps.values()).map(MapDelta::len).sum()
+    }
+}
+
 impl Dataplane {
     /// What generation `generation` holds by the record (`None`: unknown, e.g. a write to it
     /// was interrupted, or the data plane is not pinned).
@@ -102,23 +312,56 @@ impl Dataplane {
     }
 
     /// The saved state of generation `generation` (the bytes given to the apply that wrote
-    /// it), when the record has one.
+    /// it), when the record names one.
     pub fn saved_state(&self, generation: u32) -> Result<Option<Vec<u8>>, Error> {
-        let Some(applied) = self.applied(generation)? else { return Ok(None) };
-        let Some(pins) = self.pins() else { return Ok(None) };
-        pins.read_state(generation, applied.state_len).map(Some)
+        Ok(self.saved_with_id(generation)?.map(|(_, bytes)| bytes))
     }
 
-    /// Makes generation `generation` hold exactly `encoded`: writes the entry diff against
-    /// what it holds, or, when `encoded` does not fit, fills bigger maps and puts them into
-    /// the generation's outer slots. Verifies by reading the changed maps back.
+    /// The saved state of `generation` and its id (`None`: no record, or no saved state yet).
+    fn saved_with_id(&self, generation: u32) -> Result<Option<(String, Vec<u8>)>, Error> {
+        let Some(pins) = self.pins() else { return Ok(None) };
+        let Some(fields) = pins.read(generation)? else { return Ok(None) };
+        let len = fields.get("state_len").and_then(|l| l.parse().ok());
+        let (Some(id), Some(len)) = (fields.get("state"), len) else { return Ok(None) };
+        Ok(Some((id.clone(), pins.read_state(id, len)?)))
+    }
+
+    fn slot(generation: u32) -> Result<usize, Error> {
+        usize::try_from(generation)
+            .ok()
+            .filter(|&g| g < GENERATIONS as usize)
+            .ok_or(Error::NoSuchGeneration(generation))
+    }
+
+    /// What generation `generation` holds (every map but the workload table): the cached
+    /// state when the record still carries the write id it was cached with, else read from
+    /// the kernel in full. Either way the cache entry is taken out: it is put back only after
+    /// the next verified write.
+    fn held_state(&mut self, generation: u32) -> Result<Encoded, Error> {
+        let g = Self::slot(generation)?;
+        let cached = self.held.get_mut(g).and_then(Option::take);
+        if let (Some(c), Some(pins)) = (cached, self.pins()) {
+            let write = pins.read(generation)?.and_then(|mut f| f.remove("write"));
+            if write.as_deref() == Some(c.write.as_str()) {
+                return Ok(c.state);
+            }
+        }
+        self.generations.get(g).ok_or(Error::NoSuchGeneration(generation))?.read()
+    }
+
+    /// Makes generation `generation` hold exactly `encoded`, given what it holds (`current`)
+    /// and the diff: writes the diff and verifies what was written, or, when `encoded` does
+    /// not fit, fills bigger maps, verifies them by reading them back, and puts them into the
+    /// generation's outer slots. Returns what the generation holds afterwards.
     fn sync_generation(
         &mut self,
         generation: u32,
         encoded: &Encoded,
+        current: Encoded,
+        deltas: &BTreeMap<&'static str, MapDelta>,
         grown: &mut Vec<u32>,
-    ) -> Result<WriteStats, Error> {
-        let g = usize::try_from(generation).map_err(|_| Error::NoSuchGeneration(generation))?;
+    ) -> Result<(WriteStats, Encoded), Error> {
+        let g = Self::slot(generation)?;
         let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
         if gm.fits(encoded).is_some() {
             let mut caps = gm.caps;
@@ -139,36 +382,103 @@ impl Dataplane {
             }
             let mut fresh = GenerationMaps::create(generation, &caps)?;
             let stats = fresh.write(encoded)?;
-            verify(&fresh, encoded, encoded.maps.keys().copied())?;
+            // A fresh map is written in full, so it is verified in full (growing is rare).
+            let back = fresh.read()?;
+            if let Some(&name) = generation::delta(&back, encoded).keys().next() {
+                return Err(Error::VerifyFailed(name));
+            }
             fresh.install(generation, &mut self.outer)?;
             *gm = fresh;
             grown.push(generation);
-            return Ok(stats);
+            return Ok((stats, back));
         }
-        let current = gm.read()?;
-        let deltas = generation::delta(&current, encoded);
-        let stats = gm.apply_delta(&deltas)?;
-        verify(gm, encoded, deltas.keys().copied())?;
-        Ok(stats)
+        self.write_delta(generation, current, deltas)
     }
 
+    /// Writes generation `generation`'s record (its write id last).
     fn record(
         &mut self,
         generation: u32,
         revision: &str,
         digest: &str,
-        saved_state: &[u8],
+        write: &str,
+        saved: Option<(&str, usize)>,
     ) -> Result<(), Error> {
         let Some(pins) = self.pins_mut() else { return Ok(()) };
-        pins.write_state(generation, saved_state)?;
-        let len = saved_state.len().to_string();
-        pins.write(generation, &[("revision", revision), ("digest", digest), ("state_len", &len)])
+        let (len, id) = match saved {
+            Some((id, len)) => (len.to_string(), Some(id)),
+            None => ("0".to_string(), None),
+        };
+        let mut fields = vec![("revision", revision), ("digest", digest), ("state_len", &len)];
+        if let Some(id) = id {
+            fields.push(("state", id));
+        }
+        fields.push(("write", write));
+        pins.write(generation, &fields)
+    }
+
+    /// The id of a pinned saved state holding `bytes`: the one saved last when its bytes are
+    /// equal (compared in memory, or read back once in a fresh process), else a new pin.
+    fn save_state(&mut self, bytes: &[u8], write_new: bool) -> Result<Option<String>, Error> {
+        if self.pins().is_none() {
+            return Ok(None);
+        }
+        if self.saved.is_none() {
+            let active = self.active_generation()?;
+            self.saved = self.saved_with_id(active).ok().flatten();
+        }
+        if let Some((id, saved)) = &self.saved
+            && saved == bytes
+        {
+            return Ok(Some(id.clone()));
+        }
+        if !write_new {
+            return Ok(None);
+        }
+        let id = write_id()?;
+        if let Some(pins) = self.pins() {
+            pins.write_state(&id, bytes)?;
+        }
+        self.saved = Some((id.clone(), bytes.to_vec()));
+        Ok(Some(id))
+    }
+
+    /// Compares every generation's maps with `desired` (`encode`'s output; the workload table
+    /// is not compared), reading them in full from the kernel: finds entries changed behind
+    /// the protocol's back (by hand, by another tool), which the records cannot show. O(policy
+    /// size); meant to run now and then (the daemon runs it on a timer), not on every apply.
+    ///
+    /// It also refreshes what this `Dataplane` knows each generation holds, so the repair is
+    /// an ordinary [`Dataplane::apply`] of the desired state: it writes exactly the drifted
+    /// entries into the standby, flips, and replays them onto the other generation.
+    pub fn drift(&mut self, desired: &Encoded) -> Result<DriftReport, Error> {
+        let active = self.active_generation()?;
+        let mut report = DriftReport::default();
+        for generation in 0..GENERATIONS {
+            let g = Self::slot(generation)?;
+            let held =
+                self.generations.get(g).ok_or(Error::NoSuchGeneration(generation))?.read()?;
+            let write = match self.pins() {
+                Some(pins) => pins.read(generation)?.and_then(|mut f| f.remove("write")),
+                None => None,
+            };
+            report.generations.push(GenerationDrift {
+                generation,
+                active: generation == active,
+                recorded: write.is_some(),
+                maps: generation::delta(&held, desired),
+            });
+            if let Some(slot) = self.held.get_mut(g) {
+                *slot = write.map(|write| Held { write, state: held });
+            }
+        }
+        Ok(report)
     }
 
     /// Applies a compiled state (`fw_compiler::encode`'s output) with the protocol in the
     /// module docs. `revision` names the policy version, `digest` is `MapState::digest`, and
-    /// `saved_state` is kept with the generation (fwctl keeps the `MapState` JSON there, for
-    /// the rule table). On an error before the flip the active generation is untouched.
+    /// `saved_state` is kept with the generation (fwctl keeps its rule table there). On an
+    /// error before the flip the active generation is untouched.
     pub fn apply(
         &mut self,
         encoded: &Encoded,
@@ -187,7 +497,7 @@ impl Dataplane {
     pub fn apply_with_workloads(
         &mut self,
         encoded: &Encoded,
-        workloads: Option<&std::collections::BTreeMap<u64, u32>>,
+        workloads: Option<&BTreeMap<u64, u32>>,
         revision: &str,
         digest: &str,
         saved_state: &[u8],
@@ -198,7 +508,6 @@ impl Dataplane {
         if digest.contains(['\n', '\0']) || digest.len() > 128 {
             return Err(Error::Record("the digest is not one short line"));
         }
-        decode(encoded).map_err(Error::InvalidState)?;
         let mut report = ApplyReport::default();
         let mut t = Instant::now();
         let mut lap = |report: &mut ApplyReport, step| {
@@ -213,14 +522,28 @@ impl Dataplane {
         report.from = active;
         report.to = standby;
 
+        let current = self.held_state(standby)?;
+        let (deltas, sorted) = generation::delta_checked(&current, encoded);
+        // Nothing is written unless what is written decodes (see the module docs, step 2).
+        decode(&to_check(encoded, &deltas, sorted)).map_err(Error::InvalidState)?;
+        lap(&mut report, "diff");
+
         if let Some(pins) = self.pins_mut() {
             pins.write(standby, &[])?;
         }
-        report.standby = self.sync_generation(standby, encoded, &mut report.grown)?;
+        let (stats, held) =
+            self.sync_generation(standby, encoded, current, &deltas, &mut report.grown)?;
+        report.standby = stats;
         if let Some(w) = workloads {
             report.standby += self.write_workloads(standby, w)?;
         }
-        self.record(standby, revision, digest, saved_state)?;
+        let saved = self.save_state(saved_state, false)?;
+        let write = write_id()?;
+        let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
+        self.record(standby, revision, digest, &write, saved_ref)?;
+        if let Some(slot) = self.held.get_mut(Self::slot(standby)?) {
+            *slot = Some(Held { write: write.clone(), state: held });
+        }
         lap(&mut report, "write standby");
         hook("after-standby-write")?;
 
@@ -228,7 +551,18 @@ impl Dataplane {
         lap(&mut report, "flip");
         hook("after-flip")?;
 
-        let g = usize::try_from(standby).map_err(|_| Error::NoSuchGeneration(standby))?;
+        let saved = match saved {
+            Some(id) => Some(id),
+            None => {
+                let id = self.save_state(saved_state, true)?;
+                let saved_ref = id.as_deref().map(|id| (id, saved_state.len()));
+                self.record(standby, revision, digest, &write, saved_ref)?;
+                id
+            }
+        };
+        lap(&mut report, "save state");
+
+        let g = Self::slot(standby)?;
         self.generations
             .get(g)
             .ok_or(Error::NoSuchGeneration(standby))?
@@ -236,41 +570,251 @@ impl Dataplane {
         lap(&mut report, "grace period");
         hook("before-replay")?;
 
+        let current = self.held_state(active)?;
+        let replay = generation::delta(&current, encoded);
         if let Some(pins) = self.pins_mut() {
             pins.write(active, &[])?;
         }
-        report.replay = self.sync_generation(active, encoded, &mut report.grown)?;
+        let (stats, held) =
+            self.sync_generation(active, encoded, current, &replay, &mut report.grown)?;
+        report.replay = stats;
         if let Some(w) = workloads {
             report.replay += self.write_workloads(active, w)?;
         }
-        self.record(active, revision, digest, saved_state)?;
+        let write = write_id()?;
+        let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
+        self.record(active, revision, digest, &write, saved_ref)?;
+        if let Some(slot) = self.held.get_mut(Self::slot(active)?) {
+            *slot = Some(Held { write, state: held });
+        }
         lap(&mut report, "replay");
+
+        let l4 = [fw_common::maps::INGRESS_L4, fw_common::maps::EGRESS_L4];
+        if deltas.keys().chain(replay.keys()).any(|n| l4.contains(n)) {
+            report.counters_removed = self.remove_counters_except(&referenced_rules(encoded))?;
+        }
+        if let Some(pins) = self.pins() {
+            pins.remove_unreferenced_states()?;
+        }
+        lap(&mut report, "clean up");
         Ok(report)
     }
-}
 
-/// Checks that each of `names` holds exactly what `encoded` gives it.
-fn verify<'a>(
-    gm: &GenerationMaps,
-    encoded: &Encoded,
-    names: impl Iterator<Item = &'a str>,
-) -> Result<(), Error> {
-    let empty = Vec::new();
-    for name in names {
-        if name == fw_common::maps::WORKLOADS {
-            continue;
-        }
-        let want = encoded.maps.get(name).unwrap_or(&empty);
-        let have = gm.read_map(name)?;
-        if &have != want {
-            let name = fw_common::maps::GENERATIONAL
-                .into_iter()
-                .find(|n| *n == name)
-                .unwrap_or("unknown map");
-            return Err(Error::VerifyFailed(name));
+    /// The cached state of `generation`, taken out of the cache, when the record still carries
+    /// its write id and names `digest` as what the generation holds; else `None` (and the
+    /// cache entry, if any, stays).
+    fn held_as(&mut self, generation: u32, digest: &str) -> Result<Option<Encoded>, Error> {
+        let g = Self::slot(generation)?;
+        let Some(pins) = self.pins() else { return Ok(None) };
+        let Some(fields) = pins.read(generation)? else { return Ok(None) };
+        let matches = |h: &Held| {
+            fields.get("digest").map(String::as_str) == Some(digest)
+                && fields.get("write") == Some(&h.write)
+        };
+        match self.held.get_mut(g) {
+            Some(slot) if slot.as_ref().is_some_and(matches) => Ok(slot.take().map(|h| h.state)),
+            _ => Ok(None),
         }
     }
-    Ok(())
+
+    /// Applies a change given as entry deltas on top of the state applied last, with the same
+    /// protocol as [`Dataplane::apply`], for a caller that knows what changed (the daemon,
+    /// from an incremental compile): nothing in it is O(policy size) before the flip, where
+    /// `apply` compares the whole desired state with what the generation holds.
+    ///
+    /// `base_digest` is the digest the state the change applies to was applied with. The
+    /// change is refused ([`Error::StaleBase`], nothing written) unless the standby
+    /// generation's record names that digest and carries the write id of a write this
+    /// `Dataplane` made and still caches (so what it holds is known without reading it); the
+    /// caller then falls back to `apply` with the whole state. Upserts equal to what is held
+    /// and removals of keys not held are dropped; the entries to write are decoded first, and
+    /// a key given twice, or both written and removed, is refused. A change that would not fit
+    /// the standby's maps is refused too (`apply` grows them). The old generation is replayed
+    /// the same way when its record also names `base_digest`, else read and diffed in full.
+    /// The workload tables are not touched (see [`Dataplane::apply_changes_with_workloads`]).
+    pub fn apply_changes(
+        &mut self,
+        base_digest: &str,
+        changes: &BTreeMap<&'static str, MapDelta>,
+        revision: &str,
+        digest: &str,
+        saved_state: &[u8],
+    ) -> Result<ApplyReport, Error> {
+        self.apply_changes_with_workloads(base_digest, changes, None, revision, digest, saved_state)
+    }
+
+    /// [`Dataplane::apply_changes`], also making each generation's workload table hold
+    /// `workloads` when given, as [`Dataplane::apply_with_workloads`] does (O(workloads)).
+    pub fn apply_changes_with_workloads(
+        &mut self,
+        base_digest: &str,
+        changes: &BTreeMap<&'static str, MapDelta>,
+        workloads: Option<&BTreeMap<u64, u32>>,
+        revision: &str,
+        digest: &str,
+        saved_state: &[u8],
+    ) -> Result<ApplyReport, Error> {
+        if revision.len() > MAX_REVISION || revision.contains(['\n', '\0']) {
+            return Err(Error::BadRevision { max: MAX_REVISION });
+        }
+        if digest.contains(['\n', '\0']) || digest.len() > 128 {
+            return Err(Error::Record("the digest is not one short line"));
+        }
+        let mut report = ApplyReport::default();
+        let mut t = Instant::now();
+        let mut lap = |report: &mut ApplyReport, step| {
+            report.timings.push((step, t.elapsed()));
+            t = Instant::now();
+        };
+        let active = self.active_generation()?;
+        let standby = (active + 1) % GENERATIONS;
+        report.from = active;
+        report.to = standby;
+
+        let Some(current) = self.held_as(standby, base_digest)? else {
+            return Err(Error::StaleBase);
+        };
+        let checked = effective_changes(&current, changes).and_then(|deltas| {
+            let gm = self.generations.get(Self::slot(standby)?);
+            let caps = gm.ok_or(Error::NoSuchGeneration(standby))?.caps;
+            check_changes(&current, &deltas, &caps)?;
+            Ok(deltas)
+        });
+        let deltas = match checked {
+            Ok(d) => d,
+            Err(e) => {
+                // Nothing was written: what the standby holds is still known.
+                let g = Self::slot(standby)?;
+                let write = self.pins().and_then(|p| p.read(standby).ok().flatten());
+                if let (Some(slot), Some(write)) =
+                    (self.held.get_mut(g), write.and_then(|mut f| f.remove("write")))
+                {
+                    *slot = Some(Held { write, state: current });
+                }
+                return Err(e);
+            }
+        };
+        lap(&mut report, "diff");
+
+        if let Some(pins) = self.pins_mut() {
+            pins.write(standby, &[])?;
+        }
+        let (stats, held) = self.write_delta(standby, current, &deltas)?;
+        report.standby = stats;
+        if let Some(w) = workloads {
+            report.standby += self.write_workloads(standby, w)?;
+        }
+        let saved = self.save_state(saved_state, false)?;
+        let write = write_id()?;
+        let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
+        self.record(standby, revision, digest, &write, saved_ref)?;
+        let l4_rules = deltas
+            .keys()
+            .any(|n| [fw_common::maps::INGRESS_L4, fw_common::maps::EGRESS_L4].contains(n));
+        if let Some(slot) = self.held.get_mut(Self::slot(standby)?) {
+            *slot = Some(Held { write: write.clone(), state: held });
+        }
+        lap(&mut report, "write standby");
+        hook("after-standby-write")?;
+
+        self.set_active_generation(standby)?;
+        lap(&mut report, "flip");
+        hook("after-flip")?;
+
+        let saved = match saved {
+            Some(id) => Some(id),
+            None => {
+                let id = self.save_state(saved_state, true)?;
+                let saved_ref = id.as_deref().map(|id| (id, saved_state.len()));
+                self.record(standby, revision, digest, &write, saved_ref)?;
+                id
+            }
+        };
+        lap(&mut report, "save state");
+
+        let g = Self::slot(standby)?;
+        self.generations
+            .get(g)
+            .ok_or(Error::NoSuchGeneration(standby))?
+            .wait_grace_period(standby, &mut self.outer)?;
+        lap(&mut report, "grace period");
+        hook("before-replay")?;
+
+        // The old generation: the same deltas when it is known to hold the base, else a diff
+        // against what the standby now holds.
+        let (current, replay) = match self.held_as(active, base_digest)? {
+            Some(current) => (current, deltas),
+            None => {
+                let current = self.held_state(active)?;
+                let new = self.held.get(g).and_then(Option::as_ref).map(|h| &h.state);
+                let replay = generation::delta(&current, new.ok_or(Error::StaleBase)?);
+                (current, replay)
+            }
+        };
+        if let Some(pins) = self.pins_mut() {
+            pins.write(active, &[])?;
+        }
+        let (stats, held) = self.write_delta(active, current, &replay)?;
+        report.replay = stats;
+        if let Some(w) = workloads {
+            report.replay += self.write_workloads(active, w)?;
+        }
+        let write = write_id()?;
+        let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
+        self.record(active, revision, digest, &write, saved_ref)?;
+        if let Some(slot) = self.held.get_mut(Self::slot(active)?) {
+            *slot = Some(Held { write, state: held });
+        }
+        lap(&mut report, "replay");
+
+        if l4_rules {
+            let held = self.held.get(g).and_then(Option::as_ref).map(|h| &h.state);
+            let keep = held.map(referenced_rules).unwrap_or_default();
+            if held.is_some() {
+                report.counters_removed = self.remove_counters_except(&keep)?;
+            }
+        }
+        if let Some(pins) = self.pins() {
+            pins.remove_unreferenced_states()?;
+        }
+        lap(&mut report, "clean up");
+        Ok(report)
+    }
+
+    /// Writes `deltas` into generation `generation`, which holds `current`, verifies what was
+    /// written, and returns what it holds afterwards.
+    fn write_delta(
+        &mut self,
+        generation: u32,
+        mut current: Encoded,
+        deltas: &BTreeMap<&'static str, MapDelta>,
+    ) -> Result<(WriteStats, Encoded), Error> {
+        let g = Self::slot(generation)?;
+        let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
+        let stats = gm.apply_delta(deltas)?;
+        gm.verify_delta(deltas)?;
+        for (&name, d) in deltas {
+            generation::patch(current.maps.entry(name).or_default(), d);
+        }
+        Ok((stats, current))
+    }
+
+    /// Deletes the per-rule counters of every rule not in `keep`; returns how many.
+    fn remove_counters_except(&mut self, keep: &BTreeSet<u32>) -> Result<usize, Error> {
+        let name = fw_common::maps::RULE_COUNTERS;
+        let present: Vec<u32> =
+            self.rule_counters.keys().collect::<Result<_, _>>().map_err(Error::map(name))?;
+        let mut removed = 0;
+        for rule in present.into_iter().filter(|r| !keep.contains(r)) {
+            match self.rule_counters.remove(&rule) {
+                Ok(()) => removed += 1,
+                // Gone meanwhile (another cleaner): what was wanted.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(Error::map(name)(e)),
+            }
+        }
+        Ok(removed)
+    }
 }
 
 #[cfg(test)]
@@ -295,5 +839,72 @@ mod tests {
         assert_eq!(m.upsert, vec![(vec![2], vec![9]), (vec![4], vec![4])]);
         assert_eq!(m.remove, vec![vec![3]]);
         assert!(generation::delta(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn unsorted_entries_diff_like_sorted_ones() {
+        let sorted = vec![(vec![1], vec![1]), (vec![2], vec![2]), (vec![3], vec![3])];
+        let want = vec![(vec![4], vec![4]), (vec![2], vec![9]), (vec![1], vec![1])];
+        let mut want_sorted = want.clone();
+        want_sorted.sort();
+        let enc = |e: &Vec<(Vec<u8>, Vec<u8>)>| Encoded { maps: [("FW_IN_V4", e.clone())].into() };
+        let a = generation::delta(&enc(&sorted), &enc(&want));
+        let b = generation::delta(&enc(&sorted), &enc(&want_sorted));
+        assert_eq!(a, b);
+        let d = a.get("FW_IN_V4").expect("a diff");
+        assert_eq!(d.upsert, vec![(vec![2], vec![9]), (vec![4], vec![4])]);
+        assert_eq!(d.remove, vec![vec![3]]);
+        // The same with shared entries before and after (skipped before the middle is diffed).
+        let wrap = |e: &Vec<(Vec<u8>, Vec<u8>)>| {
+            let mut w = vec![(vec![0], vec![0])];
+            w.extend(e.iter().cloned());
+            w.push((vec![9], vec![9]));
+            w
+        };
+        assert_eq!(generation::delta(&enc(&wrap(&sorted)), &enc(&wrap(&want))), b);
+        assert_eq!(generation::delta(&enc(&wrap(&sorted)), &enc(&wrap(&want_sorted))), b);
+    }
+
+    #[test]
+    fn patching_with_a_diff_gives_the_desired_entries() {
+        let cases: [(&[u8], &[u8]); 4] =
+            [(&[1, 2, 3], &[2, 4]), (&[], &[1, 5]), (&[1, 2], &[]), (&[3, 5, 7], &[1, 5, 9])];
+        for (have, want) in cases {
+            let entries = |keys: &[u8], v: u8| -> Vec<(Vec<u8>, Vec<u8>)> {
+                keys.iter().map(|&k| (vec![k], vec![k.wrapping_add(v)])).collect()
+            };
+            // Key 5 changes its value, the others keep theirs.
+            let mut current = entries(have, 0);
+            let mut desired = entries(want, 0);
+            for e in desired.iter_mut().filter(|e| e.0 == [5]) {
+                e.1 = vec![99];
+            }
+            let enc =
+                |e: &Vec<(Vec<u8>, Vec<u8>)>| Encoded { maps: [("FW_IN_L4", e.clone())].into() };
+            let d = generation::delta(&enc(&current), &enc(&desired));
+            if let Some(d) = d.get("FW_IN_L4") {
+                generation::patch(&mut current, d);
+            }
+            assert_eq!(current, desired, "{have:?} -> {want:?}");
+        }
+    }
+
+    #[test]
+    fn counters_are_kept_for_the_rules_l4_values_name() {
+        let value = |verdict: u32, audit: u32| {
+            let v = fw_common::L4Value {
+                verdict_action: u8::from(verdict != 0),
+                audit_action: u8::from(audit != 0),
+                verdict_rule: verdict,
+                audit_rule: audit,
+                ..Default::default()
+            };
+            fw_common::Bytes::to_bytes(&v).as_ref().to_vec()
+        };
+        let mut e = Encoded::default();
+        e.maps.insert("FW_IN_L4", vec![(vec![0; 16], value(7, 0)), (vec![1; 16], value(0, 9))]);
+        e.maps.insert("FW_EG_L4", vec![(vec![0; 16], value(3, 3))]);
+        e.maps.insert("FW_IN_V4", vec![(vec![0; 8], vec![5, 0, 0, 0])]);
+        assert_eq!(referenced_rules(&e), [3, 7, 9].into());
     }
 }

@@ -164,6 +164,24 @@ pub enum Error {
     #[error("map {0}: read-back after writing does not match the desired state")]
     VerifyFailed(&'static str),
 
+    /// `Dataplane::apply_changes` cannot apply the change on top of what the data plane is
+    /// known to hold (the standby does not hold the base state as far as this process knows,
+    /// or the change does not fit the maps): nothing was written; apply the whole state.
+    #[error("the change cannot be applied on top of what is loaded; apply the whole state")]
+    StaleBase,
+
+    /// The kernel gave no random bytes for a write id (`getrandom`).
+    #[error("no random bytes for a write id: {0}")]
+    Random(#[source] std::io::Error),
+
+    /// A syscall of the verification after a write failed.
+    #[error("map {map}: verifying the written entries failed")]
+    Verify {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// `FW_LOADER_HOOK` asked the apply to stop at this step (a test of failing static).
     #[error("apply aborted at step {0} (FW_LOADER_HOOK)")]
     HookAbort(&'static str),

@@ -13,10 +13,11 @@
 //! so it is not atomic: write only a generation packets are not using, then flip.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
 
 use aya::Pod;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, ArrayOfMaps, HashMap, InnerMap, Map, MapData};
+use aya::maps::{Array, ArrayOfMaps, HashMap, InnerMap, IterableMap as _, Map, MapData};
 use aya_obj::generated::bpf_map_type;
 use fw_common::{
     Bytes, CONFIG_ENTRIES, ClassValue, DirectionConfig, Ipv4LpmKey, Ipv6LpmKey, L4LpmKey, L4Value,
@@ -315,40 +316,192 @@ impl MapDelta {
 
 /// The entry-level difference between two encodings, per map (only maps that differ). The
 /// workload table is left out: the encoded state keys it by cgroup path, the kernel by id.
+///
+/// This runs on every apply before anything is written, so it is built to cost little when
+/// little changed: the entries both sides share at the start and at the end are skipped with
+/// a plain element-by-element comparison (a tight loop, no allocation), and only the middle
+/// is diffed. That middle is normally sorted by key with no duplicates (`encode` emits entries
+/// so, a read-back sorts), and then it is one merge walk; a side that is not strictly sorted
+/// falls back to a map-based comparison of the middle (the shared ends are equal pairwise, so
+/// the set difference is the middles'; a key repeated across the two parts is a duplicate,
+/// which `decode` rejects for every map that changes). Either way the output lists upserts and
+/// removals in key order. At 100k entries, building two `BTreeMap`s per map took tens of
+/// milliseconds.
 pub fn delta(current: &Encoded, desired: &Encoded) -> BTreeMap<&'static str, MapDelta> {
+    delta_checked(current, desired).0
+}
+
+/// [`delta`], and whether every map of `desired` that differs was found strictly sorted by
+/// key (so without duplicate keys), assuming `current`'s maps are (a read-back or a patched
+/// cache always is). When it was, checking the upserted entries checks every entry the
+/// apply writes and every key is unique; when not, the caller must check the changed maps in
+/// full.
+pub(crate) fn delta_checked(
+    current: &Encoded,
+    desired: &Encoded,
+) -> (BTreeMap<&'static str, MapDelta>, bool) {
     let empty = Entries::new();
     let mut out = BTreeMap::new();
+    let mut sorted = true;
     let names: BTreeSet<&'static str> =
         current.maps.keys().chain(desired.maps.keys()).copied().collect();
     for name in names.into_iter().filter(|&n| n != maps::WORKLOADS) {
-        let have: BTreeMap<&[u8], &[u8]> = current
-            .maps
-            .get(name)
-            .unwrap_or(&empty)
-            .iter()
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-            .collect();
-        let want: BTreeMap<&[u8], &[u8]> = desired
-            .maps
-            .get(name)
-            .unwrap_or(&empty)
-            .iter()
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-            .collect();
-        let mut d = MapDelta::default();
-        for (k, v) in &want {
-            if have.get(k) != Some(v) {
-                d.upsert.push((k.to_vec(), v.to_vec()));
+        let have_all = current.maps.get(name).unwrap_or(&empty).as_slice();
+        let want_all = desired.maps.get(name).unwrap_or(&empty).as_slice();
+        let head = have_all.iter().zip(want_all).take_while(|(a, b)| same(a, b)).count();
+        if head == have_all.len() && head == want_all.len() {
+            continue;
+        }
+        let (have, want) =
+            (have_all.get(head..).unwrap_or_default(), want_all.get(head..).unwrap_or_default());
+        let tail = have.iter().rev().zip(want.iter().rev()).take_while(|(a, b)| same(a, b)).count();
+        let have = have.get(..have.len() - tail).unwrap_or_default();
+        let want = want.get(..want.len() - tail).unwrap_or_default();
+        // The shared ends equal `current`'s, which is sorted; the middle must also sort after
+        // the head and before the tail.
+        let before = head.checked_sub(1).and_then(|i| want_all.get(i));
+        let after =
+            want_all.len().checked_sub(tail).and_then(|i| want_all.get(i)).filter(|_| tail > 0);
+        let joins = match (want.first(), want.last()) {
+            (Some(first), Some(last)) => {
+                before.is_none_or(|b| b.0 < first.0) && after.is_none_or(|a| last.0 < a.0)
             }
-        }
-        for k in have.keys().filter(|k| !want.contains_key(*k)) {
-            d.remove.push(k.to_vec());
-        }
+            _ => true,
+        };
+        let d = match merge_delta(have, want).filter(|_| joins) {
+            Some(d) => d,
+            None => {
+                sorted = false;
+                map_delta(have, want)
+            }
+        };
         if !d.is_empty() {
             out.insert(name, d);
         }
     }
-    out
+    (out, sorted)
+}
+
+/// Entry equality without a `memcmp` call per byte slice: the slices are a few bytes long and
+/// the head and tail comparison of [`delta_checked`] runs over every entry of every map.
+#[inline]
+fn same(a: &Entry, b: &Entry) -> bool {
+    #[inline]
+    fn eq(a: &[u8], b: &[u8]) -> bool {
+        if a.len() != b.len() {
+            return false;
+        }
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        ca.zip(cb).all(|(x, y)| {
+            let word = |c: &[u8]| <[u8; 8]>::try_from(c).map(u64::from_ne_bytes).unwrap_or(0);
+            word(x) == word(y)
+        }) && ra.iter().zip(rb).all(|(x, y)| x == y)
+    }
+    eq(&a.0, &b.0) && eq(&a.1, &b.1)
+}
+
+/// One entry: key and value bytes.
+type Entry = (Vec<u8>, Vec<u8>);
+
+/// One merge walk over two key-sorted entry lists; `None` when either is not strictly sorted.
+fn merge_delta(have: &[Entry], want: &[Entry]) -> Option<MapDelta> {
+    use std::cmp::Ordering;
+    let mut d = MapDelta::default();
+    let (mut i, mut j) = (0, 0);
+    let sorted_at =
+        |e: &[Entry], i: usize| match (i.checked_sub(1).and_then(|p| e.get(p)), e.get(i)) {
+            (Some(a), Some(b)) => a.0 < b.0,
+            _ => true,
+        };
+    loop {
+        match (have.get(i), want.get(j)) {
+            (Some(h), Some(w)) => {
+                if !sorted_at(have, i) || !sorted_at(want, j) {
+                    return None;
+                }
+                match h.0.cmp(&w.0) {
+                    Ordering::Less => {
+                        d.remove.push(h.0.clone());
+                        i += 1;
+                    }
+                    Ordering::Greater => {
+                        d.upsert.push(w.clone());
+                        j += 1;
+                    }
+                    Ordering::Equal => {
+                        if h.1 != w.1 {
+                            d.upsert.push(w.clone());
+                        }
+                        i += 1;
+                        j += 1;
+                    }
+                }
+            }
+            (Some(h), None) => {
+                if !sorted_at(have, i) {
+                    return None;
+                }
+                d.remove.push(h.0.clone());
+                i += 1;
+            }
+            (None, Some(w)) => {
+                if !sorted_at(want, j) {
+                    return None;
+                }
+                d.upsert.push(w.clone());
+                j += 1;
+            }
+            (None, None) => return Some(d),
+        }
+    }
+}
+
+/// The same as [`merge_delta`] for entry lists in any order (a duplicate key counts once, the
+/// last value winning, as it would in the kernel).
+fn map_delta(have: &[Entry], want: &[Entry]) -> MapDelta {
+    let have: BTreeMap<&[u8], &[u8]> =
+        have.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+    let want: BTreeMap<&[u8], &[u8]> =
+        want.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+    let mut d = MapDelta::default();
+    for (k, v) in &want {
+        if have.get(k) != Some(v) {
+            d.upsert.push((k.to_vec(), v.to_vec()));
+        }
+    }
+    for k in have.keys().filter(|k| !want.contains_key(*k)) {
+        d.remove.push(k.to_vec());
+    }
+    d
+}
+
+/// Applies `d` to a key-sorted entry list in place (the result stays sorted): what a map that
+/// held `entries` holds once `d` is written. Moves the unchanged entries, so it allocates only
+/// for the changed ones.
+pub(crate) fn patch(entries: &mut Entries, d: &MapDelta) {
+    if d.is_empty() {
+        return;
+    }
+    let old = std::mem::take(entries);
+    let mut out = Entries::with_capacity(old.len() + d.upsert.len());
+    let mut up = d.upsert.iter().peekable();
+    let mut rm = d.remove.iter().peekable();
+    for (k, v) in old {
+        while let Some(u) = up.next_if(|u| u.0 < k) {
+            out.push(u.clone());
+        }
+        while rm.next_if(|r| **r < k).is_some() {}
+        if rm.next_if(|r| **r == k).is_some() {
+            continue;
+        }
+        match up.next_if(|u| u.0 == k) {
+            Some(u) => out.push(u.clone()),
+            None => out.push((k, v)),
+        }
+    }
+    out.extend(up.cloned());
+    *entries = out;
 }
 
 /// Generation `generation`'s inner map of the outer map `name`, and its capacity.
@@ -557,4 +710,133 @@ fn split_v6(k: Ipv6LpmKey) -> (u32, [u8; 16]) {
 
 fn split_l4(k: L4LpmKey) -> (u32, [u8; 12]) {
     (k.prefix_len, l4_data(&k))
+}
+
+/// `bpf_attr` for the map element commands (`BPF_MAP_LOOKUP_ELEM`, `BPF_MAP_GET_NEXT_KEY`).
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// One map element command; `Ok(false)` for ENOENT.
+fn elem_cmd(
+    cmd: libc::c_long,
+    fd: BorrowedFd<'_>,
+    key: Option<&[u8]>,
+    out: &mut [u8],
+) -> std::io::Result<bool> {
+    let mut attr = ElemAttr {
+        map_fd: u32::try_from(fd.as_raw_fd())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?,
+        _pad: 0,
+        key: key.map_or(0, |k| k.as_ptr() as u64),
+        value: out.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for the element commands; `key` (when given)
+    // and `out` outlive the call, and the callers size them to the map's key (for a next key)
+    // or value size, so the kernel writes inside `out`.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, &mut attr as *mut ElemAttr, size_of::<ElemAttr>())
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) { Ok(false) } else { Err(e) }
+}
+
+impl GenerationMaps {
+    /// The map's descriptor, key size and value size (as the kernel has them: an LPM key is
+    /// the prefix length and the data).
+    fn fd(&self, name: &str) -> Result<(BorrowedFd<'_>, usize, usize), Error> {
+        let lpm = |data: usize, value: usize| (size_of::<u32>() + data, value);
+        let (key, value) = match name {
+            maps::INGRESS_V4 | maps::EGRESS_V4 => lpm(4, size_of::<ClassValue>()),
+            maps::INGRESS_V6 | maps::EGRESS_V6 => lpm(16, size_of::<ClassValue>()),
+            maps::INGRESS_L4 | maps::EGRESS_L4 => lpm(12, size_of::<L4Value>()),
+            _ => (size_of::<u32>(), size_of::<DirectionConfig>()),
+        };
+        let data = match name {
+            maps::INGRESS_V4 => self.in_v4.map(),
+            maps::INGRESS_V6 => self.in_v6.map(),
+            maps::INGRESS_L4 => self.in_l4.map(),
+            maps::EGRESS_V4 => self.eg_v4.map(),
+            maps::EGRESS_V6 => self.eg_v6.map(),
+            maps::EGRESS_L4 => self.eg_l4.map(),
+            maps::CONFIG => self.config.map(),
+            other => return Err(Error::UnknownMap(other.to_string())),
+        };
+        Ok((data.fd().as_fd(), key, value))
+    }
+
+    /// Checks that the maps hold what writing `deltas` should have left, looking at nothing
+    /// else: each upserted key is present with the written value, each removed key is absent
+    /// (a config index reads as zeros). O(diff) syscalls, where reading the maps back was
+    /// O(policy).
+    ///
+    /// An LPM trie's lookup is a longest-prefix match, not an exact one (a removed /32 inside
+    /// a /24 still "finds" the /24), so presence is decided with `BPF_MAP_GET_NEXT_KEY`, which
+    /// does look the key up exactly: for a key the trie holds it returns the key after it in
+    /// the trie's order (or ENOENT for the last one), for any other key the first key of the
+    /// trie. So a key is present exactly when its "next" is not the first key, or is ENOENT
+    /// in a non-empty trie. For a present key, the lookup's longest match is the key itself.
+    pub fn verify_delta(&self, deltas: &BTreeMap<&'static str, MapDelta>) -> Result<(), Error> {
+        for (&name, d) in deltas {
+            let failed = || Error::VerifyFailed(name);
+            let sys = |e: std::io::Error| Error::Verify { map: name, source: e };
+            let (fd, key_len, value_len) = self.fd(name)?;
+            // Buffers the kernel writes into have the map's sizes, whatever the entries say.
+            let mut value = vec![0u8; value_len];
+            let mut holds = |k: &[u8], v: &[u8]| -> Result<bool, Error> {
+                if k.len() != key_len {
+                    return Err(Error::Entry { map: name, reason: "key size" });
+                }
+                Ok(elem_cmd(BPF_MAP_LOOKUP_ELEM, fd, Some(k), &mut value).map_err(sys)?
+                    && value == v)
+            };
+            if name == maps::CONFIG {
+                let zero = DirectionConfig::default().to_bytes().to_vec();
+                let upserts = d.upsert.iter().map(|(k, v)| (k, v));
+                for (k, v) in upserts.chain(d.remove.iter().map(|k| (k, &zero))) {
+                    if !holds(k, v)? {
+                        return Err(failed());
+                    }
+                }
+                continue;
+            }
+            let mut first = vec![0u8; key_len];
+            let first =
+                elem_cmd(BPF_MAP_GET_NEXT_KEY, fd, None, &mut first).map_err(sys)?.then_some(first);
+            let mut next = vec![0u8; key_len];
+            let mut present = |k: &[u8]| -> Result<bool, Error> {
+                if k.len() != key_len {
+                    return Err(Error::Entry { map: name, reason: "key size" });
+                }
+                Ok(if elem_cmd(BPF_MAP_GET_NEXT_KEY, fd, Some(k), &mut next).map_err(sys)? {
+                    first.as_deref() != Some(next.as_slice())
+                } else {
+                    first.is_some()
+                })
+            };
+            for k in &d.remove {
+                if present(k)? {
+                    return Err(failed());
+                }
+            }
+            for (k, v) in &d.upsert {
+                if !present(k)? || !holds(k, v)? {
+                    return Err(failed());
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -13,7 +13,10 @@
 //! change, except when this build's ABI differs from the pinned one: then
 //! `Dataplane::upgrade_pinned` (`upgrade`) swaps the programs in place under their links.
 //! `apply` is the update protocol on top of that: diff against what the standby generation
-//! holds, write the diff, verify, flip, wait a grace period, replay.
+//! holds, write the diff, verify what was written, flip, wait a grace period, replay; its
+//! kernel work is proportional to the diff once the process knows what each generation holds.
+//! `apply_changes` does the same from a change given as entry deltas, with nothing O(policy
+//! size) before the flip; `drift` compares the generations with a desired state in full.
 //!
 //! [`Dataplane::test_run_ingress`] runs the XDP program on a frame with `BPF_PROG_TEST_RUN`,
 //! without attaching it anywhere: the kernel's real program and maps, no traffic. The
@@ -46,7 +49,7 @@ use fw_common::{
 use fw_compiler::encode::{Encoded, decode};
 use fw_compiler::mapstate::Capacities;
 
-pub use crate::apply::{Applied, ApplyReport, HOOK_ENV};
+pub use crate::apply::{Applied, ApplyReport, DriftReport, GenerationDrift, HOOK_ENV};
 pub use crate::cgroup::{CgroupAttachment, CgroupLinks, EgressAttachment, cgroup2_mount};
 pub use crate::error::Error;
 pub use crate::events::{EventStats, Events};
@@ -114,6 +117,11 @@ pub struct Dataplane {
     caps: Capacities,
     /// Present when the data plane is pinned under a bpffs root.
     pins: Option<pin::Pins>,
+    /// Per generation, what this process last wrote there and verified, with its write id
+    /// (trusted only while the pinned record carries the same id; see `apply`).
+    held: Vec<Option<apply::Held>>,
+    /// The saved state pinned last: its id and bytes.
+    saved: Option<(String, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -195,6 +203,8 @@ impl Dataplane {
             outer,
             caps: *caps,
             pins: None,
+            held: (0..GENERATIONS).map(|_| None).collect(),
+            saved: None,
         })
     }
 
@@ -253,6 +263,10 @@ impl Dataplane {
         encoded: &Encoded,
     ) -> Result<WriteStats, Error> {
         decode(encoded).map_err(Error::InvalidState)?;
+        // Written outside the apply protocol: what this process knew it holds is void.
+        if let Some(h) = usize::try_from(generation).ok().and_then(|g| self.held.get_mut(g)) {
+            *h = None;
+        }
         self.generation_maps(generation)?.write(encoded)
     }
 

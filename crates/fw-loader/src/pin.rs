@@ -4,11 +4,12 @@
 //! - Everything that must outlive the process is pinned flat under one root (default
 //!   [`DEFAULT_ROOT`]): the program (`fw_ingress`), the outer maps and the counter and
 //!   generation maps (by their ABI names), the record map (`FW_RECORD`), one saved-state map per
-//!   generation (`FW_STATE_g0`, `_g1`) and, in `links/`, one XDP link per interface
+//!   saved state a record names (`FW_STATE_<id>`) and, in `links/`, one XDP link per interface
 //!   (`links/<drv|skb>-<interface>`, the mode in the name because the kernel's link info does
-//!   not say it). bpffs refuses names with a dot, so the saved-state maps are `FW_STATE_g0` and
-//!   `.` and `%` in interface names (VLANs: `eth0.100`) are written `%2E` and `%25`. Inner maps are not pinned: they are reachable through their outer slot, which is
-//!   also what lets apply replace one with a bigger map in a single slot update.
+//!   not say it). bpffs refuses names with a dot, so `.` and `%` in interface names (VLANs:
+//!   `eth0.100`) are written `%2E` and `%25`. Inner maps are not pinned: they are reachable
+//!   through their outer slot, which is also what lets apply replace one with a bigger map in a
+//!   single slot update.
 //! - A later process adopts the pins instead of loading again, so program ids and map ids
 //!   never change across applies. Adoption is refused when the record's ABI version (a hash of
 //!   the embedded object) differs from this build's: the maps' layout could differ. That case
@@ -19,11 +20,13 @@
 //!   processes opening a fresh root at once load once (the second adopts), and no process
 //!   adopts pins another is still making or replacing.
 //! - The record map is an array of three fixed-size text records, one per generation
-//!   (revision, digest and saved-state length of what that generation holds) and one of
-//!   metadata (ABI, conntrack entry layout, cgroup), so `status` and `diff` read the applied revision from the kernel,
-//!   not from a file that could disagree with it. bpffs holds no regular files, so the saved
-//!   state (the compiler's full `MapState` as JSON, which carries the rule table the kernel maps
-//!   do not hold) lives in an array map of 4 KiB chunks.
+//!   (revision, digest, write id, and the id and length of the saved state of what that
+//!   generation holds) and one of metadata (ABI, conntrack entry layout, cgroup), so `status`
+//!   and `diff` read the applied revision from the kernel, not from a file that could disagree
+//!   with it. bpffs holds no regular files, so the saved state (what the caller keeps with a
+//!   generation: fwctl's rule table, which the kernel maps do not hold) lives in an array map of
+//!   4 KiB chunks, pinned under an id both records name when both generations hold the same
+//!   state, so an unchanged one is not written again.
 //! - Pins are made 0600 and directories 0700: the maps decide what the host lets through.
 //! - Links are bpf links (`bpf_link_create`), pinned: the attachment lives as long as the pin,
 //!   and removing the pin detaches (once no process holds the link open).
@@ -48,6 +51,8 @@ use crate::{Dataplane, Error, object};
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/fw";
 
 pub(crate) const RECORD: &str = "FW_RECORD";
+/// Saved-state pins are `FW_STATE_<id>`.
+const STATE_PREFIX: &str = "FW_STATE_";
 pub(crate) const LINKS: &str = "links";
 /// Bytes per record entry.
 pub(crate) const RECORD_SIZE: usize = 1024;
@@ -200,18 +205,21 @@ impl Pins {
         self.record.set(index, raw, 0).map_err(Error::map(RECORD))
     }
 
-    fn state_pin(&self, generation: u32) -> PathBuf {
-        self.root.join(format!("FW_STATE_g{generation}"))
+    fn state_pin(&self, id: &str) -> PathBuf {
+        self.root.join(format!("{STATE_PREFIX}{id}"))
     }
 
-    /// Replaces generation `generation`'s saved-state map with one holding `bytes`: a new map
-    /// pinned under a temporary name, then renamed over the old pin.
-    pub fn write_state(&self, generation: u32, bytes: &[u8]) -> Result<(), Error> {
-        let name = format!("FW_STATE_g{generation}");
+    /// Pins a saved-state map holding `bytes` under the id `id` (hex, from the apply): a new
+    /// map pinned under a temporary name, then renamed into place.
+    pub fn write_state(&self, id: &str, bytes: &[u8]) -> Result<(), Error> {
+        if !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::Record("a saved-state id that is not hex"));
+        }
+        let name = format!("{STATE_PREFIX}{id}");
         let chunks = bytes.len().div_ceil(CHUNK).max(1);
         let n = u32::try_from(chunks)
             .map_err(|_| Error::StateTooLarge { len: bytes.len(), max: u32::MAX as usize })?;
-        let map = create(&name, bpf_map_type::BPF_MAP_TYPE_ARRAY, 4, CHUNK, n, 0)?;
+        let map = create("FW_STATE", bpf_map_type::BPF_MAP_TYPE_ARRAY, 4, CHUNK, n, 0)?;
         let mut array: Array<MapData, Chunk> = Array::try_from(map).map_err(Error::map(&name))?;
         for (i, part) in bytes.chunks(CHUNK).enumerate() {
             let mut chunk = [0u8; CHUNK];
@@ -224,13 +232,16 @@ impl Pins {
         let _ = fs::remove_file(&tmp);
         array.map().pin(&tmp).map_err(pin_err(&tmp))?;
         private(&tmp, 0o600)?;
-        let dst = self.state_pin(generation);
+        let dst = self.state_pin(id);
         fs::rename(&tmp, &dst).map_err(io(&dst))
     }
 
-    /// Generation `generation`'s saved state, `len` bytes long (from its record).
-    pub fn read_state(&self, generation: u32, len: usize) -> Result<Vec<u8>, Error> {
-        let path = self.state_pin(generation);
+    /// The saved state pinned under `id`, `len` bytes long (both from a record).
+    pub fn read_state(&self, id: &str, len: usize) -> Result<Vec<u8>, Error> {
+        if !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::Record("a saved-state id that is not hex"));
+        }
+        let path = self.state_pin(id);
         let name = "FW_STATE";
         let data = MapData::from_pin(&path).map_err(Error::map(name))?;
         let array: Array<MapData, Chunk> =
@@ -245,6 +256,25 @@ impl Pins {
             i += 1;
         }
         Ok(out)
+    }
+
+    /// Removes every saved-state pin no generation's record names (older states, the
+    /// per-generation pins of earlier versions, a temporary pin left by a crash).
+    pub fn remove_unreferenced_states(&self) -> Result<(), Error> {
+        let mut keep = Vec::new();
+        for g in 0..GENERATIONS {
+            if let Some(id) = self.read(g)?.and_then(|mut f| f.remove("state")) {
+                keep.push(format!("{STATE_PREFIX}{id}"));
+            }
+        }
+        for entry in fs::read_dir(&self.root).map_err(io(&self.root))? {
+            let path = entry.map_err(io(&self.root))?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            if name.starts_with(STATE_PREFIX) && !keep.iter().any(|k| k == name) {
+                fs::remove_file(&path).map_err(io(&path))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -439,6 +469,8 @@ impl Dataplane {
             outer,
             caps,
             pins: Some(pins),
+            held: (0..GENERATIONS).map(|_| None).collect(),
+            saved: None,
         })
     }
 

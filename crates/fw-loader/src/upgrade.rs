@@ -57,6 +57,7 @@ use fw_common::{GENERATIONS, maps, programs};
 use fw_compiler::encode::Encoded;
 use fw_compiler::mapstate::Capacities;
 
+use crate::apply::write_id;
 use crate::pin::{
     LINKS, META, Pins, RECORD, abi_version, attachments, conntrack_layout, io, lock_root,
     open_pinned_map,
@@ -304,11 +305,21 @@ impl Dataplane {
         // place, each by a rename), the metadata the old record had besides the layouts, then
         // the renames, the record last.
         let len = desired.saved_state.len().to_string();
+        let state = write_id()?;
+        pins.write_state(&state, desired.saved_state)?;
         for g in 0..GENERATIONS {
-            pins.write_state(g, desired.saved_state)?;
+            // A fresh write id: no process has this generation cached, so the next apply
+            // reads it from the kernel once.
+            let write = write_id()?;
             pins.write(
                 g,
-                &[("revision", desired.revision), ("digest", desired.digest), ("state_len", &len)],
+                &[
+                    ("revision", desired.revision),
+                    ("digest", desired.digest),
+                    ("state_len", &len),
+                    ("state", &state),
+                    ("write", &write),
+                ],
             )?;
         }
         let layout = conntrack_layout();
@@ -324,6 +335,7 @@ impl Dataplane {
         }
         let keep: Vec<&PathBuf> = staged.iter().map(|(_, dst)| dst).collect();
         remove_stale(root, &keep)?;
+        pins.remove_unreferenced_states()?;
         new.pins = Some(pins);
         Ok((new, Some(Upgrade { from_abi, to_abi, links, conntrack, apply })))
     }
@@ -441,7 +453,8 @@ fn remove_stale(root: &Path, keep: &[&PathBuf]) -> Result<(), Error> {
         let entry = entry.map_err(io(root))?;
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name == LINKS || name.starts_with("FW_STATE_g") || keep.contains(&&path) {
+        // Saved states go by what the new record names (`remove_unreferenced_states`).
+        if name == LINKS || name.starts_with("FW_STATE_") || keep.contains(&&path) {
             continue;
         }
         fs::remove_file(&path).map_err(io(&path))?;
