@@ -679,9 +679,21 @@ fn sweep(rules: &[u32], policy: &HostPolicy, ranges: &[RangeSet]) -> Vec<Piece> 
         }
     }
     events.sort_unstable();
-    // Ranks of the rules covering the current point; the first is the decision.
-    let mut verdict = BTreeSet::new();
-    let mut audit = BTreeSet::new();
+    // Ranks of the rules covering the current point, sorted; the first is the decision.
+    // Sorted vectors rather than `BTreeSet`s: a sweep covers a class's own rules, a handful
+    // at a time, and the sets' node allocations were a visible part of the compile.
+    let mut verdict: Vec<Rank> = Vec::new();
+    let mut audit: Vec<Rank> = Vec::new();
+    let insert = |v: &mut Vec<Rank>, r: Rank| {
+        if let Err(i) = v.binary_search(&r) {
+            v.insert(i, r);
+        }
+    };
+    let remove = |v: &mut Vec<Rank>, r: Rank| {
+        if let Ok(i) = v.binary_search(&r) {
+            v.remove(i);
+        }
+    };
     let mut out = Vec::new();
     let mut e = 0;
     while let Some(&(point, _, _)) = events.get(e) {
@@ -693,12 +705,12 @@ fn sweep(rules: &[u32], policy: &HostPolicy, ranges: &[RangeSet]) -> Vec<Piece> 
                 let r = rank(rule, pos);
                 if start {
                     if rule.enforcing() {
-                        verdict.insert(r);
+                        insert(&mut verdict, r);
                     }
-                    audit.insert(r);
+                    insert(&mut audit, r);
                 } else {
-                    verdict.remove(&r);
-                    audit.remove(&r);
+                    remove(&mut verdict, r);
+                    remove(&mut audit, r);
                 }
             }
             e += 1;
@@ -991,6 +1003,7 @@ impl<'a> L4Builder<'a> {
         class: ClassId,
         workload: WorkloadId,
         prefixes: &mut Vec<(u128, u8)>,
+        scratch: &mut Vec<(L4Key, L4Value)>,
         out: &mut Vec<(L4Key, L4Value)>,
     ) {
         let start = out.len();
@@ -1003,8 +1016,32 @@ impl<'a> L4Builder<'a> {
                 (L4Key { class, workload, prefix_len, bits: bits as u32 }, value)
             }));
         }
+        // Key order within the chunk is (prefix length, bits). The prefixes were cut in
+        // address order, so for each length the bits already increase: a stable counting
+        // sort by length (33 buckets) orders the chunk in linear time.
         if let Some(chunk) = out.get_mut(start..) {
-            chunk.sort_unstable_by_key(|(k, _)| (k.prefix_len, k.bits));
+            let mut count = [0usize; 34];
+            for (k, _) in chunk.iter() {
+                if let Some(c) = count.get_mut(usize::from(k.prefix_len.min(32)) + 1) {
+                    *c += 1;
+                }
+            }
+            // Exclusive prefix sums: count[len] = entries shorter than `len`.
+            let mut sum = 0;
+            for c in count.iter_mut() {
+                sum += *c;
+                *c = sum;
+            }
+            scratch.clear();
+            scratch.extend_from_slice(chunk);
+            for entry in scratch.iter() {
+                if let Some(at) = count.get_mut(usize::from(entry.0.prefix_len.min(32))) {
+                    if let Some(dst) = chunk.get_mut(*at) {
+                        *dst = *entry;
+                    }
+                    *at += 1;
+                }
+            }
         }
     }
 }
@@ -1310,6 +1347,7 @@ pub fn compile_with(
         let cap = caps.l4_entries as usize;
         let mut l4: Vec<(L4Key, L4Value)> = Vec::new();
         let mut prefixes = Vec::new();
+        let mut scratch = Vec::new();
         let egress_below = (direction == Direction::Egress).then_some(&below);
         let mut builder = L4Builder::new(policy, &l4_ranges, &sets, egress_below);
         // The shared table first: class 0 sorts before every address class. It is a rule set
@@ -1326,10 +1364,24 @@ pub fn compile_with(
             let s = shared_sets.extend(RuleSets::EMPTY, &[0], &groups);
             let mut shared_builder = L4Builder::new(policy, &l4_ranges, &shared_sets, egress_below);
             let base = shared_builder.base(&shared_sets, s);
-            shared_builder.emit(&base, ClassId::SHARED, WorkloadId::NONE, &mut prefixes, &mut l4);
+            shared_builder.emit(
+                &base,
+                ClassId::SHARED,
+                WorkloadId::NONE,
+                &mut prefixes,
+                &mut scratch,
+                &mut l4,
+            );
             for (w, better) in shared_builder.workload_list(&shared_sets, s).iter() {
                 let delta = overlay(&base, better, true);
-                shared_builder.emit(&delta, ClassId::SHARED, *w, &mut prefixes, &mut l4);
+                shared_builder.emit(
+                    &delta,
+                    ClassId::SHARED,
+                    *w,
+                    &mut prefixes,
+                    &mut scratch,
+                    &mut l4,
+                );
             }
             l4.len() > cap
         };
@@ -1338,14 +1390,21 @@ pub fn compile_with(
                 break;
             }
             let base = builder.base(&sets, s);
-            builder.emit(&base, class, WorkloadId::NONE, &mut prefixes, &mut l4);
+            builder.emit(&base, class, WorkloadId::NONE, &mut prefixes, &mut scratch, &mut l4);
             if l4.len() > cap {
                 overflow = true;
                 break;
             }
             // In workload-id order, which is key order.
             for (w, better) in builder.workload_list(&sets, s).iter() {
-                builder.emit(&overlay(&base, better, true), class, *w, &mut prefixes, &mut l4);
+                builder.emit(
+                    &overlay(&base, better, true),
+                    class,
+                    *w,
+                    &mut prefixes,
+                    &mut scratch,
+                    &mut l4,
+                );
                 if l4.len() > cap {
                     overflow = true;
                     break 'classes;
