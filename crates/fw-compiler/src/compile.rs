@@ -1121,10 +1121,11 @@ pub struct Split {
 
 impl Split {
     /// The split the compiler uses, chosen by measurement on the benchmark's generated fleet
-    /// (`docs/benchmarks.md`): of the IPv4 splits tried (/0, /16, /20, /22, /24, /26, /28,
-    /// /31), /24 left the fewest L4 entries (the `/24`s and the larger blocks that hold hosts
-    /// and small subnets on one side, those hosts and subnets on the other); for IPv6, /64
-    /// and /96 were equal and better than /32 and /48.
+    /// (`docs/benchmarks.md`): of the IPv4 splits tried (/0, /16, /20, /22, /23, /24, /25,
+    /// /26, /28, /31), /24 left the fewest L4 entries (the `/24`s and the larger blocks that
+    /// hold hosts and small subnets on one side, those hosts and subnets on the other); with
+    /// it, IPv6 /64 and /96 gave the same count. `/0` (everything narrow) is the layout
+    /// without layers.
     pub const DEFAULT: Split = Split { v4: 24, v6: 64 };
 
     fn of(self, family: Family) -> u8 {
