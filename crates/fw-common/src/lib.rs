@@ -192,12 +192,19 @@ pub struct Ipv6LpmKey {
     pub addr: [u8; 16],
 }
 
-/// Value of the address LPM tries: the address class.
+/// Value of the address LPM tries: the address's class in each of the two layers. The
+/// compiler splits every rule's prefixes by length into a wide and a narrow layer and builds
+/// classes per layer; the programs look up the L4 entries of both classes and of
+/// [`SHARED_CLASS`] and keep the best decision (see [`L4Value`]'s ranks), so a rule on a wide
+/// prefix is not repeated in the classes of the narrow prefixes inside it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ClassValue {
-    /// The address class id, never 0. Host order (it is a value, never compared by the trie).
-    pub class: u32,
+    /// The wide layer's address class id (rules matching through a short prefix), never 0. Host order (it is a value, never compared by the trie).
+    pub wide_class: u32,
+    /// The narrow layer's address class id (rules matching through a long prefix), never 0.
+    /// Host order.
+    pub narrow_class: u32,
 }
 
 /// Key of the L4 LPM trie: exact class and workload, then a prefix of the L4 word.
@@ -235,8 +242,8 @@ pub struct L4Value {
     pub audit_rule: u32,
     /// High 32 bits of the 64-bit precedence rank of `verdict_rule` (lower decides first
     /// among decisions with the same action; compiler: the policy's ordinal); 0 with
-    /// [`ACTION_NONE`]. The programs look up two L4 entries (the address class's and the
-    /// [`SHARED_CLASS`]'s) and keep, for the verdict and for the audit decision separately,
+    /// [`ACTION_NONE`]. The programs look up three L4 entries (those of the address's wide and
+    /// narrow classes, [`ClassValue`], and the [`SHARED_CLASS`]'s) and keep, for the verdict and for the audit decision separately,
     /// the better one: deny before allow, then the lower rank; none loses to anything. The
     /// rank is split into two `u32`s because the LPM trie's values must not be aligned to
     /// more than 4 bytes (its 12-byte key data is followed directly by the value). Host order.
@@ -331,7 +338,8 @@ const _: () = {
     assert!(offset_of!(Ipv4LpmKey, addr) == 4);
     assert!(size_of::<Ipv6LpmKey>() == 20);
     assert!(offset_of!(Ipv6LpmKey, addr) == 4);
-    assert!(size_of::<ClassValue>() == 4);
+    assert!(size_of::<ClassValue>() == 8);
+    assert!(offset_of!(ClassValue, narrow_class) == 4);
     assert!(size_of::<L4LpmKey>() == 16);
     assert!(offset_of!(L4LpmKey, class) == 4);
     assert!(offset_of!(L4LpmKey, workload) == 8);
@@ -416,12 +424,16 @@ impl Bytes for Ipv6LpmKey {
 
 impl Bytes for ClassValue {
     const SIZE: usize = size_of::<Self>();
-    type Array = [u8; 4];
-    fn to_bytes(&self) -> [u8; 4] {
-        self.class.to_le_bytes()
+    type Array = [u8; 8];
+    fn to_bytes(&self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[0..4].copy_from_slice(&self.wide_class.to_le_bytes());
+        b[4..8].copy_from_slice(&self.narrow_class.to_le_bytes());
+        b
     }
     fn from_bytes(b: &[u8]) -> Option<Self> {
-        (b.len() == Self::SIZE).then(|| Self { class: le_u32(b, 0) })
+        (b.len() == Self::SIZE)
+            .then(|| Self { wide_class: le_u32(b, 0), narrow_class: le_u32(b, 4) })
     }
 }
 
@@ -704,6 +716,9 @@ mod tests {
         };
         assert_eq!(c.to_bytes(), [2, 2, 0, 0]);
         assert_eq!(DirectionConfig::from_bytes(&c.to_bytes()), Some(c));
+        let cv = ClassValue { wide_class: 0x0102, narrow_class: 7 };
+        assert_eq!(cv.to_bytes(), [2, 1, 0, 0, 7, 0, 0, 0]);
+        assert_eq!(ClassValue::from_bytes(&cv.to_bytes()), Some(cv));
         let w = WorkloadKey { cgroup_id: 0x0102 };
         assert_eq!(w.to_bytes(), [2, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(WorkloadKey::from_bytes(&w.to_bytes()), Some(w));

@@ -15,8 +15,10 @@
 //! minimum over a few repetitions for the small sizes and one run for the large ones.
 //!
 //! Usage: `cargo bench -p fw-compiler --bench compile [-- --quick | --only KEY] [--stages]
-//! [--stats] [--mem-limit-mb N]`. `--stages` times yaml, lower and resolve separately;
-//! `--stats` describes the compiled state (classes, L4 entries per (class, workload));
+//! [--stats] [--split V4,V6] [--mem-limit-mb N]`. `--stages` times yaml, lower and resolve
+//! separately; `--stats` describes the compiled state (classes, L4 entries per (class,
+//! workload)); `--split V4,V6` compiles with another layer split (`compile::Split`) than the
+//! compiler's default, to compare them;
 //! `--child KEY` runs one size in this process, for profilers. The exit status is non-zero
 //! when a size fails or a check finds a mismatch, not when a target is missed.
 
@@ -29,6 +31,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
+use fw_compiler::compile::Split;
 use fw_compiler::load::{self, Input};
 use fw_compiler::mapstate::{Capacities, ClassId, L4Key, MapState, WorkloadId};
 use fw_compiler::model::HostIdentity;
@@ -149,7 +152,7 @@ fn peak_rss_kb() -> u64 {
 }
 
 /// One size, in this process. Figures go to stdout as `RESULT` lines; progress to stderr.
-fn child(size: &Size, stages: bool, stats: bool) -> Result<(), String> {
+fn child(size: &Size, stages: bool, stats: bool, split: Split) -> Result<(), String> {
     let t = Instant::now();
     let generated = generate(size);
     eprintln!(
@@ -244,7 +247,7 @@ fn child(size: &Size, stages: bool, stats: bool) -> Result<(), String> {
     for _ in 0..reps {
         drop(state.take()); // the previous repetition's result, before measuring again
         let t = Instant::now();
-        let s = compile::compile(&policy, &caps);
+        let s = compile::compile_with(&policy, &caps, split);
         compile_time = compile_time.min(t.elapsed());
         state = Some(s);
     }
@@ -267,7 +270,7 @@ fn child(size: &Size, stages: bool, stats: bool) -> Result<(), String> {
                     rules: u32::MAX,
                     workloads: u32::MAX,
                 };
-                if let Ok(s) = compile::compile(&policy, &unlimited) {
+                if let Ok(s) = compile::compile_with(&policy, &unlimited, split) {
                     print_stats(size, &s);
                 }
             }
@@ -350,8 +353,11 @@ fn stage_breakdown(size: &Size, generated: &policygen::Generated, limits: &Parse
 /// without a workload, and how entries spread over (class, workload) pairs.
 fn print_stats(size: &Size, state: &MapState) {
     for (name, maps) in [("ingress", &state.ingress), ("egress", &state.egress)] {
-        let classes: BTreeSet<ClassId> =
-            maps.v4.values().chain(maps.v6.values()).copied().collect();
+        let wide: BTreeSet<ClassId> =
+            maps.v4.values().chain(maps.v6.values()).map(|c| c.wide).collect();
+        let narrow: BTreeSet<ClassId> =
+            maps.v4.values().chain(maps.v6.values()).map(|c| c.narrow).collect();
+        let classes: BTreeSet<ClassId> = wide.union(&narrow).copied().collect();
         let mut per_pair: BTreeMap<(ClassId, WorkloadId), usize> = BTreeMap::new();
         for key in maps.l4.keys() {
             *per_pair.entry((key.class, key.workload)).or_default() += 1;
@@ -374,11 +380,13 @@ fn print_stats(size: &Size, state: &MapState) {
         let pct =
             |p: usize| sizes.get((sizes.len().saturating_sub(1)) * p / 100).copied().unwrap_or(0);
         eprintln!(
-            "  {}: {name}: {} v4 + {} v6 prefixes, {} classes, {} L4 entries ({} in {} (class, workload) pairs with a workload, {} of them identical to the class's no-workload entry; {} without); entries per pair: median {}, p90 {}, max {}",
+            "  {}: {name}: {} v4 + {} v6 prefixes, {} classes ({} wide, {} narrow), {} L4 entries ({} in {} (class, workload) pairs with a workload, {} of them identical to the class's no-workload entry; {} without); entries per pair: median {}, p90 {}, max {}",
             size.key,
             maps.v4.len(),
             maps.v6.len(),
             classes.len(),
+            wide.len(),
+            narrow.len(),
             maps.l4.len(),
             with_workload,
             pairs_with_workload,
@@ -464,7 +472,13 @@ fn machine() -> String {
     format!("nproc {cpus}, {model}, Linux {}, {rustc}", kernel.trim())
 }
 
-fn parent(sizes: &[&Size], stages: bool, stats: bool, mem_limit_mb: u64) -> ExitCode {
+fn parent(
+    sizes: &[&Size],
+    stages: bool,
+    stats: bool,
+    split: Option<&str>,
+    mem_limit_mb: u64,
+) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -506,6 +520,9 @@ fn parent(sizes: &[&Size], stages: bool, stats: bool, mem_limit_mb: u64) -> Exit
         }
         if stats {
             cmd.arg("--stats");
+        }
+        if let Some(split) = split {
+            cmd.arg("--split").arg(split);
         }
         let output = match cmd.stderr(std::process::Stdio::inherit()).output() {
             Ok(o) => o,
@@ -630,6 +647,18 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let stages = args.iter().any(|a| a == "--stages");
     let stats = args.iter().any(|a| a == "--stats");
+    // `--split V4,V6`: the layer split to compile with (default: the compiler's own).
+    let split_text = args.iter().position(|a| a == "--split").and_then(|p| args.get(p + 1));
+    let split = match split_text.map(|t| (t.as_str(), t.split_once(','))) {
+        None => Split::DEFAULT,
+        Some((_, Some((a, b)))) if a.parse::<u8>().is_ok() && b.parse::<u8>().is_ok() => {
+            Split { v4: a.parse().unwrap_or(0), v6: b.parse().unwrap_or(0) }
+        }
+        Some(_) => {
+            eprintln!("--split needs two prefix lengths, V4,V6");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Some(pos) = args.iter().position(|a| a == "--child") {
         let Some(size) = args.get(pos + 1).and_then(|k| find(k)) else {
             eprintln!(
@@ -638,7 +667,7 @@ fn main() -> ExitCode {
             );
             return ExitCode::FAILURE;
         };
-        return match child(size, stages, stats) {
+        return match child(size, stages, stats, split) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("{}: {e}", size.key);
@@ -670,5 +699,5 @@ fn main() -> ExitCode {
         },
         None => DEFAULT_MEM_LIMIT_MB,
     };
-    parent(&sizes, stages, stats, mem_limit_mb)
+    parent(&sizes, stages, stats, split_text.map(String::as_str), mem_limit_mb)
 }

@@ -1,7 +1,7 @@
 //! The compiler: one host's resolved rules -> the logical map state.
 //!
-//! The data plane answers "which rules match this packet" with two longest-prefix lookups
-//! instead of a scan, so the compiler has to precompute the answers. It is built to scale
+//! The data plane answers "which rules match this packet" with a fixed number of
+//! longest-prefix lookups (one address lookup, three L4 lookups) instead of a scan, so the compiler has to precompute the answers. It is built to scale
 //! (100k rules, a million prefixes) with nothing worse than sorting:
 //!
 //! 1. Addresses. Each rule's address terms are flattened, per family, into sorted disjoint
@@ -27,6 +27,15 @@
 //!    by the number of classes. They form one more rule set whose entries go to the shared L4
 //!    table (`ClassId::SHARED`, 0), which the data plane consults for every address next to
 //!    the class's table and combines with it by action and rank (`mapstate`, "Lookup").
+//!    Layers. The walk above is done twice per family, once over the wide prefixes (length
+//!    at most `Split::DEFAULT`: /24 for IPv4, /64 for IPv6) and once over the narrow ones,
+//!    and `merge_layers` joins the two results into one LPM table whose entries carry a
+//!    class of each layer (`mapstate`, "Layers"). A class then repeats only the rules of the
+//!    enclosing prefixes of its own layer: a host inside a much-used `/16` no longer carries
+//!    the `/16`'s rules in its class, which was most of the L4 entries of large policy sets
+//!    (on the benchmark fleet, 4.4M entries at 100k rules became 2.2M). A rule's prefixes
+//!    may fall in both layers; it is then in one group per layer, and still in at most one
+//!    class of an address. The same rule set in both layers is one class.
 //! 3. L4 decisions. A set's decisions over the 32-bit L4 word space (`mapstate::l4_word`) are
 //!    "pieces": disjoint word ranges with a constant (verdict, audit) decision. Own rules are
 //!    swept (range starts and ends as events) into pieces. "First deny, else first allow" is a
@@ -46,13 +55,13 @@
 //!    passes its L4 capacity, which bounds memory on oversized or hostile input.
 //!
 //! Cost: sorting the pairs and the events, plus work linear in the output. The rules without
-//! an address restriction are written once (the shared table), not once per class, so the L4
-//! table grows with the classes times the address-scoped rules that overlap in them, not
-//! times every `any` rule (see `docs/benchmarks.md`; the ignored `scale_*` tests time smaller
+//! an address restriction are written once (the shared table), not once per class, and a
+//! class holds the rules of the enclosing prefixes of its layer only, so the L4 table grows
+//! with the classes times the address-scoped rules that overlap in them within one layer (see `docs/benchmarks.md`; the ignored `scale_*` tests time smaller
 //! shapes).
 //!
 //! Ranks. Every rule gets `RuleInfo::rank` (see `ranks` and `mapstate`, "Ranks"), which the
-//! kernel uses to compare a class decision with a shared decision. Inside the compiler the
+//! kernel uses to compare the decisions of the shared table and the two classes. Inside the compiler the
 //! order is a rule's position in `HostPolicy::rules`; `ranks` orders exactly like it.
 //!
 //! Everything that reaches the output goes through `BTreeMap`s and deterministic sorts; hash
@@ -76,8 +85,8 @@ use crate::ast::{Action, Direction, Proto};
 use crate::diag::{Code, Diagnostic};
 use crate::ids;
 use crate::mapstate::{
-    Capacities, ClassId, Decision, Defaults, DirectionMaps, L4Key, L4Value, MapState, RuleInfo,
-    WorkloadId,
+    Capacities, ClassId, Classes, Decision, Defaults, DirectionMaps, L4Key, L4Value, MapState,
+    RuleInfo, WorkloadId,
 };
 use crate::model::{AddrTerm, HostPolicy, ResolvedRule, ResolvedSet};
 
@@ -670,9 +679,21 @@ fn sweep(rules: &[u32], policy: &HostPolicy, ranges: &[RangeSet]) -> Vec<Piece> 
         }
     }
     events.sort_unstable();
-    // Ranks of the rules covering the current point; the first is the decision.
-    let mut verdict = BTreeSet::new();
-    let mut audit = BTreeSet::new();
+    // Ranks of the rules covering the current point, sorted; the first is the decision.
+    // Sorted vectors rather than `BTreeSet`s: a sweep covers a class's own rules, a handful
+    // at a time, and the sets' node allocations were a visible part of the compile.
+    let mut verdict: Vec<Rank> = Vec::new();
+    let mut audit: Vec<Rank> = Vec::new();
+    let insert = |v: &mut Vec<Rank>, r: Rank| {
+        if let Err(i) = v.binary_search(&r) {
+            v.insert(i, r);
+        }
+    };
+    let remove = |v: &mut Vec<Rank>, r: Rank| {
+        if let Ok(i) = v.binary_search(&r) {
+            v.remove(i);
+        }
+    };
     let mut out = Vec::new();
     let mut e = 0;
     while let Some(&(point, _, _)) = events.get(e) {
@@ -684,12 +705,12 @@ fn sweep(rules: &[u32], policy: &HostPolicy, ranges: &[RangeSet]) -> Vec<Piece> 
                 let r = rank(rule, pos);
                 if start {
                     if rule.enforcing() {
-                        verdict.insert(r);
+                        insert(&mut verdict, r);
                     }
-                    audit.insert(r);
+                    insert(&mut audit, r);
                 } else {
-                    verdict.remove(&r);
-                    audit.remove(&r);
+                    remove(&mut verdict, r);
+                    remove(&mut audit, r);
                 }
             }
             e += 1;
@@ -982,6 +1003,7 @@ impl<'a> L4Builder<'a> {
         class: ClassId,
         workload: WorkloadId,
         prefixes: &mut Vec<(u128, u8)>,
+        scratch: &mut Vec<(L4Key, L4Value)>,
         out: &mut Vec<(L4Key, L4Value)>,
     ) {
         let start = out.len();
@@ -994,8 +1016,32 @@ impl<'a> L4Builder<'a> {
                 (L4Key { class, workload, prefix_len, bits: bits as u32 }, value)
             }));
         }
+        // Key order within the chunk is (prefix length, bits). The prefixes were cut in
+        // address order, so for each length the bits already increase: a stable counting
+        // sort by length (33 buckets) orders the chunk in linear time.
         if let Some(chunk) = out.get_mut(start..) {
-            chunk.sort_unstable_by_key(|(k, _)| (k.prefix_len, k.bits));
+            let mut count = [0usize; 34];
+            for (k, _) in chunk.iter() {
+                if let Some(c) = count.get_mut(usize::from(k.prefix_len.min(32)) + 1) {
+                    *c += 1;
+                }
+            }
+            // Exclusive prefix sums: count[len] = entries shorter than `len`.
+            let mut sum = 0;
+            for c in count.iter_mut() {
+                sum += *c;
+                *c = sum;
+            }
+            scratch.clear();
+            scratch.extend_from_slice(chunk);
+            for entry in scratch.iter() {
+                if let Some(at) = count.get_mut(usize::from(entry.0.prefix_len.min(32))) {
+                    if let Some(dst) = chunk.get_mut(*at) {
+                        *dst = *entry;
+                    }
+                    *at += 1;
+                }
+            }
         }
     }
 }
@@ -1054,13 +1100,40 @@ fn workload_applies(rule: &ResolvedRule, path: &str) -> bool {
 
 /// The compiled address tables of one direction, before class ids exist.
 struct DirectionLpm {
-    v4: Vec<((u128, u8), SetIdx)>,
-    v6: Vec<((u128, u8), SetIdx)>,
+    /// Prefix -> (wide set, narrow set), in trie preorder.
+    v4: Vec<((u128, u8), (SetIdx, SetIdx))>,
+    v6: Vec<((u128, u8), (SetIdx, SetIdx))>,
     /// Per rule position: how many prefixes it contributed (for capacity diagnostics).
     contributed: Vec<(u32, usize, usize)>,
     /// Positions of the rules without an address restriction (peers covering every address of
-    /// both families): they go to the shared L4 table, not into the walk.
+    /// both families): they go to the shared L4 table, not into the walks.
     shared: Vec<u32>,
+}
+
+/// The layer split (`mapstate`, "Layers"): per family, a prefix of at most this length
+/// belongs to the wide layer, a longer one to the narrow layer. Every split gives the same
+/// verdicts; only the tables' sizes differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Split {
+    pub v4: u8,
+    pub v6: u8,
+}
+
+impl Split {
+    /// The split the compiler uses, chosen by measurement on the benchmark's generated fleet
+    /// (`docs/benchmarks.md`): of the IPv4 splits tried (/0, /16, /20, /22, /23, /24, /25,
+    /// /26, /28, /31), /24 left the fewest L4 entries (the `/24`s and the larger blocks that
+    /// hold hosts and small subnets on one side, those hosts and subnets on the other); with
+    /// it, IPv6 /64 and /96 gave the same count. `/0` (everything narrow) is the layout
+    /// without layers.
+    pub const DEFAULT: Split = Split { v4: 24, v6: 64 };
+
+    fn of(self, family: Family) -> u8 {
+        match family {
+            Family::V4 => self.v4,
+            Family::V6 => self.v6,
+        }
+    }
 }
 
 /// Whether a rule's prefix lists cover every IPv4 and every IPv6 address: `0.0.0.0/0` and
@@ -1072,18 +1145,20 @@ fn unrestricted(p4: &[(u128, u8)], p6: &[(u128, u8)]) -> bool {
 fn build_direction_lpm(
     policy: &HostPolicy,
     direction: Direction,
+    split: Split,
     flattener: &mut Flattener,
     sets: &mut RuleSets,
 ) -> DirectionLpm {
     // Rules with the same flattened prefix list (the same set, memoised by the flattener)
-    // form one group and enter the walk once, not once per rule: ten thousand rules on one
-    // set of a thousand prefixes make a thousand pairs, not ten million.
+    // form one group and enter the walks once, not once per rule: ten thousand rules on one
+    // set of a thousand prefixes make a thousand pairs, not ten million. A group's prefixes
+    // are split between the two layers' walks; in each walk a rule is still in one group.
     let mut group_of: FastMap<*const Vec<(u128, u8)>, u32> = FastMap::default();
     let mut groups: Vec<Vec<u32>> = Vec::new();
     // Holds every list whose address is a key above, so no address is reused.
     let mut lists: Vec<Prefixes> = Vec::new();
-    let mut v4 = Vec::new();
-    let mut v6 = Vec::new();
+    // Per family: (network, length, group) pairs.
+    let (mut p4_pairs, mut p6_pairs) = (Vec::new(), Vec::new());
     let mut contributed = Vec::new();
     let mut shared = Vec::new();
     for (pos, rule) in policy.rules.iter().enumerate() {
@@ -1094,20 +1169,21 @@ fn build_direction_lpm(
         let p4 = flattener.rule_prefixes(rule, Family::V4);
         let p6 = flattener.rule_prefixes(rule, Family::V6);
         contributed.push((pos, p4.len(), p6.len()));
-        // In every class: kept out of the walk, so the classes (and the tries) only split on
-        // rules with an address restriction, and their decisions are written once.
+        // In every class of the wide layer: kept out of the walks, so the classes (and the
+        // tries) only split on rules with an address restriction, and their decisions are
+        // written once, in the shared table.
         if unrestricted(&p4, &p6) {
             shared.push(pos);
             continue;
         }
-        for (list, pairs) in [(p4, &mut v4), (p6, &mut v6)] {
+        for (list, fam) in [(p4, &mut p4_pairs), (p6, &mut p6_pairs)] {
             if list.is_empty() {
                 continue;
             }
             let g = *group_of.entry(Arc::as_ptr(&list)).or_insert_with(|| {
                 let g = groups.len() as u32;
                 groups.push(Vec::new());
-                pairs.extend(list.iter().map(|&(a, l)| (a, l, g)));
+                fam.extend(list.iter().map(|&(a, l)| (a, l, g)));
                 lists.push(list.clone());
                 g
             });
@@ -1126,16 +1202,84 @@ fn build_direction_lpm(
         })
         .collect();
     let groups = Groups { members: groups.into_iter().map(Arc::from).collect(), fps };
-    DirectionLpm {
-        v4: build_lpm(v4, &groups, 32, sets),
-        v6: build_lpm(v6, &groups, 128, sets),
-        contributed,
-        shared,
+    let mut layers = |pairs: Vec<(u128, u8, u32)>, family: Family| {
+        let cut = split.of(family);
+        let (wide, narrow): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|p| p.1 <= cut);
+        let bits = family.bits();
+        let wide = build_lpm(wide, &groups, bits, sets);
+        let narrow = build_lpm(narrow, &groups, bits, sets);
+        merge_layers(wide, narrow, bits)
+    };
+    let v4 = layers(p4_pairs, Family::V4);
+    let v6 = layers(p6_pairs, Family::V6);
+    DirectionLpm { v4, v6, contributed, shared }
+}
+
+/// One LPM table from the two layers' tables (each in trie preorder, each with its `/0`
+/// root): every prefix of either, valued with the wide and the narrow set of its region,
+/// each inherited from the nearest enclosing prefix of that layer when the prefix is not
+/// one of that layer's. An entry equal to its enclosing entry is dropped.
+fn merge_layers(
+    wide: Vec<((u128, u8), SetIdx)>,
+    narrow: Vec<((u128, u8), SetIdx)>,
+    bits: u32,
+) -> Vec<((u128, u8), (SetIdx, SetIdx))> {
+    let root_of = |l: &[((u128, u8), SetIdx)]| {
+        l.first().filter(|(p, _)| *p == (0, 0)).map_or(RuleSets::EMPTY, |e| e.1)
+    };
+    let root = (root_of(&wide), root_of(&narrow));
+    let mut out = Vec::with_capacity(wide.len() + narrow.len());
+    out.push(((0u128, 0u8), root));
+    // (first address, last address, sets) of the entries enclosing the current one.
+    let mut stack: Vec<(u128, u128, (SetIdx, SetIdx))> = vec![(0, low_mask(bits), root)];
+    let mut w = wide.iter().filter(|(p, _)| *p != (0, 0)).peekable();
+    let mut n = narrow.iter().filter(|(p, _)| *p != (0, 0)).peekable();
+    loop {
+        // The next prefix in preorder, from whichever layer has it first.
+        let (prefix, set, is_narrow) = match (w.peek(), n.peek()) {
+            (None, None) => break,
+            (Some(&&(p, s)), None) => (p, s, false),
+            (None, Some(&&(p, s))) => (p, s, true),
+            (Some(&&(pw, sw)), Some(&&(pn, sn))) => {
+                if pn < pw {
+                    (pn, sn, true)
+                } else {
+                    (pw, sw, false)
+                }
+            }
+        };
+        if is_narrow {
+            n.next();
+        } else {
+            w.next();
+        }
+        let (addr, len) = prefix;
+        let last = addr | low_mask(bits.saturating_sub(u32::from(len)));
+        while stack.last().is_some_and(|&(lo, hi, _)| !(lo <= addr && last <= hi)) {
+            stack.pop();
+        }
+        let parent = stack.last().map_or(root, |t| t.2);
+        let sets = if is_narrow { (parent.0, set) } else { (set, parent.1) };
+        if sets != parent {
+            out.push((prefix, sets));
+            stack.push((addr, last, sets));
+        }
     }
+    out
 }
 
 /// Compiles one host's policy into map state, or explains why it does not fit.
 pub fn compile(policy: &HostPolicy, caps: &Capacities) -> Result<MapState, Vec<Diagnostic>> {
+    compile_with(policy, caps, Split::DEFAULT)
+}
+
+/// [`compile`] with a given layer split (benchmarks and tests compare splits; every split
+/// gives the same verdicts, only the tables' sizes differ).
+pub fn compile_with(
+    policy: &HostPolicy,
+    caps: &Capacities,
+    split: Split,
+) -> Result<MapState, Vec<Diagnostic>> {
     let mut flattener = Flattener::default();
     let l4_ranges: Vec<RangeSet> = policy.rules.iter().map(rule_l4_ranges).collect();
 
@@ -1158,11 +1302,12 @@ pub fn compile(policy: &HostPolicy, caps: &Capacities) -> Result<MapState, Vec<D
     let mut directions = Vec::new();
     for direction in Direction::ALL {
         let mut sets = RuleSets::new();
-        let lpm = build_direction_lpm(policy, direction, &mut flattener, &mut sets);
+        let lpm = build_direction_lpm(policy, direction, split, &mut flattener, &mut sets);
 
         // Class ids: a hash of the fingerprint of each used set's rule ids, so a class keeps
-        // its id while its rule set is unchanged.
-        let used: BTreeSet<SetIdx> = lpm.v4.iter().chain(&lpm.v6).map(|&(_, s)| s).collect();
+        // its id while its rule set is unchanged. A set used in both layers is one class.
+        let used: BTreeSet<SetIdx> =
+            lpm.v4.iter().chain(&lpm.v6).flat_map(|&(_, (w, n))| [w, n]).collect();
         let keyed: Vec<(SetIdx, [u8; 16])> =
             used.iter().map(|&s| (s, sets.fingerprint(s).bytes())).collect();
         let assigned = ids::assign(keyed.iter().map(|(_, k)| *k));
@@ -1173,23 +1318,26 @@ pub fn compile(policy: &HostPolicy, caps: &Capacities) -> Result<MapState, Vec<D
             .collect();
         classes.sort_unstable();
         let class_of: FastMap<SetIdx, ClassId> = classes.iter().map(|&(c, s)| (s, c)).collect();
+        let classes_of = |(w, n): (SetIdx, SetIdx)| {
+            Some(Classes { wide: *class_of.get(&w)?, narrow: *class_of.get(&n)? })
+        };
 
         // Maps are collected from vectors: `BTreeMap`'s `FromIterator` sorts and bulk-builds,
         // much faster than inserting entry by entry.
-        let v4: BTreeMap<Ipv4Net, ClassId> = lpm
+        let v4: BTreeMap<Ipv4Net, Classes> = lpm
             .v4
             .iter()
             .filter_map(|&((addr, len), s)| {
                 let net = Ipv4Net::new(Ipv4Addr::from(addr as u32), len).ok()?;
-                Some((net, *class_of.get(&s)?))
+                Some((net, classes_of(s)?))
             })
             .collect();
-        let v6: BTreeMap<Ipv6Net, ClassId> = lpm
+        let v6: BTreeMap<Ipv6Net, Classes> = lpm
             .v6
             .iter()
             .filter_map(|&((addr, len), s)| {
                 let net = Ipv6Net::new(Ipv6Addr::from(addr), len).ok()?;
-                Some((net, *class_of.get(&s)?))
+                Some((net, classes_of(s)?))
             })
             .collect();
         check_prefixes(policy, direction, v4.len(), v6.len(), &lpm, caps, &mut diagnostics);
@@ -1200,6 +1348,7 @@ pub fn compile(policy: &HostPolicy, caps: &Capacities) -> Result<MapState, Vec<D
         let cap = caps.l4_entries as usize;
         let mut l4: Vec<(L4Key, L4Value)> = Vec::new();
         let mut prefixes = Vec::new();
+        let mut scratch = Vec::new();
         let egress_below = (direction == Direction::Egress).then_some(&below);
         let mut builder = L4Builder::new(policy, &l4_ranges, &sets, egress_below);
         // The shared table first: class 0 sorts before every address class. It is a rule set
@@ -1216,10 +1365,24 @@ pub fn compile(policy: &HostPolicy, caps: &Capacities) -> Result<MapState, Vec<D
             let s = shared_sets.extend(RuleSets::EMPTY, &[0], &groups);
             let mut shared_builder = L4Builder::new(policy, &l4_ranges, &shared_sets, egress_below);
             let base = shared_builder.base(&shared_sets, s);
-            shared_builder.emit(&base, ClassId::SHARED, WorkloadId::NONE, &mut prefixes, &mut l4);
+            shared_builder.emit(
+                &base,
+                ClassId::SHARED,
+                WorkloadId::NONE,
+                &mut prefixes,
+                &mut scratch,
+                &mut l4,
+            );
             for (w, better) in shared_builder.workload_list(&shared_sets, s).iter() {
                 let delta = overlay(&base, better, true);
-                shared_builder.emit(&delta, ClassId::SHARED, *w, &mut prefixes, &mut l4);
+                shared_builder.emit(
+                    &delta,
+                    ClassId::SHARED,
+                    *w,
+                    &mut prefixes,
+                    &mut scratch,
+                    &mut l4,
+                );
             }
             l4.len() > cap
         };
@@ -1228,14 +1391,21 @@ pub fn compile(policy: &HostPolicy, caps: &Capacities) -> Result<MapState, Vec<D
                 break;
             }
             let base = builder.base(&sets, s);
-            builder.emit(&base, class, WorkloadId::NONE, &mut prefixes, &mut l4);
+            builder.emit(&base, class, WorkloadId::NONE, &mut prefixes, &mut scratch, &mut l4);
             if l4.len() > cap {
                 overflow = true;
                 break;
             }
             // In workload-id order, which is key order.
             for (w, better) in builder.workload_list(&sets, s).iter() {
-                builder.emit(&overlay(&base, better, true), class, *w, &mut prefixes, &mut l4);
+                builder.emit(
+                    &overlay(&base, better, true),
+                    class,
+                    *w,
+                    &mut prefixes,
+                    &mut scratch,
+                    &mut l4,
+                );
                 if l4.len() > cap {
                     overflow = true;
                     break 'classes;
@@ -1261,10 +1431,12 @@ pub fn compile(policy: &HostPolicy, caps: &Capacities) -> Result<MapState, Vec<D
     }
 
     let ranks = ranks(policy);
-    let rules = policy
-        .rules
-        .iter()
-        .zip(ranks)
+    // In id order, so that `BTreeMap`'s bulk build finds its input sorted instead of
+    // sorting the (large) `RuleInfo` values themselves.
+    let mut by_id: Vec<(&ResolvedRule, u64)> = policy.rules.iter().zip(ranks).collect();
+    by_id.sort_unstable_by_key(|(r, _)| r.id);
+    let rules = by_id
+        .into_iter()
         .map(|(r, rank)| {
             let info = RuleInfo {
                 direction: r.direction,
@@ -1399,49 +1571,58 @@ fn l4_overflow(direction: Direction, n: usize, cap: usize) -> Diagnostic {
     )
 }
 
-/// "allow tcp/80,443,8000-8100 from 0.0.0.0/0", "deny udp to set:office".
+/// "allow tcp/80,443,8000-8100 from 0.0.0.0/0", "deny udp to set:office". Written into one
+/// string without intermediate lists: it runs once per rule, and at 100k rules the
+/// allocations of a `Vec<String>` + `join` per rule were a noticeable part of the compile.
 fn summary(rule: &ResolvedRule) -> String {
-    let mut s = format!("{} {}", rule.action.as_str(), rule.proto.as_str());
-    let mut slots: Vec<String> =
-        rule.ports
-            .iter()
-            .map(|p| {
-                if p.start == p.end {
-                    p.start.to_string()
-                } else {
-                    format!("{}-{}", p.start, p.end)
-                }
-            })
-            .collect();
-    slots.extend(rule.icmp.iter().map(|t| t.to_string()));
-    if !slots.is_empty() {
-        let _ = write!(s, "/{}", slots.join(","));
+    let mut s = String::with_capacity(64);
+    s.push_str(rule.action.as_str());
+    s.push(' ');
+    s.push_str(rule.proto.as_str());
+    let mut sep = '/';
+    for p in &rule.ports {
+        s.push(sep);
+        sep = ',';
+        if p.start == p.end {
+            let _ = write!(s, "{}", p.start);
+        } else {
+            let _ = write!(s, "{}-{}", p.start, p.end);
+        }
+    }
+    for t in &rule.icmp {
+        s.push(sep);
+        sep = ',';
+        let _ = write!(s, "{t}");
     }
     s.push_str(match rule.direction {
         Direction::Ingress => " from ",
         Direction::Egress => " to ",
     });
     const SHOWN: usize = 3;
-    let peers: Vec<String> = rule
-        .peers
-        .iter()
-        .take(SHOWN)
-        .map(|t| match t {
-            AddrTerm::Any => "any".to_string(),
-            AddrTerm::Net(n) => n.to_string(),
-            AddrTerm::Set(set) => format!("set:{}", set.name),
-        })
-        .collect();
-    if peers.is_empty() {
+    if rule.peers.is_empty() {
         s.push_str("nothing");
-    } else {
-        s.push_str(&peers.join(","));
+    }
+    for (i, t) in rule.peers.iter().take(SHOWN).enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        match t {
+            AddrTerm::Any => s.push_str("any"),
+            AddrTerm::Net(n) => {
+                let _ = write!(s, "{n}");
+            }
+            AddrTerm::Set(set) => {
+                s.push_str("set:");
+                s.push_str(&set.name);
+            }
+        }
     }
     if rule.peers.len() > SHOWN {
         let _ = write!(s, " (+{} more)", rule.peers.len() - SHOWN);
     }
-    if !rule.workloads.is_empty() {
-        let _ = write!(s, " for {}", rule.workloads.join(","));
+    for (i, w) in rule.workloads.iter().enumerate() {
+        s.push_str(if i == 0 { " for " } else { "," });
+        s.push_str(w);
     }
     s
 }
@@ -1660,12 +1841,15 @@ mod tests {
         let state = compile(&policy, &Capacities::default()).unwrap();
         let v4: Vec<String> = state.ingress.v4.keys().map(|n| n.to_string()).collect();
         assert_eq!(v4, ["0.0.0.0/0", "10.0.0.0/8", "10.1.0.0/16", "192.0.2.0/24"]);
-        let class = |s: &str| state.ingress.v4[&s.parse::<Ipv4Net>().unwrap()];
+        // All of these are wide prefixes (at most /24): the narrow class is the empty one.
+        let classes = |s: &str| state.ingress.v4[&s.parse::<Ipv4Net>().unwrap()];
+        let class = |s: &str| classes(s).wide;
         let distinct: BTreeSet<ClassId> = v4.iter().map(|s| class(s)).collect();
         assert_eq!(distinct.len(), 4);
-        // IPv6 has only the root, with the same (empty) class as 0.0.0.0/0.
+        assert!(v4.iter().all(|s| classes(s).narrow == class("0.0.0.0/0")));
+        // IPv6 has only the root, with the same (empty) classes as 0.0.0.0/0.
         assert_eq!(state.ingress.v6.len(), 1);
-        assert_eq!(state.ingress.v6.values().next(), Some(&class("0.0.0.0/0")));
+        assert_eq!(state.ingress.v6.values().next(), Some(&classes("0.0.0.0/0")));
         // The empty class has no L4 entries; 10.1/16 is denied by rule 3 (deny beats allow).
         let entries = |c: ClassId| {
             state.ingress.l4.iter().filter(move |(k, _)| k.class == c).collect::<Vec<_>>()
@@ -1678,6 +1862,57 @@ mod tests {
         // Egress has only its root.
         assert_eq!(state.egress.v4.len(), 1);
         assert_eq!(state.egress.v6.len(), 1);
+    }
+
+    #[test]
+    fn a_narrow_prefix_does_not_repeat_the_rules_of_a_wide_one_around_it() {
+        let mut wide = rule(1, 0, Action::Allow, vec![net("10.1.0.0/16")]);
+        wide.proto = Proto::Tcp;
+        wide.ports = vec![PortRange { start: 80, end: 80 }, PortRange { start: 443, end: 443 }];
+        let mut host_rule = rule(2, 1, Action::Deny, vec![net("10.1.2.3/32")]);
+        host_rule.proto = Proto::Tcp;
+        host_rule.ports = vec![PortRange { start: 22, end: 22 }];
+        // A wide deny and a narrow allow, both on udp: the layers compete by action (deny
+        // first), then rank.
+        let mut wide_deny = rule(3, 2, Action::Deny, vec![net("10.1.0.0/16")]);
+        wide_deny.proto = Proto::Udp;
+        let mut narrow_allow = rule(4, 3, Action::Allow, vec![net("10.1.2.0/25")]);
+        narrow_allow.proto = Proto::Udp;
+        let policy = host(vec![wide, host_rule, wide_deny, narrow_allow]);
+        let state = compile(&policy, &Capacities::default()).unwrap();
+        let at = |s: &str| state.ingress.v4[&s.parse::<Ipv4Net>().unwrap()];
+        // The /32 (narrow) keeps the /16's wide class, and its own narrow class holds only
+        // rules 2 and 4 (the /25 it is in): no entry of a narrow class names rule 1 or 3.
+        assert_eq!(at("10.1.2.3/32").wide, at("10.1.0.0/16").wide);
+        assert_ne!(at("10.1.2.3/32").narrow, at("10.1.0.0/16").narrow);
+        let narrow: BTreeSet<ClassId> = state.ingress.v4.values().map(|c| c.narrow).collect();
+        let named = |r: u32| {
+            state.ingress.l4.iter().any(|(k, v)| {
+                narrow.contains(&k.class)
+                    && [v.verdict, v.audit].iter().any(
+                        |d| matches!(d, Decision::Allow(x) | Decision::Deny(x) if *x == RuleId(r)),
+                    )
+            })
+        };
+        assert!(!named(1) && !named(3));
+        assert!(named(2) && named(4));
+        // Every split decides like the evaluator; the default one and the all-narrow one
+        // (the layout without layers) alike.
+        let split_none =
+            compile_with(&policy, &Capacities::default(), Split { v4: 0, v6: 0 }).unwrap();
+        for addr in ["10.1.2.3", "10.1.2.4", "10.1.2.200", "10.1.9.9", "192.0.2.1"] {
+            for (proto, port) in [(6, 22), (6, 80), (6, 443), (6, 8080), (17, 53)] {
+                let mut flow = Flow::new(Direction::Ingress, addr.parse().unwrap(), proto);
+                flow.port = Some(port);
+                let want = eval::evaluate(&policy, &flow).outcome;
+                assert_eq!(state.lookup(&flow), want, "{addr} {proto}/{port}");
+                assert_eq!(split_none.lookup(&flow), want, "{addr} {proto}/{port}");
+            }
+        }
+        // The deny from the /16 beats the allow from the /25 whatever the layers.
+        let mut dns = Flow::new(Direction::Ingress, "10.1.2.3".parse().unwrap(), 17);
+        dns.port = Some(53);
+        assert_eq!(state.lookup(&dns).decided_by, Decider::Rule(RuleId(3)));
     }
 
     #[test]
@@ -1701,7 +1936,7 @@ mod tests {
         assert_eq!(scoped.len(), 1);
         assert_eq!(scoped[0].1.verdict, Decision::Allow(RuleId(3)));
         assert!(state.ingress.l4.keys().all(|k| k.class == ClassId::SHARED
-            || k.class == state.ingress.v4[&"10.0.0.0/8".parse::<Ipv4Net>().unwrap()]));
+            || k.class == state.ingress.v4[&"10.0.0.0/8".parse::<Ipv4Net>().unwrap()].wide));
     }
 
     #[test]
@@ -1851,7 +2086,7 @@ mod tests {
         assert_eq!(with_workload.len(), 1, "{with_workload:?}");
         let (key, value) = with_workload[0];
         assert_eq!((key.workload, key.prefix_len, key.bits), (w("a/b"), 32, 6 << 24 | 22));
-        assert_eq!(key.class, state.egress.v4[&"10.0.0.0/8".parse::<Ipv4Net>().unwrap()]);
+        assert_eq!(key.class, state.egress.v4[&"10.0.0.0/8".parse::<Ipv4Net>().unwrap()].wide);
         assert_eq!(value.verdict, Decision::Deny(RuleId(2)));
         // The lookup falls back to workload 0 everywhere else.
         let flow = |port: u16, workload: &str| {

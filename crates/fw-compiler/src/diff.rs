@@ -89,8 +89,8 @@ impl<K: Ord + Clone, V: PartialEq + Clone> EntryDiff<K, V> {
 pub struct DirectionDiff {
     /// `Some((old, new))` when the defaults changed.
     pub defaults: Option<(Defaults, Defaults)>,
-    pub v4: EntryDiff<ipnet::Ipv4Net, crate::mapstate::ClassId>,
-    pub v6: EntryDiff<ipnet::Ipv6Net, crate::mapstate::ClassId>,
+    pub v4: EntryDiff<ipnet::Ipv4Net, crate::mapstate::Classes>,
+    pub v6: EntryDiff<ipnet::Ipv6Net, crate::mapstate::Classes>,
     pub l4: EntryDiff<L4Key, L4Value>,
 }
 
@@ -180,8 +180,8 @@ struct Canonical<'a> {
 #[derive(serde::Serialize)]
 struct CanonicalDirection<'a> {
     defaults: &'a Defaults,
-    v4: Vec<(&'a ipnet::Ipv4Net, &'a crate::mapstate::ClassId)>,
-    v6: Vec<(&'a ipnet::Ipv6Net, &'a crate::mapstate::ClassId)>,
+    v4: Vec<(&'a ipnet::Ipv4Net, &'a crate::mapstate::Classes)>,
+    v6: Vec<(&'a ipnet::Ipv6Net, &'a crate::mapstate::Classes)>,
     l4: Vec<(&'a L4Key, &'a L4Value)>,
 }
 
@@ -229,14 +229,18 @@ impl io::Write for Fnv128 {
 mod tests {
     use super::*;
     use crate::ast::Action;
-    use crate::mapstate::{ClassId, Decision};
+    use crate::mapstate::{ClassId, Classes, Decision};
+
+    fn c(narrow: u32) -> Classes {
+        Classes { wide: ClassId(100), narrow: ClassId(narrow) }
+    }
 
     fn dir() -> DirectionMaps {
         let mut v4 = BTreeMap::new();
-        v4.insert("0.0.0.0/0".parse().unwrap(), ClassId(1));
-        v4.insert("10.0.0.0/8".parse().unwrap(), ClassId(2));
+        v4.insert("0.0.0.0/0".parse().unwrap(), c(1));
+        v4.insert("10.0.0.0/8".parse().unwrap(), c(2));
         let mut v6 = BTreeMap::new();
-        v6.insert("::/0".parse().unwrap(), ClassId(1));
+        v6.insert("::/0".parse().unwrap(), c(1));
         let mut l4 = BTreeMap::new();
         l4.insert(
             L4Key { class: ClassId(2), workload: WorkloadId(0), prefix_len: 8, bits: 6 << 24 },
@@ -274,15 +278,15 @@ mod tests {
         let a = state();
         let mut b = state();
         b.ingress.v4.remove(&"10.0.0.0/8".parse().unwrap());
-        b.ingress.v4.insert("192.0.2.0/24".parse().unwrap(), ClassId(3));
-        b.ingress.v6.insert("::/0".parse().unwrap(), ClassId(9));
+        b.ingress.v4.insert("192.0.2.0/24".parse().unwrap(), c(3));
+        b.ingress.v6.insert("::/0".parse().unwrap(), c(9));
         b.egress.defaults.verdict = Action::Deny;
         b.workloads.insert("a/b".into(), WorkloadId(5));
         let d = a.diff(&b);
         assert!(!d.is_empty());
-        assert_eq!(d.ingress.v4.removed, vec![("10.0.0.0/8".parse().unwrap(), ClassId(2))]);
-        assert_eq!(d.ingress.v4.added, vec![("192.0.2.0/24".parse().unwrap(), ClassId(3))]);
-        assert_eq!(d.ingress.v6.changed, vec![("::/0".parse().unwrap(), ClassId(1), ClassId(9))]);
+        assert_eq!(d.ingress.v4.removed, vec![("10.0.0.0/8".parse().unwrap(), c(2))]);
+        assert_eq!(d.ingress.v4.added, vec![("192.0.2.0/24".parse().unwrap(), c(3))]);
+        assert_eq!(d.ingress.v6.changed, vec![("::/0".parse().unwrap(), c(1), c(9))]);
         assert!(d.ingress.l4.is_empty());
         assert_eq!(d.egress.defaults.map(|(_, n)| n.verdict), Some(Action::Deny));
         assert!(d.egress.v4.is_empty());

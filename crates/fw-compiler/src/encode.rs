@@ -23,7 +23,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::ast::{Action, Direction};
 use crate::mapstate::{
-    ClassId, Decision, Defaults, DirectionMaps, L4Key, L4Value, MapState, WorkloadId,
+    ClassId, Classes, Decision, Defaults, DirectionMaps, L4Key, L4Value, MapState, WorkloadId,
 };
 use crate::model::RuleId;
 
@@ -97,6 +97,10 @@ fn log_flags(state: &MapState, value: &L4Value) -> u8 {
     flags
 }
 
+fn class_value(c: &Classes) -> ClassValue {
+    ClassValue { wide_class: c.wide.0, narrow_class: c.narrow.0 }
+}
+
 fn sorted(mut entries: Entries) -> Entries {
     entries.sort_unstable();
     entries
@@ -115,7 +119,7 @@ pub fn encode(state: &MapState) -> Encoded {
                         prefix_len: u32::from(net.prefix_len()),
                         addr: net.network().octets(),
                     };
-                    (key.to_bytes().to_vec(), ClassValue { class: class.0 }.to_bytes().to_vec())
+                    (key.to_bytes().to_vec(), class_value(class).to_bytes().to_vec())
                 })
                 .collect();
         let v6 =
@@ -125,7 +129,7 @@ pub fn encode(state: &MapState) -> Encoded {
                         prefix_len: u32::from(net.prefix_len()),
                         addr: net.network().octets(),
                     };
-                    (key.to_bytes().to_vec(), ClassValue { class: class.0 }.to_bytes().to_vec())
+                    (key.to_bytes().to_vec(), class_value(class).to_bytes().to_vec())
                 })
                 .collect();
         let l4 =
@@ -197,8 +201,8 @@ pub struct DecodedL4 {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodedDirection {
     pub defaults: Defaults,
-    pub v4: BTreeMap<Ipv4Net, ClassId>,
-    pub v6: BTreeMap<Ipv6Net, ClassId>,
+    pub v4: BTreeMap<Ipv4Net, Classes>,
+    pub v6: BTreeMap<Ipv6Net, Classes>,
     pub l4: BTreeMap<L4Key, DecodedL4>,
 }
 
@@ -293,12 +297,12 @@ fn insert<K: Ord, V>(
     }
 }
 
-fn class(map: &'static str, bytes: &[u8]) -> Result<ClassId, DecodeError> {
+fn class(map: &'static str, bytes: &[u8]) -> Result<Classes, DecodeError> {
     let v: ClassValue = parse(map, bytes, false)?;
-    if v.class == 0 {
+    if v.wide_class == 0 || v.narrow_class == 0 {
         return Err(DecodeError::ZeroId { map });
     }
-    Ok(ClassId(v.class))
+    Ok(Classes { wide: ClassId(v.wide_class), narrow: ClassId(v.narrow_class) })
 }
 
 fn decision(map: &'static str, action: u8, rule: u32) -> Result<Decision, DecodeError> {
@@ -368,7 +372,8 @@ fn decode_direction(
         if bits & !mask != 0 {
             return Err(DecodeError::HostBits { map: nl4 });
         }
-        // Class 0 is the shared table (`ClassId::SHARED`), so any class id is valid here.
+        // Class ids are never 0 (`ids::assign`); an entry of class 0 is never read, since no
+        // LPM value names it, but it is not an error either.
         let class = u32::from_be_bytes(key.class);
         let value: fw_common::L4Value = parse(nl4, v, false)?;
         if value._pad != 0 {
@@ -456,12 +461,13 @@ mod tests {
     use crate::source::Location;
 
     fn state() -> MapState {
+        let c = |wide, narrow| Classes { wide: ClassId(wide), narrow: ClassId(narrow) };
         let mut v4 = BTreeMap::new();
-        v4.insert("0.0.0.0/0".parse().unwrap(), ClassId(1));
-        v4.insert("10.1.0.0/16".parse().unwrap(), ClassId(0x0102_0304));
+        v4.insert("0.0.0.0/0".parse().unwrap(), c(5, 1));
+        v4.insert("10.1.0.0/16".parse().unwrap(), c(5, 0x0102_0304));
         let mut v6 = BTreeMap::new();
-        v6.insert("::/0".parse().unwrap(), ClassId(1));
-        v6.insert("2001:db8::/32".parse().unwrap(), ClassId(0x0102_0304));
+        v6.insert("::/0".parse().unwrap(), c(5, 1));
+        v6.insert("2001:db8::/32".parse().unwrap(), c(0x0a0b_0c0d, 0x0102_0304));
         let mut l4 = BTreeMap::new();
         l4.insert(
             L4Key {
@@ -472,9 +478,9 @@ mod tests {
             },
             L4Value { verdict: Decision::Allow(RuleId(7)), audit: Decision::Deny(RuleId(8)) },
         );
-        // The shared table (class 0).
+        // A wide class's table.
         l4.insert(
-            L4Key { class: ClassId::SHARED, workload: WorkloadId(0), prefix_len: 8, bits: 1 << 24 },
+            L4Key { class: ClassId(5), workload: WorkloadId(0), prefix_len: 8, bits: 1 << 24 },
             L4Value { verdict: Decision::None, audit: Decision::Deny(RuleId(8)) },
         );
         let dir = DirectionMaps {
@@ -517,14 +523,15 @@ mod tests {
     fn encoding_uses_little_endian_numbers_and_big_endian_lpm_data() {
         let enc = encode(&state());
         let v4 = enc.get(maps::INGRESS_V4).unwrap();
-        assert!(v4.contains(&(vec![16, 0, 0, 0, 10, 1, 0, 0], vec![4, 3, 2, 1])));
+        // The value: wide class 5, then narrow class 0x01020304, each little-endian.
+        assert!(v4.contains(&(vec![16, 0, 0, 0, 10, 1, 0, 0], vec![5, 0, 0, 0, 4, 3, 2, 1])));
         let l4 = enc.get(maps::INGRESS_L4).unwrap();
         assert_eq!(
             l4,
             &vec![
                 (
-                    // Shared table: class 0, icmp.
-                    vec![72, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+                    // Wide class 5, icmp.
+                    vec![72, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 1, 0, 0, 0],
                     // no verdict, audit deny by 8 (rank 1 << 32 | 2) which logs.
                     vec![
                         ACTION_NONE,
@@ -631,6 +638,15 @@ mod tests {
             })),
             Err(DecodeError::HostBits { map: maps::INGRESS_V4 })
         );
+        // A class id of 0 in either layer's slot.
+        assert_eq!(
+            with(maps::INGRESS_V4, &|e| e[0].1[0..4].fill(0)),
+            Err(DecodeError::ZeroId { map: maps::INGRESS_V4 })
+        );
+        assert_eq!(
+            with(maps::INGRESS_V6, &|e| e[0].1[4..8].fill(0)),
+            Err(DecodeError::ZeroId { map: maps::INGRESS_V6 })
+        );
         assert_eq!(
             with(maps::EGRESS_V6, &|e| e[0].0[0] = 129),
             Err(DecodeError::PrefixLength { map: maps::EGRESS_V6, prefix_len: 129 })
@@ -643,7 +659,7 @@ mod tests {
             with(maps::INGRESS_L4, &|e| e[0].1[3] = 1),
             Err(DecodeError::Padding { map: maps::INGRESS_L4 })
         );
-        // The shared entry's verdict is none: its rank must be 0.
+        // The wide class's entry has no verdict: its rank must be 0.
         assert_eq!(
             with(maps::INGRESS_L4, &|e| e[0].1[16] = 5),
             Err(DecodeError::NoneRank { map: maps::INGRESS_L4, rank: 5 })

@@ -3,8 +3,9 @@
 //! This is deliberately written the way the data plane works, not the way the evaluator
 //! thinks: longest-prefix match is a probe of every prefix length from the longest down (as an
 //! LPM trie answers it), the workload is found by walking the process's cgroup path from the
-//! deepest ancestor up, and the decision comes from two L4 entries (the address class's and
-//! the shared table's), combined by action and rank as the kernel combines them. It shares nothing with
+//! deepest ancestor up, and the decision comes from three L4 entries (the shared table's, and
+//! those of the address's wide and narrow classes), combined by action and rank as the kernel
+//! combines them. It shares nothing with
 //! `eval` except `model::always_allowed`, which is protocol necessity rather than policy, so a
 //! differential test between the two checks the compiler and this precedence, not a common
 //! helper. The precedence is the one documented at the top of `mapstate`.
@@ -26,9 +27,10 @@ impl MapState {
         }
         let maps = self.direction(flow.direction);
 
-        // 2. Address class. The /0 entry is always compiled in; a hand-made state without one
-        // behaves like the kernel on a miss: no entry, so the defaults decide.
-        let class = match flow.peer {
+        // 2. Address classes, one per layer. The /0 entry is always compiled in; a hand-made
+        // state without one behaves like the kernel on a miss: no entries, so the defaults
+        // decide.
+        let classes = match flow.peer {
             IpAddr::V4(a) => (0..=32u8).rev().find_map(|len| {
                 Ipv4Net::new(a, len).ok().and_then(|n| maps.v4.get(&n.trunc()).copied())
             }),
@@ -55,25 +57,27 @@ impl MapState {
             _ => WorkloadId::NONE,
         };
 
-        // 4. Two L4 entries, each (table, workload) first, then (table, 0): the address
-        // class's table and the shared table (rules without an address restriction). The
-        // shared table is consulted even when the address has no class.
+        // 4. Three L4 entries, each (table, workload) first, then (table, 0): the shared table
+        // (rules without an address restriction, consulted even when the address has no
+        // class) and the address's class in each layer.
         let word = match flow.proto {
             1 | 58 => l4_word(flow.proto, flow.icmp_type.map(u16::from)),
             _ => l4_word(flow.proto, flow.port),
         };
-        let entry_of =
-            |table: ClassId| {
-                let probe = |workload: WorkloadId| l4_longest(maps, table, workload, word);
-                probe(workload)
-                    .or_else(|| {
-                        if workload == WorkloadId::NONE { None } else { probe(WorkloadId::NONE) }
-                    })
-                    .unwrap_or(L4Value { verdict: Decision::None, audit: Decision::None })
-            };
         let none = L4Value { verdict: Decision::None, audit: Decision::None };
-        let scoped = class.map_or(none, entry_of);
+        let entry_of = |table: ClassId| {
+            let probe = |workload: WorkloadId| l4_longest(maps, table, workload, word);
+            probe(workload)
+                .or_else(
+                    || if workload == WorkloadId::NONE { None } else { probe(WorkloadId::NONE) },
+                )
+                .unwrap_or(none)
+        };
         let shared = entry_of(ClassId::SHARED);
+        let (wide, narrow) = match classes {
+            Some(c) => (entry_of(c.wide), entry_of(c.narrow)),
+            None => (none, none),
+        };
 
         // 5. Combine, verdict and audit separately: deny beats allow, then the lower rank;
         // none loses to anything.
@@ -83,12 +87,12 @@ impl MapState {
                 Decision::Allow(r) => (1, self.rules.get(&r).map_or(0, |i| i.rank)),
                 Decision::None => (2, 0),
             };
-            // Ties (the same rule in both tables cannot happen) keep the class's decision.
+            // Ties (the same rule in two tables cannot happen) keep the first decision.
             if key(b) < key(a) { b } else { a }
         };
         let value = L4Value {
-            verdict: better(scoped.verdict, shared.verdict),
-            audit: better(scoped.audit, shared.audit),
+            verdict: better(better(shared.verdict, wide.verdict), narrow.verdict),
+            audit: better(better(shared.audit, wide.audit), narrow.audit),
         };
 
         // 6. Verdict, then audit.
@@ -132,15 +136,16 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::mapstate::{Defaults, DirectionMaps};
+    use crate::mapstate::{Classes, Defaults, DirectionMaps};
     use crate::model::{FlowState, HostIdentity, RuleId};
 
     fn maps(verdict: Action, audit: Action) -> DirectionMaps {
         let mut v4 = BTreeMap::new();
-        v4.insert("0.0.0.0/0".parse().unwrap(), ClassId(1));
-        v4.insert("10.0.0.0/8".parse().unwrap(), ClassId(2));
+        let c = |wide, narrow| Classes { wide: ClassId(wide), narrow: ClassId(narrow) };
+        v4.insert("0.0.0.0/0".parse().unwrap(), c(3, 1));
+        v4.insert("10.0.0.0/8".parse().unwrap(), c(3, 2));
         let mut v6 = BTreeMap::new();
-        v6.insert("::/0".parse().unwrap(), ClassId(1));
+        v6.insert("::/0".parse().unwrap(), c(3, 1));
         DirectionMaps { defaults: Defaults { verdict, audit }, v4, v6, l4: BTreeMap::new() }
     }
 

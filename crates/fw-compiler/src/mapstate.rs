@@ -2,30 +2,46 @@
 //!
 //! This is the compiler's output and the contract with the data plane. It is deliberately
 //! close to the kernel maps (one LPM table per direction and address family, one L4 table per
-//! direction) but typed: prefixes are `ipnet` values, decisions name their rule. `encode` turns
+//! direction, holding the shared table and the entries of every class of both layers) but typed: prefixes are `ipnet` values, decisions name their rule. `encode` turns
 //! it into `fw-common` bytes; `diff` compares two states entry by entry, which is what
 //! `fwctl diff` prints and what the loader writes.
 //!
 //! Lookup, per direction (the precedence the kernel programs follow, and `lookup` models):
 //! 1. always-allowed traffic (loopback, replies, related ICMP errors, ARP, ND) passes;
-//! 2. the peer address is looked up in the direction's LPM table: the longest prefix gives an
-//!    address class (a `/0` entry is always present, so every address has a class);
+//! 2. the peer address is looked up in the direction's LPM table: the longest prefix gives
+//!    the address's two classes, one per layer ([`Classes`]: `wide` and `narrow`; a `/0`
+//!    entry is always present, so every address has both);
 //! 3. egress only: the process's cgroup and its ancestors are looked up in `workloads`,
 //!    deepest first; the first hit is the workload class, none is 0;
-//! 4. two L4 entries are looked up (longest prefix over the L4 bits each): the class's,
-//!    (class, workload, l4 bits), and the shared table's, ([`ClassId::SHARED`], workload, l4
-//!    bits); each, on a miss with a non-zero workload, tries workload 0 instead. The class
-//!    table holds the decisions of the rules with an address restriction that match the
-//!    class; the shared table those of the rules whose peers cover every address of both
+//! 4. three L4 entries are looked up (longest prefix over the L4 bits each): the shared
+//!    table's, ([`ClassId::SHARED`], workload, l4 bits), the wide class's and the narrow
+//!    class's; each, on a miss with a non-zero workload, tries workload 0 instead. The shared
+//!    table holds the decisions of the rules whose peers cover every address of both
 //!    families (`any`, or `0.0.0.0/0` with `::/0`), which would otherwise be repeated in
-//!    every class. A miss is an entry with no decisions;
-//! 5. the two entries are combined, for `verdict` and for `audit` separately: deny beats
+//!    every class; it is consulted even when the address has no class (a miss in the LPM
+//!    table). A miss is an entry with no decisions;
+//! 5. the three entries are combined, for `verdict` and for `audit` separately: deny beats
 //!    allow, between two decisions with the same action the lower [`RuleInfo::rank`] wins,
-//!    and none loses to anything (the rules of both tables are then ranked "first deny in
-//!    (policy name, rule index) order, else first allow", as within one table);
+//!    and none loses to anything (the rules of all three tables are then ranked "first deny
+//!    in (policy name, rule index) order, else first allow", as within one table);
 //! 6. the combined `verdict` decision gives allow or deny; none gives the direction's default;
 //!    if the result is allow and the combined `audit` decision (or, when it is none, the audit
 //!    default) is deny, the outcome is audit-deny.
+//!
+//! Layers. The addresses of every rule with an address restriction, flattened into disjoint
+//! prefixes, are split by prefix length (`compile::Split`): the short ones (up to `/24` for
+//! IPv4, `/64` for IPv6) belong to the wide layer, the longer ones to the narrow layer. Each
+//! layer has its own address classes, built from that layer's prefixes only: the wide class
+//! of an address is the set of rules whose wide prefixes contain it, the narrow class
+//! likewise, and every LPM entry carries both. A rule's prefixes are disjoint, so a rule
+//! matches an address through at most one prefix and is in at most one of the two classes;
+//! the shared table holds the rest. The three entries of step 4 together hold the decisions
+//! of exactly the rules that match, and since the combine of step 5 is a minimum over
+//! (action, rank), which is associative, splitting the rules over three tables gives the
+//! answer one table over all of them would. The point of the split: an address class
+//! repeats the rules of the prefixes enclosing it in its own layer only, so a host address
+//! inside a `/16` does not repeat the `/16`'s rules in its class when the two are in
+//! different layers.
 //!
 //! Ranks. A rank only has to order two rules that can decide the same packet, but it must not
 //! shift when an unrelated rule is inserted, or a one-rule edit would rewrite every L4 entry
@@ -45,8 +61,9 @@ use crate::ast::{Action, Direction};
 use crate::model::{HostIdentity, RuleId};
 use crate::source::Location;
 
-/// An address class: the set of rules that an address region matches. Stable across compiles
-/// while that set is unchanged. Never 0.
+/// An address class: the set of rules of one layer that an address region matches. Stable
+/// across compiles while that set is unchanged. Never 0. The same rule set in both layers is
+/// one class (one L4 table).
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
@@ -58,6 +75,18 @@ impl ClassId {
     /// for every address (step 4 above). Never the id of an address class (those are never
     /// 0); never a value of the LPM tables.
     pub const SHARED: ClassId = ClassId(0);
+}
+
+/// The value of an LPM entry: the address classes of its region, one per layer (see
+/// "Layers" above).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct Classes {
+    /// The class of the rules matching through their wide (short) prefixes.
+    pub wide: ClassId,
+    /// The class of the rules matching through their narrow (long) prefixes.
+    pub narrow: ClassId,
 }
 
 /// A workload class: one `workloads` cgroup path. 0 is "no workload path matched".
@@ -131,10 +160,10 @@ pub struct Defaults {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DirectionMaps {
     pub defaults: Defaults,
-    /// Longest prefix -> class. Always holds `0.0.0.0/0`.
-    pub v4: BTreeMap<Ipv4Net, ClassId>,
-    /// Longest prefix -> class. Always holds `::/0`.
-    pub v6: BTreeMap<Ipv6Net, ClassId>,
+    /// Longest prefix -> classes. Always holds `0.0.0.0/0`.
+    pub v4: BTreeMap<Ipv4Net, Classes>,
+    /// Longest prefix -> classes. Always holds `::/0`.
+    pub v6: BTreeMap<Ipv6Net, Classes>,
     /// Non-overlapping within one (class, workload), so longest-prefix match has one answer.
     /// Serialized as a list of `[key, value]` pairs: its keys are structs, which JSON objects
     /// cannot have.

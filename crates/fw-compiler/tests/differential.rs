@@ -440,10 +440,11 @@ fn table_decision(
     })
 }
 
-/// The generator above reaches the case the shared table exists for: a flow that both the
-/// shared table (rules from `any`) and its address class's table decide, where each side wins
-/// for some flows. Also checks those flows against the evaluator, so the count is of flows
-/// that are decided right, not only reached.
+/// The generator above reaches the cases the three tables exist for: a flow that both the
+/// shared table (rules from `any`) and one of its address classes' tables decide, where each
+/// side wins for some flows, and a flow that both the wide and the narrow class's tables
+/// decide, where each layer wins for some flows. Also checks those flows against the
+/// evaluator, so the counts are of flows that are decided right, not only reached.
 #[test]
 fn generated_policies_make_the_shared_and_class_tables_compete() {
     use proptest::strategy::ValueTree;
@@ -453,6 +454,7 @@ fn generated_policies_make_the_shared_and_class_tables_compete() {
         TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha),
     );
     let (mut shared_wins, mut class_wins) = (0usize, 0usize);
+    let (mut wide_wins, mut narrow_wins) = (0usize, 0usize);
     for _ in 0..150 {
         let (policy, flows) = policy_and_flows().new_tree(&mut runner).unwrap().current();
         let Ok(state) = compile(&policy, &Capacities::default()) else { continue };
@@ -460,7 +462,7 @@ fn generated_policies_make_the_shared_and_class_tables_compete() {
             let outcome = state.lookup(flow);
             assert_eq!(outcome, eval::evaluate(&policy, flow).outcome, "flow {flow:?}");
             let maps = &state.ingress;
-            let class = match flow.peer {
+            let classes = match flow.peer {
                 IpAddr::V4(a) => (0..=32u8)
                     .rev()
                     .find_map(|l| maps.v4.get(&Ipv4Net::new(a, l).unwrap().trunc()).copied()),
@@ -472,24 +474,33 @@ fn generated_policies_make_the_shared_and_class_tables_compete() {
                 1 | 58 => l4_word(flow.proto, flow.icmp_type.map(u16::from)),
                 _ => l4_word(flow.proto, flow.port),
             };
-            let (Some(class), Some(shared)) = (class, table_decision(maps, ClassId::SHARED, word))
-            else {
-                continue;
+            let Some(classes) = classes else { continue };
+            let rule = |d: Option<Decision>| match d {
+                Some(Decision::Allow(r) | Decision::Deny(r)) => Some(r),
+                _ => None,
             };
-            let Some(scoped) = table_decision(maps, class, word) else { continue };
-            let rule = |d: Decision| match d {
-                Decision::Allow(r) | Decision::Deny(r) => Some(r),
-                Decision::None => None,
+            let verdict = |class| rule(table_decision(maps, class, word).map(|v| v.verdict));
+            let decided_by = |r: Option<fw_compiler::model::RuleId>| {
+                r.is_some() && outcome.decided_by == fw_compiler::model::Decider::Rule(r.unwrap())
             };
-            let (Some(s), Some(c)) = (rule(shared.verdict), rule(scoped.verdict)) else {
-                continue;
-            };
-            match outcome.decided_by {
-                fw_compiler::model::Decider::Rule(r) if r == s => shared_wins += 1,
-                fw_compiler::model::Decider::Rule(r) if r == c => class_wins += 1,
-                _ => {}
+            let (s, w, n) =
+                (verdict(ClassId::SHARED), verdict(classes.wide), verdict(classes.narrow));
+            if s.is_some() && (w.is_some() || n.is_some()) {
+                if decided_by(s) {
+                    shared_wins += 1;
+                } else if decided_by(w) || decided_by(n) {
+                    class_wins += 1;
+                }
+            }
+            if w.is_some() && n.is_some() {
+                if decided_by(w) {
+                    wide_wins += 1;
+                } else if decided_by(n) {
+                    narrow_wins += 1;
+                }
             }
         }
     }
+    assert!(wide_wins > 0 && narrow_wins > 0, "wide {wide_wins}, narrow {narrow_wins}");
     assert!(shared_wins > 0 && class_wins > 0, "shared {shared_wins}, class {class_wins}");
 }

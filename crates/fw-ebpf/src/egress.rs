@@ -10,13 +10,13 @@
 //! run the hook, the connect already decided it).
 //!
 //! The decision is the same transcription of fw-compiler's `mapstate.rs` precedence as the XDP
-//! program, for the egress tables: loopback destinations always pass; the destination's class
-//! comes from the egress v4/v6 trie of the generation read once; the workload class from the
-//! caller's cgroup and its ancestors, deepest first, in that generation's workload table; the
-//! L4 entries for (class, workload, L4 word) and (shared table, workload, L4 word), each
-//! falling back to workload 0 when a non-zero workload has no entry, combined by `combine`
-//! (deny beats allow, then the lower rank); then verdict, default and audit exactly as on
-//! ingress.
+//! program, for the egress tables: loopback destinations always pass; the destination's two
+//! classes (wide and narrow layer) come from the egress v4/v6 trie of the generation read
+//! once; the workload class from the caller's cgroup and its ancestors, deepest first, in
+//! that generation's workload table; the L4 entries for (shared table, workload, L4 word),
+//! (wide class, workload, L4 word) and (narrow class, workload, L4 word), each falling back
+//! to workload 0 when a non-zero workload has no entry, combined by `Best` (deny beats
+//! allow, then the lower rank); then verdict, default and audit exactly as on ingress.
 //!
 //! Protocol. The hook sees a socket, not a packet: `SOCK_STREAM` is TCP, `SOCK_DGRAM` UDP.
 //! ICMP is not decided here: raw sockets (`ping` as root) run no sock_addr hook when sending,
@@ -46,16 +46,16 @@ use aya_ebpf::macros::cgroup_sock_addr;
 use aya_ebpf::programs::SockAddrContext;
 use fw_common::events::Event;
 use fw_common::{
-    ACTION_ALLOW, ACTION_DENY, ACTION_NONE, CONFIG_EGRESS, DIRECTION_EGRESS, SHARED_CLASS,
-    STAT_ALWAYS_LOOPBACK, STAT_AUDIT_DEFAULT_DENY, STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW,
-    STAT_DEFAULT_DENY, STAT_INTERNAL_ERROR, WorkloadKey, stat_index,
+    CONFIG_EGRESS, DIRECTION_EGRESS, STAT_ALWAYS_LOOPBACK, STAT_AUDIT_DEFAULT_DENY,
+    STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_INTERNAL_ERROR, WorkloadKey,
+    stat_index,
 };
 
 use crate::events;
 use crate::parse::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use crate::{
-    FW_CONFIG, FW_EG_L4, FW_EG_V4, FW_EG_V6, FW_GEN, FW_STATS, FW_WORKLOADS,
-    InternalError, NO_DECISIONS, Outcome, add, combine, count_rule, is_deny, l4_entry, l4_word, outcome,
+    FW_CONFIG, FW_EG_L4, FW_EG_V4, FW_EG_V6, FW_GEN, FW_STATS, FW_WORKLOADS, InternalError,
+    Outcome, add, count_rule, l4_decide, l4_word, outcome,
 };
 
 /// Return value of a cgroup sock_addr program that lets the call proceed.
@@ -285,27 +285,29 @@ fn workload(generation: u32, cgroups: &Cgroups) -> Result<u32, InternalError> {
 #[inline(always)]
 fn decide(dest: &Dest, cgroups: &Cgroups) -> Result<Outcome, InternalError> {
     let generation = FW_GEN.get(0).ok_or(InternalError)?.index;
-    // Step 2: the destination's class, as (found, class) for the verifier (see main.rs).
-    let (has_class, class) = if dest.v6 {
+    // Step 2: the destination's classes, one per layer, as (found, wide, narrow) for the
+    // verifier (see main.rs).
+    let (has_class, wide, narrow) = if dest.v6 {
         let trie = FW_EG_V6.get(generation).ok_or(InternalError)?;
-        trie.get(&Key::new(128, dest.addr)).map_or((false, 0), |c| (true, c.class))
+        trie.get(&Key::new(128, dest.addr))
+            .map_or((false, 0, 0), |c| (true, c.wide_class, c.narrow_class))
     } else {
         let trie = FW_EG_V4.get(generation).ok_or(InternalError)?;
         let a = [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]];
-        trie.get(&Key::new(32, a)).map_or((false, 0), |c| (true, c.class))
+        trie.get(&Key::new(32, a)).map_or((false, 0, 0), |c| (true, c.wide_class, c.narrow_class))
     };
     // Step 3: the workload class.
     let workload = workload(generation, cgroups)?;
-    // Step 4: two entries, each (table, workload, L4) then (table, 0, L4): the class's table
-    // and the shared table (rules without an address restriction, class SHARED_CLASS),
-    // consulted even without a class.
+    // Step 4: three entries, each (table, workload, L4) then (table, 0, L4): the shared table
+    // (rules without an address restriction, class SHARED_CLASS), consulted even without a
+    // class, then the wide and the narrow class's tables.
     let l4_trie = FW_EG_L4.get(generation).ok_or(InternalError)?;
     let word = dest.l4.to_be_bytes();
-    let scoped = if has_class { l4_entry(l4_trie, class, workload, word) } else { NO_DECISIONS };
-    let shared = l4_entry(l4_trie, SHARED_CLASS, workload, word);
-    // Step 5: the better decision of the two (deny beats allow, then the lower rank, none
-    // loses), for the verdict and for audit separately.
-    let combined = combine(&scoped, &shared)?;
+    // Step 5, as the entries are read: the best decision of the three (deny beats allow,
+    // then the lower rank, none loses; a tie keeps the earlier one), for the verdict and for
+    // audit separately.
+    let classes = if has_class { Some((wide, narrow)) } else { None };
+    let combined = l4_decide(l4_trie, classes, workload, word)?;
     // Step 6.
     let config =
         FW_CONFIG.get(generation).ok_or(InternalError)?.get(CONFIG_EGRESS).ok_or(InternalError)?;

@@ -274,14 +274,17 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
     // model; eval.rs the reference the tests hold both against).
     //  1. Always-allowed traffic has already passed (try_ingress).
     //  2. Read the active generation ONCE; every map below is that generation's. The source
-    //     address's longest prefix in the v4/v6 trie gives the address class. The compiler
-    //     always puts a /0 there; on a miss anyway there is no class and step 4 finds nothing.
+    //     address's longest prefix in the v4/v6 trie gives the address's two classes, one per
+    //     layer (wide: rules matching through short prefixes; narrow: through long ones). The
+    //     compiler always puts a /0 there; on a miss anyway there is no class and step 4 finds
+    //     nothing for the two layers.
     //  3. Egress only (the workload class). Ingress always uses workload 0.
-    //  4. Two entries, longest prefix over the L4 word in the L4 trie each: (class, 0, L4
-    //     word), the address class's table, and (SHARED_CLASS, 0, L4 word), the shared table
-    //     of the rules without an address restriction (consulted even without a class). A
-    //     miss is an entry with no decisions.
-    //  5. Combine them (`combine`), verdict and audit separately: deny beats allow, then the
+    //  4. Three entries, longest prefix over the L4 word in the L4 trie each: (SHARED_CLASS,
+    //     0, L4 word), the shared table of the rules without an address restriction
+    //     (consulted even without a class), then (wide class, 0, L4 word) and (narrow class,
+    //     0, L4 word). A miss is an entry with no decisions. A rule is in at most one of the
+    //     three, so together they hold the decisions of exactly the rules that match.
+    //  5. Combine the three (`Best`), verdict and audit separately: deny beats allow, then the
     //     lower rank; none loses to anything.
     //  6. Verdict: the combined verdict action deny -> DENY (final), allow -> ALLOW, none ->
     //     the direction's default. If the verdict is allow and the combined audit action is
@@ -291,25 +294,27 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
 
     // Step 2.
     let generation = FW_GEN.get(0).ok_or(InternalError)?.index;
-    // (found, class) rather than an `Option`: a `None`'s undefined payload can end up spilled
-    // to the stack, which the verifier rejects as a read of an uninitialised register.
-    let (has_class, class) = if ip.v6 {
+    // (found, wide, narrow) rather than an `Option`: a `None`'s undefined payload can end up
+    // spilled to the stack, which the verifier rejects as a read of an uninitialised register.
+    let (has_class, wide, narrow) = if ip.v6 {
         let trie = FW_IN_V6.get(generation).ok_or(InternalError)?;
-        trie.get(&Key::new(128, ip.src)).map_or((false, 0), |c| (true, c.class))
+        trie.get(&Key::new(128, ip.src))
+            .map_or((false, 0, 0), |c| (true, c.wide_class, c.narrow_class))
     } else {
         let trie = FW_IN_V4.get(generation).ok_or(InternalError)?;
         let addr = [ip.src[0], ip.src[1], ip.src[2], ip.src[3]];
-        trie.get(&Key::new(32, addr)).map_or((false, 0), |c| (true, c.class))
+        trie.get(&Key::new(32, addr))
+            .map_or((false, 0, 0), |c| (true, c.wide_class, c.narrow_class))
     };
 
-    // Step 4 (step 3: ingress has no workload, so the keys' workload is 0): the class's
-    // entry and the shared table's entry.
+    // Step 4 (step 3: ingress has no workload, so the keys' workload is 0): the shared
+    // table's entry and the entries of the two classes.
     let l4_trie = FW_IN_L4.get(generation).ok_or(InternalError)?;
     let word = l4_word(ip.proto, ip.port).to_be_bytes();
-    let scoped = if has_class { l4_entry(l4_trie, class, 0, word) } else { NO_DECISIONS };
-    let shared = l4_entry(l4_trie, SHARED_CLASS, 0, word);
-    // Step 5: the better decision of the two, for the verdict and for audit.
-    let combined = combine(&scoped, &shared)?;
+    // Step 5, as the entries are read: the best decision of the three, for the verdict and
+    // for audit (in the order shared, wide, narrow; a tie keeps the earlier one).
+    let classes = if has_class { Some((wide, narrow)) } else { None };
+    let combined = l4_decide(l4_trie, classes, 0, word)?;
 
     // Step 6.
     let config =
@@ -341,39 +346,74 @@ pub(crate) fn outcome(c: Combined, config: &DirectionConfig) -> Result<Outcome, 
     Ok(Outcome { deny, verdict_rule, audit_deny, flags })
 }
 
-/// An L4 value with no decisions (every field 0): what a miss means.
-pub(crate) const NO_DECISIONS: L4Value = L4Value {
-    verdict_action: ACTION_NONE,
-    audit_action: ACTION_NONE,
-    flags: 0,
-    _pad: 0,
-    verdict_rule: 0,
-    audit_rule: 0,
-    verdict_rank_hi: 0,
-    verdict_rank_lo: 0,
-    audit_rank_hi: 0,
-    audit_rank_lo: 0,
-};
-
-/// The L4 entry of (`table`, `workload`, `word`), falling back to (`table`, 0, `word`) on a
-/// miss with a non-zero workload; [`NO_DECISIONS`] on a miss. `table` is an address class or
-/// `SHARED_CLASS`. A plain value rather than an `Option`, for the verifier (see `decide`).
+/// Steps 4 and 5 of the precedence, for either direction: the L4 entries of the shared table
+/// and, when the address has classes (`classes` is `Some((wide, narrow))`), of its wide and
+/// narrow class, in that order, each (table, `workload`, `word`) first and, on a miss with a
+/// non-zero workload, (table, 0, `word`); folded into the best decisions as they are read.
+/// One key on the stack is rewritten for every lookup and each entry is read in place: three
+/// tables with a key and a copied entry each overflow the 512-byte BPF stack of the egress
+/// programs.
 #[inline(always)]
-pub(crate) fn l4_entry(trie: &L4Trie, table: u32, workload: u32, word: [u8; 4]) -> L4Value {
-    let c = table.to_be_bytes();
-    let w = workload.to_be_bytes();
-    let data = [c[0], c[1], c[2], c[3], w[0], w[1], w[2], w[3], word[0], word[1], word[2], word[3]];
-    if let Some(v) = trie.get(&Key::new(L4_KEY_FIXED_BITS + 32, data)) {
-        return *v;
+pub(crate) fn l4_decide(
+    trie: &L4Trie,
+    classes: Option<(u32, u32)>,
+    workload: u32,
+    word: [u8; 4],
+) -> Result<Combined, InternalError> {
+    let mut key = Key::new(L4_KEY_FIXED_BITS + 32, [0u8; 12]);
+    let mut best = Best::NONE;
+    // Written out rather than as a loop over the tables: a loop made the verifier walk many
+    // more states (about 5x the verified instructions of the egress programs).
+    best.add(l4_lookup(trie, &mut key, SHARED_CLASS, workload, word))?;
+    if let Some((wide, narrow)) = classes {
+        best.add(l4_lookup(trie, &mut key, wide, workload, word))?;
+        best.add(l4_lookup(trie, &mut key, narrow, workload, word))?;
     }
-    if workload == 0 {
-        return NO_DECISIONS;
-    }
-    let data = [c[0], c[1], c[2], c[3], 0, 0, 0, 0, word[0], word[1], word[2], word[3]];
-    trie.get(&Key::new(L4_KEY_FIXED_BITS + 32, data)).copied().unwrap_or(NO_DECISIONS)
+    Ok(best.combined())
 }
 
-/// One decision of an L4 entry (its verdict or its audit half), as `combine` compares it.
+/// One table's entry for `l4_decide`, through the caller's `key`: (table, workload, word),
+/// then (table, 0, word) on a miss with a non-zero workload; `None` on a miss.
+#[inline(always)]
+fn l4_lookup<'a>(
+    trie: &'a L4Trie,
+    key: &mut Key<[u8; 12]>,
+    table: u32,
+    workload: u32,
+    word: [u8; 4],
+) -> Option<&'a L4Value> {
+    // Byte by byte into the one key: a temporary array per lookup would take a stack slot
+    // of its own in each inlined copy.
+    let d = &mut key.data;
+    let c = table.to_be_bytes();
+    let w = workload.to_be_bytes();
+    d[0] = c[0];
+    d[1] = c[1];
+    d[2] = c[2];
+    d[3] = c[3];
+    d[4] = w[0];
+    d[5] = w[1];
+    d[6] = w[2];
+    d[7] = w[3];
+    d[8] = word[0];
+    d[9] = word[1];
+    d[10] = word[2];
+    d[11] = word[3];
+    if let Some(v) = trie.get(key) {
+        return Some(v);
+    }
+    if workload == 0 {
+        return None;
+    }
+    let d = &mut key.data;
+    d[4] = 0;
+    d[5] = 0;
+    d[6] = 0;
+    d[7] = 0;
+    trie.get(key)
+}
+
+/// One decision of an L4 entry (its verdict or its audit half), as `Best` compares it.
 #[derive(Clone, Copy)]
 struct Pick {
     action: u8,
@@ -383,7 +423,7 @@ struct Pick {
     log: bool,
 }
 
-/// The combined decisions of the class entry and the shared entry.
+/// The combined decisions of the shared entry and the two class entries.
 pub(crate) struct Combined {
     pub(crate) verdict_action: u8,
     pub(crate) verdict_rule: u32,
@@ -407,45 +447,72 @@ fn action_order(action: u8) -> Result<u8, InternalError> {
 
 /// The better of two decisions (fw-compiler's mapstate.rs, "Lookup" step 5): deny beats
 /// allow; with the same action the lower rank wins ("first in (policy, index) order"); none
-/// loses to anything. On a tie (not produced by the compiler) the class's decision `a` stays.
+/// loses to anything. On a tie (not produced by the compiler) the earlier decision `a` stays.
 #[inline(always)]
 fn better(a: Pick, b: Pick) -> Result<Pick, InternalError> {
     let (oa, ob) = (action_order(a.action)?, action_order(b.action)?);
     Ok(if ob < oa || (ob == oa && b.rank < a.rank) { b } else { a })
 }
 
-/// Combines the address class's entry and the shared table's entry (a miss is
-/// [`NO_DECISIONS`]), verdict and audit separately.
-#[inline(always)]
-pub(crate) fn combine(scoped: &L4Value, shared: &L4Value) -> Result<Combined, InternalError> {
-    let verdict = |v: &L4Value| Pick {
-        action: v.verdict_action,
-        rule: v.verdict_rule,
-        rank: v.verdict_rank(),
-        log: v.flags & FLAG_LOG_VERDICT != 0,
-    };
-    let audit = |v: &L4Value| Pick {
-        action: v.audit_action,
-        rule: v.audit_rule,
-        rank: v.audit_rank(),
-        log: v.flags & FLAG_LOG_AUDIT != 0,
-    };
-    let v = better(verdict(scoped), verdict(shared))?;
-    let a = better(audit(scoped), audit(shared))?;
-    let mut flags = 0;
-    if v.log {
-        flags |= FLAG_LOG_VERDICT;
+/// No decision: what a miss gives, and what loses to every decision.
+const NO_PICK: Pick = Pick { action: ACTION_NONE, rule: 0, rank: 0, log: false };
+
+/// The best decisions among the L4 entries folded in so far (step 5 of the precedence),
+/// verdict and audit separately. Entries are folded in one at a time, so only one is being
+/// read at any point (the stack stays small).
+#[derive(Clone, Copy)]
+pub(crate) struct Best {
+    verdict: Pick,
+    audit: Pick,
+}
+
+impl Best {
+    /// Nothing folded in yet: no decisions.
+    pub(crate) const NONE: Best = Best { verdict: NO_PICK, audit: NO_PICK };
+
+    /// Folds in one table's entry (`None`: a miss, which has no decisions and changes
+    /// nothing). On a tie the decision already held stays.
+    #[inline(always)]
+    pub(crate) fn add(&mut self, entry: Option<&L4Value>) -> Result<(), InternalError> {
+        let Some(v) = entry else {
+            return Ok(());
+        };
+        let verdict = Pick {
+            action: v.verdict_action,
+            rule: v.verdict_rule,
+            rank: v.verdict_rank(),
+            log: v.flags & FLAG_LOG_VERDICT != 0,
+        };
+        let audit = Pick {
+            action: v.audit_action,
+            rule: v.audit_rule,
+            rank: v.audit_rank(),
+            log: v.flags & FLAG_LOG_AUDIT != 0,
+        };
+        self.verdict = better(self.verdict, verdict)?;
+        self.audit = better(self.audit, audit)?;
+        Ok(())
     }
-    if a.log {
-        flags |= FLAG_LOG_AUDIT;
+
+    /// The decisions that won, with their log flags.
+    #[inline(always)]
+    pub(crate) fn combined(self) -> Combined {
+        let (v, a) = (self.verdict, self.audit);
+        let mut flags = 0;
+        if v.log {
+            flags |= FLAG_LOG_VERDICT;
+        }
+        if a.log {
+            flags |= FLAG_LOG_AUDIT;
+        }
+        Combined {
+            verdict_action: v.action,
+            verdict_rule: v.rule,
+            audit_action: a.action,
+            audit_rule: a.rule,
+            flags,
+        }
     }
-    Ok(Combined {
-        verdict_action: v.action,
-        verdict_rule: v.rule,
-        audit_action: a.action,
-        audit_rule: a.rule,
-        flags,
-    })
 }
 
 /// A default's action byte: deny, allow, or (anything else) a broken config.

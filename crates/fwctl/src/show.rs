@@ -138,17 +138,22 @@ fn direction_table(out: &mut String, state: &MapState, dir: Direction, maps: &Di
         maps.defaults.verdict.as_str(),
         maps.defaults.audit.as_str()
     );
-    let _ = writeln!(out, "  prefixes -> class:");
-    for (net, class) in &maps.v4 {
-        let _ = writeln!(out, "    {:<43} {:>10}", net.to_string(), class.0);
+    // Every address has a class in each layer (wide: rules on short prefixes; narrow: on
+    // long ones); the kernel consults both classes' tables and the shared one.
+    let _ = writeln!(out, "  prefixes -> wide class, narrow class:");
+    let row = |out: &mut String, net: String, c: &fw_compiler::mapstate::Classes| {
+        let _ = writeln!(out, "    {:<43} {:>10} {:>10}", net, c.wide.0, c.narrow.0);
+    };
+    for (net, classes) in &maps.v4 {
+        row(out, net.to_string(), classes);
     }
-    for (net, class) in &maps.v6 {
-        let _ = writeln!(out, "    {:<43} {:>10}", net.to_string(), class.0);
+    for (net, classes) in &maps.v6 {
+        row(out, net.to_string(), classes);
     }
     let _ = writeln!(out, "  (class, workload, l4 prefix) -> decision:");
     for (key, value) in &maps.l4 {
         // Class 0 is the shared table (rules without an address restriction), consulted for
-        // every address next to the address's class.
+        // every address next to the address's two classes.
         let class = if key.class == fw_compiler::mapstate::ClassId::SHARED {
             "shared".to_string()
         } else {
