@@ -99,11 +99,15 @@ fn rule_id(st: &MapState, name: &str) -> u32 {
     id.unwrap_or_else(|| panic!("no rule {name}"))
 }
 
-/// The address class of `peer` (a /32 in the policy).
+/// The address class of `peer` (a /32 in the policy, so a class of the narrow layer; no rule
+/// has a wide prefix, so its wide class holds no entries in either policy).
 fn class_of(st: &MapState, peer: IpAddr) -> ClassId {
     let IpAddr::V4(v4) = peer else { panic!("IPv4 peer") };
     let net = ipnet::Ipv4Net::new(v4, 32).expect("/32");
-    *st.ingress.v4.get(&net).expect("the peer's /32 is in the LPM table")
+    let classes = st.ingress.v4.get(&net).expect("the peer's /32 is in the LPM table");
+    let wide = classes.wide;
+    assert!(!st.ingress.l4.keys().any(|k| k.class == wide), "no wide-layer entries");
+    classes.narrow
 }
 
 /// The mixes this test relies on to be visible really are: the sender's class in one policy
