@@ -617,7 +617,9 @@ fn resolve_rules(
             }
         }
     }
-    let ids = ids::assign(keys);
+    // Keys were pushed in the order the loop below visits the rules: ids go by position.
+    let mut ids = ids::assign_each(&keys).into_iter();
+    drop(keys);
 
     let mut memo = RangeMemo::default();
     let mut out = Vec::with_capacity(policies.len());
@@ -625,7 +627,7 @@ fn resolve_rules(
         let mut rules = Vec::new();
         for direction in Direction::ALL {
             for (index, rule) in policy.rules(direction).iter().enumerate() {
-                let id = ids.get(&key(name, direction, index, rule)).copied().unwrap_or(0);
+                let id = ids.next().unwrap_or(0);
                 let peers = resolve_peers(rule.peers.as_deref(), linked);
                 if let (Some(peers), Some(items)) = (&peers, &rule.peers) {
                     check_family(rule, items, peers, &mut memo, diags);
