@@ -602,12 +602,11 @@ fn resolve_rules(
     sources: &SourceMap,
     diags: &mut Diagnostics,
 ) -> Vec<Vec<ResolvedRule>> {
-    let key = |policy: &str, direction: Direction, index: usize, rule: &ast::Rule| {
-        let label = match &rule.name {
-            Some(n) => n.value.clone(),
-            None => format!("#{index}"),
-        };
-        format!("{policy}\0{}\0{label}", direction.as_str())
+    // `policy\0direction\0name`, or `#index` for an unnamed rule.
+    let key = |policy: &str, direction: Direction, index: usize, rule: &ast::Rule| match &rule.name
+    {
+        Some(n) => format!("{policy}\0{}\0{}", direction.as_str(), n.value),
+        None => format!("{policy}\0{}\0#{index}", direction.as_str()),
     };
     let mut keys = Vec::new();
     for (name, policy) in policies {

@@ -70,11 +70,10 @@ impl SourceFile {
     pub fn new(name: impl Into<String>, text: impl Into<String>) -> Self {
         let text = text.into();
         let mut line_starts = vec![0];
+        // `match_indices` finds the newlines with a word-at-a-time search, several times
+        // faster than testing every byte (this runs over every byte of every policy file).
         line_starts.extend(
-            text.bytes()
-                .enumerate()
-                .filter(|&(_, b)| b == b'\n')
-                .map(|(i, _)| u32::try_from(i + 1).unwrap_or(u32::MAX)),
+            text.match_indices('\n').map(|(i, _)| u32::try_from(i + 1).unwrap_or(u32::MAX)),
         );
         Self { name: name.into(), text, line_starts }
     }
@@ -148,5 +147,13 @@ mod tests {
         assert_eq!(f.line_col(3), (2, 1));
         // 'é' is two bytes: the space after it is the third character.
         assert_eq!(f.line_col(6), (2, 3));
+    }
+
+    #[test]
+    fn line_starts_follow_every_newline() {
+        let f = SourceFile::new("a.yaml", "\nab\n\nxé\r\nz");
+        assert_eq!(f.line_starts, [0, 1, 4, 5, 10]);
+        assert_eq!(f.line_col(10), (5, 1));
+        assert_eq!(SourceFile::new("b.yaml", "").line_starts, [0]);
     }
 }
