@@ -65,6 +65,8 @@ impl PolicySet {
             .zip(&self.rules)
             .filter(|(p, _)| selects(p.hosts.as_ref(), host))
             .collect();
+        // Sized once: the rules are large, and growing by doubling would copy them again.
+        out.rules.reserve_exact(selected.iter().map(|(_, rules)| rules.len()).sum());
         for (policy, rules) in &selected {
             out.policies.push(policy.metadata.name.value.clone());
             out.rules.extend(rules.iter().cloned());
