@@ -383,8 +383,8 @@ impl<'de> Deserialize<'de> for RawNode {
 /// anything where it is not certain to build exactly the tree serde-saphyr builds: any parser
 /// error (so every error message still comes from serde-saphyr), anchors, aliases, tags, merge
 /// keys (`<<`), keys that are not scalars, plain scalars whose type it does not resolve itself
-/// (see [`plain_scalar`]), and inputs near any budget limit (files nested deeper than
-/// [`MAX_DEPTH`] included). The tests compare both paths on the fixtures, the fuzz seeds,
+/// (see `plain_scalar`), and inputs near any budget limit (files nested deeper than
+/// `MAX_DEPTH` included). The tests compare both paths on the fixtures, the fuzz seeds,
 /// mutations of them and generated scalars.
 mod fast {
     use serde_saphyr::granit_parser::{Event, Options, Parser, ScalarStyle, StrInput};
