@@ -70,10 +70,11 @@ impl SourceFile {
     pub fn new(name: impl Into<String>, text: impl Into<String>) -> Self {
         let text = text.into();
         let mut line_starts = vec![0];
-        // `match_indices` finds the newlines with a word-at-a-time search, several times
-        // faster than testing every byte (this runs over every byte of every policy file).
         line_starts.extend(
-            text.match_indices('\n').map(|(i, _)| u32::try_from(i + 1).unwrap_or(u32::MAX)),
+            text.bytes()
+                .enumerate()
+                .filter(|&(_, b)| b == b'\n')
+                .map(|(i, _)| u32::try_from(i + 1).unwrap_or(u32::MAX)),
         );
         Self { name: name.into(), text, line_starts }
     }
