@@ -43,9 +43,53 @@ pub fn assign<K: Ord + Clone + AsRef<[u8]>>(keys: impl IntoIterator<Item = K>) -
     out
 }
 
+/// [`assign`] for keys given as a list: the id of each key, by position, without building a
+/// map (equal keys get the same id). Same ids as `assign` for the same keys.
+pub fn assign_each<K: Ord + AsRef<[u8]>>(keys: &[K]) -> Vec<u32> {
+    let mut order: Vec<(u32, usize)> =
+        keys.iter().enumerate().map(|(i, k)| (slot(fnv1a(k.as_ref())), i)).collect();
+    // (hash, key) order as in `assign`; equal keys end up next to each other.
+    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| keys[a.1].cmp(&keys[b.1])));
+    let mut taken = HashSet::with_capacity(order.len());
+    let mut ids = vec![0; keys.len()];
+    let mut previous: Option<usize> = None;
+    for (mut id, i) in order {
+        if let Some(p) = previous
+            && keys[p] == keys[i]
+        {
+            ids[i] = ids[p];
+            continue;
+        }
+        while !taken.insert(id) {
+            id = if id == ID_MASK { 1 } else { id + 1 };
+        }
+        ids[i] = id;
+        previous = Some(i);
+    }
+    ids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn assign_each_gives_the_ids_of_assign() {
+        // Many keys (so slots collide and probe), in no particular order, some repeated.
+        let keys: Vec<String> =
+            (0..50_000).map(|i| format!("p{}/ingress/#{}", (i * 7919) % 40_000, i % 3)).collect();
+        let map = assign(keys.clone());
+        let each = assign_each(&keys);
+        assert_eq!(each.len(), keys.len());
+        for (key, id) in keys.iter().zip(&each) {
+            assert_eq!(map[key], *id, "{key}");
+        }
+        // Forced collisions: every key in one slot range.
+        let crowded: Vec<u32> = (0..1000).collect();
+        let keys: Vec<[u8; 4]> = crowded.iter().map(|i| i.to_le_bytes()).collect();
+        let map = assign(keys.clone());
+        assert_eq!(assign_each(&keys), keys.iter().map(|k| map[k]).collect::<Vec<_>>());
+    }
 
     #[test]
     fn ids_are_order_independent_and_distinct() {

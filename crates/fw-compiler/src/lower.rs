@@ -119,6 +119,10 @@ const EXPECTS: &[(&str, Expect)] =
 
 type AddressList = Vec<Sp<AddressItem>>;
 
+/// Mappings with at most this many entries check for duplicate keys by a linear scan, which
+/// beats hashing at this size; larger ones use a hash map.
+const SMALL_MAPPING: usize = 16;
+
 /// Lowers the documents of one file (as returned by [`crate::yaml::parse`]).
 ///
 /// Returns the documents that lowered without error, in file order, and every diagnostic.
@@ -323,14 +327,18 @@ impl<'a> Fields<'a> {
 #[derive(Default)]
 struct Cx {
     diags: Vec<Diagnostic>,
+    /// How many of `diags` are errors (asked after every document: counting them each time
+    /// would make a file with many broken documents quadratic).
+    errors: usize,
 }
 
 impl Cx {
     fn errors(&self) -> usize {
-        self.diags.iter().filter(|d| d.severity == Severity::Error).count()
+        self.errors
     }
 
     fn push(&mut self, d: Diagnostic) {
+        self.errors += usize::from(d.severity == Severity::Error);
         self.diags.push(d);
     }
 
@@ -372,14 +380,21 @@ impl Cx {
             return None;
         };
         let mut out: Vec<Field<'a>> = Vec::with_capacity(entries.len());
-        // A hash set, not a scan of `out`: a hostile mapping may have a hundred thousand keys.
-        let mut seen: HashMap<&'a str, Span> = HashMap::with_capacity(entries.len());
+        // Duplicates are looked up by scanning `out` in the usual small mappings, and in a hash
+        // map in large ones: a hostile mapping may have a hundred thousand keys.
+        let mut seen: HashMap<&'a str, Span> = HashMap::new();
+        let large = entries.len() > SMALL_MAPPING;
         for (key, value) in entries {
             let Some(name) = key.as_str() else {
                 self.wrong_type(key, &format!("a key of {what}"), "a string");
                 continue;
             };
-            if let Some(&first) = seen.get(name) {
+            let first = if large {
+                seen.get(name).copied()
+            } else {
+                out.iter().find(|f| f.key.value == name).map(|f| f.key.span)
+            };
+            if let Some(first) = first {
                 let d = Diagnostic::error(
                     Code::DuplicateKey,
                     format!("duplicate key `{name}` in {what}"),
@@ -390,7 +405,9 @@ impl Cx {
                 self.push(d);
                 continue;
             }
-            seen.insert(name, key.span);
+            if large {
+                seen.insert(name, key.span);
+            }
             out.push(Field { key: Sp::new(name, key.span), value });
         }
         Some(out)
@@ -1545,6 +1562,52 @@ fn bad_ip(s: &str) -> BadAddress {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::FileId;
+
+    /// Duplicate keys are found with both spans in small mappings (scanned) and large ones
+    /// (hashed) alike, each duplicate once, against its first definition.
+    #[test]
+    fn duplicate_keys_in_small_and_large_mappings() {
+        for size in [3, SMALL_MAPPING, SMALL_MAPPING + 1, 500] {
+            let mut text = String::from("apiVersion: fw/v1\nkind: Policy\nmetadata:\n  name: p\n");
+            for i in 0..size {
+                text.push_str(&format!("  k{i}: v\n"));
+            }
+            text.push_str("  k1: again\n  k1: third\n  name: q\n");
+            let nodes = crate::yaml::parse(FileId(0), text.as_bytes(), &Default::default())
+                .expect("valid YAML");
+            let (docs, diags) = lower(&nodes);
+            assert!(docs.is_empty());
+            let dups: Vec<&Diagnostic> =
+                diags.iter().filter(|d| d.code == Code::DuplicateKey).collect();
+            let span_text = |s: Span| &text[s.start as usize..s.end as usize];
+            let first_k1 = text.find("k1:").unwrap_or(0) as u32;
+            let described: Vec<(String, u32, u32)> = dups
+                .iter()
+                .map(|d| {
+                    let again = d.primary.as_ref().map(|l| l.span).unwrap_or_default();
+                    let first = d.secondary.first().map(|l| l.span).unwrap_or_default();
+                    (span_text(again).to_string(), again.start, first.start)
+                })
+                .collect();
+            let name_at = text.find("name: p").unwrap_or(0) as u32;
+            let k1_again = text.find("k1: again").unwrap_or(0) as u32;
+            let k1_third = text.find("k1: third").unwrap_or(0) as u32;
+            let name_again = text.find("name: q").unwrap_or(0) as u32;
+            assert_eq!(
+                described,
+                vec![
+                    ("k1".to_string(), k1_again, first_k1),
+                    ("k1".to_string(), k1_third, first_k1),
+                    ("name".to_string(), name_again, name_at),
+                ],
+                "size {size}"
+            );
+            // And the unknown fields are reported once each, duplicates not again.
+            let unknown = diags.iter().filter(|d| d.code == Code::UnknownField).count();
+            assert_eq!(unknown, size, "size {size}");
+        }
+    }
 
     #[test]
     fn names_allow_a_small_charset() {

@@ -65,6 +65,8 @@ impl PolicySet {
             .zip(&self.rules)
             .filter(|(p, _)| selects(p.hosts.as_ref(), host))
             .collect();
+        // Sized once: the rules are large, and growing by doubling would copy them again.
+        out.rules.reserve_exact(selected.iter().map(|(_, rules)| rules.len()).sum());
         for (policy, rules) in &selected {
             out.policies.push(policy.metadata.name.value.clone());
             out.rules.extend(rules.iter().cloned());
@@ -602,12 +604,11 @@ fn resolve_rules(
     sources: &SourceMap,
     diags: &mut Diagnostics,
 ) -> Vec<Vec<ResolvedRule>> {
-    let key = |policy: &str, direction: Direction, index: usize, rule: &ast::Rule| {
-        let label = match &rule.name {
-            Some(n) => n.value.clone(),
-            None => format!("#{index}"),
-        };
-        format!("{policy}\0{}\0{label}", direction.as_str())
+    // `policy\0direction\0name`, or `#index` for an unnamed rule.
+    let key = |policy: &str, direction: Direction, index: usize, rule: &ast::Rule| match &rule.name
+    {
+        Some(n) => format!("{policy}\0{}\0{}", direction.as_str(), n.value),
+        None => format!("{policy}\0{}\0#{index}", direction.as_str()),
     };
     let mut keys = Vec::new();
     for (name, policy) in policies {
@@ -617,7 +618,9 @@ fn resolve_rules(
             }
         }
     }
-    let ids = ids::assign(keys);
+    // Keys were pushed in the order the loop below visits the rules: ids go by position.
+    let mut ids = ids::assign_each(&keys).into_iter();
+    drop(keys);
 
     let mut memo = RangeMemo::default();
     let mut out = Vec::with_capacity(policies.len());
@@ -625,7 +628,7 @@ fn resolve_rules(
         let mut rules = Vec::new();
         for direction in Direction::ALL {
             for (index, rule) in policy.rules(direction).iter().enumerate() {
-                let id = ids.get(&key(name, direction, index, rule)).copied().unwrap_or(0);
+                let id = ids.next().unwrap_or(0);
                 let peers = resolve_peers(rule.peers.as_deref(), linked);
                 if let (Some(peers), Some(items)) = (&peers, &rule.peers) {
                     check_family(rule, items, peers, &mut memo, diags);

@@ -149,4 +149,12 @@ mod tests {
         // 'é' is two bytes: the space after it is the third character.
         assert_eq!(f.line_col(6), (2, 3));
     }
+
+    #[test]
+    fn line_starts_follow_every_newline() {
+        let f = SourceFile::new("a.yaml", "\nab\n\nxé\r\nz");
+        assert_eq!(f.line_starts, [0, 1, 4, 5, 10]);
+        assert_eq!(f.line_col(10), (5, 1));
+        assert_eq!(SourceFile::new("b.yaml", "").line_starts, [0]);
+    }
 }
