@@ -36,19 +36,23 @@
 //!    (on the benchmark fleet, 4.4M entries at 100k rules became 2.2M). A rule's prefixes
 //!    may fall in both layers; it is then in one group per layer, and still in at most one
 //!    class of an address. The same rule set in both layers is one class.
-//! 3. L4 decisions. A set's decisions over the 32-bit L4 word space (`mapstate::l4_word`) are
-//!    "pieces": disjoint word ranges with a constant (verdict, audit) decision. Own rules are
-//!    swept (range starts and ends as events) into pieces. "First deny, else first allow" is a
-//!    minimum over (deny before allow, rule position), so the pieces of `parent ∪ own` are the
-//!    pointwise minimum of the parent's and the own rules' pieces, one linear merge: the rules
-//!    a class shares with its enclosing prefixes (typically the `any` rules) are swept once,
-//!    not once per class. Each piece is cut into aligned prefixes (O(log range) entries);
-//!    entries of one (class, workload) never overlap.
+//! 3. L4 decisions. The L4 table is an LPM trie over the 32-bit L4 word
+//!    (`mapstate::l4_word`), so a set's workload-0 table is *nested* (see `Entry`): the
+//!    prefixes of the minimal covers of its rules' L4 ranges, each with the decision of the
+//!    rules covering all of it, minus those that repeat the prefix around them. A port rule
+//!    inside a wide rule (`proto: any`, or tcp without ports) is then one entry on top of the
+//!    wide one, not a hole cut into it (up to 2 × 32 disjoint prefixes around each port), which
+//!    was most of the entries. "First deny, else first allow" is a minimum over (deny before
+//!    allow, rule position), so the table of `parent ∪ own` is the parent's table with the own
+//!    rules' prefixes merged in, one linear pass in trie preorder: the rules a class shares
+//!    with its enclosing prefixes are processed once, not once per class.
 //! 4. Workloads (egress). A (class, workload) table holds only the entries whose decision
 //!    differs from the class's workload-0 decision: the lookup falls back to workload 0 on a
 //!    miss, and a workload's rules are a superset of workload 0's, so it can only differ where
 //!    its workload rules rank better. Those deltas are built from the workload rules alone
-//!    (see `L4Builder`); the full per-workload decisions are never built.
+//!    (see `L4Builder`); the full per-workload decisions are never built. They are "pieces",
+//!    disjoint word ranges with a constant decision, cut into disjoint aligned prefixes
+//!    (O(log range) entries each): a workload table must miss exactly where workload 0 decides.
 //! 5. Output. Classes are emitted in class-id order, each (class, workload) sorted, so the L4
 //!    vector is sorted and `BTreeMap`'s bulk build does no real sorting. Entries are counted
 //!    while they are emitted and the compile stops with FW019 ("at least N") once a direction
@@ -765,6 +769,126 @@ fn combine(a: &[Piece], b: &[Piece]) -> Vec<Piece> {
     out
 }
 
+/// One entry of a nested L4 table (a workload-0 table): the prefix `bits/len` of the L4 word
+/// and the decision of the rules that cover the whole prefix.
+///
+/// The kernel's L4 table is an LPM trie, so a table may hold a prefix and prefixes inside it:
+/// the longest one containing a word answers. Take the prefixes of the minimal covers of the
+/// rules' L4 ranges and give each the decision of the rules covering all of it. For any word
+/// `w`, let `P` be the longest of those prefixes containing `w`: a rule matching `w` matches it
+/// through a prefix of its cover that contains `w`, no longer than `P`, so containing `P`; so
+/// the rules matching `w` are exactly those covering all of `P`, and `P`'s decision is `w`'s.
+/// A prefix whose decision equals that of the nearest prefix enclosing it is left out (the
+/// lookup then lands on that one), so every entry differs from its parent. This writes about
+/// one entry per distinct port prefix of the rules, where cutting the decisions into disjoint
+/// prefixes wrote up to 2 × 32 per hole in a wide rule (a `proto: any` or port-less rule
+/// around a few port rules), which was most of the L4 entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    /// The L4 word's first `len` bits, the rest zero.
+    bits: u32,
+    len: u8,
+    /// Over enforcing rules.
+    verdict: Rank,
+    /// Over all rules.
+    audit: Rank,
+}
+
+impl Entry {
+    /// Trie preorder: an enclosing prefix sorts before everything inside it.
+    fn order(&self) -> (u32, u8) {
+        (self.bits, self.len)
+    }
+
+    /// The last word of the prefix.
+    fn last(&self) -> u32 {
+        self.bits | low_mask(32 - u32::from(self.len).min(32)) as u32
+    }
+}
+
+/// A nested table, in trie preorder, every entry differing from its nearest enclosing entry.
+type Entries = Arc<Vec<Entry>>;
+
+/// Nests `items` (in trie preorder; several items may share a prefix) into a table: each
+/// prefix's decision is the minimum over its items and the prefixes enclosing it. `items`
+/// may be an earlier table's entries (whose decisions already include their enclosing
+/// prefixes') merged with more rules' prefixes: that is how a class's table is its parent's
+/// plus its own rules, in one linear pass.
+fn nest(items: impl Iterator<Item = Entry>, out: &mut Vec<Entry>) {
+    // The emitted entries enclosing the current prefix.
+    let mut stack: Vec<Entry> = Vec::new();
+    let mut items = items.peekable();
+    while let Some(mut e) = items.next() {
+        while let Some(next) = items.next_if(|n| n.order() == e.order()) {
+            e.verdict = e.verdict.min(next.verdict);
+            e.audit = e.audit.min(next.audit);
+        }
+        while stack.last().is_some_and(|s| s.last() < e.bits) {
+            stack.pop();
+        }
+        let (verdict, audit) = stack.last().map_or((NO_RULE, NO_RULE), |s| (s.verdict, s.audit));
+        e.verdict = e.verdict.min(verdict);
+        e.audit = e.audit.min(audit);
+        if (e.verdict, e.audit) != (verdict, audit) {
+            out.push(e);
+            stack.push(e);
+        }
+    }
+}
+
+/// Merges two sequences in trie preorder.
+fn merge_preorder<'x>(a: &'x [Entry], b: &'x [Entry]) -> impl Iterator<Item = Entry> + 'x {
+    let (mut i, mut j) = (0, 0);
+    std::iter::from_fn(move || match (a.get(i), b.get(j)) {
+        (Some(x), Some(y)) if y.order() < x.order() => {
+            j += 1;
+            Some(*y)
+        }
+        (Some(x), _) => {
+            i += 1;
+            Some(*x)
+        }
+        (None, Some(y)) => {
+            j += 1;
+            Some(*y)
+        }
+        (None, None) => None,
+    })
+}
+
+/// The decisions of a nested table as disjoint pieces (what the workload deltas compare
+/// against): walks the table in preorder, the innermost enclosing entry deciding each gap.
+fn pieces_of(entries: &[Entry]) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut stack: Vec<&Entry> = Vec::new();
+    // Everything below `at` is done.
+    let mut at: u64 = 0;
+    // The words from `at` to `to` are decided by `s`.
+    fn close(s: &Entry, to: u64, at: &mut u64, out: &mut Vec<Piece>) {
+        if *at <= to {
+            push_piece(out, Piece { lo: *at, hi: to, verdict: s.verdict, audit: s.audit });
+            *at = to + 1;
+        }
+    }
+    for e in entries {
+        while let Some(s) = stack.last().copied().filter(|s| s.last() < e.bits) {
+            close(s, u64::from(s.last()), &mut at, &mut out);
+            stack.pop();
+        }
+        if let Some(s) = stack.last()
+            && e.bits > 0
+        {
+            close(s, u64::from(e.bits) - 1, &mut at, &mut out);
+        }
+        at = u64::from(e.bits);
+        stack.push(e);
+    }
+    while let Some(s) = stack.pop() {
+        close(s, u64::from(s.last()), &mut at, &mut out);
+    }
+    out
+}
+
 /// Per anchor: the workloads whose workload rules beat the anchor's base decisions somewhere,
 /// each with those pieces (the workload rules' decisions), by workload id.
 type WorkloadList = Arc<Vec<(WorkloadId, Pieces)>>;
@@ -795,8 +919,10 @@ struct L4Builder<'a> {
     policy: &'a HostPolicy,
     /// Per rule position: its ranges in the L4 word space.
     ranges: &'a [RangeSet],
-    /// Per set: decisions of its rules without workloads.
-    base: Vec<Option<Pieces>>,
+    /// Per rule position: the minimal prefix cover of its ranges, in preorder.
+    prefixes: &'a [Vec<(u32, u8)>],
+    /// Per set: the nested table of its rules without workloads (see [`Entry`]).
+    base: Vec<Option<Entries>>,
     /// Per set: the nearest of itself and its derivation ancestors whose own rules include
     /// rules with workloads; `None` when there is none (no workload tables).
     anchor: Vec<Option<SetIdx>>,
@@ -817,6 +943,7 @@ impl<'a> L4Builder<'a> {
     fn new(
         policy: &'a HostPolicy,
         ranges: &'a [RangeSet],
+        prefixes: &'a [Vec<(u32, u8)>],
         sets: &RuleSets,
         below: Option<&HashMap<&'a str, Vec<(&'a str, WorkloadId)>>>,
     ) -> Self {
@@ -857,6 +984,7 @@ impl<'a> L4Builder<'a> {
         Self {
             policy,
             ranges,
+            prefixes,
             base: vec![None; n],
             anchor,
             own_workload_rules,
@@ -866,13 +994,10 @@ impl<'a> L4Builder<'a> {
         }
     }
 
-    fn has_workloads(&self, pos: u32) -> bool {
-        self.policy.rules.get(pos as usize).is_some_and(|r| !r.workloads.is_empty())
-    }
-
-    /// Decisions of `set`'s rules without workloads. Recurses along the derivation chain,
-    /// which is at most one step per prefix length.
-    fn base(&mut self, sets: &RuleSets, set: SetIdx) -> Pieces {
+    /// The nested table of `set`'s rules without workloads: its parent's table with the own
+    /// rules' prefixes merged in ([`nest`]). Recurses along the derivation chain, which is at
+    /// most one step per prefix length.
+    fn base(&mut self, sets: &RuleSets, set: SetIdx) -> Entries {
         if let Some(Some(p)) = self.base.get(set) {
             return p.clone();
         }
@@ -880,14 +1005,30 @@ impl<'a> L4Builder<'a> {
             None => Arc::new(Vec::new()),
             Some((parent, own)) => {
                 let base = self.base(sets, *parent);
-                let own_pieces = if own.iter().all(|&p| !self.has_workloads(p)) {
-                    sweep(own, self.policy, self.ranges)
+                let mut items: Vec<Entry> = Vec::new();
+                for &pos in own.iter() {
+                    let Some(rule) = self.policy.rules.get(pos as usize) else { continue };
+                    if !rule.workloads.is_empty() {
+                        continue;
+                    }
+                    let r = rank(rule, pos);
+                    let verdict = if rule.enforcing() { r } else { NO_RULE };
+                    let cover = self.prefixes.get(pos as usize).map_or(&[][..], Vec::as_slice);
+                    items.extend(cover.iter().map(|&(bits, len)| Entry {
+                        bits,
+                        len,
+                        verdict,
+                        audit: r,
+                    }));
+                }
+                if items.is_empty() {
+                    base
                 } else {
-                    let applicable: Vec<u32> =
-                        own.iter().copied().filter(|&p| !self.has_workloads(p)).collect();
-                    sweep(&applicable, self.policy, self.ranges)
-                };
-                if own_pieces.is_empty() { base } else { Arc::new(combine(&base, &own_pieces)) }
+                    items.sort_unstable_by_key(Entry::order);
+                    let mut out = Vec::with_capacity(base.len() + items.len());
+                    nest(merge_preorder(&base, &items), &mut out);
+                    Arc::new(out)
+                }
             }
         };
         if let Some(slot) = self.base.get_mut(set) {
@@ -960,7 +1101,7 @@ impl<'a> L4Builder<'a> {
             None => Arc::default(),
         };
         let own = self.own_workload_rules.get(a).map(|(_, own)| own.clone()).unwrap_or_default();
-        let base = self.base(sets, a);
+        let base = pieces_of(&self.base(sets, a));
         let mut out: Vec<(WorkloadId, Pieces)> = Vec::new();
         for &(w, path) in &own {
             let extra = self.extra(sets, a, w, path);
@@ -995,8 +1136,10 @@ impl<'a> L4Builder<'a> {
         }
     }
 
-    /// Appends the entries of (class, workload): each piece cut into aligned prefixes, sorted
-    /// in key order, so that classes emitted in id order make a sorted vector.
+    /// Appends the entries of a workload table (class, workload): each piece cut into
+    /// disjoint aligned prefixes (the lookup falls back to workload 0 where this table has no
+    /// entry, so it must hold exactly the pieces' words), sorted in key order, so that
+    /// classes emitted in id order make a sorted vector.
     fn emit(
         &self,
         pieces: &[Piece],
@@ -1016,32 +1159,56 @@ impl<'a> L4Builder<'a> {
                 (L4Key { class, workload, prefix_len, bits: bits as u32 }, value)
             }));
         }
-        // Key order within the chunk is (prefix length, bits). The prefixes were cut in
-        // address order, so for each length the bits already increase: a stable counting
-        // sort by length (33 buckets) orders the chunk in linear time.
+        // The prefixes were cut in address order.
         if let Some(chunk) = out.get_mut(start..) {
-            let mut count = [0usize; 34];
-            for (k, _) in chunk.iter() {
-                if let Some(c) = count.get_mut(usize::from(k.prefix_len.min(32)) + 1) {
-                    *c += 1;
-                }
+            sort_by_length(chunk, scratch);
+        }
+    }
+
+    /// Appends the entries of a nested (workload-0) table, sorted in key order.
+    fn emit_nested(
+        &self,
+        entries: &[Entry],
+        class: ClassId,
+        scratch: &mut Vec<(L4Key, L4Value)>,
+        out: &mut Vec<(L4Key, L4Value)>,
+    ) {
+        let start = out.len();
+        out.extend(entries.iter().map(|e| {
+            let key = L4Key { class, workload: WorkloadId::NONE, prefix_len: e.len, bits: e.bits };
+            (key, L4Value { verdict: self.decision(e.verdict), audit: self.decision(e.audit) })
+        }));
+        // Preorder is address order.
+        if let Some(chunk) = out.get_mut(start..) {
+            sort_by_length(chunk, scratch);
+        }
+    }
+}
+
+/// Puts one (class, workload)'s entries, given in address order, into key order: (prefix
+/// length, bits). For each length the bits already increase, so a stable counting sort by
+/// length (33 buckets) does it in linear time.
+fn sort_by_length(chunk: &mut [(L4Key, L4Value)], scratch: &mut Vec<(L4Key, L4Value)>) {
+    let mut count = [0usize; 34];
+    for (k, _) in chunk.iter() {
+        if let Some(c) = count.get_mut(usize::from(k.prefix_len.min(32)) + 1) {
+            *c += 1;
+        }
+    }
+    // Exclusive prefix sums: count[len] = entries shorter than `len`.
+    let mut sum = 0;
+    for c in count.iter_mut() {
+        sum += *c;
+        *c = sum;
+    }
+    scratch.clear();
+    scratch.extend_from_slice(chunk);
+    for entry in scratch.iter() {
+        if let Some(at) = count.get_mut(usize::from(entry.0.prefix_len.min(32))) {
+            if let Some(dst) = chunk.get_mut(*at) {
+                *dst = *entry;
             }
-            // Exclusive prefix sums: count[len] = entries shorter than `len`.
-            let mut sum = 0;
-            for c in count.iter_mut() {
-                sum += *c;
-                *c = sum;
-            }
-            scratch.clear();
-            scratch.extend_from_slice(chunk);
-            for entry in scratch.iter() {
-                if let Some(at) = count.get_mut(usize::from(entry.0.prefix_len.min(32))) {
-                    if let Some(dst) = chunk.get_mut(*at) {
-                        *dst = *entry;
-                    }
-                    *at += 1;
-                }
-            }
+            *at += 1;
         }
     }
 }
@@ -1282,6 +1449,10 @@ pub fn compile_with(
 ) -> Result<MapState, Vec<Diagnostic>> {
     let mut flattener = Flattener::default();
     let l4_ranges: Vec<RangeSet> = policy.rules.iter().map(rule_l4_ranges).collect();
+    let l4_prefixes: Vec<Vec<(u32, u8)>> = l4_ranges
+        .iter()
+        .map(|r| r.to_prefixes(32).into_iter().map(|(bits, len)| (bits as u32, len)).collect())
+        .collect();
 
     // Workload classes: every egress workload path.
     let paths: BTreeSet<String> =
@@ -1350,7 +1521,7 @@ pub fn compile_with(
         let mut prefixes = Vec::new();
         let mut scratch = Vec::new();
         let egress_below = (direction == Direction::Egress).then_some(&below);
-        let mut builder = L4Builder::new(policy, &l4_ranges, &sets, egress_below);
+        let mut builder = L4Builder::new(policy, &l4_ranges, &l4_prefixes, &sets, egress_below);
         // The shared table first: class 0 sorts before every address class. It is a rule set
         // of its own (one derivation step from the empty set), so the workload deltas are
         // built exactly as for a class.
@@ -1363,17 +1534,13 @@ pub fn compile_with(
                 .fold(Fingerprint::default(), |acc, r| acc.add(Fingerprint::of_rule(r.id.0)));
             let groups = Groups { members: vec![Arc::from(lpm.shared.as_slice())], fps: vec![fp] };
             let s = shared_sets.extend(RuleSets::EMPTY, &[0], &groups);
-            let mut shared_builder = L4Builder::new(policy, &l4_ranges, &shared_sets, egress_below);
+            let mut shared_builder =
+                L4Builder::new(policy, &l4_ranges, &l4_prefixes, &shared_sets, egress_below);
             let base = shared_builder.base(&shared_sets, s);
-            shared_builder.emit(
-                &base,
-                ClassId::SHARED,
-                WorkloadId::NONE,
-                &mut prefixes,
-                &mut scratch,
-                &mut l4,
-            );
-            for (w, better) in shared_builder.workload_list(&shared_sets, s).iter() {
+            shared_builder.emit_nested(&base, ClassId::SHARED, &mut scratch, &mut l4);
+            let list = shared_builder.workload_list(&shared_sets, s);
+            let base = if list.is_empty() { Vec::new() } else { pieces_of(&base) };
+            for (w, better) in list.iter() {
                 let delta = overlay(&base, better, true);
                 shared_builder.emit(
                     &delta,
@@ -1391,13 +1558,15 @@ pub fn compile_with(
                 break;
             }
             let base = builder.base(&sets, s);
-            builder.emit(&base, class, WorkloadId::NONE, &mut prefixes, &mut scratch, &mut l4);
+            builder.emit_nested(&base, class, &mut scratch, &mut l4);
             if l4.len() > cap {
                 overflow = true;
                 break;
             }
+            let list = builder.workload_list(&sets, s);
+            let base = if list.is_empty() { Vec::new() } else { pieces_of(&base) };
             // In workload-id order, which is key order.
-            for (w, better) in builder.workload_list(&sets, s).iter() {
+            for (w, better) in list.iter() {
                 builder.emit(
                     &overlay(&base, better, true),
                     class,

@@ -164,7 +164,9 @@ pub struct DirectionMaps {
     pub v4: BTreeMap<Ipv4Net, Classes>,
     /// Longest prefix -> classes. Always holds `::/0`.
     pub v6: BTreeMap<Ipv6Net, Classes>,
-    /// Non-overlapping within one (class, workload), so longest-prefix match has one answer.
+    /// Longest prefix -> decisions, per (class, workload). A workload-0 table may nest
+    /// prefixes (the longest one containing a word answers for it); a table of another
+    /// workload never does, so that its misses are exactly where workload 0 decides (step 4).
     /// Serialized as a list of `[key, value]` pairs: its keys are structs, which JSON objects
     /// cannot have.
     #[serde(with = "entries")]

@@ -8,8 +8,9 @@
 //! random defaults. Flows are drawn near what the policy mentions: prefix boundaries and one
 //! past them, port range bounds and their neighbours, no port, workloads at, below and beside
 //! rule paths. For each policy: the lookup agrees with `eval::evaluate` on every flow, compile
-//! is deterministic, the state has the structure the data plane relies on (a /0 root, L4 entries
-//! that never overlap within a (class, workload)), and encode/decode round-trips.
+//! is deterministic, the state has the structure the data plane relies on (a /0 root, workload
+//! tables of disjoint L4 entries, workload-0 tables without redundant nested entries), and
+//! encode/decode round-trips.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -20,7 +21,9 @@ use fw_compiler::compile::compile;
 use fw_compiler::encode::{DecodedMaps, decode, encode};
 use fw_compiler::eval;
 use fw_compiler::ids;
-use fw_compiler::mapstate::{Capacities, ClassId, Decision, L4Key, MapState, WorkloadId, l4_word};
+use fw_compiler::mapstate::{
+    Capacities, ClassId, Decision, L4Key, L4Value, MapState, WorkloadId, l4_word,
+};
 use fw_compiler::model::{
     AddrTerm, DirectionDefault, Flow, FlowState, HostIdentity, HostPolicy, ResolvedRule,
     ResolvedSet, RuleId,
@@ -352,24 +355,46 @@ fn policy_and_flows() -> impl Strategy<Value = (HostPolicy, Vec<Flow>)> {
 
 // --- properties ------------------------------------------------------------------------------
 
-/// Structure the kernel relies on: every address has a class, and one (class, workload) never
-/// has two L4 entries covering the same word.
+/// Structure the kernel relies on: every address has a class; a workload table (workload
+/// not 0) never has two L4 entries covering the same word, since the lookup falls back to
+/// workload 0 exactly where it has none; a workload-0 table (an LPM trie: the longest prefix
+/// answers) may nest prefixes, but every entry decides something and differs from the
+/// nearest entry enclosing it, which would otherwise answer for it.
 fn check_structure(state: &MapState) -> Result<(), TestCaseError> {
     for maps in [&state.ingress, &state.egress] {
         prop_assert!(maps.v4.contains_key(&"0.0.0.0/0".parse().unwrap()));
         prop_assert!(maps.v6.contains_key(&"::/0".parse().unwrap()));
-        let mut groups: BTreeMap<_, Vec<(u64, u64)>> = BTreeMap::new();
-        for k in maps.l4.keys() {
+        let mut groups: BTreeMap<_, Vec<(u64, u64, &L4Value)>> = BTreeMap::new();
+        for (k, v) in &maps.l4 {
             let size = 1u64 << (32 - u32::from(k.prefix_len));
-            groups
-                .entry((k.class, k.workload))
-                .or_default()
-                .push((u64::from(k.bits), u64::from(k.bits) + size - 1));
+            let lo = u64::from(k.bits);
+            groups.entry((k.class, k.workload)).or_default().push((lo, lo + size - 1, v));
         }
         for (group, mut ranges) in groups {
-            ranges.sort_unstable();
-            for w in ranges.windows(2) {
-                prop_assert!(w[0].1 < w[1].0, "overlapping L4 entries in {group:?}: {w:?}");
+            // Trie preorder: an enclosing prefix before the prefixes inside it.
+            ranges.sort_unstable_by_key(|&(lo, hi, _)| (lo, std::cmp::Reverse(hi)));
+            if group.1 != WorkloadId::NONE {
+                for w in ranges.windows(2) {
+                    prop_assert!(
+                        w[0].1 < w[1].0,
+                        "overlapping L4 entries in {group:?}: {:?}",
+                        (w[0].0, w[0].1, w[1].0, w[1].1)
+                    );
+                }
+                continue;
+            }
+            let none = L4Value { verdict: Decision::None, audit: Decision::None };
+            let mut enclosing: Vec<(u64, u64, &L4Value)> = Vec::new();
+            for (lo, hi, v) in ranges {
+                while enclosing.last().is_some_and(|e| e.1 < lo) {
+                    enclosing.pop();
+                }
+                let parent = enclosing.last().map_or(&none, |e| e.2);
+                prop_assert!(
+                    v != parent,
+                    "L4 entry {lo:#x}-{hi:#x} in {group:?} repeats the entry around it: {v:?}"
+                );
+                enclosing.push((lo, hi, v));
             }
         }
     }
