@@ -893,8 +893,8 @@ fn pieces_of(entries: &[Entry]) -> Vec<Piece> {
 /// each with those pieces (the workload rules' decisions), by workload id.
 type WorkloadList = Arc<Vec<(WorkloadId, Pieces)>>;
 
-/// An anchor's own rules with workloads, and the workloads they apply to, with their paths.
-type OwnWorkloadRules<'a> = (Vec<u32>, Vec<(WorkloadId, &'a str)>);
+/// An anchor's own rules with workloads, and the workloads they apply to.
+type OwnWorkloadRules = (Vec<u32>, Vec<WorkloadId>);
 
 /// Builds the L4 decisions of the rule sets of one direction and cuts them into entries.
 ///
@@ -926,9 +926,12 @@ struct L4Builder<'a> {
     /// Per set: the nearest of itself and its derivation ancestors whose own rules include
     /// rules with workloads; `None` when there is none (no workload tables).
     anchor: Vec<Option<SetIdx>>,
-    /// Per anchor: its own rules with workloads, and the workloads they apply to (those at or
-    /// below one of their paths; sorted by id, with the path); empty for other sets.
-    own_workload_rules: Vec<OwnWorkloadRules<'a>>,
+    /// Per rule position: the workloads the rule applies to (those at or below one of its
+    /// paths), sorted; empty for rules without workloads and in directions without them.
+    applies: &'a [Vec<WorkloadId>],
+    /// Per anchor: its own rules with workloads, and the workloads they apply to (sorted);
+    /// empty for other sets.
+    own_workload_rules: Vec<OwnWorkloadRules>,
     /// (anchor set, workload) -> decisions of the workload rules of the anchor and its
     /// ancestors that apply to the workload.
     extra: FastMap<(SetIdx, WorkloadId), Pieces>,
@@ -938,22 +941,21 @@ struct L4Builder<'a> {
 }
 
 impl<'a> L4Builder<'a> {
-    /// `below` maps each workload path Q to the workloads at or below Q; `None` when the
-    /// direction has no workload tables (ingress).
+    /// `applies`: see the field; `None` when the direction has no workload tables (ingress).
     fn new(
         policy: &'a HostPolicy,
         ranges: &'a [RangeSet],
         prefixes: &'a [Vec<(u32, u8)>],
         sets: &RuleSets,
-        below: Option<&HashMap<&'a str, Vec<(&'a str, WorkloadId)>>>,
+        applies: Option<&'a [Vec<WorkloadId>]>,
     ) -> Self {
         let n = sets.len();
         let mut anchor: Vec<Option<SetIdx>> = Vec::with_capacity(n);
         let mut own_workload_rules = Vec::with_capacity(n);
         for i in 0..n {
-            let mut own_rules: OwnWorkloadRules<'a> = (Vec::new(), Vec::new());
+            let mut own_rules: OwnWorkloadRules = (Vec::new(), Vec::new());
             let mut a = None;
-            if let (Some(below), Some((parent, own))) = (below, sets.derivation(i)) {
+            if let (Some(applies), Some((parent, own))) = (applies, sets.derivation(i)) {
                 own_rules.0 = own
                     .iter()
                     .copied()
@@ -968,10 +970,9 @@ impl<'a> L4Builder<'a> {
                     own_rules.1 = own_rules
                         .0
                         .iter()
-                        .filter_map(|&p| policy.rules.get(p as usize))
-                        .flat_map(|r| r.workloads.iter())
-                        .flat_map(|q| below.get(q.as_str()).into_iter().flatten())
-                        .map(|&(path, id)| (id, path))
+                        .filter_map(|&p| applies.get(p as usize))
+                        .flatten()
+                        .copied()
                         .collect();
                     own_rules.1.sort_unstable();
                     own_rules.1.dedup();
@@ -986,6 +987,7 @@ impl<'a> L4Builder<'a> {
             ranges,
             prefixes,
             base: vec![None; n],
+            applies: applies.unwrap_or_default(),
             anchor,
             own_workload_rules,
             extra: FastMap::default(),
@@ -1037,16 +1039,16 @@ impl<'a> L4Builder<'a> {
         result
     }
 
-    /// Decisions of `set`'s rules with workloads that apply to workload `w` (path `path`).
-    /// Only anchors whose own rules apply to `w` contribute, so the walk skips the others
-    /// (a binary search each) and memoises per contributing anchor.
-    fn extra(&mut self, sets: &RuleSets, set: SetIdx, w: WorkloadId, path: &str) -> Pieces {
+    /// Decisions of `set`'s rules with workloads that apply to workload `w`. Only anchors
+    /// whose own rules apply to `w` contribute, so the walk skips the others (a binary search
+    /// each) and memoises per contributing anchor.
+    fn extra(&mut self, sets: &RuleSets, set: SetIdx, w: WorkloadId) -> Pieces {
         let mut at = self.anchor.get(set).copied().flatten();
         while let Some(a) = at {
             let applies = self
                 .own_workload_rules
                 .get(a)
-                .is_some_and(|(_, own)| own.binary_search_by_key(&w, |x| x.0).is_ok());
+                .is_some_and(|(_, own)| own.binary_search(&w).is_ok());
             if applies {
                 break;
             }
@@ -1061,7 +1063,7 @@ impl<'a> L4Builder<'a> {
             return p.clone();
         }
         let inherited = match sets.derivation(anchor) {
-            Some((parent, _)) => self.extra(sets, *parent, w, path),
+            Some((parent, _)) => self.extra(sets, *parent, w),
             None => self.empty.clone(),
         };
         let applicable: Vec<u32> = self
@@ -1072,7 +1074,7 @@ impl<'a> L4Builder<'a> {
                     .iter()
                     .copied()
                     .filter(|&p| {
-                        self.policy.rules.get(p as usize).is_some_and(|r| workload_applies(r, path))
+                        self.applies.get(p as usize).is_some_and(|a| a.binary_search(&w).is_ok())
                     })
                     .collect()
             })
@@ -1103,20 +1105,15 @@ impl<'a> L4Builder<'a> {
         let own = self.own_workload_rules.get(a).map(|(_, own)| own.clone()).unwrap_or_default();
         let base = pieces_of(&self.base(sets, a));
         let mut out: Vec<(WorkloadId, Pieces)> = Vec::new();
-        for &(w, path) in &own {
-            let extra = self.extra(sets, a, w, path);
+        for &w in &own {
+            let extra = self.extra(sets, a, w);
             let better = overlay(&base, &extra, false);
             if !better.is_empty() {
                 out.push((w, Arc::new(better)));
             }
         }
         // The rest keep their parent's pieces: the parent's base is no better than this one's.
-        out.extend(
-            inherited
-                .iter()
-                .filter(|(w, _)| own.binary_search_by_key(w, |x| x.0).is_err())
-                .cloned(),
-        );
+        out.extend(inherited.iter().filter(|(w, _)| own.binary_search(w).is_err()).cloned());
         out.sort_unstable_by_key(|(w, _)| *w);
         let list = Arc::new(out);
         if let Some(slot) = self.lists.get_mut(a) {
@@ -1256,6 +1253,9 @@ fn path_and_ancestors(path: &str) -> impl Iterator<Item = &str> {
     std::iter::successors(Some(path), |p| p.rfind('/').map(|i| &p[..i]))
 }
 
+/// Whether a rule applies to the process at `path`: what the per-rule workload lists of
+/// `compile_with` (`applies`) precompute for every table path; kept as their reference.
+#[cfg(test)]
 fn workload_applies(rule: &ResolvedRule, path: &str) -> bool {
     rule.workloads.is_empty()
         || path_and_ancestors(path).any(|a| rule.workloads.iter().any(|w| w == a))
@@ -1460,14 +1460,31 @@ pub fn compile_with(
     let workloads: BTreeMap<String, WorkloadId> =
         ids::assign(paths).into_iter().map(|(p, id)| (p, WorkloadId(id))).collect();
     // For each table path Q: the workloads whose path is Q or below Q.
-    let mut below: HashMap<&str, Vec<(&str, WorkloadId)>> = HashMap::new();
+    let mut below: HashMap<&str, Vec<WorkloadId>> = HashMap::new();
     for (path, &id) in &workloads {
         for a in path_and_ancestors(path) {
             if workloads.contains_key(a) {
-                below.entry(a).or_default().push((path.as_str(), id));
+                below.entry(a).or_default().push(id);
             }
         }
     }
+    // Per rule: the workloads it applies to (`workload_applies`, for every table path).
+    let applies: Vec<Vec<WorkloadId>> = policy
+        .rules
+        .iter()
+        .map(|r| {
+            let mut ids: Vec<WorkloadId> = r
+                .workloads
+                .iter()
+                .filter_map(|q| below.get(q.as_str()))
+                .flatten()
+                .copied()
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        })
+        .collect();
 
     let mut diagnostics = Vec::new();
     let mut directions = Vec::new();
@@ -1520,8 +1537,8 @@ pub fn compile_with(
         let mut l4: Vec<(L4Key, L4Value)> = Vec::new();
         let mut prefixes = Vec::new();
         let mut scratch = Vec::new();
-        let egress_below = (direction == Direction::Egress).then_some(&below);
-        let mut builder = L4Builder::new(policy, &l4_ranges, &l4_prefixes, &sets, egress_below);
+        let egress_applies = (direction == Direction::Egress).then_some(applies.as_slice());
+        let mut builder = L4Builder::new(policy, &l4_ranges, &l4_prefixes, &sets, egress_applies);
         // The shared table first: class 0 sorts before every address class. It is a rule set
         // of its own (one derivation step from the empty set), so the workload deltas are
         // built exactly as for a class.
@@ -1535,7 +1552,7 @@ pub fn compile_with(
             let groups = Groups { members: vec![Arc::from(lpm.shared.as_slice())], fps: vec![fp] };
             let s = shared_sets.extend(RuleSets::EMPTY, &[0], &groups);
             let mut shared_builder =
-                L4Builder::new(policy, &l4_ranges, &l4_prefixes, &shared_sets, egress_below);
+                L4Builder::new(policy, &l4_ranges, &l4_prefixes, &shared_sets, egress_applies);
             let base = shared_builder.base(&shared_sets, s);
             shared_builder.emit_nested(&base, ClassId::SHARED, &mut scratch, &mut l4);
             let list = shared_builder.workload_list(&shared_sets, s);
@@ -1740,9 +1757,30 @@ fn l4_overflow(direction: Direction, n: usize, cap: usize) -> Diagnostic {
     )
 }
 
+/// Appends `n` in decimal, without the formatting machinery (`summary` writes a few numbers
+/// for each of up to hundreds of thousands of rules).
+fn push_decimal(s: &mut String, n: u32) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        if let Some(d) = digits.get_mut(at) {
+            *d = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || at == 0 {
+            break;
+        }
+    }
+    for &d in digits.get(at..).unwrap_or_default() {
+        s.push(char::from(d));
+    }
+}
+
 /// "allow tcp/80,443,8000-8100 from 0.0.0.0/0", "deny udp to set:office". Written into one
-/// string without intermediate lists: it runs once per rule, and at 100k rules the
-/// allocations of a `Vec<String>` + `join` per rule were a noticeable part of the compile.
+/// string without intermediate lists or `write!` for the numbers and IPv4 networks: it runs
+/// once per rule, and at 100k rules the formatting was a noticeable part of the compile.
 fn summary(rule: &ResolvedRule) -> String {
     let mut s = String::with_capacity(64);
     s.push_str(rule.action.as_str());
@@ -1752,16 +1790,16 @@ fn summary(rule: &ResolvedRule) -> String {
     for p in &rule.ports {
         s.push(sep);
         sep = ',';
-        if p.start == p.end {
-            let _ = write!(s, "{}", p.start);
-        } else {
-            let _ = write!(s, "{}-{}", p.start, p.end);
+        push_decimal(&mut s, u32::from(p.start));
+        if p.start != p.end {
+            s.push('-');
+            push_decimal(&mut s, u32::from(p.end));
         }
     }
     for t in &rule.icmp {
         s.push(sep);
         sep = ',';
-        let _ = write!(s, "{t}");
+        push_decimal(&mut s, u32::from(*t));
     }
     s.push_str(match rule.direction {
         Direction::Ingress => " from ",
@@ -1777,6 +1815,16 @@ fn summary(rule: &ResolvedRule) -> String {
         }
         match t {
             AddrTerm::Any => s.push_str("any"),
+            AddrTerm::Net(IpNet::V4(n)) => {
+                for (i, octet) in n.addr().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        s.push('.');
+                    }
+                    push_decimal(&mut s, u32::from(octet));
+                }
+                s.push('/');
+                push_decimal(&mut s, u32::from(n.prefix_len()));
+            }
             AddrTerm::Net(n) => {
                 let _ = write!(s, "{n}");
             }
@@ -2307,6 +2355,24 @@ mod tests {
         assert_eq!(summary(&d), "deny udp to set:office");
         d.workloads = vec!["system.slice/app.service".into()];
         assert_eq!(summary(&d), "deny udp to set:office for system.slice/app.service");
+        // Numbers and networks read as `Display` writes them, host bits included.
+        for n in ["0.0.0.0/0", "10.1.2.3/8", "255.255.255.255/32", "192.0.2.0/24", "2001:db8::/32"]
+        {
+            let r = rule(3, 0, Action::Allow, vec![net(n)]);
+            assert_eq!(summary(&r), format!("allow any from {n}"));
+        }
+        for (start, end) in [(0, 0), (1, 9), (10, 99), (65535, 65535), (1000, 65535)] {
+            let mut r = rule(4, 0, Action::Allow, vec![AddrTerm::Any]);
+            r.proto = Proto::Udp;
+            r.ports = vec![PortRange { start, end }];
+            let want = if start == end { format!("{start}") } else { format!("{start}-{end}") };
+            assert_eq!(summary(&r), format!("allow udp/{want} from any"));
+        }
+        for v in [0, 7, 10, 99, 100, 65535, u32::MAX] {
+            let mut s = String::new();
+            push_decimal(&mut s, v);
+            assert_eq!(s, v.to_string());
+        }
     }
 
     #[test]
