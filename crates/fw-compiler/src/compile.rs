@@ -92,7 +92,7 @@ use crate::mapstate::{
     Capacities, ClassId, Classes, Decision, Defaults, DirectionMaps, L4Key, L4Value, MapState,
     RuleInfo, WorkloadId,
 };
-use crate::model::{AddrTerm, HostPolicy, ResolvedRule, ResolvedSet};
+use crate::model::{AddrTerm, HostPolicy, ResolvedRule, ResolvedSet, RuleId};
 
 /// A fast unkeyed hasher (FxHash's rotate-xor-multiply) for the memo tables. Their keys are
 /// the compiler's own indices, pointers and rule lists, hashed millions of times on large
@@ -1435,6 +1435,9 @@ fn merge_layers(
     out
 }
 
+/// From this many rules on, `compile_with` builds the two directions on two threads.
+const PARALLEL_MIN_RULES: usize = 4096;
+
 /// Compiles one host's policy into map state, or explains why it does not fit.
 pub fn compile(policy: &HostPolicy, caps: &Capacities) -> Result<MapState, Vec<Diagnostic>> {
     compile_with(policy, caps, Split::DEFAULT)
@@ -1447,13 +1450,71 @@ pub fn compile_with(
     caps: &Capacities,
     split: Split,
 ) -> Result<MapState, Vec<Diagnostic>> {
-    let mut flattener = Flattener::default();
-    let l4_ranges: Vec<RangeSet> = policy.rules.iter().map(rule_l4_ranges).collect();
-    let l4_prefixes: Vec<Vec<(u32, u8)>> = l4_ranges
-        .iter()
-        .map(|r| r.to_prefixes(32).into_iter().map(|(bits, len)| (bits as u32, len)).collect())
-        .collect();
+    // The two directions (and the rules table) on two threads for large inputs: they take
+    // comparable time and share only read-only inputs. Small ones stay on the calling
+    // thread, where a thread would cost more than it saves.
+    let parallel = policy.rules.len() >= PARALLEL_MIN_RULES
+        && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+    compile_on(policy, caps, split, parallel)
+}
 
+/// [`compile_with`] on one or two threads; the result is the same either way.
+fn compile_on(
+    policy: &HostPolicy,
+    caps: &Capacities,
+    split: Split,
+    parallel: bool,
+) -> Result<MapState, Vec<Diagnostic>> {
+    let (workloads, applies) = workload_tables(policy);
+    let direction = |d| compile_direction(policy, d, caps, split, &applies);
+    let ((ingress, mut diagnostics), (egress, egress_diagnostics), rules) =
+        std::thread::scope(|scope| {
+            // Without a second thread (none wanted, or the system would not start one), the
+            // egress direction runs here after the ingress one.
+            let spawned = parallel
+                .then(|| {
+                    std::thread::Builder::new()
+                        .spawn_scoped(scope, || direction(Direction::Egress))
+                        .ok()
+                })
+                .flatten();
+            let ingress = direction(Direction::Ingress);
+            let rules = rules_table(policy);
+            let egress = match spawned {
+                Some(handle) => {
+                    handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                }
+                None => direction(Direction::Egress),
+            };
+            (ingress, egress, rules)
+        });
+    diagnostics.extend(egress_diagnostics);
+
+    let overflow = |what: &str, n: usize, cap: u32| {
+        Diagnostic::error(
+            Code::CapacityExceeded,
+            format!("{what}: {n} entries, capacity {cap}"),
+        )
+        .hint(
+            "the data plane's maps are sized at load time; split the policy or raise the capacity",
+        )
+    };
+    if rules.len() > caps.rules as usize {
+        diagnostics.push(overflow("rules", rules.len(), caps.rules));
+    }
+    if workloads.len() > caps.workloads as usize {
+        diagnostics.push(overflow("workloads", workloads.len(), caps.workloads));
+    }
+    if !diagnostics.is_empty() {
+        return Err(diagnostics);
+    }
+
+    Ok(MapState { host: policy.host.clone(), ingress, egress, workloads, rules })
+}
+
+/// The workload table (every egress workload path, with its id) and, per rule position,
+/// the workloads the rule applies to.
+fn workload_tables(policy: &HostPolicy) -> (BTreeMap<String, WorkloadId>, Vec<Vec<WorkloadId>>) {
     // Workload classes: every egress workload path.
     let paths: BTreeSet<String> =
         policy.rules(Direction::Egress).flat_map(|r| r.workloads.iter().cloned()).collect();
@@ -1485,143 +1546,17 @@ pub fn compile_with(
             ids
         })
         .collect();
+    (workloads, applies)
+}
 
-    let mut diagnostics = Vec::new();
-    let mut directions = Vec::new();
-    for direction in Direction::ALL {
-        let mut sets = RuleSets::new();
-        let lpm = build_direction_lpm(policy, direction, split, &mut flattener, &mut sets);
-
-        // Class ids: a hash of the fingerprint of each used set's rule ids, so a class keeps
-        // its id while its rule set is unchanged. A set used in both layers is one class.
-        let used: BTreeSet<SetIdx> =
-            lpm.v4.iter().chain(&lpm.v6).flat_map(|&(_, (w, n))| [w, n]).collect();
-        let keyed: Vec<(SetIdx, [u8; 16])> =
-            used.iter().map(|&s| (s, sets.fingerprint(s).bytes())).collect();
-        let assigned = ids::assign(keyed.iter().map(|(_, k)| *k));
-        // In class-id order: the L4 entries are emitted in this order, already sorted.
-        let mut classes: Vec<(ClassId, SetIdx)> = keyed
-            .iter()
-            .filter_map(|(s, k)| assigned.get(k).map(|&id| (ClassId(id), *s)))
-            .collect();
-        classes.sort_unstable();
-        let class_of: FastMap<SetIdx, ClassId> = classes.iter().map(|&(c, s)| (s, c)).collect();
-        let classes_of = |(w, n): (SetIdx, SetIdx)| {
-            Some(Classes { wide: *class_of.get(&w)?, narrow: *class_of.get(&n)? })
-        };
-
-        // Maps are collected from vectors: `BTreeMap`'s `FromIterator` sorts and bulk-builds,
-        // much faster than inserting entry by entry.
-        let v4: BTreeMap<Ipv4Net, Classes> = lpm
-            .v4
-            .iter()
-            .filter_map(|&((addr, len), s)| {
-                let net = Ipv4Net::new(Ipv4Addr::from(addr as u32), len).ok()?;
-                Some((net, classes_of(s)?))
-            })
-            .collect();
-        let v6: BTreeMap<Ipv6Net, Classes> = lpm
-            .v6
-            .iter()
-            .filter_map(|&((addr, len), s)| {
-                let net = Ipv6Net::new(Ipv6Addr::from(addr), len).ok()?;
-                Some((net, classes_of(s)?))
-            })
-            .collect();
-        check_prefixes(policy, direction, v4.len(), v6.len(), &lpm, caps, &mut diagnostics);
-
-        // L4 entries, counted while they are emitted: past the capacity the compile stops
-        // (FW019 with "at least"), so an oversized or hostile policy cannot make the compiler
-        // allocate without bound before the error is known.
-        let cap = caps.l4_entries as usize;
-        let mut l4: Vec<(L4Key, L4Value)> = Vec::new();
-        let mut prefixes = Vec::new();
-        let mut scratch = Vec::new();
-        let egress_applies = (direction == Direction::Egress).then_some(applies.as_slice());
-        let mut builder = L4Builder::new(policy, &l4_ranges, &l4_prefixes, &sets, egress_applies);
-        // The shared table first: class 0 sorts before every address class. It is a rule set
-        // of its own (one derivation step from the empty set), so the workload deltas are
-        // built exactly as for a class.
-        let mut overflow = {
-            let mut shared_sets = RuleSets::new();
-            let fp = lpm
-                .shared
-                .iter()
-                .filter_map(|&pos| policy.rules.get(pos as usize))
-                .fold(Fingerprint::default(), |acc, r| acc.add(Fingerprint::of_rule(r.id.0)));
-            let groups = Groups { members: vec![Arc::from(lpm.shared.as_slice())], fps: vec![fp] };
-            let s = shared_sets.extend(RuleSets::EMPTY, &[0], &groups);
-            let mut shared_builder =
-                L4Builder::new(policy, &l4_ranges, &l4_prefixes, &shared_sets, egress_applies);
-            let base = shared_builder.base(&shared_sets, s);
-            shared_builder.emit_nested(&base, ClassId::SHARED, &mut scratch, &mut l4);
-            let list = shared_builder.workload_list(&shared_sets, s);
-            let base = if list.is_empty() { Vec::new() } else { pieces_of(&base) };
-            for (w, better) in list.iter() {
-                let delta = overlay(&base, better, true);
-                shared_builder.emit(
-                    &delta,
-                    ClassId::SHARED,
-                    *w,
-                    &mut prefixes,
-                    &mut scratch,
-                    &mut l4,
-                );
-            }
-            l4.len() > cap
-        };
-        'classes: for &(class, s) in &classes {
-            if overflow {
-                break;
-            }
-            let base = builder.base(&sets, s);
-            builder.emit_nested(&base, class, &mut scratch, &mut l4);
-            if l4.len() > cap {
-                overflow = true;
-                break;
-            }
-            let list = builder.workload_list(&sets, s);
-            let base = if list.is_empty() { Vec::new() } else { pieces_of(&base) };
-            // In workload-id order, which is key order.
-            for (w, better) in list.iter() {
-                builder.emit(
-                    &overlay(&base, better, true),
-                    class,
-                    *w,
-                    &mut prefixes,
-                    &mut scratch,
-                    &mut l4,
-                );
-                if l4.len() > cap {
-                    overflow = true;
-                    break 'classes;
-                }
-            }
-        }
-        drop(builder);
-        if overflow {
-            diagnostics.push(l4_overflow(direction, l4.len(), cap));
-        }
-        // Nothing is returned once anything overflowed: skip building the map.
-        let l4: BTreeMap<L4Key, L4Value> =
-            if diagnostics.is_empty() { l4.into_iter().collect() } else { BTreeMap::new() };
-        directions.push(DirectionMaps {
-            defaults: Defaults {
-                verdict: policy.default_for(direction).verdict,
-                audit: policy.default_for(direction).audit,
-            },
-            v4,
-            v6,
-            l4,
-        });
-    }
-
+/// What counters and events need to know about each rule, by id.
+fn rules_table(policy: &HostPolicy) -> BTreeMap<RuleId, RuleInfo> {
     let ranks = ranks(policy);
     // In id order, so that `BTreeMap`'s bulk build finds its input sorted instead of
     // sorting the (large) `RuleInfo` values themselves.
     let mut by_id: Vec<(&ResolvedRule, u64)> = policy.rules.iter().zip(ranks).collect();
     by_id.sort_unstable_by_key(|(r, _)| r.id);
-    let rules = by_id
+    by_id
         .into_iter()
         .map(|(r, rank)| {
             let info = RuleInfo {
@@ -1638,35 +1573,147 @@ pub fn compile_with(
             };
             (r.id, info)
         })
-        .collect::<BTreeMap<_, _>>();
+        .collect()
+}
 
-    let overflow = |what: &str, n: usize, cap: u32| {
-        Diagnostic::error(
-            Code::CapacityExceeded,
-            format!("{what}: {n} entries, capacity {cap}"),
-        )
-        .hint(
-            "the data plane's maps are sized at load time; split the policy or raise the capacity",
-        )
+/// The maps of one direction, with the diagnostics of its capacities. Directions share
+/// nothing but their read-only inputs, so `compile_with` may build the two at once.
+fn compile_direction(
+    policy: &HostPolicy,
+    direction: Direction,
+    caps: &Capacities,
+    split: Split,
+    applies: &[Vec<WorkloadId>],
+) -> (DirectionMaps, Vec<Diagnostic>) {
+    let mut diagnostics = Vec::new();
+    // Per rule position: its L4 ranges and their prefixes (only the direction's rules).
+    let l4_ranges: Vec<RangeSet> = policy
+        .rules
+        .iter()
+        .map(|r| if r.direction == direction { rule_l4_ranges(r) } else { RangeSet::new() })
+        .collect();
+    let l4_prefixes: Vec<Vec<(u32, u8)>> = l4_ranges
+        .iter()
+        .map(|r| r.to_prefixes(32).into_iter().map(|(bits, len)| (bits as u32, len)).collect())
+        .collect();
+    let mut sets = RuleSets::new();
+    let mut flattener = Flattener::default();
+    let lpm = build_direction_lpm(policy, direction, split, &mut flattener, &mut sets);
+
+    // Class ids: a hash of the fingerprint of each used set's rule ids, so a class keeps
+    // its id while its rule set is unchanged. A set used in both layers is one class.
+    let used: BTreeSet<SetIdx> =
+        lpm.v4.iter().chain(&lpm.v6).flat_map(|&(_, (w, n))| [w, n]).collect();
+    let keyed: Vec<(SetIdx, [u8; 16])> =
+        used.iter().map(|&s| (s, sets.fingerprint(s).bytes())).collect();
+    let assigned = ids::assign(keyed.iter().map(|(_, k)| *k));
+    // In class-id order: the L4 entries are emitted in this order, already sorted.
+    let mut classes: Vec<(ClassId, SetIdx)> =
+        keyed.iter().filter_map(|(s, k)| assigned.get(k).map(|&id| (ClassId(id), *s))).collect();
+    classes.sort_unstable();
+    let class_of: FastMap<SetIdx, ClassId> = classes.iter().map(|&(c, s)| (s, c)).collect();
+    let classes_of = |(w, n): (SetIdx, SetIdx)| {
+        Some(Classes { wide: *class_of.get(&w)?, narrow: *class_of.get(&n)? })
     };
-    if rules.len() > caps.rules as usize {
-        diagnostics.push(overflow("rules", rules.len(), caps.rules));
-    }
-    if workloads.len() > caps.workloads as usize {
-        diagnostics.push(overflow("workloads", workloads.len(), caps.workloads));
-    }
-    if !diagnostics.is_empty() {
-        return Err(diagnostics);
-    }
 
-    let mut directions = directions.into_iter();
-    match (directions.next(), directions.next()) {
-        (Some(ingress), Some(egress)) => {
-            Ok(MapState { host: policy.host.clone(), ingress, egress, workloads, rules })
+    // Maps are collected from vectors: `BTreeMap`'s `FromIterator` sorts and bulk-builds,
+    // much faster than inserting entry by entry.
+    let v4: BTreeMap<Ipv4Net, Classes> = lpm
+        .v4
+        .iter()
+        .filter_map(|&((addr, len), s)| {
+            let net = Ipv4Net::new(Ipv4Addr::from(addr as u32), len).ok()?;
+            Some((net, classes_of(s)?))
+        })
+        .collect();
+    let v6: BTreeMap<Ipv6Net, Classes> = lpm
+        .v6
+        .iter()
+        .filter_map(|&((addr, len), s)| {
+            let net = Ipv6Net::new(Ipv6Addr::from(addr), len).ok()?;
+            Some((net, classes_of(s)?))
+        })
+        .collect();
+    check_prefixes(policy, direction, v4.len(), v6.len(), &lpm, caps, &mut diagnostics);
+
+    // L4 entries, counted while they are emitted: past the capacity the compile stops
+    // (FW019 with "at least"), so an oversized or hostile policy cannot make the compiler
+    // allocate without bound before the error is known.
+    let cap = caps.l4_entries as usize;
+    let mut l4: Vec<(L4Key, L4Value)> = Vec::new();
+    let mut prefixes = Vec::new();
+    let mut scratch = Vec::new();
+    let egress_applies = (direction == Direction::Egress).then_some(applies);
+    let mut builder = L4Builder::new(policy, &l4_ranges, &l4_prefixes, &sets, egress_applies);
+    // The shared table first: class 0 sorts before every address class. It is a rule set
+    // of its own (one derivation step from the empty set), so the workload deltas are
+    // built exactly as for a class.
+    let mut overflow = {
+        let mut shared_sets = RuleSets::new();
+        let fp = lpm
+            .shared
+            .iter()
+            .filter_map(|&pos| policy.rules.get(pos as usize))
+            .fold(Fingerprint::default(), |acc, r| acc.add(Fingerprint::of_rule(r.id.0)));
+        let groups = Groups { members: vec![Arc::from(lpm.shared.as_slice())], fps: vec![fp] };
+        let s = shared_sets.extend(RuleSets::EMPTY, &[0], &groups);
+        let mut shared_builder =
+            L4Builder::new(policy, &l4_ranges, &l4_prefixes, &shared_sets, egress_applies);
+        let base = shared_builder.base(&shared_sets, s);
+        shared_builder.emit_nested(&base, ClassId::SHARED, &mut scratch, &mut l4);
+        let list = shared_builder.workload_list(&shared_sets, s);
+        let base = if list.is_empty() { Vec::new() } else { pieces_of(&base) };
+        for (w, better) in list.iter() {
+            let delta = overlay(&base, better, true);
+            shared_builder.emit(&delta, ClassId::SHARED, *w, &mut prefixes, &mut scratch, &mut l4);
         }
-        // Direction::ALL has two elements; this arm only keeps the code free of panics.
-        _ => Err(Vec::new()),
+        l4.len() > cap
+    };
+    'classes: for &(class, s) in &classes {
+        if overflow {
+            break;
+        }
+        let base = builder.base(&sets, s);
+        builder.emit_nested(&base, class, &mut scratch, &mut l4);
+        if l4.len() > cap {
+            overflow = true;
+            break;
+        }
+        let list = builder.workload_list(&sets, s);
+        let base = if list.is_empty() { Vec::new() } else { pieces_of(&base) };
+        // In workload-id order, which is key order.
+        for (w, better) in list.iter() {
+            builder.emit(
+                &overlay(&base, better, true),
+                class,
+                *w,
+                &mut prefixes,
+                &mut scratch,
+                &mut l4,
+            );
+            if l4.len() > cap {
+                overflow = true;
+                break 'classes;
+            }
+        }
     }
+    drop(builder);
+    if overflow {
+        diagnostics.push(l4_overflow(direction, l4.len(), cap));
+    }
+    // Nothing is returned once anything overflowed: skip building the map.
+    let l4: BTreeMap<L4Key, L4Value> =
+        if diagnostics.is_empty() { l4.into_iter().collect() } else { BTreeMap::new() };
+    let maps = DirectionMaps {
+        defaults: Defaults {
+            verdict: policy.default_for(direction).verdict,
+            audit: policy.default_for(direction).audit,
+        },
+        v4,
+        v6,
+        l4,
+    };
+    (maps, diagnostics)
 }
 
 /// Per rule position: its precedence rank (`mapstate`, "Ranks"): `policy ordinal << 32 |
@@ -2316,6 +2363,40 @@ mod tests {
         assert_eq!(flow(22, "a/b/c"), Decider::Rule(RuleId(2)));
         assert_eq!(flow(80, "a/b/c"), Decider::Rule(RuleId(1)));
         assert_eq!(flow(22, "a"), Decider::Rule(RuleId(1)));
+    }
+
+    #[test]
+    fn one_thread_and_two_give_the_same_state_and_errors() {
+        let mut rules = Vec::new();
+        for i in 0..300u32 {
+            let a = Ipv4Addr::from(0x0a00_0000 + (i % 37) * 256 + i);
+            let mut r = rule(i + 1, i, Action::Allow, vec![net(&format!("{a}/{}", 24 + i % 9))]);
+            r.proto = if i % 3 == 0 { Proto::Udp } else { Proto::Tcp };
+            r.ports =
+                vec![PortRange { start: (i % 50) as u16 * 10, end: (i % 50) as u16 * 10 + 5 }];
+            if i % 2 == 1 {
+                r.direction = Direction::Egress;
+                if i % 5 == 0 {
+                    r.workloads = vec![format!("a/{}", i % 4)];
+                }
+            }
+            if i % 11 == 0 {
+                r.action = Action::Deny;
+            }
+            rules.push(r);
+        }
+        let policy = host(rules);
+        let caps = Capacities::default();
+        let one = compile_on(&policy, &caps, Split::DEFAULT, false).unwrap();
+        let two = compile_on(&policy, &caps, Split::DEFAULT, true).unwrap();
+        assert_eq!(one, two);
+        assert!(!one.egress.l4.is_empty() && !one.ingress.l4.is_empty());
+        let small = Capacities { l4_entries: 10, ..caps };
+        let one = compile_on(&policy, &small, Split::DEFAULT, false).unwrap_err();
+        let two = compile_on(&policy, &small, Split::DEFAULT, true).unwrap_err();
+        let messages = |d: &[Diagnostic]| d.iter().map(|d| d.message.clone()).collect::<Vec<_>>();
+        assert_eq!(messages(&one), messages(&two));
+        assert_eq!(one.len(), 2);
     }
 
     #[test]
