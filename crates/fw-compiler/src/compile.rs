@@ -511,8 +511,20 @@ fn build_lpm(
     bits: u32,
     sets: &mut RuleSets,
 ) -> Vec<((u128, u8), SetIdx)> {
-    // Trie preorder: an enclosing prefix comes before everything inside it.
-    pairs.sort_unstable();
+    // Trie preorder: an enclosing prefix comes before everything inside it. IPv4 pairs are
+    // sorted as one packed integer each (address, length, group), half the bytes to move and
+    // one comparison instead of three: this sort is the largest single step of the walk.
+    if bits <= 32 {
+        let mut packed: Vec<u128> = pairs
+            .iter()
+            .map(|&(a, l, g)| (a << 40) | (u128::from(l) << 32) | u128::from(g))
+            .collect();
+        packed.sort_unstable();
+        pairs.clear();
+        pairs.extend(packed.iter().map(|&k| (k >> 40, (k >> 32) as u8, k as u32)));
+    } else {
+        pairs.sort_unstable();
+    }
     pairs.dedup();
     // The groups marking the prefix at `*i`, into the reused `own`; advances `*i` past them.
     let mut own: Vec<u32> = Vec::new();
@@ -1829,7 +1841,21 @@ fn push_decimal(s: &mut String, n: u32) {
 /// string without intermediate lists or `write!` for the numbers and IPv4 networks: it runs
 /// once per rule, and at 100k rules the formatting was a noticeable part of the compile.
 fn summary(rule: &ResolvedRule) -> String {
-    let mut s = String::with_capacity(64);
+    const SHOWN: usize = 3;
+    // Room for everything below, so the string is allocated once.
+    let peers: usize = rule
+        .peers
+        .iter()
+        .take(SHOWN)
+        .map(|t| match t {
+            AddrTerm::Any => 4,
+            AddrTerm::Net(_) => 44,
+            AddrTerm::Set(set) => 5 + set.name.len(),
+        })
+        .sum();
+    let workloads: usize = rule.workloads.iter().map(|w| w.len() + 5).sum();
+    let mut s =
+        String::with_capacity(32 + 12 * rule.ports.len() + 4 * rule.icmp.len() + peers + workloads);
     s.push_str(rule.action.as_str());
     s.push(' ');
     s.push_str(rule.proto.as_str());
@@ -1852,7 +1878,6 @@ fn summary(rule: &ResolvedRule) -> String {
         Direction::Ingress => " from ",
         Direction::Egress => " to ",
     });
-    const SHOWN: usize = 3;
     if rule.peers.is_empty() {
         s.push_str("nothing");
     }
