@@ -1119,7 +1119,7 @@ impl<'a> L4Builder<'a> {
         let mut out: Vec<(WorkloadId, Pieces)> = Vec::new();
         for &w in &own {
             let extra = self.extra(sets, a, w);
-            let better = overlay(&base, &extra, false);
+            let better = overlay(&base, &extra);
             if !better.is_empty() {
                 out.push((w, Arc::new(better)));
             }
@@ -1145,46 +1145,19 @@ impl<'a> L4Builder<'a> {
         }
     }
 
-    /// Appends the entries of a workload table (class, workload): each piece cut into
-    /// disjoint aligned prefixes (the lookup falls back to workload 0 where this table has no
-    /// entry, so it must hold exactly the pieces' words), sorted in key order, so that
-    /// classes emitted in id order make a sorted vector.
+    /// Appends the entries of a nested table (class, workload), sorted in key order, so that
+    /// tables emitted in (class, workload) order make a sorted vector.
     fn emit(
-        &self,
-        pieces: &[Piece],
-        class: ClassId,
-        workload: WorkloadId,
-        prefixes: &mut Vec<(u128, u8)>,
-        scratch: &mut Vec<(L4Key, L4Value)>,
-        out: &mut Vec<(L4Key, L4Value)>,
-    ) {
-        let start = out.len();
-        for p in pieces {
-            let value =
-                L4Value { verdict: self.decision(p.verdict), audit: self.decision(p.audit) };
-            prefixes.clear();
-            range_to_prefixes(u128::from(p.lo), u128::from(p.hi), 32, prefixes);
-            out.extend(prefixes.iter().map(|&(bits, prefix_len)| {
-                (L4Key { class, workload, prefix_len, bits: bits as u32 }, value)
-            }));
-        }
-        // The prefixes were cut in address order.
-        if let Some(chunk) = out.get_mut(start..) {
-            sort_by_length(chunk, scratch);
-        }
-    }
-
-    /// Appends the entries of a nested (workload-0) table, sorted in key order.
-    fn emit_nested(
         &self,
         entries: &[Entry],
         class: ClassId,
+        workload: WorkloadId,
         scratch: &mut Vec<(L4Key, L4Value)>,
         out: &mut Vec<(L4Key, L4Value)>,
     ) {
         let start = out.len();
         out.extend(entries.iter().map(|e| {
-            let key = L4Key { class, workload: WorkloadId::NONE, prefix_len: e.len, bits: e.bits };
+            let key = L4Key { class, workload, prefix_len: e.len, bits: e.bits };
             (key, L4Value { verdict: self.decision(e.verdict), audit: self.decision(e.audit) })
         }));
         // Preorder is address order.
@@ -1222,12 +1195,11 @@ fn sort_by_length(chunk: &mut [(L4Key, L4Value)], scratch: &mut Vec<(L4Key, L4Va
     }
 }
 
-/// The pieces where `min(base, extra)` differs from `base`, that is where `extra` ranks better
-/// in verdict or audit: with the combined decision when `combined` (what a workload table
-/// holds on top of the fallback to workload 0), else with `extra`'s. For each piece of `extra`,
-/// the base pieces it overlaps are found by binary search, so the cost is about
-/// `|extra| log |base|` plus the overlap, not `|base|` per (class, workload).
-fn overlay(base: &[Piece], extra: &[Piece], combined: bool) -> Vec<Piece> {
+/// The pieces of `extra` where `min(base, extra)` differs from `base`, that is where `extra`
+/// ranks better in verdict or audit, with `extra`'s decisions. For each piece of `extra`, the
+/// base pieces it overlaps are found by binary search, so the cost is about
+/// `|extra| log |base|` plus the overlap, not `|base|` per (anchor, workload).
+fn overlay(base: &[Piece], extra: &[Piece]) -> Vec<Piece> {
     let mut out = Vec::new();
     for e in extra {
         let mut k = base.partition_point(|b| b.hi < e.lo);
@@ -1242,8 +1214,7 @@ fn overlay(base: &[Piece], extra: &[Piece], combined: bool) -> Vec<Piece> {
             };
             let min = (verdict.min(e.verdict), audit.min(e.audit));
             if min != (verdict, audit) {
-                let (verdict, audit) = if combined { min } else { (e.verdict, e.audit) };
-                push_piece(&mut out, Piece { lo: at, hi, verdict, audit });
+                push_piece(&mut out, Piece { lo: at, hi, verdict: e.verdict, audit: e.audit });
             }
             // `hi <= e.hi <= u32::MAX` in a u64: no overflow.
             at = hi + 1;
@@ -1253,6 +1224,72 @@ fn overlay(base: &[Piece], extra: &[Piece], combined: bool) -> Vec<Piece> {
         }
     }
     out
+}
+
+/// The table of one (class, workload): where the workload's rules (`better`: their pieces
+/// where they beat the anchor's base, see [`WorkloadList`]) beat the class's workload-0
+/// table `base`, the combined decision `min(base, extra)`; elsewhere nothing, so that the
+/// lookup falls back to workload 0.
+///
+/// Nested like `base` (see [`Entry`]): each piece of `better` is cut into aligned prefixes
+/// `T` with the workload's decision `e`. Where `e` beats the base decision around `T` (the
+/// base's longest entry containing `T`), `T` holds `min(base, e)`, and every base entry
+/// inside `T` is repeated with `min(its decision, e)`, so that the longest entry of this
+/// table gives the combined decision for every word in `T`, as the base table gives the base
+/// one. Where `e` does not beat the decision around `T`, it beats none inside either (those
+/// are at least as good: more rules cover them), so `T` is left out and the lookup falls
+/// back to workload 0. A base entry that beats `e` is one entry here, where cutting the
+/// difference into disjoint prefixes wrote up to 2 × 32 around it.
+fn workload_table(
+    base: &[Entry],
+    better: &[Piece],
+    prefixes: &mut Vec<(u128, u8)>,
+    scratch: &mut Vec<Entry>,
+    out: &mut Vec<Entry>,
+) {
+    // Drops the entries that end before `at` from a stack of enclosing entries.
+    fn pop_before(enclosing: &mut Vec<&Entry>, at: u32) {
+        while enclosing.last().is_some_and(|e| e.last() < at) {
+            enclosing.pop();
+        }
+    }
+    // The base entries enclosing the current position, and the next base entry.
+    let mut enclosing: Vec<&Entry> = Vec::new();
+    let mut next = 0;
+    for piece in better {
+        prefixes.clear();
+        range_to_prefixes(u128::from(piece.lo), u128::from(piece.hi), 32, prefixes);
+        for &(bits, len) in prefixes.iter() {
+            let t = Entry { bits: bits as u32, len, verdict: piece.verdict, audit: piece.audit };
+            // Base entries up to `t` in preorder either enclose `t` (or are `t`) or lie
+            // wholly before it.
+            while let Some(b) = base.get(next).filter(|b| b.order() <= t.order()) {
+                pop_before(&mut enclosing, b.bits);
+                enclosing.push(b);
+                next += 1;
+            }
+            pop_before(&mut enclosing, t.bits);
+            let (verdict, audit) =
+                enclosing.last().map_or((NO_RULE, NO_RULE), |e| (e.verdict, e.audit));
+            if t.verdict >= verdict && t.audit >= audit {
+                continue;
+            }
+            scratch.clear();
+            scratch.push(Entry { verdict: t.verdict.min(verdict), audit: t.audit.min(audit), ..t });
+            // The base entries inside `t`.
+            while let Some(b) = base.get(next).filter(|b| b.bits <= t.last()) {
+                scratch.push(Entry {
+                    verdict: b.verdict.min(t.verdict),
+                    audit: b.audit.min(t.audit),
+                    ..*b
+                });
+                pop_before(&mut enclosing, b.bits);
+                enclosing.push(b);
+                next += 1;
+            }
+            nest(scratch.drain(..), out);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1655,6 +1692,7 @@ fn compile_direction(
     let mut l4: Vec<(L4Key, L4Value)> = Vec::new();
     let mut prefixes = Vec::new();
     let mut scratch = Vec::new();
+    let (mut entries, mut table) = (Vec::new(), Vec::new());
     let egress_applies = (direction == Direction::Egress).then_some(applies);
     let mut builder = L4Builder::new(policy, &l4_ranges, &l4_prefixes, &sets, egress_applies);
     // The shared table first: class 0 sorts before every address class. It is a rule set
@@ -1672,12 +1710,11 @@ fn compile_direction(
         let mut shared_builder =
             L4Builder::new(policy, &l4_ranges, &l4_prefixes, &shared_sets, egress_applies);
         let base = shared_builder.base(&shared_sets, s);
-        shared_builder.emit_nested(&base, ClassId::SHARED, &mut scratch, &mut l4);
-        let list = shared_builder.workload_list(&shared_sets, s);
-        let base = if list.is_empty() { Vec::new() } else { pieces_of(&base) };
-        for (w, better) in list.iter() {
-            let delta = overlay(&base, better, true);
-            shared_builder.emit(&delta, ClassId::SHARED, *w, &mut prefixes, &mut scratch, &mut l4);
+        shared_builder.emit(&base, ClassId::SHARED, WorkloadId::NONE, &mut scratch, &mut l4);
+        for (w, better) in shared_builder.workload_list(&shared_sets, s).iter() {
+            table.clear();
+            workload_table(&base, better, &mut prefixes, &mut entries, &mut table);
+            shared_builder.emit(&table, ClassId::SHARED, *w, &mut scratch, &mut l4);
         }
         l4.len() > cap
     };
@@ -1686,23 +1723,16 @@ fn compile_direction(
             break;
         }
         let base = builder.base(&sets, s);
-        builder.emit_nested(&base, class, &mut scratch, &mut l4);
+        builder.emit(&base, class, WorkloadId::NONE, &mut scratch, &mut l4);
         if l4.len() > cap {
             overflow = true;
             break;
         }
-        let list = builder.workload_list(&sets, s);
-        let base = if list.is_empty() { Vec::new() } else { pieces_of(&base) };
         // In workload-id order, which is key order.
-        for (w, better) in list.iter() {
-            builder.emit(
-                &overlay(&base, better, true),
-                class,
-                *w,
-                &mut prefixes,
-                &mut scratch,
-                &mut l4,
-            );
+        for (w, better) in builder.workload_list(&sets, s).iter() {
+            table.clear();
+            workload_table(&base, better, &mut prefixes, &mut entries, &mut table);
+            builder.emit(&table, class, *w, &mut scratch, &mut l4);
             if l4.len() > cap {
                 overflow = true;
                 break 'classes;
