@@ -1846,27 +1846,6 @@ fn l4_overflow(direction: Direction, n: usize, cap: usize) -> Diagnostic {
     )
 }
 
-/// Appends `n` in decimal, without the formatting machinery (`summary` writes a few numbers
-/// for each of up to hundreds of thousands of rules).
-fn push_decimal(s: &mut String, n: u32) {
-    let mut digits = [0u8; 10];
-    let mut at = digits.len();
-    let mut n = n;
-    loop {
-        at -= 1;
-        if let Some(d) = digits.get_mut(at) {
-            *d = b'0' + (n % 10) as u8;
-        }
-        n /= 10;
-        if n == 0 || at == 0 {
-            break;
-        }
-    }
-    for &d in digits.get(at..).unwrap_or_default() {
-        s.push(char::from(d));
-    }
-}
-
 /// "allow tcp/80,443,8000-8100 from 0.0.0.0/0", "deny udp to set:office". Written into one
 /// string without intermediate lists or `write!` for the numbers and IPv4 networks: it runs
 /// once per rule, and at 100k rules the formatting was a noticeable part of the compile.
@@ -1893,16 +1872,16 @@ fn summary(rule: &ResolvedRule) -> String {
     for p in &rule.ports {
         s.push(sep);
         sep = ',';
-        push_decimal(&mut s, u32::from(p.start));
+        ids::push_decimal(&mut s, u64::from(p.start));
         if p.start != p.end {
             s.push('-');
-            push_decimal(&mut s, u32::from(p.end));
+            ids::push_decimal(&mut s, u64::from(p.end));
         }
     }
     for t in &rule.icmp {
         s.push(sep);
         sep = ',';
-        push_decimal(&mut s, u32::from(*t));
+        ids::push_decimal(&mut s, u64::from(*t));
     }
     s.push_str(match rule.direction {
         Direction::Ingress => " from ",
@@ -1922,10 +1901,10 @@ fn summary(rule: &ResolvedRule) -> String {
                     if i > 0 {
                         s.push('.');
                     }
-                    push_decimal(&mut s, u32::from(octet));
+                    ids::push_decimal(&mut s, u64::from(octet));
                 }
                 s.push('/');
-                push_decimal(&mut s, u32::from(n.prefix_len()));
+                ids::push_decimal(&mut s, u64::from(n.prefix_len()));
             }
             AddrTerm::Net(n) => {
                 let _ = write!(s, "{n}");
@@ -2504,9 +2483,9 @@ mod tests {
             let want = if start == end { format!("{start}") } else { format!("{start}-{end}") };
             assert_eq!(summary(&r), format!("allow udp/{want} from any"));
         }
-        for v in [0, 7, 10, 99, 100, 65535, u32::MAX] {
+        for v in [0, 7, 10, 99, 100, 65535, u64::from(u32::MAX), u64::MAX] {
             let mut s = String::new();
-            push_decimal(&mut s, v);
+            ids::push_decimal(&mut s, v);
             assert_eq!(s, v.to_string());
         }
     }

@@ -69,6 +69,27 @@ pub fn assign_each<K: Ord + AsRef<[u8]>>(keys: &[K]) -> Vec<u32> {
     ids
 }
 
+/// Appends `n` in decimal, without the formatting machinery (rule keys and summaries write
+/// numbers for each of up to hundreds of thousands of rules).
+pub(crate) fn push_decimal(s: &mut String, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        if let Some(d) = digits.get_mut(at) {
+            *d = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || at == 0 {
+            break;
+        }
+    }
+    for &d in digits.get(at..).unwrap_or_default() {
+        s.push(char::from(d));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -604,11 +604,23 @@ fn resolve_rules(
     sources: &SourceMap,
     diags: &mut Diagnostics,
 ) -> Vec<Vec<ResolvedRule>> {
-    // `policy\0direction\0name`, or `#index` for an unnamed rule.
-    let key = |policy: &str, direction: Direction, index: usize, rule: &ast::Rule| match &rule.name
-    {
-        Some(n) => format!("{policy}\0{}\0{}", direction.as_str(), n.value),
-        None => format!("{policy}\0{}\0#{index}", direction.as_str()),
+    // `policy\0direction\0name`, or `#index` for an unnamed rule. Written piece by piece
+    // rather than with `format!`: it runs for every rule, and the formatting machinery was a
+    // sixth of resolving.
+    let key = |policy: &str, direction: Direction, index: usize, rule: &ast::Rule| {
+        let mut k = String::with_capacity(policy.len() + 32);
+        k.push_str(policy);
+        k.push('\0');
+        k.push_str(direction.as_str());
+        k.push('\0');
+        match &rule.name {
+            Some(n) => k.push_str(&n.value),
+            None => {
+                k.push('#');
+                ids::push_decimal(&mut k, index as u64);
+            }
+        }
+        k
     };
     let mut keys = Vec::new();
     for (name, policy) in policies {
