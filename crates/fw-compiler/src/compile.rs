@@ -1,8 +1,9 @@
 //! The compiler: one host's resolved rules -> the logical map state.
 //!
 //! The data plane answers "which rules match this packet" with a fixed number of
-//! longest-prefix lookups (one address lookup, three L4 lookups) instead of a scan, so the compiler has to precompute the answers. It is built to scale
-//! (100k rules, a million prefixes) with nothing worse than sorting:
+//! longest-prefix lookups (one address lookup, three L4 lookups) instead of a scan, so the
+//! compiler has to precompute the answers. It is built to scale (100k rules, a million
+//! prefixes) with nothing worse than sorting:
 //!
 //! 1. Addresses. Each rule's address terms are flattened, per family, into sorted disjoint
 //!    integer ranges (u32 for IPv4, u128 for IPv6) with union and difference, so nested sets,
@@ -46,27 +47,30 @@
 //!    allow, rule position), so the table of `parent ∪ own` is the parent's table with the own
 //!    rules' prefixes merged in, one linear pass in trie preorder: the rules a class shares
 //!    with its enclosing prefixes are processed once, not once per class.
-//! 4. Workloads (egress). A (class, workload) table holds only the entries whose decision
+//! 4. Workloads (egress). A (class, workload) table holds entries only where its decision
 //!    differs from the class's workload-0 decision: the lookup falls back to workload 0 on a
 //!    miss, and a workload's rules are a superset of workload 0's, so it can only differ where
-//!    its workload rules rank better. Those deltas are built from the workload rules alone
-//!    (see `L4Builder`); the full per-workload decisions are never built. They are "pieces",
-//!    disjoint word ranges with a constant decision, cut into disjoint aligned prefixes
-//!    (O(log range) entries each): a workload table must miss exactly where workload 0 decides.
+//!    its workload rules rank better. The workload rules' decisions are built from those
+//!    rules alone, as "pieces" (disjoint word ranges with a constant decision; see
+//!    `L4Builder`), and each class's table is nested like the workload-0 one
+//!    (`workload_table`); the full per-workload decisions are never built.
 //! 5. Output. Classes are emitted in class-id order, each (class, workload) sorted, so the L4
 //!    vector is sorted and `BTreeMap`'s bulk build does no real sorting. Entries are counted
 //!    while they are emitted and the compile stops with FW019 ("at least N") once a direction
-//!    passes its L4 capacity, which bounds memory on oversized or hostile input.
+//!    passes its L4 capacity, which bounds memory on oversized or hostile input. The two
+//!    directions share nothing but read-only inputs; large inputs compile them on two
+//!    threads (`compile_with`), with the same result.
 //!
-//! Cost: sorting the pairs and the events, plus work linear in the output. The rules without
-//! an address restriction are written once (the shared table), not once per class, and a
-//! class holds the rules of the enclosing prefixes of its layer only, so the L4 table grows
-//! with the classes times the address-scoped rules that overlap in them within one layer (see `docs/benchmarks.md`; the ignored `scale_*` tests time smaller
-//! shapes).
+//! Cost: sorting the pairs, plus work linear in the output. The rules without an address
+//! restriction are written once (the shared table), not once per class, and a class holds
+//! the rules of the enclosing prefixes of its layer only, so the L4 table grows with the
+//! classes times the distinct L4 prefixes of the address-scoped rules that overlap in them
+//! within one layer (see `docs/benchmarks.md`).
 //!
 //! Ranks. Every rule gets `RuleInfo::rank` (see `ranks` and `mapstate`, "Ranks"), which the
-//! kernel uses to compare the decisions of the shared table and the two classes. Inside the compiler the
-//! order is a rule's position in `HostPolicy::rules`; `ranks` orders exactly like it.
+//! kernel uses to compare the decisions of the shared table and the two classes. Inside the
+//! compiler the order is a rule's position in `HostPolicy::rules`; `ranks` orders exactly
+//! like it.
 //!
 //! Everything that reaches the output goes through `BTreeMap`s and deterministic sorts; hash
 //! maps are only used as memo tables, never iterated, so the same input gives the same
@@ -908,12 +912,12 @@ type WorkloadList = Arc<Vec<(WorkloadId, Pieces)>>;
 /// An anchor's own rules with workloads, and the workloads they apply to.
 type OwnWorkloadRules = (Vec<u32>, Vec<WorkloadId>);
 
-/// Builds the L4 decisions of the rule sets of one direction and cuts them into entries.
+/// Builds the L4 tables of the rule sets of one direction.
 ///
-/// Base decisions (rules without workloads: what workload 0 sees, and what every workload
-/// falls back to on a miss) of a set made as `parent ∪ own` by the LPM walk are
-/// `combine(base(parent), sweep(own))`, so the rules a class shares with its enclosing
-/// prefixes (typically every `any` rule) are swept once, not once per class.
+/// The base table (rules without workloads: what workload 0 sees, and what every workload
+/// falls back to on a miss) of a set made as `parent ∪ own` by the LPM walk is the parent's
+/// nested table with the own rules' prefixes merged in (`base`, [`nest`]), so the rules a
+/// class shares with its enclosing prefixes are merged once, not once per class.
 ///
 /// Workload tables are deltas. A workload `W` sees the base rules plus the workload rules that
 /// apply to it, so its decision is `min(base, extra(W))` and can only differ from the base
