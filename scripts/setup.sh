@@ -29,6 +29,11 @@ missing=()
 for pair in gcc:gcc pkg-config:pkg-config bpftool:bpftool ip:iproute2; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
+# Libraries without a command: OpenSSL's headers for fwd's https git transport (git2 links the
+# system OpenSSL; libgit2 itself and libssh2 are built from source).
+for package in libssl-dev; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' || missing+=("$package")
+done
 if [ ${#missing[@]} -gt 0 ]; then
     need_root apt-get install "${missing[@]}"
     apt-get update -qq
