@@ -310,7 +310,7 @@ impl Dataplane {
     }
 
     /// [`Dataplane::load_pinned`] for a caller that holds the root's lock.
-    fn load_pinned_locked(root: &Path, caps: &Capacities) -> Result<Self, Error> {
+    pub(crate) fn load_pinned_locked(root: &Path, caps: &Capacities) -> Result<Self, Error> {
         let mut dp = match Self::load(caps) {
             Ok(dp) => dp,
             Err(e) => {
@@ -328,7 +328,7 @@ impl Dataplane {
             }
             Err(e) => {
                 drop(dp);
-                let _ = unload_pinned(root);
+                let _ = unload_locked(root);
                 Err(e)
             }
         }
@@ -696,7 +696,7 @@ fn unescape(name: &str) -> String {
 
 /// Whether `path` (or, when it does not exist yet, its nearest existing ancestor) is on a BPF
 /// filesystem: pinning anywhere else fails with a confusing ENOENT or EPERM.
-fn on_bpffs(path: &Path) -> bool {
+pub(crate) fn on_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let Some(existing) = path.ancestors().find(|p| p.exists()) else { return false };
     let Ok(c) = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()) else {
@@ -744,8 +744,19 @@ pub fn attachments(root: &Path) -> Result<Vec<Attachment>, Error> {
 }
 
 /// Removes every pin under `root` (links first, which detaches them once no process holds
-/// them open), then the directories; returns what was removed, in order.
+/// them open), then the directories; returns what was removed, in order. Takes the root's
+/// lock first ([`lock_root`]), so an unload never removes pins an apply, a load or an upgrade
+/// is working on: it waits for them to finish. Do not call it while holding that lock.
 pub fn unload_pinned(root: &Path) -> Result<Vec<PathBuf>, Error> {
+    if !root.exists() {
+        return Err(Error::NotPinned(root.to_path_buf()));
+    }
+    let _lock = lock_root(root, false)?;
+    unload_locked(root)
+}
+
+/// [`unload_pinned`] for a caller that holds the root's lock.
+pub(crate) fn unload_locked(root: &Path) -> Result<Vec<PathBuf>, Error> {
     if !root.exists() {
         return Err(Error::NotPinned(root.to_path_buf()));
     }

@@ -244,6 +244,15 @@ impl Dataplane {
         desired: &Desired<'_>,
     ) -> Result<(Self, Option<Upgrade>), Error> {
         let _lock = lock_root(root, false)?;
+        Self::upgrade_locked(root, caps, desired)
+    }
+
+    /// [`Dataplane::upgrade_pinned`] for a caller that holds the root's lock.
+    pub(crate) fn upgrade_locked(
+        root: &Path,
+        caps: &Capacities,
+        desired: &Desired<'_>,
+    ) -> Result<(Self, Option<Upgrade>), Error> {
         let old_record = Pins::open(root)?;
         let meta = old_record.read(META)?.ok_or(Error::Record("no metadata entry"))?;
         let from_abi = meta.get("abi").cloned().unwrap_or_default();
