@@ -328,7 +328,10 @@ mod tests {
     #[test]
     fn references_become_candidate_ref_names() {
         assert_eq!(candidates("main").unwrap(), ["refs/heads/main", "refs/tags/main"]);
-        assert_eq!(candidates("release/1.x").unwrap(), ["refs/heads/release/1.x", "refs/tags/release/1.x"]);
+        assert_eq!(
+            candidates("release/1.x").unwrap(),
+            ["refs/heads/release/1.x", "refs/tags/release/1.x"]
+        );
         assert_eq!(candidates("refs/tags/v1").unwrap(), ["refs/tags/v1"]);
         assert_eq!(candidates("HEAD").unwrap(), ["HEAD"]);
         for bad in ["", "a..b", "x~1", "with space", "refs/heads/"] {

@@ -68,14 +68,17 @@ impl Location {
         } else if is_scp_like(url) {
             // `git@host:org/repo.git`: ssh. The user name is not a secret (there is no password
             // in this form), so it is shown.
-            Ok(Location { raw: url.to_owned(), display: url.to_owned(), secrets: Vec::new(), local: None })
+            Ok(Location {
+                raw: url.to_owned(),
+                display: url.to_owned(),
+                secrets: Vec::new(),
+                local: None,
+            })
         } else {
             let path = std::path::absolute(Path::new(url))
                 .map_err(|e| format!("cannot make the path absolute: {e}"))?;
-            let raw = path
-                .to_str()
-                .ok_or_else(|| "the path is not valid UTF-8".to_owned())?
-                .to_owned();
+            let raw =
+                path.to_str().ok_or_else(|| "the path is not valid UTF-8".to_owned())?.to_owned();
             Ok(Location { display: raw.clone(), raw, secrets: Vec::new(), local: Some(path) })
         }
     }
@@ -165,8 +168,8 @@ mod tests {
 
     #[test]
     fn https_credentials_are_removed_from_the_display_and_messages() {
-        let l = Location::parse("https://alice:s3cr3t-t0ken@git.example.com/org/policies.git")
-            .unwrap();
+        let l =
+            Location::parse("https://alice:s3cr3t-t0ken@git.example.com/org/policies.git").unwrap();
         assert_eq!(l.display(), "https://git.example.com/org/policies.git");
         assert!(l.local().is_none());
         let msg = l.redact(

@@ -72,14 +72,24 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     dir.with_file_name(name)
 }
 
-fn io_err(location: &Location, dir: &Path, action: &'static str) -> impl Fn(std::io::Error) -> SourceError {
+fn io_err(
+    location: &Location,
+    dir: &Path,
+    action: &'static str,
+) -> impl Fn(std::io::Error) -> SourceError {
     let url = location.display().to_owned();
     let dir = dir.to_owned();
     move |source| SourceError::Io { url: url.clone(), dir: dir.clone(), action, source }
 }
 
+/// Removes a folder (or whatever is in its place) if there is one.
 fn remove_if_present(location: &Location, dir: &Path) -> Result<(), SourceError> {
-    match std::fs::remove_dir_all(dir) {
+    let removed = match std::fs::symlink_metadata(dir) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(dir),
+        Ok(_) => std::fs::remove_file(dir),
+        Err(e) => Err(e),
+    };
+    match removed {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(io_err(location, dir, "remove")(e))
         }
@@ -94,7 +104,11 @@ pub(crate) fn open_or_create(
     dir: &Path,
     state_dir: &Path,
 ) -> Result<Repository, SourceError> {
-    std::fs::create_dir_all(state_dir).map_err(io_err(location, state_dir, "create the state folder"))?;
+    std::fs::create_dir_all(state_dir).map_err(io_err(
+        location,
+        state_dir,
+        "create the state folder",
+    ))?;
     // Left over from a rebuild that was interrupted.
     remove_if_present(location, &sibling(dir, "new"))?;
     remove_if_present(location, &sibling(dir, "old"))?;
@@ -120,10 +134,7 @@ fn open_existing(location: &Location, dir: &Path) -> Result<Repository, String> 
     check_basics(&repo, dir).map_err(|e| e.message().to_owned())?;
     let recorded = repo.config().and_then(|c| c.get_string(URL_KEY)).ok();
     if recorded.as_deref() != Some(location.display()) {
-        return Err(format!(
-            "it mirrors {}",
-            recorded.as_deref().unwrap_or("an unrecorded URL")
-        ));
+        return Err(format!("it mirrors {}", recorded.as_deref().unwrap_or("an unrecorded URL")));
     }
     Ok(repo)
 }
@@ -249,9 +260,17 @@ fn rebuild(source: &mut Source) -> Result<Fetched, SourceError> {
     };
     remove_if_present(&location, &old_dir)?;
     if dir.exists() {
-        std::fs::rename(&dir, &old_dir).map_err(io_err(&location, &dir, "move the damaged mirror aside"))?;
+        std::fs::rename(&dir, &old_dir).map_err(io_err(
+            &location,
+            &dir,
+            "move the damaged mirror aside",
+        ))?;
     }
-    std::fs::rename(&new_dir, &dir).map_err(io_err(&location, &dir, "put the rebuilt mirror in place"))?;
+    std::fs::rename(&new_dir, &dir).map_err(io_err(
+        &location,
+        &dir,
+        "put the rebuilt mirror in place",
+    ))?;
     remove_if_present(&location, &old_dir)?;
     source.repo = Repository::open_bare(&dir).map_err(|e| SourceError::Mirror {
         url: location.display().to_owned(),
@@ -268,12 +287,7 @@ fn finish(source: &mut Source, new: Oid, recloned: bool) -> Fetched {
         old != new && !source.repo.graph_descendant_of(new, old).unwrap_or(false)
     });
     source.last = Some(new);
-    Fetched {
-        commit: new.to_string(),
-        previous: previous.map(|p| p.to_string()),
-        forced,
-        recloned,
-    }
+    Fetched { commit: new.to_string(), previous: previous.map(|p| p.to_string()), forced, recloned }
 }
 
 /// Lists the remote, downloads the ref when the mirror lacks its commit, and records it.
@@ -287,13 +301,21 @@ fn fetch_into(source: &Source, repo: &Repository) -> Result<Oid, Failure> {
         let detail = GitDetail::new(e, |m| location.redact(m));
         let url = url.to_owned();
         Failure::Remote(if timed_out.get() {
-            SourceError::Timeout { url, reference: reference.to_owned(), timeout: source.fetch_timeout }
+            SourceError::Timeout {
+                url,
+                reference: reference.to_owned(),
+                timeout: source.fetch_timeout,
+            }
         } else {
             match e.code() {
                 ErrorCode::Auth => SourceError::Auth { url, source: detail },
                 ErrorCode::Certificate => SourceError::Certificate { url, source: detail },
                 ErrorCode::Owner => SourceError::Owner { url, source: detail },
-                _ => SourceError::Unreachable { url, reference: reference.to_owned(), source: detail },
+                _ => SourceError::Unreachable {
+                    url,
+                    reference: reference.to_owned(),
+                    source: detail,
+                },
             }
         })
     };
