@@ -736,3 +736,62 @@ fn a_mirror_of_another_url_is_replaced() {
     assert_eq!(fetched.commit, first);
     assert_eq!(fetched.previous, None);
 }
+
+#[test]
+fn a_fetch_over_its_timeout_is_a_transient_error_that_leaves_the_mirror_alone() {
+    let (lab, first) = seeded();
+    let mut source = lab.open("main", "policies");
+    source.fetch().unwrap();
+    lab.write("policies/web.yaml", "rules: [slow]\n");
+    let second = lab.commit_and_push("Second");
+    source.set_fetch_timeout(Duration::ZERO);
+    let err = source.fetch().unwrap_err();
+    assert!(matches!(err, SourceError::Timeout { .. }), "{err:?}");
+    assert!(err.is_transient());
+    assert_eq!(source.last_fetched().as_deref(), Some(first.as_str()));
+    source.set_fetch_timeout(Duration::from_secs(60));
+    assert_eq!(source.fetch().unwrap().commit, second);
+}
+
+/// Commits one file straight into the remote's `main` with libgit2: much faster than the git
+/// command line when a test needs many commits.
+fn commit_in_remote(lab: &Lab, path: &str, content: &str) -> String {
+    let repo = git2::Repository::open_bare(lab.remote()).unwrap();
+    let parent = repo.find_reference("refs/heads/main").unwrap().peel_to_commit().unwrap();
+    let blob = repo.blob(content.as_bytes()).unwrap();
+    let mut update = git2::build::TreeUpdateBuilder::new();
+    update.upsert(path, blob, git2::FileMode::Blob);
+    let tree = update.create_updated(&repo, &parent.tree().unwrap()).unwrap();
+    let tree = repo.find_tree(tree).unwrap();
+    let signature = git2::Signature::now("Policy Author", "author@example.com").unwrap();
+    let id = repo
+        .commit(Some("refs/heads/main"), &signature, &signature, content, &tree, &[&parent])
+        .unwrap();
+    id.to_string()
+}
+
+#[test]
+fn many_fetches_do_not_pile_up_packs_and_keep_every_commit() {
+    let (lab, first) = seeded();
+    let mut source = lab.open("main", "policies");
+    source.fetch().unwrap();
+    let mut commits = vec![first];
+    let changes = 40;
+    for n in 0..changes {
+        commits.push(commit_in_remote(&lab, "policies/web.yaml", &format!("rules: [web{n}]\n")));
+        assert_eq!(source.fetch().unwrap().commit, *commits.last().unwrap());
+    }
+    let packs = fs::read_dir(lab.mirror().join("objects/pack"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "pack"))
+        .count();
+    assert!(packs < changes, "{packs} packs after {changes} fetches that each added one");
+    for (n, commit) in commits.iter().enumerate().skip(1) {
+        let snapshot = source.snapshot(commit).unwrap();
+        let web = snapshot.files.iter().find(|f| f.path == "policies/web.yaml").unwrap();
+        assert_eq!(web.bytes, format!("rules: [web{}]\n", n - 1).as_bytes());
+    }
+    drop(source);
+    let mut reopened = lab.open("main", "policies");
+    assert!(!reopened.fetch().unwrap().recloned, "the compacted mirror passes the check");
+}

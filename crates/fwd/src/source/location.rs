@@ -108,6 +108,22 @@ impl Location {
     }
 }
 
+/// `url` without user information, also when it does not parse as a source URL (for messages
+/// about a URL that is refused).
+pub(crate) fn display_of(url: &str) -> String {
+    match Location::parse(url) {
+        Ok(location) => location.display,
+        Err(_) => match url.split_once("://") {
+            Some((scheme, rest)) => {
+                let authority_end = rest.find('/').unwrap_or(rest.len());
+                let host_start = rest[..authority_end].rfind('@').map_or(0, |at| at + 1);
+                format!("{scheme}://{}", &rest[host_start..])
+            }
+            None => url.to_owned(),
+        },
+    }
+}
+
 /// The parts of a URL's user information that must not be shown: the password (with the user
 /// name before it), and a user name long enough to be a token rather than a login like `git`.
 fn secrets_of(userinfo: Option<&str>) -> Vec<String> {
@@ -209,6 +225,13 @@ mod tests {
         assert_eq!(l.local(), Some(Path::new("/srv/p")));
         let l = Location::parse("./p").unwrap();
         assert!(l.local().unwrap().is_absolute());
+    }
+
+    #[test]
+    fn a_refused_url_is_still_shown_without_credentials() {
+        assert_eq!(display_of("ftp://user:pw@host/x"), "ftp://host/x");
+        assert_eq!(display_of("https://t@host/x"), "https://host/x");
+        assert_eq!(display_of("/srv/x"), "/srv/x");
     }
 
     #[test]

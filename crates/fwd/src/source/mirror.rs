@@ -37,6 +37,10 @@ use super::{Fetched, Source, SourceError};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Each fetch that moved the ref adds a pack, and libgit2 has no gc: past this many packs the
+/// mirror's objects are merged into one (see [`compact`]).
+pub(crate) const MAX_PACKS: usize = 32;
+
 /// The mirror's config key holding the URL it mirrors, without credentials.
 const URL_KEY: &str = "fwd.url";
 
@@ -216,6 +220,14 @@ pub(crate) fn fetch(source: &mut Source) -> Result<Fetched, SourceError> {
     };
     match fetch_into(source, &repo) {
         Ok(new) => {
+            if let Err(e) = compact(&repo, &source.dir) {
+                tracing::warn!(
+                    url = source.location.display(),
+                    mirror = %source.dir.display(),
+                    reason = %e.message(),
+                    "compacting the mirror failed; it stays as it is"
+                );
+            }
             source.repo = repo;
             Ok(finish(source, new, false))
         }
@@ -290,6 +302,49 @@ fn finish(source: &mut Source, new: Oid, recloned: bool) -> Fetched {
     Fetched { commit: new.to_string(), previous: previous.map(|p| p.to_string()), forced, recloned }
 }
 
+/// Merges the mirror's packs into one when there are more than [`MAX_PACKS`], keeping every
+/// object (also commits a force-push left behind: the daemon may still hold one as applied).
+/// A crash half-way leaves objects in two packs, which is harmless.
+fn compact(repo: &Repository, dir: &Path) -> Result<(), git2::Error> {
+    let pack_dir = dir.join("objects").join("pack");
+    let packs: Vec<PathBuf> = std::fs::read_dir(&pack_dir)
+        .map_err(|e| git2::Error::from_str(&format!("listing the packs: {e}")))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "pack"))
+        .collect();
+    if packs.len() <= MAX_PACKS {
+        return Ok(());
+    }
+    let odb = repo.odb()?;
+    let mut ids = Vec::new();
+    odb.foreach(|id| {
+        ids.push(*id);
+        true
+    })?;
+    let mut builder = repo.packbuilder()?;
+    builder.set_threads(1);
+    for id in ids {
+        builder.insert_object(id, None)?;
+    }
+    builder.write(&pack_dir, 0)?;
+    let kept = format!("pack-{}.pack", builder.name()?.unwrap_or_default());
+    for pack in packs {
+        if pack.file_name().is_some_and(|name| name == kept.as_str()) {
+            continue;
+        }
+        for ext in ["idx", "rev", "pack"] {
+            // Index first and pack last: a pack without its index is ignored by readers.
+            match std::fs::remove_file(pack.with_extension(ext)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(git2::Error::from_str(&format!("removing an old pack: {e}")));
+                }
+                _ => {}
+            }
+        }
+    }
+    odb.refresh()
+}
+
 /// Lists the remote, downloads the ref when the mirror lacks its commit, and records it.
 fn fetch_into(source: &Source, repo: &Repository) -> Result<Oid, Failure> {
     let location = &source.location;
@@ -320,6 +375,17 @@ fn fetch_into(source: &Source, repo: &Repository) -> Result<Oid, Failure> {
         })
     };
 
+    if let Some(path) = location.local() {
+        // libgit2 reads a missing local path as an unknown URL scheme; say what is wrong.
+        if let Err(e) = std::fs::metadata(path) {
+            let message = format!("no repository at {}: {e}", path.display());
+            return Err(remote_err(&git2::Error::new(
+                ErrorCode::NotFound,
+                ErrorClass::Os,
+                message,
+            )));
+        }
+    }
     let mut remote = repo.remote_anonymous(location.raw()).map_err(|e| remote_err(&e))?;
     let mut connection = remote
         .connect_auth(Direction::Fetch, Some(callbacks(deadline, &timed_out)), None)
