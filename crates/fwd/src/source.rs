@@ -50,10 +50,8 @@ pub struct SourceSpec {
 impl fmt::Debug for SourceSpec {
     /// Shows the URL without credentials.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let url = Location::parse(&self.url)
-            .map_or_else(|_| "<invalid url>".to_owned(), |l| l.display().to_owned());
         f.debug_struct("SourceSpec")
-            .field("url", &url)
+            .field("url", &location::display_of(&self.url))
             .field("reference", &self.reference)
             .field("path", &self.path)
             .finish()
@@ -170,8 +168,7 @@ impl Source {
     /// at once.
     pub fn open(spec: &SourceSpec, state_dir: &Path) -> Result<Source, SourceError> {
         let location = Location::parse(&spec.url).map_err(|reason| SourceError::InvalidSpec {
-            url: Location::parse(&spec.url)
-                .map_or_else(|_| "<invalid url>".to_owned(), |l| l.display().to_owned()),
+            url: location::display_of(&spec.url),
             field: "url",
             reason,
         })?;
@@ -328,7 +325,10 @@ mod tests {
     #[test]
     fn references_become_candidate_ref_names() {
         assert_eq!(candidates("main").unwrap(), ["refs/heads/main", "refs/tags/main"]);
-        assert_eq!(candidates("release/1.x").unwrap(), ["refs/heads/release/1.x", "refs/tags/release/1.x"]);
+        assert_eq!(
+            candidates("release/1.x").unwrap(),
+            ["refs/heads/release/1.x", "refs/tags/release/1.x"]
+        );
         assert_eq!(candidates("refs/tags/v1").unwrap(), ["refs/tags/v1"]);
         assert_eq!(candidates("HEAD").unwrap(), ["HEAD"]);
         for bad in ["", "a..b", "x~1", "with space", "refs/heads/"] {
@@ -344,6 +344,17 @@ mod tests {
         assert_eq!(normalize_path(Path::new("a/./b")).unwrap(), "a/b");
         assert!(normalize_path(Path::new("/etc")).is_err());
         assert!(normalize_path(Path::new("a/../b")).is_err());
+    }
+
+    /// The daemon moves the source into its reconcile thread (or `spawn_blocking`) and the
+    /// watch guard into whatever owns it.
+    #[test]
+    fn source_and_watch_can_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<Source>();
+        send::<Watch>();
+        send::<SourceError>();
+        send::<Backoff>();
     }
 
     #[test]

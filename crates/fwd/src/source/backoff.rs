@@ -90,7 +90,11 @@ mod tests {
         for n in 0..10 {
             let step = S * (1 << n);
             let d = b.next_delay();
-            assert!(d >= step / 2 && d <= step, "failure {n}: {d:?} not in [{:?}, {step:?}]", step / 2);
+            assert!(
+                d >= step / 2 && d <= step,
+                "failure {n}: {d:?} not in [{:?}, {step:?}]",
+                step / 2
+            );
         }
         assert_eq!(b.failures(), 10);
     }

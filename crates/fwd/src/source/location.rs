@@ -68,14 +68,17 @@ impl Location {
         } else if is_scp_like(url) {
             // `git@host:org/repo.git`: ssh. The user name is not a secret (there is no password
             // in this form), so it is shown.
-            Ok(Location { raw: url.to_owned(), display: url.to_owned(), secrets: Vec::new(), local: None })
+            Ok(Location {
+                raw: url.to_owned(),
+                display: url.to_owned(),
+                secrets: Vec::new(),
+                local: None,
+            })
         } else {
             let path = std::path::absolute(Path::new(url))
                 .map_err(|e| format!("cannot make the path absolute: {e}"))?;
-            let raw = path
-                .to_str()
-                .ok_or_else(|| "the path is not valid UTF-8".to_owned())?
-                .to_owned();
+            let raw =
+                path.to_str().ok_or_else(|| "the path is not valid UTF-8".to_owned())?.to_owned();
             Ok(Location { display: raw.clone(), raw, secrets: Vec::new(), local: Some(path) })
         }
     }
@@ -102,6 +105,22 @@ impl Location {
             out = out.replace(secret.as_str(), "***");
         }
         out
+    }
+}
+
+/// `url` without user information, also when it does not parse as a source URL (for messages
+/// about a URL that is refused).
+pub(crate) fn display_of(url: &str) -> String {
+    match Location::parse(url) {
+        Ok(location) => location.display,
+        Err(_) => match url.split_once("://") {
+            Some((scheme, rest)) => {
+                let authority_end = rest.find('/').unwrap_or(rest.len());
+                let host_start = rest[..authority_end].rfind('@').map_or(0, |at| at + 1);
+                format!("{scheme}://{}", &rest[host_start..])
+            }
+            None => url.to_owned(),
+        },
     }
 }
 
@@ -165,8 +184,8 @@ mod tests {
 
     #[test]
     fn https_credentials_are_removed_from_the_display_and_messages() {
-        let l = Location::parse("https://alice:s3cr3t-t0ken@git.example.com/org/policies.git")
-            .unwrap();
+        let l =
+            Location::parse("https://alice:s3cr3t-t0ken@git.example.com/org/policies.git").unwrap();
         assert_eq!(l.display(), "https://git.example.com/org/policies.git");
         assert!(l.local().is_none());
         let msg = l.redact(
@@ -206,6 +225,13 @@ mod tests {
         assert_eq!(l.local(), Some(Path::new("/srv/p")));
         let l = Location::parse("./p").unwrap();
         assert!(l.local().unwrap().is_absolute());
+    }
+
+    #[test]
+    fn a_refused_url_is_still_shown_without_credentials() {
+        assert_eq!(display_of("ftp://user:pw@host/x"), "ftp://host/x");
+        assert_eq!(display_of("https://t@host/x"), "https://host/x");
+        assert_eq!(display_of("/srv/x"), "/srv/x");
     }
 
     #[test]

@@ -37,6 +37,10 @@ use super::{Fetched, Source, SourceError};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Each fetch that moved the ref adds a pack, and libgit2 has no gc: past this many packs the
+/// mirror's objects are merged into one (see [`compact`]).
+pub(crate) const MAX_PACKS: usize = 32;
+
 /// The mirror's config key holding the URL it mirrors, without credentials.
 const URL_KEY: &str = "fwd.url";
 
@@ -72,14 +76,24 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     dir.with_file_name(name)
 }
 
-fn io_err(location: &Location, dir: &Path, action: &'static str) -> impl Fn(std::io::Error) -> SourceError {
+fn io_err(
+    location: &Location,
+    dir: &Path,
+    action: &'static str,
+) -> impl Fn(std::io::Error) -> SourceError {
     let url = location.display().to_owned();
     let dir = dir.to_owned();
     move |source| SourceError::Io { url: url.clone(), dir: dir.clone(), action, source }
 }
 
+/// Removes a folder (or whatever is in its place) if there is one.
 fn remove_if_present(location: &Location, dir: &Path) -> Result<(), SourceError> {
-    match std::fs::remove_dir_all(dir) {
+    let removed = match std::fs::symlink_metadata(dir) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(dir),
+        Ok(_) => std::fs::remove_file(dir),
+        Err(e) => Err(e),
+    };
+    match removed {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(io_err(location, dir, "remove")(e))
         }
@@ -94,7 +108,11 @@ pub(crate) fn open_or_create(
     dir: &Path,
     state_dir: &Path,
 ) -> Result<Repository, SourceError> {
-    std::fs::create_dir_all(state_dir).map_err(io_err(location, state_dir, "create the state folder"))?;
+    std::fs::create_dir_all(state_dir).map_err(io_err(
+        location,
+        state_dir,
+        "create the state folder",
+    ))?;
     // Left over from a rebuild that was interrupted.
     remove_if_present(location, &sibling(dir, "new"))?;
     remove_if_present(location, &sibling(dir, "old"))?;
@@ -120,10 +138,7 @@ fn open_existing(location: &Location, dir: &Path) -> Result<Repository, String> 
     check_basics(&repo, dir).map_err(|e| e.message().to_owned())?;
     let recorded = repo.config().and_then(|c| c.get_string(URL_KEY)).ok();
     if recorded.as_deref() != Some(location.display()) {
-        return Err(format!(
-            "it mirrors {}",
-            recorded.as_deref().unwrap_or("an unrecorded URL")
-        ));
+        return Err(format!("it mirrors {}", recorded.as_deref().unwrap_or("an unrecorded URL")));
     }
     Ok(repo)
 }
@@ -205,6 +220,14 @@ pub(crate) fn fetch(source: &mut Source) -> Result<Fetched, SourceError> {
     };
     match fetch_into(source, &repo) {
         Ok(new) => {
+            if let Err(e) = compact(&repo, &source.dir) {
+                tracing::warn!(
+                    url = source.location.display(),
+                    mirror = %source.dir.display(),
+                    reason = %e.message(),
+                    "compacting the mirror failed; it stays as it is"
+                );
+            }
             source.repo = repo;
             Ok(finish(source, new, false))
         }
@@ -249,9 +272,17 @@ fn rebuild(source: &mut Source) -> Result<Fetched, SourceError> {
     };
     remove_if_present(&location, &old_dir)?;
     if dir.exists() {
-        std::fs::rename(&dir, &old_dir).map_err(io_err(&location, &dir, "move the damaged mirror aside"))?;
+        std::fs::rename(&dir, &old_dir).map_err(io_err(
+            &location,
+            &dir,
+            "move the damaged mirror aside",
+        ))?;
     }
-    std::fs::rename(&new_dir, &dir).map_err(io_err(&location, &dir, "put the rebuilt mirror in place"))?;
+    std::fs::rename(&new_dir, &dir).map_err(io_err(
+        &location,
+        &dir,
+        "put the rebuilt mirror in place",
+    ))?;
     remove_if_present(&location, &old_dir)?;
     source.repo = Repository::open_bare(&dir).map_err(|e| SourceError::Mirror {
         url: location.display().to_owned(),
@@ -268,12 +299,50 @@ fn finish(source: &mut Source, new: Oid, recloned: bool) -> Fetched {
         old != new && !source.repo.graph_descendant_of(new, old).unwrap_or(false)
     });
     source.last = Some(new);
-    Fetched {
-        commit: new.to_string(),
-        previous: previous.map(|p| p.to_string()),
-        forced,
-        recloned,
+    Fetched { commit: new.to_string(), previous: previous.map(|p| p.to_string()), forced, recloned }
+}
+
+/// Merges the mirror's packs into one when there are more than [`MAX_PACKS`], keeping every
+/// object (also commits a force-push left behind: the daemon may still hold one as applied).
+/// A crash half-way leaves objects in two packs, which is harmless.
+fn compact(repo: &Repository, dir: &Path) -> Result<(), git2::Error> {
+    let pack_dir = dir.join("objects").join("pack");
+    let packs: Vec<PathBuf> = std::fs::read_dir(&pack_dir)
+        .map_err(|e| git2::Error::from_str(&format!("listing the packs: {e}")))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "pack"))
+        .collect();
+    if packs.len() <= MAX_PACKS {
+        return Ok(());
     }
+    let odb = repo.odb()?;
+    let mut ids = Vec::new();
+    odb.foreach(|id| {
+        ids.push(*id);
+        true
+    })?;
+    let mut builder = repo.packbuilder()?;
+    builder.set_threads(1);
+    for id in ids {
+        builder.insert_object(id, None)?;
+    }
+    builder.write(&pack_dir, 0)?;
+    let kept = format!("pack-{}.pack", builder.name()?.unwrap_or_default());
+    for pack in packs {
+        if pack.file_name().is_some_and(|name| name == kept.as_str()) {
+            continue;
+        }
+        for ext in ["idx", "rev", "pack"] {
+            // Index first and pack last: a pack without its index is ignored by readers.
+            match std::fs::remove_file(pack.with_extension(ext)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(git2::Error::from_str(&format!("removing an old pack: {e}")));
+                }
+                _ => {}
+            }
+        }
+    }
+    odb.refresh()
 }
 
 /// Lists the remote, downloads the ref when the mirror lacks its commit, and records it.
@@ -287,17 +356,36 @@ fn fetch_into(source: &Source, repo: &Repository) -> Result<Oid, Failure> {
         let detail = GitDetail::new(e, |m| location.redact(m));
         let url = url.to_owned();
         Failure::Remote(if timed_out.get() {
-            SourceError::Timeout { url, reference: reference.to_owned(), timeout: source.fetch_timeout }
+            SourceError::Timeout {
+                url,
+                reference: reference.to_owned(),
+                timeout: source.fetch_timeout,
+            }
         } else {
             match e.code() {
                 ErrorCode::Auth => SourceError::Auth { url, source: detail },
                 ErrorCode::Certificate => SourceError::Certificate { url, source: detail },
                 ErrorCode::Owner => SourceError::Owner { url, source: detail },
-                _ => SourceError::Unreachable { url, reference: reference.to_owned(), source: detail },
+                _ => SourceError::Unreachable {
+                    url,
+                    reference: reference.to_owned(),
+                    source: detail,
+                },
             }
         })
     };
 
+    if let Some(path) = location.local() {
+        // libgit2 reads a missing local path as an unknown URL scheme; say what is wrong.
+        if let Err(e) = std::fs::metadata(path) {
+            let message = format!("no repository at {}: {e}", path.display());
+            return Err(remote_err(&git2::Error::new(
+                ErrorCode::NotFound,
+                ErrorClass::Os,
+                message,
+            )));
+        }
+    }
     let mut remote = repo.remote_anonymous(location.raw()).map_err(|e| remote_err(&e))?;
     let mut connection = remote
         .connect_auth(Direction::Fetch, Some(callbacks(deadline, &timed_out)), None)

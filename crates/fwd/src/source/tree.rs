@@ -95,7 +95,8 @@ impl<'a> Reader<'a> {
                 walked.push('/');
             }
             walked.push_str(part);
-            let err_ctx = |walked: &str| (self.url.to_owned(), commit.to_owned(), walked.to_owned());
+            let err_ctx =
+                |walked: &str| (self.url.to_owned(), commit.to_owned(), walked.to_owned());
             let Some((id, mode)) = tree.get_name(part).map(|e| (e.id(), e.filemode())) else {
                 let (url, commit, path) = err_ctx(&walked);
                 return Err(SourceError::PathNotFound { url, commit, path });
@@ -127,7 +128,11 @@ impl<'a> Reader<'a> {
     }
 
     /// The policy files under `folder`, sorted by path, within the limits.
-    fn collect(&self, commit: &str, folder: &git2::Tree<'_>) -> Result<Vec<PolicyFile>, SourceError> {
+    fn collect(
+        &self,
+        commit: &str,
+        folder: &git2::Tree<'_>,
+    ) -> Result<Vec<PolicyFile>, SourceError> {
         let limits = self.limits;
         let url = || self.url.to_owned();
         let at = |prefix: &str, name: &str| {
@@ -176,7 +181,11 @@ impl<'a> Reader<'a> {
                         stack.push((sub, path, depth + 1));
                     }
                     MODE_LINK => {
-                        return Err(SourceError::Symlink { url: url(), commit: commit.to_owned(), path });
+                        return Err(SourceError::Symlink {
+                            url: url(),
+                            commit: commit.to_owned(),
+                            path,
+                        });
                     }
                     MODE_GITLINK => {
                         return Err(SourceError::Submodule {

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::RecursiveMode;
+use notify::{EventKind, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 
 use super::SourceError;
@@ -55,7 +55,13 @@ pub(crate) fn watch(
     let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
         match result {
             Ok(events) => {
-                if events.iter().any(|e| e.paths.iter().any(|p| interesting.matches(p))) {
+                // Reads (the daemon's own fetch lists the refs) are not changes: reacting to them
+                // would make every fetch trigger the next one.
+                let moved = events.iter().any(|e| {
+                    !matches!(e.kind, EventKind::Access(_))
+                        && e.paths.iter().any(|p| interesting.matches(p))
+                });
+                if moved {
                     on_change();
                 }
             }
@@ -122,7 +128,8 @@ mod tests {
         assert!(!i.matches(Path::new("/r/.git/objects/ab/cdef")));
         assert!(!i.matches(Path::new("/r/.git/logs/HEAD")));
 
-        let wt = Interesting { git_dir: "/m/.git/worktrees/w".into(), common_dir: "/m/.git".into() };
+        let wt =
+            Interesting { git_dir: "/m/.git/worktrees/w".into(), common_dir: "/m/.git".into() };
         assert!(wt.matches(Path::new("/m/.git/worktrees/w/HEAD")));
         assert!(wt.matches(Path::new("/m/.git/packed-refs")));
         assert!(!wt.matches(Path::new("/m/.git/HEAD")));
