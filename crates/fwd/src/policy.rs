@@ -1,0 +1,232 @@
+//! From a commit's policy files to the state the kernel should hold, or to the reasons it
+//! cannot.
+//!
+//! Why it is built this way:
+//! - The files come from the commit's tree in memory ([`crate::source::Snapshot`]) and go to
+//!   the compiler as named byte buffers (`fw_compiler::load::Input`): nothing is read from a
+//!   work tree, so the state compiled is exactly the commit's.
+//! - A commit is rejected as a whole ([`Rejected`]) when any file fails to validate, when it
+//!   does not compile for this host, or when it does not fit the maps; the first error's
+//!   file:line:column *in that commit* is kept so status, logs and metrics can point at it.
+//! - A commit with no policy file at all is rejected too: an empty folder (a wrong
+//!   `source.path`, a commit that moved the folder) compiling to "no rules" and being
+//!   enforced is the kind of mistake a daemon must not make on its own.
+//! - What is saved with the applied generation is the rule table (the state without its
+//!   prefix and port entries), the same bytes `fwctl apply` saves, so `fwctl status` and
+//!   `fwctl diff` name rules of a state fwd applied.
+
+use fw_compiler::compile::compile;
+use fw_compiler::encode::{Encoded, encode};
+use fw_compiler::load::{Input, load};
+use fw_compiler::mapstate::{Capacities, MapState};
+use fw_compiler::model::HostIdentity;
+use fw_compiler::yaml::ParseLimits;
+use serde::Serialize;
+
+use crate::source::PolicyFile;
+
+/// The state to enforce, compiled from one commit.
+#[derive(Clone, Debug)]
+pub struct Desired {
+    pub state: MapState,
+    /// `encode(state)` without the workload table, which the kernel keys by cgroup id.
+    pub encoded: Encoded,
+    pub digest: String,
+    /// The rule table, as JSON (see the module docs).
+    pub saved: Vec<u8>,
+}
+
+/// Which stage refused a commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// No policy file, or a file does not parse or validate.
+    Validate,
+    /// It does not compile for this host (capacity errors included: it does not fit).
+    Compile,
+}
+
+/// One error of a rejected commit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Problem {
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub column: Option<u32>,
+    pub code: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.file, self.line, self.column) {
+            (Some(file), Some(l), Some(c)) => write!(f, "{file}:{l}:{c}: ")?,
+            (Some(file), _, _) => write!(f, "{file}: ")?,
+            _ => {}
+        }
+        write!(f, "{} [{}]", self.message, self.code)
+    }
+}
+
+/// Why a commit is not applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Rejected {
+    pub stage: Stage,
+    /// Every error, in file order; never empty.
+    pub problems: Vec<Problem>,
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.stage {
+            Stage::Validate => "invalid policy",
+            Stage::Compile => "does not compile for this host",
+        };
+        match self.problems.first() {
+            Some(p) if self.problems.len() > 1 => {
+                write!(f, "{what}: {p} (and {} more)", self.problems.len() - 1)
+            }
+            Some(p) => write!(f, "{what}: {p}"),
+            None => write!(f, "{what}"),
+        }
+    }
+}
+
+/// The state without its prefix and L4 entries: O(rules) rather than O(policy size).
+pub fn rule_table(state: &MapState) -> MapState {
+    let mut t = state.clone();
+    for d in [&mut t.ingress, &mut t.egress] {
+        d.v4.clear();
+        d.v6.clear();
+        d.l4.clear();
+    }
+    t
+}
+
+/// Compiles `files` (paths relative to the repository root) for `host`.
+pub fn desired(
+    files: &[PolicyFile],
+    host: &HostIdentity,
+    caps: &Capacities,
+) -> Result<Desired, Rejected> {
+    if files.is_empty() {
+        return Err(Rejected {
+            stage: Stage::Validate,
+            problems: vec![Problem {
+                file: None,
+                line: None,
+                column: None,
+                code: "no-policy".into(),
+                message: "the policy folder holds no .yaml or .yml file".into(),
+            }],
+        });
+    }
+    let limits = ParseLimits::default();
+    let inputs = files.iter().map(|f| Input::new(f.path.clone(), f.bytes.clone()));
+    let loaded = load(inputs, &limits);
+    let problems = |diags: &[fw_compiler::diag::Diagnostic]| -> Vec<Problem> {
+        diags
+            .iter()
+            .filter(|d| d.is_error())
+            .map(|d| {
+                let r = d.to_record(&loaded.sources);
+                Problem {
+                    file: r.file,
+                    line: r.line,
+                    column: r.column,
+                    code: r.code.to_string(),
+                    message: r.message,
+                }
+            })
+            .collect()
+    };
+    let set = match &loaded.policy_set {
+        Some(set) if !loaded.has_errors() => set,
+        _ => {
+            let mut p = problems(&loaded.diagnostics);
+            if p.is_empty() {
+                p.push(Problem {
+                    file: None,
+                    line: None,
+                    column: None,
+                    code: "invalid".into(),
+                    message: "the policy set did not load".into(),
+                });
+            }
+            return Err(Rejected { stage: Stage::Validate, problems: p });
+        }
+    };
+    let state = compile(&set.for_host(host), caps)
+        .map_err(|errors| Rejected { stage: Stage::Compile, problems: problems(&errors) })?;
+    let mut encoded = encode(&state);
+    encoded.maps.remove(fw_common::maps::WORKLOADS);
+    let saved = serde_json::to_vec(&rule_table(&state)).unwrap_or_default();
+    Ok(Desired { digest: state.digest(), encoded, saved, state })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, text: &str) -> PolicyFile {
+        PolicyFile { path: path.into(), bytes: text.as_bytes().to_vec() }
+    }
+
+    fn host() -> HostIdentity {
+        HostIdentity { name: "h1".into(), labels: Default::default() }
+    }
+
+    const GOOD: &str = "apiVersion: fw/v1
+kind: Policy
+metadata: {name: base}
+spec:
+  defaults: {ingress: deny}
+  ingress:
+    - {name: ssh, action: allow, proto: tcp, ports: [22]}
+";
+
+    #[test]
+    fn a_valid_commit_compiles_to_an_encoding_without_the_workload_table() {
+        let d = desired(&[file("policies/base.yaml", GOOD)], &host(), &Capacities::default())
+            .expect("compiles");
+        assert_eq!(d.digest, d.state.digest());
+        assert!(!d.encoded.maps.contains_key(fw_common::maps::WORKLOADS));
+        let table: MapState = serde_json::from_slice(&d.saved).expect("rule table");
+        assert_eq!(table.rules, d.state.rules);
+        assert!(table.ingress.l4.is_empty());
+    }
+
+    #[test]
+    fn an_invalid_file_is_rejected_with_its_file_and_line() {
+        let bad = GOOD.replace("proto: tcp", "proto: tcpp");
+        let r = desired(
+            &[file("policies/base.yaml", &bad), file("policies/z.yaml", "")],
+            &host(),
+            &Capacities::default(),
+        )
+        .expect_err("rejected");
+        assert_eq!(r.stage, Stage::Validate);
+        let p = &r.problems[0];
+        assert_eq!(p.file.as_deref(), Some("policies/base.yaml"));
+        assert_eq!(p.line, Some(7));
+        assert!(r.to_string().starts_with("invalid policy: policies/base.yaml:7:"), "{r}");
+    }
+
+    #[test]
+    fn a_state_that_does_not_fit_is_rejected_at_compile() {
+        let caps = Capacities { l4_entries: 1, ..Capacities::default() };
+        let two = GOOD.replace("ports: [22]", "ports: [22, 80, 443]");
+        let r = desired(&[file("p/a.yaml", &two)], &host(), &caps).expect_err("too big");
+        assert_eq!(r.stage, Stage::Compile);
+        assert!(!r.problems.is_empty());
+    }
+
+    #[test]
+    fn no_file_at_all_is_rejected_and_garbage_never_panics() {
+        let r = desired(&[], &host(), &Capacities::default()).expect_err("empty");
+        assert_eq!(r.problems[0].code, "no-policy");
+        for junk in [&b"\xff\xfe\x00"[..], b"[[[[", b"apiVersion: 7\nkind: [", b"- - - -"] {
+            let f = PolicyFile { path: "p/j.yaml".into(), bytes: junk.to_vec() };
+            assert!(desired(&[f], &host(), &Capacities::default()).is_err());
+        }
+    }
+}
