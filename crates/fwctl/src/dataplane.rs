@@ -523,7 +523,23 @@ fn diff_inner(args: &DataplaneArgs) -> Result<ExitCode> {
     }
 }
 
-pub fn status(args: &RootArgs) -> Result<ExitCode> {
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    root: RootArgs,
+    /// Ask a running fwd on its status socket instead of reading the kernel.
+    #[arg(long, value_name = "PATH", conflicts_with = "bpffs")]
+    socket: Option<PathBuf>,
+    /// With --socket: `human` or `json` (the document as fwd serves it).
+    #[arg(long, value_name = "FORMAT", default_value = "human", value_parser = ["human", "json"])]
+    format: String,
+}
+
+pub fn status(args: &StatusArgs) -> Result<ExitCode> {
+    if let Some(socket) = &args.socket {
+        return crate::daemon::status(socket, args.format == "json");
+    }
+    let args = &args.root;
     require_root("status")?;
     let dp = match Dataplane::adopt(&args.bpffs) {
         Ok(dp) => dp,
