@@ -325,7 +325,12 @@ impl Engine {
         let deltas = self
             .applied
             .as_ref()
-            .map(|a| fw_loader::entry_delta(&a.desired.encoded, &desired.encoded));
+            .map(|a| {
+                // The kernel's workload table is keyed by cgroup id: written from `workloads`.
+                let mut d = fw_loader::entry_delta(&a.desired.encoded, &desired.encoded);
+                d.remove(fw_common::maps::WORKLOADS);
+                d
+            });
         let base = self.applied.as_ref().map(|a| a.desired.digest.clone());
         let result =
             self.enforce(&desired, &workloads, commit, base.as_deref().zip(deltas.as_ref()));

@@ -29,7 +29,8 @@ use crate::source::PolicyFile;
 #[derive(Clone, Debug)]
 pub struct Desired {
     pub state: MapState,
-    /// `encode(state)` without the workload table, which the kernel keys by cgroup id.
+    /// `encode(state)`; its workload table (keyed by cgroup path) is what the loader checks,
+    /// the kernel's is keyed by cgroup id and written from the resolved paths.
     pub encoded: Encoded,
     pub digest: String,
     /// The rule table, as JSON (see the module docs).
@@ -157,8 +158,7 @@ pub fn desired(
     };
     let state = compile(&set.for_host(host), caps)
         .map_err(|errors| Rejected { stage: Stage::Compile, problems: problems(&errors) })?;
-    let mut encoded = encode(&state);
-    encoded.maps.remove(fw_common::maps::WORKLOADS);
+    let encoded = encode(&state);
     let saved = serde_json::to_vec(&rule_table(&state)).unwrap_or_default();
     Ok(Desired { digest: state.digest(), encoded, saved, state })
 }
@@ -185,11 +185,11 @@ spec:
 ";
 
     #[test]
-    fn a_valid_commit_compiles_to_an_encoding_without_the_workload_table() {
+    fn a_valid_commit_compiles_to_its_encoding_and_rule_table() {
         let d = desired(&[file("policies/base.yaml", GOOD)], &host(), &Capacities::default())
             .expect("compiles");
         assert_eq!(d.digest, d.state.digest());
-        assert!(!d.encoded.maps.contains_key(fw_common::maps::WORKLOADS));
+        assert_eq!(d.encoded, encode(&d.state));
         let table: MapState = serde_json::from_slice(&d.saved).expect("rule table");
         assert_eq!(table.rules, d.state.rules);
         assert!(table.ingress.l4.is_empty());
