@@ -71,6 +71,9 @@ pub struct Engine {
     source: Option<Source>,
     watch: Option<Watch>,
     backoff: Backoff,
+    /// Retries of a commit whose apply failed (kept apart from the fetch backoff, which a
+    /// successful fetch resets).
+    apply_backoff: Backoff,
     dp: Option<Dataplane>,
     applied: Option<Applied>,
     /// The last commit refused, so it is not compiled again on every poll.
@@ -111,6 +114,7 @@ impl Engine {
         let now = Instant::now();
         Engine {
             backoff: Backoff::new(Duration::from_millis(200).min(cap), cap),
+            apply_backoff: Backoff::new(cap, (cap * 16).max(Duration::from_secs(60))),
             next_fetch: now,
             next_drift: now + cfg.drift_interval,
             cfg,
@@ -186,7 +190,9 @@ impl Engine {
             Err(e) => warn!("cannot adopt the pinned data plane: {e}"),
         }
         self.sync_source();
+        let fetched = lock(&self.status).source.error.is_none();
         if self.applied.is_none()
+            && !fetched
             && let Some(commit) = self.source.as_ref().and_then(Source::last_fetched)
         {
             // The remote is unreachable: converge on what the mirror last fetched.
@@ -322,15 +328,12 @@ impl Engine {
         }
 
         let workloads = fw_loader::workloads::resolve(&self.cgroup, &desired.state.workloads);
-        let deltas = self
-            .applied
-            .as_ref()
-            .map(|a| {
-                // The kernel's workload table is keyed by cgroup id: written from `workloads`.
-                let mut d = fw_loader::entry_delta(&a.desired.encoded, &desired.encoded);
-                d.remove(fw_common::maps::WORKLOADS);
-                d
-            });
+        let deltas = self.applied.as_ref().map(|a| {
+            // The kernel's workload table is keyed by cgroup id: written from `workloads`.
+            let mut d = fw_loader::entry_delta(&a.desired.encoded, &desired.encoded);
+            d.remove(fw_common::maps::WORKLOADS);
+            d
+        });
         let base = self.applied.as_ref().map(|a| a.desired.digest.clone());
         let result =
             self.enforce(&desired, &workloads, commit, base.as_deref().zip(deltas.as_ref()));
@@ -349,6 +352,7 @@ impl Engine {
                     "applied"
                 );
                 self.metrics.reconcile_seconds.observe(enforced_after.as_secs_f64());
+                self.apply_backoff.reset();
                 self.applied = Some(Applied { commit: commit.into(), desired, workloads });
                 self.rejected = None;
                 lock(&self.status).last_error = None;
@@ -360,7 +364,7 @@ impl Engine {
                 error!(%commit, "applying failed; the kernel keeps enforcing what it did: {e}");
                 // The handle may name pins that are gone (an unload): reopen next time.
                 self.dp = None;
-                self.next_fetch = Instant::now() + self.backoff.next_delay();
+                self.next_fetch = Instant::now() + self.apply_backoff.next_delay();
                 self.record_error(Some(commit), "enforce", &e.to_string(), Vec::new());
                 self.set_reconcile(commit, "failed", steps, None);
                 self.metrics.outcome("failed");

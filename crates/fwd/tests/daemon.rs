@@ -180,8 +180,25 @@ drift_interval: {drift}
     }
 
     fn start_with(&mut self, env: &[(&str, &str)]) {
+        self.spawn(&[], env);
+    }
+
+    /// Runs fwd under `wrapper` (a command line that ends where fwd's begins).
+    fn start_wrapped(&mut self, wrapper: &[&str]) {
+        self.spawn(wrapper, &[]);
+    }
+
+    fn spawn(&mut self, wrapper: &[&str], env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "fwd already runs");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fwd"));
+        let fwd = env!("CARGO_BIN_EXE_fwd");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(fwd);
+                c
+            }
+            None => Command::new(fwd),
+        };
         cmd.arg("--config").arg(self.path("fwd.yaml")).stdin(Stdio::null()).stdout(Stdio::null());
         cmd.stderr(Stdio::piped()).env("FWD_LOG", "info");
         for (k, v) in env {
@@ -245,7 +262,11 @@ drift_interval: {drift}
             {
                 return s;
             }
-            assert!(Instant::now() < deadline, "{what}: not so after 30 s; last status {:?}", self.status());
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not so after 30 s; last status {:?}",
+                self.status()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -276,7 +297,11 @@ drift_interval: {drift}
 
     /// (ping, tcp to a, tcp to b), each as allowed or not.
     fn observe(&self) -> (bool, bool, bool) {
-        (self.ping() == Outcome::Ok, self.tcp(&self.a) == Outcome::Ok, self.tcp(&self.b) == Outcome::Ok)
+        (
+            self.ping() == Outcome::Ok,
+            self.tcp(&self.a) == Outcome::Ok,
+            self.tcp(&self.b) == Outcome::Ok,
+        )
     }
 
     fn program_id(&self) -> u32 {
@@ -500,4 +525,41 @@ spec:
     let active = dp.active_generation().expect("active");
     let table = dp.read_workloads(active).expect("workloads");
     assert!(table.contains_key(&app.id()) && !table.contains_key(&old_id), "{table:?}");
+}
+
+/// The capabilities the systemd unit keeps, as setpriv's `--bounding-set` list.
+fn unit_capabilities() -> String {
+    let unit = include_str!("../../../dist/fwd.service");
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet");
+    let caps: Vec<String> = line
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    format!("-all,{}", caps.join(","))
+}
+
+#[test]
+fn runs_with_only_the_capabilities_of_the_unit() {
+    if !fw_netkit::require_root() {
+        return;
+    }
+    let caps = unit_capabilities();
+    let mut lab = Lab::new();
+    let c1 = lab.commit(&policy_ping_and(lab.a.addr().port()), "p1");
+    // First run: loads, pins and attaches with these capabilities only.
+    lab.start_wrapped(&["setpriv", "--bounding-set", &caps, "--inh-caps", "-all", "--"]);
+    lab.wait_applied(&c1);
+    assert_eq!(lab.observe(), P1);
+    let prog = lab.program_id();
+    assert!(lab.stop().success());
+    // A restart adopts the pins (no reload) and applies a change, still without more.
+    let c2 = lab.commit(&policy_only(lab.b.addr().port()), "p2");
+    lab.start_wrapped(&["setpriv", "--bounding-set", &caps, "--inh-caps", "-all", "--"]);
+    lab.wait_applied(&c2);
+    assert_eq!(lab.observe(), P2);
+    assert_eq!(lab.program_id(), prog);
+    assert!(lab.stop().success());
 }
