@@ -117,6 +117,12 @@ impl Lab {
     fn open(&self, reference: &str, path: &str) -> Source {
         Source::open(&self.spec(&self.file_url(), reference, path), &self.state()).unwrap()
     }
+
+    /// A source with a state folder of its own (one state folder serves one source at a time).
+    fn open_in(&self, state: &str, reference: &str, path: &str) -> Source {
+        let spec = self.spec(&self.file_url(), reference, path);
+        Source::open(&spec, &self.tmp.path().join(state)).unwrap()
+    }
 }
 
 /// The error and all its sources, as a log line would show them.
@@ -487,10 +493,12 @@ fn a_missing_policy_folder_or_a_file_in_its_place_is_a_clear_error() {
     let message = err.to_string();
     assert!(message.contains(&id) && message.contains("'no'"), "{message}");
 
-    let source = lab.open("main", "docs");
+    let mut source = lab.open_in("state-docs", "main", "docs");
+    source.fetch().unwrap();
     let err = source.snapshot(&id2).unwrap_err();
     assert!(matches!(err, SourceError::NotAFolder { .. }), "{err:?}");
-    let source = lab.open("main", "policies/web.yaml");
+    let mut source = lab.open_in("state-file", "main", "policies/web.yaml");
+    source.fetch().unwrap();
     assert!(matches!(source.snapshot(&id2).unwrap_err(), SourceError::NotAFolder { .. }));
 }
 
@@ -532,7 +540,8 @@ fn a_symlink_under_the_policy_folder_is_an_error_and_elsewhere_it_is_ignored() {
     assert!(matches!(source.snapshot(&dir_link).unwrap_err(), SourceError::Symlink { .. }));
 
     // The policy folder itself a link.
-    let linked_folder = lab.open("main", "policies/shared");
+    let mut linked_folder = lab.open_in("state-link", "main", "policies/shared");
+    linked_folder.fetch().unwrap();
     assert!(matches!(linked_folder.snapshot(&dir_link).unwrap_err(), SourceError::Symlink { .. }));
 
     // Outside the folder, or hidden, a link does not matter.
@@ -794,4 +803,16 @@ fn many_fetches_do_not_pile_up_packs_and_keep_every_commit() {
     drop(source);
     let mut reopened = lab.open("main", "policies");
     assert!(!reopened.fetch().unwrap().recloned, "the compacted mirror passes the check");
+}
+
+#[test]
+fn one_state_folder_serves_one_source_at_a_time() {
+    let (lab, _) = seeded();
+    let source = lab.open("main", "policies");
+    let spec = lab.spec(&lab.file_url(), "main", "policies");
+    let err = Source::open(&spec, &lab.state()).unwrap_err();
+    assert!(matches!(err, SourceError::Locked { .. }), "{err:?}");
+    assert!(err.to_string().contains("in use"), "{err}");
+    drop(source);
+    Source::open(&spec, &lab.state()).unwrap();
 }

@@ -101,6 +101,30 @@ fn remove_if_present(location: &Location, dir: &Path) -> Result<(), SourceError>
     }
 }
 
+/// Takes the exclusive lock on the state folder (`mirror.lock`); released when the file closes.
+pub(crate) fn lock(location: &Location, state_dir: &Path) -> Result<std::fs::File, SourceError> {
+    std::fs::create_dir_all(state_dir).map_err(io_err(
+        location,
+        state_dir,
+        "create the state folder",
+    ))?;
+    let path = state_dir.join("mirror.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(location, &path, "open the lock"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(SourceError::Locked {
+            url: location.display().to_owned(),
+            dir: state_dir.to_owned(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(location, &path, "lock")(e)),
+    }
+}
+
 /// Opens the mirror at `dir`, or creates an empty one when it is absent, unusable, or records
 /// another URL.
 pub(crate) fn open_or_create(
