@@ -175,10 +175,26 @@ fn first_fetch_clones_and_snapshot_reads_exactly_the_yaml_files_under_the_folder
     assert!(lab.mirror().join("objects").is_dir(), "the mirror is a bare repository");
     assert!(!lab.mirror().join("policies").exists(), "no work tree");
 
+    // Only the one ref was fetched, with only its objects.
+    git(&lab.work(), &["checkout", "-q", "-b", "other"]);
+    lab.write("policies/other.yaml", "rules: [other]\n");
+    let other = lab.commit("Other branch");
+    lab.push("other");
+    git(&lab.work(), &["tag", "-a", "v0", "-m", "A tag"]);
+    lab.push("refs/tags/v0");
+    assert_eq!(source.fetch().unwrap().commit, id);
+    assert_eq!(git(&lab.mirror(), &["for-each-ref", "--format=%(refname)"]), "refs/fwd/heads/main");
+    let has_other = Command::new("git")
+        .args(["cat-file", "-e", &other])
+        .current_dir(lab.mirror())
+        .status()
+        .unwrap();
+    assert!(!has_other.success(), "objects of another branch were fetched");
+
     let snapshot = source.snapshot(&id).unwrap();
     assert_eq!(snapshot.commit, id);
     assert_eq!(snapshot.summary, "Seed policies");
-    let author_time: i64 = git(&lab.work(), &["log", "-1", "--format=%at"]).parse().unwrap();
+    let author_time: i64 = git(&lab.work(), &["log", "-1", "--format=%at", &id]).parse().unwrap();
     assert_eq!(snapshot.author_time, author_time);
     let files: Vec<(&str, &[u8])> =
         snapshot.files.iter().map(|f| (f.path.as_str(), f.bytes.as_slice())).collect();
@@ -242,7 +258,11 @@ fn a_new_commit_is_fetched_and_an_unchanged_remote_reports_no_change() {
     let mut source = lab.open("main", "policies");
     source.fetch().unwrap();
 
+    let pack_dir = lab.mirror().join("objects/pack");
+    let packs = || fs::read_dir(&pack_dir).unwrap().count();
+    let before = packs();
     let again = source.fetch().unwrap();
+    assert_eq!(packs(), before, "an unchanged remote transfers no objects");
     assert_eq!(again.commit, first);
     assert_eq!(again.previous.as_deref(), Some(first.as_str()));
     assert!(!again.changed() && !again.forced && !again.recloned);
