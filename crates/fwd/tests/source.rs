@@ -695,19 +695,24 @@ fn watch_refuses_a_remote_source() {
 fn credentials_never_appear_in_errors_or_debug_output() {
     let lab = Lab::new();
     // Port 1 on the loopback: nothing listens, so the connection is refused at once.
-    let url = "https://deploy-bot:s3cr3t-t0ken-value@127.0.0.1:1/org/policies.git";
-    let spec = lab.spec(url, "main", "policies");
-    let mut source = Source::open(&spec, &lab.state()).unwrap();
-    let err = source.fetch().unwrap_err();
-    assert!(err.is_transient(), "{err:?}");
-    let shown = [chain(&err), format!("{err:?}"), format!("{source:?}"), format!("{spec:?}")];
-    for text in &shown {
-        assert!(!text.contains("s3cr3t") && !text.contains("deploy-bot"), "{text}");
+    for scheme in ["https", "ssh"] {
+        let url = format!("{scheme}://deploy-bot:s3cr3t-t0ken-value@127.0.0.1:1/org/policies.git");
+        let spec = lab.spec(&url, "main", "policies");
+        let state = lab.tmp.path().join(scheme);
+        let mut source = Source::open(&spec, &state).unwrap();
+        let err = source.fetch().unwrap_err();
+        assert!(matches!(err, SourceError::Unreachable { .. }), "{err:?}");
+        assert!(err.is_transient());
+        let shown = [chain(&err), format!("{err:?}"), format!("{source:?}"), format!("{spec:?}")];
+        for text in &shown {
+            assert!(!text.contains("s3cr3t") && !text.contains("deploy-bot"), "{text}");
+        }
+        let display = format!("{scheme}://127.0.0.1:1/org/policies.git");
+        assert!(shown[0].contains(&display), "{}", shown[0]);
+        assert_eq!(source.display_url(), display);
+        let config = fs::read_to_string(state.join("mirror.git/config")).unwrap();
+        assert!(!config.contains("s3cr3t"), "credentials written to disk: {config}");
     }
-    assert!(shown[0].contains("https://127.0.0.1:1/org/policies.git"), "{}", shown[0]);
-    assert_eq!(source.display_url(), "https://127.0.0.1:1/org/policies.git");
-    let config = fs::read_to_string(lab.mirror().join("config")).unwrap();
-    assert!(!config.contains("s3cr3t"), "credentials written to disk: {config}");
 
     let bad = lab.spec("ftp://user:s3cr3t@host/x", "main", "policies");
     let err = Source::open(&bad, &lab.state()).unwrap_err();
