@@ -15,8 +15,15 @@
 //! - A local repository (a path or `file://`) can be watched ([`Source::watch`]) so that a
 //!   commit is picked up at once rather than at the next poll.
 //!
-//! Not handled here: several processes sharing one state folder (the daemon holds it alone),
-//! and compacting the mirror (libgit2 has no gc; each fetch that moved adds one pack).
+//! Credentials: for https, a user and password (or token) written in the URL, then git's
+//! credential helpers from the git config of the daemon's user; for ssh, the ssh agent
+//! (`SSH_AUTH_SOCK`), then `~/.ssh/id_ed25519`, `id_ecdsa` or `id_rsa` without a passphrase,
+//! with the host key checked against `~/.ssh/known_hosts`. Credentials are held in memory
+//! only: the mirror's config records the URL without them.
+//!
+//! One process at a time: [`Source::open`] takes an exclusive lock on `mirror.lock` in the
+//! state folder and holds it while the `Source` lives, so a second daemon on the same state
+//! fails at start instead of both rewriting one mirror.
 
 mod backoff;
 mod error;
@@ -144,6 +151,8 @@ pub struct Source {
     last: Option<git2::Oid>,
     limits: Limits,
     fetch_timeout: Duration,
+    /// Holds the exclusive lock on the state folder's mirror.
+    _lock: std::fs::File,
 }
 
 impl fmt::Debug for Source {
@@ -181,6 +190,7 @@ impl Source {
         let base = normalize_path(&spec.path).map_err(|r| invalid("path", r))?;
         mirror::init_libgit2();
         let dir = state_dir.join("mirror.git");
+        let lock = mirror::lock(&location, state_dir)?;
         let repo = mirror::open_or_create(&location, &dir, state_dir)?;
         let mut source = Source {
             location,
@@ -192,6 +202,7 @@ impl Source {
             last: None,
             limits: Limits::default(),
             fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+            _lock: lock,
         };
         source.last = source.tracked(&source.repo);
         Ok(source)

@@ -117,6 +117,12 @@ impl Lab {
     fn open(&self, reference: &str, path: &str) -> Source {
         Source::open(&self.spec(&self.file_url(), reference, path), &self.state()).unwrap()
     }
+
+    /// A source with a state folder of its own (one state folder serves one source at a time).
+    fn open_in(&self, state: &str, reference: &str, path: &str) -> Source {
+        let spec = self.spec(&self.file_url(), reference, path);
+        Source::open(&spec, &self.tmp.path().join(state)).unwrap()
+    }
 }
 
 /// The error and all its sources, as a log line would show them.
@@ -169,10 +175,26 @@ fn first_fetch_clones_and_snapshot_reads_exactly_the_yaml_files_under_the_folder
     assert!(lab.mirror().join("objects").is_dir(), "the mirror is a bare repository");
     assert!(!lab.mirror().join("policies").exists(), "no work tree");
 
+    // Only the one ref was fetched, with only its objects.
+    git(&lab.work(), &["checkout", "-q", "-b", "other"]);
+    lab.write("policies/other.yaml", "rules: [other]\n");
+    let other = lab.commit("Other branch");
+    lab.push("other");
+    git(&lab.work(), &["tag", "-a", "v0", "-m", "A tag"]);
+    lab.push("refs/tags/v0");
+    assert_eq!(source.fetch().unwrap().commit, id);
+    assert_eq!(git(&lab.mirror(), &["for-each-ref", "--format=%(refname)"]), "refs/fwd/heads/main");
+    let has_other = Command::new("git")
+        .args(["cat-file", "-e", &other])
+        .current_dir(lab.mirror())
+        .status()
+        .unwrap();
+    assert!(!has_other.success(), "objects of another branch were fetched");
+
     let snapshot = source.snapshot(&id).unwrap();
     assert_eq!(snapshot.commit, id);
     assert_eq!(snapshot.summary, "Seed policies");
-    let author_time: i64 = git(&lab.work(), &["log", "-1", "--format=%at"]).parse().unwrap();
+    let author_time: i64 = git(&lab.work(), &["log", "-1", "--format=%at", &id]).parse().unwrap();
     assert_eq!(snapshot.author_time, author_time);
     let files: Vec<(&str, &[u8])> =
         snapshot.files.iter().map(|f| (f.path.as_str(), f.bytes.as_slice())).collect();
@@ -236,7 +258,11 @@ fn a_new_commit_is_fetched_and_an_unchanged_remote_reports_no_change() {
     let mut source = lab.open("main", "policies");
     source.fetch().unwrap();
 
+    let pack_dir = lab.mirror().join("objects/pack");
+    let packs = || fs::read_dir(&pack_dir).unwrap().count();
+    let before = packs();
     let again = source.fetch().unwrap();
+    assert_eq!(packs(), before, "an unchanged remote transfers no objects");
     assert_eq!(again.commit, first);
     assert_eq!(again.previous.as_deref(), Some(first.as_str()));
     assert!(!again.changed() && !again.forced && !again.recloned);
@@ -487,10 +513,12 @@ fn a_missing_policy_folder_or_a_file_in_its_place_is_a_clear_error() {
     let message = err.to_string();
     assert!(message.contains(&id) && message.contains("'no'"), "{message}");
 
-    let source = lab.open("main", "docs");
+    let mut source = lab.open_in("state-docs", "main", "docs");
+    source.fetch().unwrap();
     let err = source.snapshot(&id2).unwrap_err();
     assert!(matches!(err, SourceError::NotAFolder { .. }), "{err:?}");
-    let source = lab.open("main", "policies/web.yaml");
+    let mut source = lab.open_in("state-file", "main", "policies/web.yaml");
+    source.fetch().unwrap();
     assert!(matches!(source.snapshot(&id2).unwrap_err(), SourceError::NotAFolder { .. }));
 }
 
@@ -532,7 +560,8 @@ fn a_symlink_under_the_policy_folder_is_an_error_and_elsewhere_it_is_ignored() {
     assert!(matches!(source.snapshot(&dir_link).unwrap_err(), SourceError::Symlink { .. }));
 
     // The policy folder itself a link.
-    let linked_folder = lab.open("main", "policies/shared");
+    let mut linked_folder = lab.open_in("state-link", "main", "policies/shared");
+    linked_folder.fetch().unwrap();
     assert!(matches!(linked_folder.snapshot(&dir_link).unwrap_err(), SourceError::Symlink { .. }));
 
     // Outside the folder, or hidden, a link does not matter.
@@ -666,19 +695,24 @@ fn watch_refuses_a_remote_source() {
 fn credentials_never_appear_in_errors_or_debug_output() {
     let lab = Lab::new();
     // Port 1 on the loopback: nothing listens, so the connection is refused at once.
-    let url = "https://deploy-bot:s3cr3t-t0ken-value@127.0.0.1:1/org/policies.git";
-    let spec = lab.spec(url, "main", "policies");
-    let mut source = Source::open(&spec, &lab.state()).unwrap();
-    let err = source.fetch().unwrap_err();
-    assert!(err.is_transient(), "{err:?}");
-    let shown = [chain(&err), format!("{err:?}"), format!("{source:?}"), format!("{spec:?}")];
-    for text in &shown {
-        assert!(!text.contains("s3cr3t") && !text.contains("deploy-bot"), "{text}");
+    for scheme in ["https", "ssh"] {
+        let url = format!("{scheme}://deploy-bot:s3cr3t-t0ken-value@127.0.0.1:1/org/policies.git");
+        let spec = lab.spec(&url, "main", "policies");
+        let state = lab.tmp.path().join(scheme);
+        let mut source = Source::open(&spec, &state).unwrap();
+        let err = source.fetch().unwrap_err();
+        assert!(matches!(err, SourceError::Unreachable { .. }), "{err:?}");
+        assert!(err.is_transient());
+        let shown = [chain(&err), format!("{err:?}"), format!("{source:?}"), format!("{spec:?}")];
+        for text in &shown {
+            assert!(!text.contains("s3cr3t") && !text.contains("deploy-bot"), "{text}");
+        }
+        let display = format!("{scheme}://127.0.0.1:1/org/policies.git");
+        assert!(shown[0].contains(&display), "{}", shown[0]);
+        assert_eq!(source.display_url(), display);
+        let config = fs::read_to_string(state.join("mirror.git/config")).unwrap();
+        assert!(!config.contains("s3cr3t"), "credentials written to disk: {config}");
     }
-    assert!(shown[0].contains("https://127.0.0.1:1/org/policies.git"), "{}", shown[0]);
-    assert_eq!(source.display_url(), "https://127.0.0.1:1/org/policies.git");
-    let config = fs::read_to_string(lab.mirror().join("config")).unwrap();
-    assert!(!config.contains("s3cr3t"), "credentials written to disk: {config}");
 
     let bad = lab.spec("ftp://user:s3cr3t@host/x", "main", "policies");
     let err = Source::open(&bad, &lab.state()).unwrap_err();
@@ -794,4 +828,16 @@ fn many_fetches_do_not_pile_up_packs_and_keep_every_commit() {
     drop(source);
     let mut reopened = lab.open("main", "policies");
     assert!(!reopened.fetch().unwrap().recloned, "the compacted mirror passes the check");
+}
+
+#[test]
+fn one_state_folder_serves_one_source_at_a_time() {
+    let (lab, _) = seeded();
+    let source = lab.open("main", "policies");
+    let spec = lab.spec(&lab.file_url(), "main", "policies");
+    let err = Source::open(&spec, &lab.state()).unwrap_err();
+    assert!(matches!(err, SourceError::Locked { .. }), "{err:?}");
+    assert!(err.to_string().contains("in use"), "{err}");
+    drop(source);
+    Source::open(&spec, &lab.state()).unwrap();
 }

@@ -66,6 +66,10 @@ pub enum SourceError {
         source: std::io::Error,
     },
 
+    /// Another process (or another `Source` in this one) uses the same state folder.
+    #[error("source {url}: the state folder {} is in use by another fwd", dir.display())]
+    Locked { url: String, dir: PathBuf },
+
     /// libgit2 failed on the mirror itself (not the remote) and re-creating it did not help.
     #[error("source {url}: mirror {}: {action}", dir.display())]
     Mirror {
@@ -245,6 +249,7 @@ impl SourceError {
             | SourceError::FileTooLarge { .. }
             | SourceError::TooLarge { .. }
             | SourceError::TooDeep { .. }
+            | SourceError::Locked { .. }
             | SourceError::NotLocal { .. }
             | SourceError::Watch { .. } => false,
         }

@@ -41,6 +41,9 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// mirror's objects are merged into one (see [`compact`]).
 pub(crate) const MAX_PACKS: usize = 32;
 
+/// How long [`lock`] waits for the state folder's lock before it reports it in use.
+const LOCK_WAIT: Duration = Duration::from_millis(500);
+
 /// The mirror's config key holding the URL it mirrors, without credentials.
 const URL_KEY: &str = "fwd.url";
 
@@ -98,6 +101,41 @@ fn remove_if_present(location: &Location, dir: &Path) -> Result<(), SourceError>
             Err(io_err(location, dir, "remove")(e))
         }
         _ => Ok(()),
+    }
+}
+
+/// Takes the exclusive lock on the state folder (`mirror.lock`); released when the file closes.
+pub(crate) fn lock(location: &Location, state_dir: &Path) -> Result<std::fs::File, SourceError> {
+    std::fs::create_dir_all(state_dir).map_err(io_err(
+        location,
+        state_dir,
+        "create the state folder",
+    ))?;
+    let path = state_dir.join("mirror.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(location, &path, "open the lock"))?;
+    // A holder that is going away gets a moment: a daemon restarted while the old one exits,
+    // or a process forked by another thread of this one that has not yet run exec (it shares
+    // the lock until then).
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(SourceError::Locked {
+                    url: location.display().to_owned(),
+                    dir: state_dir.to_owned(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(location, &path, "lock")(e)),
+        }
     }
 }
 
@@ -410,8 +448,13 @@ fn fetch_into(source: &Source, repo: &Repository) -> Result<Oid, Failure> {
     };
     let tracking = tracking_ref(name);
     let want = advertised(&format!("{name}^{{}}")).unwrap_or(oid);
+    // Up to date when the mirror's ref already holds what `want` peels to (for a tag without
+    // an advertised peeled entry, `want` is the tag object, which the mirror then holds too).
     let have = repo.refname_to_id(&tracking).ok();
-    if have != Some(want) || repo.find_commit(want).is_err() {
+    let up_to_date = have.is_some_and(|have| {
+        repo.find_object(want, None).and_then(|o| o.peel_to_commit()).is_ok_and(|c| c.id() == have)
+    });
+    if !up_to_date {
         let mut options = FetchOptions::new();
         options
             .remote_callbacks(callbacks(deadline, &timed_out))
