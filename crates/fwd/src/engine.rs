@@ -534,23 +534,22 @@ impl Engine {
                 );
             }
         }
-        let commit = a.commit.clone();
-        let desired = a.desired.clone();
-        match self.enforce(&desired, &workloads, &commit, None) {
+        // Taken out while the loader uses it (no copy of a possibly large state).
+        let Some(mut a) = self.applied.take() else { return };
+        match self.enforce(&a.desired, &workloads, &a.commit, None) {
             Ok(_) => {
                 info!(entries, workloads = workloads_drift, "drift corrected");
                 self.metrics.drift_corrections.inc_by(entries as u64);
-                if let Some(a) = self.applied.as_mut() {
-                    a.workloads = workloads;
-                }
+                a.workloads = workloads;
                 lock(&self.status).drift.corrected_total += entries as u64;
             }
             Err(e) => {
                 error!("correcting drift failed: {e}");
                 self.dp = None;
-                self.record_error(Some(&commit), "drift", &e.to_string(), Vec::new());
+                self.record_error(Some(&a.commit), "drift", &e.to_string(), Vec::new());
             }
         }
+        self.applied = Some(a);
     }
 
     fn rewatch_cgroups(&mut self) {
@@ -580,14 +579,14 @@ impl Engine {
         if workloads == a.workloads {
             return;
         }
-        let (commit, desired) = (a.commit.clone(), a.desired.clone());
+        let Some(mut a) = self.applied.take() else { return };
         let none = BTreeMap::new();
-        let base = desired.digest.clone();
-        match self.enforce(&desired, &workloads, &commit, Some((&base, &none))) {
+        let base = a.desired.digest.clone();
+        match self.enforce(&a.desired, &workloads, &a.commit, Some((&base, &none))) {
             Ok(_) => {
                 info!(
                     resolved = workloads.len(),
-                    paths = desired.state.workloads.len(),
+                    paths = a.desired.state.workloads.len(),
                     "workload table updated"
                 );
                 self.metrics.workload_updates.inc();
@@ -595,15 +594,14 @@ impl Engine {
                 s.workloads.resolved = workloads.len();
                 s.workloads.updates += 1;
                 drop(s);
-                if let Some(a) = self.applied.as_mut() {
-                    a.workloads = workloads;
-                }
+                a.workloads = workloads;
             }
             Err(e) => {
                 error!("updating the workload table failed: {e}");
                 self.dp = None;
             }
         }
+        self.applied = Some(a);
     }
 
     /// Reads counters and map fill into the status document.

@@ -563,3 +563,51 @@ fn runs_with_only_the_capabilities_of_the_unit() {
     assert_eq!(lab.program_id(), prog);
     assert!(lab.stop().success());
 }
+
+/// Makes the record under `root` name another ABI, as a root pinned by an older build would.
+fn rewrite_recorded_abi(root: &Path, abi: &str) {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(root.join("FW_RECORD")).expect("open the record");
+    let mut record: Array<MapData, [u8; 1024]> =
+        Array::try_from(Map::from_map_data(data).expect("map")).expect("array");
+    let meta_index = fw_common::GENERATIONS;
+    let raw = record.get(&meta_index, 0).expect("meta");
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    let text = String::from_utf8(raw[..end].to_vec()).expect("utf-8");
+    let text: String = text
+        .lines()
+        .map(|l| if l.starts_with("abi=") { format!("abi={abi}\n") } else { format!("{l}\n") })
+        .collect();
+    let mut out = [0u8; 1024];
+    out[..text.len()].copy_from_slice(text.as_bytes());
+    record.set(meta_index, out, 0).expect("write the record");
+}
+
+#[test]
+fn a_restart_on_pins_of_another_abi_swaps_the_programs_under_their_links() {
+    if !fw_netkit::require_root() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let c1 = lab.commit(&policy_ping_and(lab.a.addr().port()), "p1");
+    lab.start();
+    lab.wait_applied(&c1);
+    assert!(lab.stop().success());
+    let (old_prog, link) = {
+        let st = Dataplane::adopt(&lab.root).expect("adopt").status().expect("status");
+        (st.program_id, st.attachments[0].link_id)
+    };
+    // As if the pins were made by an older fwd.
+    rewrite_recorded_abi(&lab.root, "00000000deadbeef");
+    let c2 = lab.commit(&policy_only(lab.b.addr().port()), "p2");
+    lab.start();
+    lab.wait_applied(&c2);
+    assert_eq!(lab.observe(), P2);
+    let st =
+        Dataplane::adopt(&lab.root).expect("adopt with this build's ABI").status().expect("st");
+    assert_eq!(st.abi, fw_loader::abi_version());
+    assert_ne!(st.program_id, old_prog, "the programs were replaced");
+    assert_eq!(st.attachments[0].link_id, link, "under the same link");
+    assert_eq!(st.attachments[0].program_id, st.program_id);
+    assert_consistent(&lab.root);
+}
