@@ -189,6 +189,7 @@ impl Engine {
             }
             Err(e) => warn!("cannot adopt the pinned data plane: {e}"),
         }
+        self.adopt_recorded();
         self.sync_source();
         let fetched = lock(&self.status).source.error.is_none();
         if self.applied.is_none()
@@ -201,6 +202,44 @@ impl Engine {
         }
         self.drift();
         self.next_drift = Instant::now() + self.cfg.drift_interval;
+    }
+
+    /// Takes what the pinned data plane enforces as the applied state, without writing
+    /// anything, when its record names a commit the mirror has and that commit compiles to
+    /// the recorded digest: drift checks and workload updates then work from the start, even
+    /// while the head commit is refused or the remote is away.
+    fn adopt_recorded(&mut self) {
+        let Some(dp) = &self.dp else { return };
+        let Ok(active) = dp.active_generation() else { return };
+        let Ok(Some(rec)) = dp.applied(active) else { return };
+        lock(&self.status).applied = Some(AppliedStatus {
+            commit: rec.revision.clone(),
+            digest: rec.digest.clone(),
+            at_ms: now_ms(),
+            adopted: true,
+            program_id: dp.ingress_program_id().ok(),
+            ..AppliedStatus::default()
+        });
+        if !self.open_source() {
+            return;
+        }
+        let Some(source) = &self.source else { return };
+        let Ok(snapshot) = source.snapshot(&rec.revision) else {
+            debug!(revision = %rec.revision, "the recorded revision is not a commit of the mirror");
+            return;
+        };
+        match policy::desired(&snapshot.files, &self.host, &self.caps) {
+            Ok(desired) if desired.digest == rec.digest => {
+                info!(commit = %rec.revision, digest = %rec.digest, "adopted the enforced state");
+                let workloads =
+                    fw_loader::workloads::resolve(&self.cgroup, &desired.state.workloads);
+                self.applied = Some(Applied { commit: rec.revision, desired, workloads });
+                self.after_apply(&snapshot, Instant::now(), true);
+            }
+            _ => {
+                debug!(revision = %rec.revision, "the recorded revision does not compile to the recorded digest")
+            }
+        }
     }
 
     fn open_source(&mut self) -> bool {

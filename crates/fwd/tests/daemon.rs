@@ -373,6 +373,20 @@ fn a_commit_changes_enforcement_and_a_bad_commit_changes_nothing_and_is_reported
     assert!(m.contains(&format!("fwd_applied_revision{{commit=\"{c2}\"")), "{m}");
     assert!(m.contains("fwd_rule_packets_total{rule=\"base/svc\""), "{m}");
     assert!(m.contains("fwd_commit_to_enforced_seconds_count 2"), "{m}");
+    assert!(m.contains("fwd_map_entries{map=\"FW_IN_L4\"}"), "{m}");
+    assert!(m.contains("fwd_drops_total{direction=\"ingress\",reason=\"default\"}"), "{m}");
+
+    // A restart while the head commit is bad: the enforced state is adopted (from its
+    // recorded commit), the bad head is refused again, nothing is reloaded.
+    assert!(lab.stop().success());
+    lab.start();
+    let st = lab.wait_status("the bad head is refused after a restart", |s| {
+        s.last_error.as_ref().is_some_and(|e| e.commit.as_deref() == Some(bad.as_str()))
+    });
+    let applied = st.applied.as_ref().expect("adopted");
+    assert_eq!((applied.commit.as_str(), applied.adopted), (c2.as_str(), true));
+    assert_eq!(lab.observe(), P2);
+    assert_eq!(lab.program_id(), prog);
 
     // The next good commit applies and clears the error.
     let c3 = lab.commit(&policy_ping_and(lab.a.addr().port()), "back");
