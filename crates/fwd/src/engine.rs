@@ -549,15 +549,23 @@ impl Engine {
             .collect::<Result<Vec<_>, _>>()
             .unwrap_or_default();
         let workloads_drift = held.iter().any(|h| *h != workloads);
+        // Attachments removed by hand (a link pin deleted detaches it).
+        let interfaces: Vec<String> = fw_loader::attachments(&self.cfg.bpffs)
+            .map(|a| a.into_iter().map(|a| a.interface).collect())
+            .unwrap_or_default();
+        let egress = dp.cgroup_attachments().map(|l| l.len()).unwrap_or(0);
+        let detached = self.cfg.interfaces.iter().any(|i| !interfaces.contains(i))
+            || egress < fw_common::programs::EGRESS.len() + 1;
         let entries = report.entries();
         {
             let mut s = lock(&self.status);
             s.drift.checked_at_ms = Some(now_ms());
             s.drift.last_entries = entries;
             s.drift.last_workloads = workloads_drift;
+            s.drift.last_detached = detached;
             s.drift.checks += 1;
         }
-        if report.is_clean() && !workloads_drift {
+        if report.is_clean() && !workloads_drift && !detached {
             debug!("no drift");
             return;
         }
@@ -577,7 +585,7 @@ impl Engine {
         let Some(mut a) = self.applied.take() else { return };
         match self.enforce(&a.desired, &workloads, &a.commit, None) {
             Ok(_) => {
-                info!(entries, workloads = workloads_drift, "drift corrected");
+                info!(entries, workloads = workloads_drift, detached, "drift corrected");
                 self.metrics.drift_corrections.inc_by(entries as u64);
                 a.workloads = workloads;
                 lock(&self.status).drift.corrected_total += entries as u64;

@@ -111,6 +111,9 @@ pub struct DriftStatus {
     pub last_entries: usize,
     /// Whether the workload table differed at the last check.
     pub last_workloads: bool,
+    /// Whether an interface or the cgroup had lost its attachment at the last check.
+    #[serde(default)]
+    pub last_detached: bool,
     /// Entries corrected since start.
     pub corrected_total: u64,
     pub checks: u64,

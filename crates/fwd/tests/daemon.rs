@@ -466,6 +466,15 @@ fn hand_made_drift_is_corrected() {
     assert!(st.drift.corrected_total >= 2, "{:?}", st.drift);
     assert_eq!(lab.observe(), P1, "the correction restored the rule");
     assert_consistent(&lab.root);
+
+    // By hand: remove the XDP link's pin, which detaches the program from the interface.
+    let link = fw_loader::attachments(&lab.root).expect("links").remove(0);
+    std::fs::remove_file(&link.pin).expect("unpin the link");
+    lab.wait_log("detached=true");
+    lab.wait_status("attached again", |_| {
+        fw_loader::attachments(&lab.root).is_ok_and(|a| a.len() == 1)
+    });
+    assert_eq!(lab.observe(), P1, "the interface is filtered again");
     let m = lab.metrics_text();
     assert!(!m.contains("fwd_drift_corrections_total 0\n"), "{m}");
 }
