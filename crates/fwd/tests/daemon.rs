@@ -623,7 +623,9 @@ fn a_restart_on_pins_of_another_abi_swaps_the_programs_under_their_links() {
     // As if the pins were made by an older fwd.
     rewrite_recorded_abi(&lab.root, "00000000deadbeef");
     let c2 = lab.commit(&policy_only(lab.b.addr().port()), "p2");
-    lab.start();
+    // The upgrade too runs with the systemd unit's capabilities only.
+    let caps = unit_capabilities();
+    lab.start_wrapped(&["setpriv", "--bounding-set", &caps, "--inh-caps", "-all", "--"]);
     lab.wait_applied(&c2);
     assert_eq!(lab.observe(), P2);
     let st =
