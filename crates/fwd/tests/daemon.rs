@@ -318,6 +318,10 @@ drift_interval: {drift}
     }
 }
 
+fn work_of(lab: &Lab) -> PathBuf {
+    lab.path("work")
+}
+
 /// Both generations hold the same maps and the same record.
 fn assert_consistent(root: &Path) {
     let dp = Dataplane::adopt(root).expect("adopt");
@@ -499,6 +503,16 @@ fn the_remote_going_away_and_coming_back_and_a_force_push() {
     assert!(st.source.error.is_none(), "{:?}", st.source);
     assert_eq!(lab.observe(), P2);
 
+    // The branch is deleted on the remote: reported, enforcement unchanged; pushed again:
+    // followed.
+    git(&lab.path("remote.git"), &["update-ref", "-d", "refs/heads/main"]);
+    let st = lab.wait_status("the missing branch is reported", |s| s.source.error.is_some());
+    assert!(st.source.error.as_deref().is_some_and(|e| e.contains("main")), "{:?}", st.source);
+    assert_eq!(lab.observe(), P2, "enforcement unchanged while the branch is gone");
+    git(&work_of(&lab), &["push", "-q", "origin", "HEAD:main"]);
+    lab.wait_status("the branch is back", |s| s.source.error.is_none());
+    assert_eq!(lab.observe(), P2);
+
     // Rewrite history: c2 is dropped, c3 replaces it (not a descendant).
     let work = lab.path("work");
     git(&work, &["reset", "-q", "--hard", &c1]);
@@ -635,4 +649,43 @@ fn a_restart_on_pins_of_another_abi_swaps_the_programs_under_their_links() {
     assert_eq!(st.attachments[0].link_id, link, "under the same link");
     assert_eq!(st.attachments[0].program_id, st.program_id);
     assert_consistent(&lab.root);
+}
+
+/// Figures, not a check: commit-to-enforced latency for a local repository (push returned to
+/// the status naming the commit as applied), over 20 commits. Run with
+/// `cargo test -p fwd --test daemon -- --ignored --nocapture commit_to_enforced`.
+#[test]
+#[ignore = "a measurement; prints figures"]
+fn commit_to_enforced_latency_for_a_local_repository() {
+    if !fw_netkit::require_root() {
+        return;
+    }
+    let mut lab = Lab::new();
+    // A long poll interval: only the watch can make it fast.
+    lab.write_config("30s", "60s");
+    let c = lab.commit(&policy_ping_and(lab.a.addr().port()), "p0");
+    lab.start();
+    lab.wait_applied(&c);
+    let mut ms = Vec::new();
+    for i in 0..20u16 {
+        let yaml = policy_ping_and(lab.a.addr().port().wrapping_add(i + 1));
+        let work = lab.path("work");
+        std::fs::write(work.join("policies/base.yaml"), yaml).expect("policy");
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "-m", &format!("change {i}")]);
+        let t = Instant::now();
+        git(&work, &["push", "-q", "origin", "HEAD:main"]);
+        let c = git(&work, &["rev-parse", "HEAD"]);
+        lab.wait_applied(&c);
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    let p = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    eprintln!(
+        "commit-to-enforced (local, watch): p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms over {} commits",
+        p(0.5),
+        p(0.9),
+        p(1.0),
+        ms.len()
+    );
 }
