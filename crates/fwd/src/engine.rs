@@ -233,6 +233,8 @@ impl Engine {
                 info!(commit = %rec.revision, digest = %rec.digest, "adopted the enforced state");
                 let workloads =
                     fw_loader::workloads::resolve(&self.cgroup, &desired.state.workloads);
+                let mut desired = desired;
+                desired.shrink();
                 self.applied = Some(Applied { commit: rec.revision, desired, workloads });
                 self.after_apply(&snapshot, Instant::now(), true);
             }
@@ -358,6 +360,8 @@ impl Engine {
         {
             info!(%commit, digest = %desired.digest, "the pinned data plane already enforces this commit");
             let workloads = fw_loader::workloads::resolve(&self.cgroup, &desired.state.workloads);
+            let mut desired = desired;
+            desired.shrink();
             self.applied = Some(Applied { commit: commit.into(), desired, workloads });
             self.rejected = None;
             self.after_apply(&snapshot, t0, true);
@@ -392,9 +396,12 @@ impl Engine {
                 );
                 self.metrics.reconcile_seconds.observe(enforced_after.as_secs_f64());
                 self.apply_backoff.reset();
+                let mut desired = desired;
+                desired.shrink();
                 self.applied = Some(Applied { commit: commit.into(), desired, workloads });
                 self.rejected = None;
                 lock(&self.status).last_error = None;
+                release_freed_memory();
                 self.after_apply(&snapshot, t0, false);
                 self.set_reconcile(commit, "applied", steps, Some(&done));
                 self.metrics.outcome("applied");
@@ -514,6 +521,7 @@ impl Engine {
         self.record_error(Some(commit), stage, &rejected.to_string(), rejected.problems.clone());
         self.set_reconcile(commit, "rejected", steps, None);
         self.metrics.outcome("rejected");
+        release_freed_memory();
     }
 
     fn record_error(
@@ -721,6 +729,17 @@ impl Engine {
         s.rules = out;
         s.maps = maps;
         s.drops = drops;
+    }
+}
+
+/// Hands memory freed after a compile back to the system: the compiler's intermediate
+/// structures of a large policy are hundreds of MB at peak, which glibc's allocator would
+/// otherwise keep mapped between commits.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions; it only returns free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

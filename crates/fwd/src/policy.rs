@@ -28,6 +28,7 @@ use crate::source::PolicyFile;
 /// The state to enforce, compiled from one commit.
 #[derive(Clone, Debug)]
 pub struct Desired {
+    /// The compiled state (after [`Desired::shrink`], without its entries).
     pub state: MapState,
     /// `encode(state)`; its workload table (keyed by cgroup path) is what the loader checks,
     /// the kernel's is keyed by cgroup id and written from the resolved paths.
@@ -95,12 +96,25 @@ impl std::fmt::Display for Rejected {
 /// The state without its prefix and L4 entries: O(rules) rather than O(policy size).
 pub fn rule_table(state: &MapState) -> MapState {
     let mut t = state.clone();
-    for d in [&mut t.ingress, &mut t.egress] {
+    strip_entries(&mut t);
+    t
+}
+
+fn strip_entries(state: &mut MapState) {
+    for d in [&mut state.ingress, &mut state.egress] {
         d.v4.clear();
         d.v6.clear();
         d.l4.clear();
     }
-    t
+}
+
+impl Desired {
+    /// Drops the state's prefix and port entries, keeping what a daemon needs after the apply
+    /// (rules, workloads, host; the entries stay in `encoded`): about half the memory of a
+    /// large policy.
+    pub fn shrink(&mut self) {
+        strip_entries(&mut self.state);
+    }
 }
 
 /// Compiles `files` (paths relative to the repository root) for `host`.

@@ -689,3 +689,108 @@ fn commit_to_enforced_latency_for_a_local_repository() {
         ms.len()
     );
 }
+
+/// A policy with `n` IPv4 prefixes in rules of 100 (the /24s and the /32s inside them on
+/// different ports, so the compiler keeps every prefix) and 1000 port rules; `shift` moves
+/// port rule 0 (a one-rule change).
+fn big_policy(n: usize, shift: u16) -> String {
+    use std::fmt::Write as _;
+    let prefix = |i: usize| {
+        let k = u32::try_from(i / 2).expect("small");
+        let base = std::net::Ipv4Addr::from(0x0a00_0000 + (k << 9));
+        if i.is_multiple_of(2) {
+            format!("{base}/24")
+        } else {
+            format!("{}/32", std::net::Ipv4Addr::from(u32::from(base) + 7))
+        }
+    };
+    let mut out = String::from(
+        "apiVersion: fw/v1\nkind: Policy\nmetadata: {name: big}\nspec:\n  defaults: {ingress: deny}\n  ingress:\n",
+    );
+    for parity in [0, 1] {
+        let members: Vec<usize> = (0..n).filter(|i| i % 2 == parity).collect();
+        for (r, chunk) in members.chunks(100).enumerate() {
+            let port = if parity == 0 { 443 } else { 8443 };
+            let from: Vec<String> = chunk.iter().map(|&i| prefix(i)).collect();
+            let _ = writeln!(
+                out,
+                "    - {{name: p{parity}-{r}, action: allow, proto: tcp, ports: [{port}], from: [{}]}}",
+                from.join(", ")
+            );
+        }
+    }
+    for p in 0..1000u16 {
+        let port = 20000 + p + if p == 0 { shift } else { 0 };
+        let _ =
+            writeln!(out, "    - {{name: port{p}, action: allow, proto: tcp, ports: [{port}]}}");
+    }
+    out
+}
+
+/// (resident KiB, user+system CPU ticks) of process `pid`.
+fn rss_and_cpu(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    (rss, ticks)
+}
+
+/// Figures, not a check: a one-rule change against a 100k-prefix policy (fwd's steps and the
+/// loader's), fwd's resident memory with that policy, and its CPU while idle. Run with
+/// `cargo test -p fwd --test daemon -- --ignored --nocapture one_rule_change`.
+#[test]
+#[ignore = "a measurement; prints figures"]
+fn one_rule_change_against_100k_prefixes() {
+    if !fw_netkit::require_root() {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.write_config("30s", "10m");
+    let t = Instant::now();
+    let c = lab.commit(&big_policy(100_000, 0), "100k prefixes");
+    lab.start();
+    lab.wait_applied(&c);
+    eprintln!(
+        "first apply of 100k prefixes (start, fetch, compile, load, apply): {:?}",
+        t.elapsed()
+    );
+    let show = |st: &Status| {
+        let r = st.last_reconcile.as_ref().expect("reconcile");
+        let steps: Vec<String> =
+            r.steps.iter().map(|s| format!("{} {:.2} ms", s.step, s.ms)).collect();
+        eprintln!(
+            "{} (delta {}, {} written, {} deleted): {}",
+            r.outcome,
+            r.delta,
+            r.written,
+            r.deleted,
+            steps.join(", ")
+        );
+    };
+    for shift in 1..=3u16 {
+        let c = lab.commit(&big_policy(100_000, shift), "one rule");
+        let st = lab.wait_applied(&c);
+        show(&st);
+    }
+    let pid = lab.child.as_ref().expect("fwd").id();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // Three windows of 20 s; the poll interval is 30 s, so one or two hold a fetch.
+    for _ in 0..3 {
+        let (rss, before) = rss_and_cpu(pid);
+        std::thread::sleep(Duration::from_secs(20));
+        let (_, after) = rss_and_cpu(pid);
+        eprintln!(
+            "resident memory with 100k prefixes: {:.1} MiB; CPU while idle over 20 s: {:.2}%",
+            rss as f64 / 1024.0,
+            (after - before) as f64 / hz / 20.0 * 100.0
+        );
+    }
+}
