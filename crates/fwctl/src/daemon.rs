@@ -102,6 +102,9 @@ pub fn render(doc: &Value) -> String {
             s(&r["outcome"]),
             steps.join(", ")
         );
+        for c in r["changes"].as_array().into_iter().flatten() {
+            let _ = writeln!(out, "  {}", s(c));
+        }
     }
     match &doc["last_error"] {
         Value::Null => {
@@ -191,7 +194,8 @@ mod tests {
                        "last_fetch_ms": 1, "error": null, "failures": 0},
             "applied": {"commit": "aaa", "summary": "open ssh", "digest": "d1", "at_ms": 1,
                         "adopted": false, "commit_to_enforced_ms": 900.0, "detect_to_enforced_ms": 12.5},
-            "last_reconcile": {"commit": "bbb", "outcome": "rejected", "steps": [{"step": "compile", "ms": 1.5}]},
+            "last_reconcile": {"commit": "bbb", "outcome": "rejected", "steps": [{"step": "compile", "ms": 1.5}],
+                               "changes": ["+ ingress allow tcp/80 from any (base/web, policies/a.yaml:8)"]},
             "last_error": {"stage": "validate", "commit": "bbb", "message": "invalid policy",
                            "problems": [{"file": "policies/a.yaml", "line": 7, "column": 5,
                                          "message": "unknown proto", "code": "E0101"}]},
@@ -206,7 +210,7 @@ mod tests {
         for want in [
             "applied aaa \"open ssh\" digest d1",
             "commit to enforced 900 ms",
-            "last reconcile bbb rejected: compile 1.5 ms",
+            "last reconcile bbb rejected: compile 1.5 ms\n  + ingress allow tcp/80 from any (base/web, policies/a.yaml:8)\n",
             "  policies/a.yaml:7:5: unknown proto [E0101]",
             "3 corrected since start",
             "workloads: 1 of 2 paths resolved",

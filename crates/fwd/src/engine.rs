@@ -378,6 +378,7 @@ impl Engine {
             d
         });
         let base = self.applied.as_ref().map(|a| a.desired.digest.clone());
+        step(&mut steps, "diff");
         let result =
             self.enforce(&desired, &workloads, commit, base.as_deref().zip(deltas.as_ref()));
         step(&mut steps, "enforce");
@@ -398,12 +399,22 @@ impl Engine {
                 self.apply_backoff.reset();
                 let mut desired = desired;
                 desired.shrink();
+                let changes = match &self.applied {
+                    Some(a) => policy::rule_changes(&a.desired.state, &desired.state),
+                    None => vec!["(first state: every rule)".to_string()],
+                };
+                for c in &changes {
+                    info!(%commit, "{c}");
+                }
                 self.applied = Some(Applied { commit: commit.into(), desired, workloads });
                 self.rejected = None;
                 lock(&self.status).last_error = None;
                 release_freed_memory();
                 self.after_apply(&snapshot, t0, false);
                 self.set_reconcile(commit, "applied", steps, Some(&done));
+                if let Some(r) = lock(&self.status).last_reconcile.as_mut() {
+                    r.changes = changes;
+                }
                 self.metrics.outcome("applied");
             }
             Err(e) => {
@@ -505,6 +516,7 @@ impl Engine {
             written,
             deleted,
             delta,
+            changes: Vec::new(),
         });
     }
 

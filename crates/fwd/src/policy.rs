@@ -177,6 +177,73 @@ pub fn desired(
     Ok(Desired { digest: state.digest(), encoded, saved, state })
 }
 
+/// At most this many lines of [`rule_changes`]; the rest is counted in a last line.
+const MAX_CHANGE_LINES: usize = 100;
+
+/// What changes between two states, as rules (`MapState::diff`, the diff `fwctl diff` shows):
+/// one line per rule added, removed or changed, per changed default and per workload path.
+/// Meant for states without their entries ([`Desired::shrink`]): prefix and port entries are
+/// not listed.
+pub fn rule_changes(old: &MapState, new: &MapState) -> Vec<String> {
+    use fw_compiler::ast::{Action, Direction};
+    use fw_compiler::mapstate::RuleInfo;
+    let dir = |d: Direction| match d {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    };
+    let action = |a: Action| match a {
+        Action::Allow => "allow",
+        Action::Deny => "deny",
+    };
+    let line = |sign: char, r: &RuleInfo| {
+        let who = match &r.name {
+            Some(n) => format!("{}/{n}", r.policy),
+            None => format!("{}#{}", r.policy, r.index),
+        };
+        let audit = if r.audit { " [audit]" } else { "" };
+        format!(
+            "{sign} {} {}{audit} ({who}, {}:{})",
+            dir(r.direction),
+            r.summary,
+            r.location.file,
+            r.location.line
+        )
+    };
+    let d = old.diff(new);
+    let mut out = Vec::new();
+    for (_, r) in &d.rules.removed {
+        out.push(line('-', r));
+    }
+    for (_, r) in &d.rules.added {
+        out.push(line('+', r));
+    }
+    for (_, o, n) in &d.rules.changed {
+        if o.summary != n.summary || o.action != n.action || o.audit != n.audit {
+            out.push(line('-', o));
+            out.push(line('+', n));
+        } else {
+            out.push(format!("{} (metadata: log, name or location)", line('~', n)));
+        }
+    }
+    for (name, dd) in [("ingress", &d.ingress), ("egress", &d.egress)] {
+        if let Some((o, n)) = &dd.defaults {
+            out.push(format!("~ {name} default {} -> {}", action(o.verdict), action(n.verdict)));
+        }
+    }
+    for (path, class) in &d.workloads.added {
+        out.push(format!("+ workload {path} (class {})", class.0));
+    }
+    for (path, class) in &d.workloads.removed {
+        out.push(format!("- workload {path} (class {})", class.0));
+    }
+    if out.len() > MAX_CHANGE_LINES {
+        let more = out.len() - MAX_CHANGE_LINES;
+        out.truncate(MAX_CHANGE_LINES);
+        out.push(format!("... and {more} more"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +290,23 @@ spec:
         assert_eq!(p.file.as_deref(), Some("policies/base.yaml"));
         assert_eq!(p.line, Some(7));
         assert!(r.to_string().starts_with("invalid policy: policies/base.yaml:7:"), "{r}");
+    }
+
+    #[test]
+    fn changes_are_listed_as_rules_with_their_location() {
+        let caps = Capacities::default();
+        let mut a = desired(&[file("policies/base.yaml", GOOD)], &host(), &caps).unwrap();
+        let more = format!("{GOOD}    - {{name: web, action: allow, proto: tcp, ports: [80]}}\n");
+        let mut b = desired(&[file("policies/base.yaml", &more)], &host(), &caps).unwrap();
+        a.shrink();
+        b.shrink();
+        assert!(a.state.ingress.l4.is_empty());
+        let lines = rule_changes(&a.state, &b.state);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].starts_with("+ ingress allow tcp/80"), "{lines:?}");
+        assert!(lines[0].ends_with("(base/web, policies/base.yaml:8)"), "{lines:?}");
+        assert_eq!(rule_changes(&b.state, &a.state)[0].chars().next(), Some('-'));
+        assert!(rule_changes(&a.state, &a.state).is_empty());
     }
 
     #[test]

@@ -78,13 +78,17 @@ pub struct Reconcile {
     /// `applied`, `unchanged`, `rejected` or `failed`.
     pub outcome: String,
     pub at_ms: u64,
-    /// fwd's steps (`snapshot`, `compile`, `enforce`) and the loader's, in order.
+    /// fwd's steps (`snapshot`, `compile`, `diff`: the entry deltas against the state applied
+    /// last, `enforce`: lock, apply and attachments) and then the loader's apply steps.
     pub steps: Vec<Step>,
     /// Entries written before the flip and replayed after it.
     pub written: usize,
     pub deleted: usize,
     /// Whether the change went in as entry deltas (false: a full diff).
     pub delta: bool,
+    /// What changed, as rules (`+`/`-`/`~` lines naming each rule and its file:line).
+    #[serde(default)]
+    pub changes: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -357,6 +357,19 @@ fn a_commit_changes_enforcement_and_a_bad_commit_changes_nothing_and_is_reported
     assert_eq!(r.outcome, "applied");
     assert!(r.delta, "a warm apply goes in as entry deltas: {r:?}");
     assert!(r.steps.iter().any(|s| s.step == "loader: flip"), "{r:?}");
+    // What changed, as rules: ping is gone, svc's port moved.
+    assert!(
+        r.changes.iter().any(
+            |c| c.starts_with("- ingress ") && c.ends_with("(base/ping, policies/base.yaml:7)")
+        ),
+        "{:?}",
+        r.changes
+    );
+    assert!(
+        r.changes.iter().any(|c| c.starts_with("+ ingress ") && c.contains("base/svc")),
+        "{:?}",
+        r.changes
+    );
     assert_consistent(&lab.root);
 
     // A bad commit: refused, reported with its file:line, nothing changes.
