@@ -24,9 +24,11 @@ done
 
 # Debian packages, as "command:package": a C compiler for -sys crates and for linking
 # bpf-linker, pkg-config, and for the privileged data-plane tests bpftool (inspecting
-# programs and maps) and iproute2 (network namespaces, veth pairs, attaching XDP).
+# programs and maps) and iproute2 (network namespaces, veth pairs, attaching XDP); fwd's tests
+# make real git repositories (git) and run fwd with only its systemd unit's capabilities
+# (setpriv, from util-linux).
 missing=()
-for pair in gcc:gcc pkg-config:pkg-config bpftool:bpftool ip:iproute2; do
+for pair in gcc:gcc pkg-config:pkg-config bpftool:bpftool ip:iproute2 git:git setpriv:util-linux; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 # Libraries without a command: OpenSSL's headers for fwd's https git transport (git2 links the
