@@ -24,9 +24,10 @@ done
 
 # Debian packages, as "command:package": a C compiler for -sys crates and for linking
 # bpf-linker, pkg-config, and for the privileged data-plane tests bpftool (inspecting
-# programs and maps) and iproute2 (network namespaces, veth pairs, attaching XDP).
+# programs and maps), iproute2 (network namespaces, veth pairs, attaching XDP) and ping
+# (real ICMP between namespaces).
 missing=()
-for pair in gcc:gcc pkg-config:pkg-config bpftool:bpftool ip:iproute2; do
+for pair in gcc:gcc pkg-config:pkg-config bpftool:bpftool ip:iproute2 ping:iputils-ping; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
