@@ -25,9 +25,11 @@ done
 # Debian packages, as "command:package": a C compiler for -sys crates and for linking
 # bpf-linker, pkg-config, and for the privileged data-plane tests bpftool (inspecting
 # programs and maps), iproute2 (network namespaces, veth pairs, attaching XDP) and ping
-# (real ICMP between namespaces).
+# (real ICMP between namespaces); for the benchmark suite (`cargo xtask bench`) nftables and
+# iptables (the engines ours is compared with) and ethtool (GRO on the bench's veth).
 missing=()
-for pair in gcc:gcc pkg-config:pkg-config bpftool:bpftool ip:iproute2 ping:iputils-ping; do
+for pair in gcc:gcc pkg-config:pkg-config bpftool:bpftool ip:iproute2 ping:iputils-ping \
+    nft:nftables iptables:iptables ethtool:ethtool; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

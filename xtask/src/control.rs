@@ -181,12 +181,20 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
             if let Some((fi, fh)) = &files {
                 for (f, out) in [(fi, &mut nft_i), (fh, &mut nft_h)] {
                     let _ = sys::run_timed(ns.command("nft").args([
-                        "delete", "table", "netdev", netfilter::TABLE,
+                        "delete",
+                        "table",
+                        "netdev",
+                        netfilter::TABLE,
                     ]));
                     let (_, d) = sys::run_timed(ns.command("nft").arg("-f").arg(f))?;
                     out.push(ms(d));
                 }
-                let _ = sys::run_timed(ns.command("nft").args(["delete", "table", "netdev", netfilter::TABLE]));
+                let _ = sys::run_timed(ns.command("nft").args([
+                    "delete",
+                    "table",
+                    "netdev",
+                    netfilter::TABLE,
+                ]));
             }
             if ipt_ok {
                 let _ = sys::run_timed(ns.command("iptables").args(["-t", "raw", "-F"]));
@@ -207,13 +215,34 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
                 ipt.last()
             );
         }
-        let ratio = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+        let ratio =
+            |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
         let cell = |v: &[f64]| Summary::of(v).cell(1);
-        let nft_ratio = |v: &[f64]| if nft_i.is_empty() { "-".into() } else { Summary::of(&ratio(v, &nft_i)).cell(3) };
-        load_t.row(vec![label.clone(), "ours (apply)".into(), cell(&ours_enf), cell(&ours_all), nft_ratio(&ours_all)]);
+        let nft_ratio = |v: &[f64]| {
+            if nft_i.is_empty() { "-".into() } else { Summary::of(&ratio(v, &nft_i)).cell(3) }
+        };
+        load_t.row(vec![
+            label.clone(),
+            "ours (apply)".into(),
+            cell(&ours_enf),
+            cell(&ours_all),
+            nft_ratio(&ours_all),
+        ]);
         if nft_ok {
-            load_t.row(vec![label.clone(), "`nft -f`, interval sets".into(), "-".into(), cell(&nft_i), "1".into()]);
-            load_t.row(vec![label.clone(), "`nft -f`, hash sets".into(), "-".into(), cell(&nft_h), nft_ratio(&nft_h)]);
+            load_t.row(vec![
+                label.clone(),
+                "`nft -f`, interval sets".into(),
+                "-".into(),
+                cell(&nft_i),
+                "1".into(),
+            ]);
+            load_t.row(vec![
+                label.clone(),
+                "`nft -f`, hash sets".into(),
+                "-".into(),
+                cell(&nft_h),
+                nft_ratio(&nft_h),
+            ]);
         } else {
             part.notes.push(format!(
                 "{label}: nftables not measured ({}).",
@@ -221,7 +250,13 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
             ));
         }
         if ipt_ok {
-            load_t.row(vec![label.clone(), "`iptables-restore`".into(), "-".into(), cell(&ipt), nft_ratio(&ipt)]);
+            load_t.row(vec![
+                label.clone(),
+                "`iptables-restore`".into(),
+                "-".into(),
+                cell(&ipt),
+                nft_ratio(&ipt),
+            ]);
         } else {
             part.notes.push(format!(
                 "{label}: iptables not measured ({}).",
@@ -245,7 +280,13 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
     part.tables.push(compile_t);
     part.tables.push(load_t);
 
-    let r6t = Target::new("R6", "full 100k load over `nft -f` of the same set", "at most 0.1x", Bound::AtMost, 0.1);
+    let r6t = Target::new(
+        "R6",
+        "full 100k load over `nft -f` of the same set",
+        "at most 0.1x",
+        Bound::AtMost,
+        0.1,
+    );
     match r6 {
         Some((r, h, n)) => targets.push(r6t.measured(
             r.median,
@@ -278,7 +319,11 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
         a_all.push(ms(t.elapsed()));
         a_enf.push(enforced(&r));
         flips.push(step(&r, "flip"));
-        anyhow::ensure!(r.standby.written + r.standby.deleted == 2, "a one-rule change wrote {:?}", r.standby);
+        anyhow::ensure!(
+            r.standby.written + r.standby.deleted == 2,
+            "a one-rule change wrote {:?}",
+            r.standby
+        );
         cur = next;
     }
     let view = |e: &Encoded| {
@@ -294,7 +339,13 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
     for i in 0..s.cp_changes {
         let next = 1 - cur;
         let t = Instant::now();
-        let r = dp.apply_changes(&digests[cur], &deltas[next], &format!("delta-{i}"), &digests[next], &saved[next])?;
+        let r = dp.apply_changes(
+            &digests[cur],
+            &deltas[next],
+            &format!("delta-{i}"),
+            &digests[next],
+            &saved[next],
+        )?;
         d_all.push(ms(t.elapsed()));
         d_enf.push(enforced(&r));
         flips.push(step(&r, "flip"));
@@ -346,7 +397,11 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
         &["prefixes", "BPF map memory MB (memlock)", "this process's RSS MB"],
     );
     for (n, bytes, kb) in &memory {
-        mem.row(vec![size_label(*n), format!("{:.1}", *bytes as f64 / 1e6), format!("{:.0}", *kb as f64 / 1024.0)]);
+        mem.row(vec![
+            size_label(*n),
+            format!("{:.1}", *bytes as f64 / 1e6),
+            format!("{:.0}", *kb as f64 / 1024.0),
+        ]);
     }
     mem.row(vec![
         "peak of the whole run".into(),
@@ -370,10 +425,15 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
     part.data = serde_json::Value::Object(data);
     let scale = if n == 100_000 { String::new() } else { format!(" (at {n} prefixes)") };
     targets.push(
-        Target::new("R6b", "generation flip, p99 (ms)", "at most 20 ms", Bound::AtMost, 20.0).measured(
-            percentile(&flips, 99.0),
-            format!("the flip step of {} applies; alone: p99 {:.3} ms{scale}", flips.len(), percentile(&flip_only, 99.0)),
-        ),
+        Target::new("R6b", "generation flip, p99 (ms)", "at most 20 ms", Bound::AtMost, 20.0)
+            .measured(
+                percentile(&flips, 99.0),
+                format!(
+                    "the flip step of {} applies; alone: p99 {:.3} ms{scale}",
+                    flips.len(),
+                    percentile(&flip_only, 99.0)
+                ),
+            ),
     );
     targets.push(
         Target::new("R8", "one-rule change to enforced, p99 (ms), without a full reload", "at most 1 ms", Bound::AtMost, 1.0)

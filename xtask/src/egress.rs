@@ -73,8 +73,12 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
 
     let run_child = |cg: &Cgroup| -> anyhow::Result<f64> {
         let mut cmd = ns.command(&exe);
-        cmd.args(["connect-child", "--addr", &addr.to_string()])
-            .args(["--count", &s.egress_connects.to_string(), "--cpu", &s.bench_cpu.to_string()]);
+        cmd.args(["connect-child", "--addr", &addr.to_string()]).args([
+            "--count",
+            &s.egress_connects.to_string(),
+            "--cpu",
+            &s.bench_cpu.to_string(),
+        ]);
         cg.prepare(&mut cmd);
         let (out, _) = sys::run_timed(&mut cmd)?;
         out.trim().parse::<f64>().with_context(|| format!("connect-child printed {out:?}"))
@@ -118,8 +122,14 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
     let r = Summary::of(&ratios);
     let scale = if n == 100_000 { String::new() } else { format!(" (at {n} prefixes, not 100k)") };
     targets.push(
-        Target::new("R7", "`connect()` cost with 100k prefixes over no program", "at most 1.3x", Bound::AtMost, 1.3)
-            .measured(r.median, format!("per-round ratios {}{scale}", r.cell(2))),
+        Target::new(
+            "R7",
+            "`connect()` cost with 100k prefixes over no program",
+            "at most 1.3x",
+            Bound::AtMost,
+            1.3,
+        )
+        .measured(r.median, format!("per-round ratios {}{scale}", r.cell(2))),
     );
     Ok(part)
 }

@@ -218,7 +218,9 @@ fn bench(mode: Mode, out: Option<PathBuf>, only: &[String]) -> anyhow::Result<()
     let root = sys::workspace_root();
     let out = match (out, mode) {
         (Some(o), _) => o,
-        (None, Mode::Smoke) => std::env::temp_dir().join(format!("fw-bench-smoke-{}", std::process::id())),
+        (None, Mode::Smoke) => {
+            std::env::temp_dir().join(format!("fw-bench-smoke-{}", std::process::id()))
+        }
         (None, _) => root.clone(),
     };
     let s = Settings::new(mode);
@@ -312,14 +314,71 @@ fn bench(mode: Mode, out: Option<PathBuf>, only: &[String]) -> anyhow::Result<()
 fn all_targets() -> Vec<Target> {
     let none = "not run";
     vec![
-        Target::new("R1", "per-packet cost, 100k IPv4 prefixes + 1k port rules, over bare XDP_PASS", "at most 6x (stretch 3x)", Bound::AtMost, 6.0).missing(none),
-        Target::new("R2", "per-packet cost at 100k IPv4 prefixes over at 1k", "at most 1.5x", Bound::AtMost, 1.5).missing(none),
-        Target::new("R3", "veth packets per second, ours over nftables interval set, 100k prefixes", "at least 6x (stretch 10x)", Bound::AtLeast, 6.0).missing(none),
-        Target::new("R3b", "the same over the nftables hash-set layout", "at least 4x", Bound::AtLeast, 4.0).missing(none),
-        Target::new("R4", "veth packets per second, ours at 100k over bare XDP_DROP", "at least 0.6 (stretch 0.8)", Bound::AtLeast, 0.6).missing(none),
-        Target::new("R6", "full 100k load over `nft -f` of the same set", "at most 0.1x", Bound::AtMost, 0.1).missing(none),
-        Target::new("R6b", "generation flip, p99 (ms)", "at most 20 ms", Bound::AtMost, 20.0).missing(none),
-        Target::new("R7", "`connect()` cost with 100k prefixes over no program", "at most 1.3x", Bound::AtMost, 1.3).missing(none),
-        Target::new("R8", "one-rule change to enforced, p99 (ms), without a full reload", "at most 1 ms", Bound::AtMost, 1.0).missing(none),
+        Target::new(
+            "R1",
+            "per-packet cost, 100k IPv4 prefixes + 1k port rules, over bare XDP_PASS",
+            "at most 6x (stretch 3x)",
+            Bound::AtMost,
+            6.0,
+        )
+        .missing(none),
+        Target::new(
+            "R2",
+            "per-packet cost at 100k IPv4 prefixes over at 1k",
+            "at most 1.5x",
+            Bound::AtMost,
+            1.5,
+        )
+        .missing(none),
+        Target::new(
+            "R3",
+            "veth packets per second, ours over nftables interval set, 100k prefixes",
+            "at least 6x (stretch 10x)",
+            Bound::AtLeast,
+            6.0,
+        )
+        .missing(none),
+        Target::new(
+            "R3b",
+            "the same over the nftables hash-set layout",
+            "at least 4x",
+            Bound::AtLeast,
+            4.0,
+        )
+        .missing(none),
+        Target::new(
+            "R4",
+            "veth packets per second, ours at 100k over bare XDP_DROP",
+            "at least 0.6 (stretch 0.8)",
+            Bound::AtLeast,
+            0.6,
+        )
+        .missing(none),
+        Target::new(
+            "R6",
+            "full 100k load over `nft -f` of the same set",
+            "at most 0.1x",
+            Bound::AtMost,
+            0.1,
+        )
+        .missing(none),
+        Target::new("R6b", "generation flip, p99 (ms)", "at most 20 ms", Bound::AtMost, 20.0)
+            .missing(none),
+        Target::new(
+            "R7",
+            "`connect()` cost with 100k prefixes over no program",
+            "at most 1.3x",
+            Bound::AtMost,
+            1.3,
+        )
+        .missing(none),
+        Target::new(
+            "R8",
+            "one-rule change to enforced, p99 (ms), without a full reload",
+            "at most 1 ms",
+            Bound::AtMost,
+            1.0,
+        )
+        .missing(none),
     ]
 }

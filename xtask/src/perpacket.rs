@@ -81,9 +81,8 @@ pub fn run(
 ) -> anyhow::Result<Part> {
     let mut part = Part::new("per_packet", "1. Per-packet cost (BPF_PROG_TEST_RUN)");
     let (rounds, repeat) = (s.pp_rounds, s.pp_repeat);
-    part.method = vec![
-        format!(
-            "Each state is the generated policy of `xtask/src/states.rs` ({} prefixes per allow \
+    part.method = vec![format!(
+        "Each state is the generated policy of `xtask/src/states.rs` ({} prefixes per allow \
              rule, wide prefixes and hosts nested in them, plus {} TCP port rules without an \
              address restriction; default deny), compiled and loaded into a data plane of its \
              own from the benchmark object. Sources are drawn in the kernel per repetition: \
@@ -91,11 +90,10 @@ pub fn run(
              gaps between them (default deny). {rounds} interleaved rounds, repeat {repeat} per \
              call, thread pinned to CPU {}; cells are medians (min-max) over rounds, in ns per \
              packet. *net* = ours - draw-only baseline + bare XDP_PASS.",
-            states::PREFIXES_PER_RULE,
-            states::PORT_RULES,
-            s.bench_cpu
-        ),
-    ];
+        states::PREFIXES_PER_RULE,
+        states::PORT_RULES,
+        s.bench_cpu
+    )];
     crate::sys::pin(0, s.bench_cpu)?;
 
     let mut planes = Vec::new();
@@ -148,21 +146,13 @@ pub fn run(
     let base_s = Summary::of(&base);
     let mut t = Table::new(
         "ns per packet; × bare is net over bare XDP_PASS, per round",
-        &["state", "traffic", "ours", "net", "× bare XDP_PASS", "trie entries"],
+        &["state", "traffic", "ours", "net", "× bare XDP_PASS"],
     );
-    t.row(vec![
-        "bare XDP_PASS".into(),
-        "-".into(),
-        bare_s.cell(1),
-        "-".into(),
-        "1".into(),
-        "-".into(),
-    ]);
+    t.row(vec!["bare XDP_PASS".into(), "-".into(), bare_s.cell(1), "-".into(), "1".into()]);
     t.row(vec![
         "draw only (`fw_bench_base`)".into(),
         "-".into(),
         base_s.cell(1),
-        "-".into(),
         "-".into(),
         "-".into(),
     ]);
@@ -173,17 +163,12 @@ pub fn run(
             let raw = &cells[&(i, what)];
             let n = net(raw);
             let over: Vec<f64> = n.iter().zip(&bare).map(|(n, b)| n / b).collect();
-            let entries = match p.family {
-                Family::V4 => p.n + 1,
-                Family::V6 => p.n + 1,
-            };
             t.row(vec![
                 label(p.family, p.n),
                 format!("{what}-heavy"),
                 Summary::of(raw).cell(1),
                 Summary::of(&n).cell(1),
                 Summary::of(&over).cell(1),
-                entries.to_string(),
             ]);
             data.push(json!({
                 "family": p.family.label(), "prefixes": p.n, "traffic": what,
@@ -196,7 +181,8 @@ pub fn run(
     part.data = json!({ "repeat": repeat, "rounds": rounds, "bare_ns": bare, "draw_ns": base, "cells": data });
 
     // R1 and R2, per round, then the median over rounds.
-    let per_round = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+    let per_round =
+        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
     let r1 = Target::new(
         "R1",
         "per-packet cost, 100k IPv4 prefixes + 1k port rules, over bare XDP_PASS",
@@ -238,10 +224,15 @@ pub fn run(
         ));
         targets.push(r2.measured(
             hit.median.max(miss.median),
-            format!("net cost; the worse of hit-heavy {} and miss-heavy {}", hit.cell(2), miss.cell(2)),
+            format!(
+                "net cost; the worse of hit-heavy {} and miss-heavy {}",
+                hit.cell(2),
+                miss.cell(2)
+            ),
         ));
     } else {
-        targets.push(r2.missing(format!("1k and 100k IPv4 not both in the {} sizes", s.mode.name())));
+        targets
+            .push(r2.missing(format!("1k and 100k IPv4 not both in the {} sizes", s.mode.name())));
     }
     if s.mode == Mode::Smoke {
         part.notes.push("Smoke mode: tiny sizes and repeats; the figures mean nothing.".into());

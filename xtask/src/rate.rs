@@ -7,7 +7,8 @@
 //! (hit-heavy), transmitted out of the host end of a veth pair. The receiving end lives in a
 //! namespace of its own; its NAPI runs threaded (GRO on, so veth has NAPI without an XDP
 //! program) and the NAPI thread is pinned to the other CPU, so generator and receiver do not
-//! share a CPU. Engines take turns on the receiving end, round by round: our production
+//! share a CPU. Both run `SCHED_FIFO` while traffic flows, so builds or tests sharing the
+//! machine cannot take their CPU away (real-time throttling still leaves 5% to the rest). Engines take turns on the receiving end, round by round: our production
 //! ingress program (XDP, driver mode), nftables at netdev ingress (interval sets, then hash
 //! sets), iptables in raw PREROUTING, and a bare XDP_DROP. Every one ends in a drop.
 //!
@@ -30,12 +31,12 @@ use fw_loader::Dataplane;
 use fw_netkit::{Netns, VethPair};
 use serde_json::json;
 
+use crate::Settings;
 use crate::netfilter::{self, Layout};
 use crate::perpacket::Aux;
 use crate::report::{Bound, Part, Summary, Table, Target};
 use crate::states::{self, Draw, Family};
 use crate::sys;
-use crate::Settings;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Engine {
@@ -110,9 +111,27 @@ pub fn run(s: &Settings, aux: &mut Aux, targets: &mut Vec<Target>) -> anyhow::Re
         s.bench_cpu, s.receiver_cpu, s.rate_rounds, s.rate_seconds
     )];
     let missing = |t: Target, why: &str| t.missing(why.to_string());
-    let r3 = Target::new("R3", "veth packets per second, ours over nftables interval set, 100k prefixes", "at least 6x (stretch 10x)", Bound::AtLeast, 6.0);
-    let r3b = Target::new("R3b", "the same over the nftables hash-set layout", "at least 4x", Bound::AtLeast, 4.0);
-    let r4 = Target::new("R4", "veth packets per second, ours at 100k over bare XDP_DROP", "at least 0.6 (stretch 0.8)", Bound::AtLeast, 0.6);
+    let r3 = Target::new(
+        "R3",
+        "veth packets per second, ours over nftables interval set, 100k prefixes",
+        "at least 6x (stretch 10x)",
+        Bound::AtLeast,
+        6.0,
+    );
+    let r3b = Target::new(
+        "R3b",
+        "the same over the nftables hash-set layout",
+        "at least 4x",
+        Bound::AtLeast,
+        4.0,
+    );
+    let r4 = Target::new(
+        "R4",
+        "veth packets per second, ours at 100k over bare XDP_DROP",
+        "at least 0.6 (stretch 0.8)",
+        Bound::AtLeast,
+        0.6,
+    );
     if sys::cpus() < 2 {
         let why = "skipped: one CPU, no quiet CPU for the receiver";
         part.notes.push(format!("Packet rate {why}."));
@@ -125,25 +144,32 @@ pub fn run(s: &Settings, aux: &mut Aux, targets: &mut Vec<Target>) -> anyhow::Re
     if have_nft {
         engines.extend([Engine::NftInterval, Engine::NftHash]);
     } else {
-        part.notes.push("nft not installed (scripts/setup.sh installs it): nftables not measured.".into());
+        part.notes.push(
+            "nft not installed (scripts/setup.sh installs it): nftables not measured.".into(),
+        );
     }
     if have_ipt && n <= s.iptables_max {
         engines.push(Engine::Iptables);
     } else if !have_ipt {
-        part.notes.push("iptables not installed (scripts/setup.sh installs it): not measured.".into());
+        part.notes
+            .push("iptables not installed (scripts/setup.sh installs it): not measured.".into());
     }
     engines.push(Engine::XdpDrop);
 
     let ns = Netns::new()?;
     let veth = VethPair::new(&ns)?;
     let dev = veth.peer_name().to_string();
-    ns_sh(&ns, &format!("echo 1 > /sys/class/net/{dev}/threaded"))?;
+    // GRO first: it gives the veth its NAPI instance, which threaded mode needs.
     sys::run_timed(ns.command("ethtool").args(["-K", &dev, "gro", "on"]))
         .context("enable GRO on the receiving veth (ethtool)")?;
+    ns_sh(&ns, &format!("echo 1 > /sys/class/net/{dev}/threaded"))?;
     std::thread::sleep(Duration::from_millis(100));
     let threads = napi_threads(&dev);
+    // Pinned, and real-time: the receiver's CPU is shared with whatever else the machine
+    // runs, and a time-shared receiver would measure the neighbours.
     for &t in &threads {
         sys::pin(t, s.receiver_cpu)?;
+        sys::fifo(t, 50)?;
     }
     if threads.is_empty() {
         part.notes.push(format!(
@@ -172,7 +198,11 @@ pub fn run(s: &Settings, aux: &mut Aux, targets: &mut Vec<Target>) -> anyhow::Re
         veth.peer_v4(),
         Draw::new(Family::V4, n, true),
     );
+    // struct xdp_md: data (metadata length) 0, data_end the frame's length (the kernel
+    // insists), data_meta 0, ingress_ifindex the device to transmit from, rx queue 0,
+    // egress_ifindex 0.
     let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
     ctx[12..16].copy_from_slice(&veth.host_ifindex().to_ne_bytes());
     sys::pin(0, s.bench_cpu)?;
 
@@ -198,7 +228,14 @@ pub fn run(s: &Settings, aux: &mut Aux, targets: &mut Vec<Target>) -> anyhow::Re
                 }
                 Engine::Iptables => {
                     sys::run_timed(ns.command("iptables").args([
-                        "-t", "raw", "-I", "PREROUTING", "-i", &dev, "-j", netfilter::CHAIN,
+                        "-t",
+                        "raw",
+                        "-I",
+                        "PREROUTING",
+                        "-i",
+                        &dev,
+                        "-j",
+                        netfilter::CHAIN,
                     ]))?;
                 }
             }
@@ -221,11 +258,21 @@ pub fn run(s: &Settings, aux: &mut Aux, targets: &mut Vec<Target>) -> anyhow::Re
                 Engine::NftInterval | Engine::NftHash => {
                     let layout =
                         if engine == Engine::NftHash { Layout::Hash } else { Layout::Interval };
-                    nft(&ns, &format!("delete chain netdev {} rx_{}\n", netfilter::TABLE, layout.name()))?;
+                    nft(
+                        &ns,
+                        &format!("delete chain netdev {} rx_{}\n", netfilter::TABLE, layout.name()),
+                    )?;
                 }
                 Engine::Iptables => {
                     sys::run_timed(ns.command("iptables").args([
-                        "-t", "raw", "-D", "PREROUTING", "-i", &dev, "-j", netfilter::CHAIN,
+                        "-t",
+                        "raw",
+                        "-D",
+                        "PREROUTING",
+                        "-i",
+                        &dev,
+                        "-j",
+                        netfilter::CHAIN,
                     ]))?;
                 }
             }
@@ -267,9 +314,15 @@ pub fn run(s: &Settings, aux: &mut Aux, targets: &mut Vec<Target>) -> anyhow::Re
         let pps: Vec<f64> = counted.iter().map(|x| x.received as f64 / x.seconds).collect();
         let off: Vec<f64> = v.iter().map(|x| x.offered as f64 / x.seconds).collect();
         let busy: Vec<f64> = v.iter().map(|x| x.busy * 100.0).collect();
+        let received = if counted.is_empty() {
+            let all: Vec<f64> = v.iter().map(|x| x.received as f64 / x.seconds).collect();
+            format!("{} (no run counted)", Summary::of(&all).cell(0))
+        } else {
+            Summary::of(&pps).cell(0)
+        };
         t.row(vec![
             engine.label().into(),
-            Summary::of(&pps).cell(0),
+            received,
             Summary::of(&off).cell(0),
             Summary::of(&busy).cell(0),
             format!("{}/{}", counted.len(), v.len()),
@@ -306,14 +359,38 @@ pub fn run(s: &Settings, aux: &mut Aux, targets: &mut Vec<Target>) -> anyhow::Re
             .collect();
         (!r.is_empty()).then(|| Summary::of(&r))
     };
-    let scale = if n == 100_000 { String::new() } else { format!(" (measured at {n} prefixes, not 100k)") };
+    let scale =
+        if n == 100_000 { String::new() } else { format!(" (measured at {n} prefixes, not 100k)") };
+    // When ours counted but the other engine never did (the generator, not the receiver, was
+    // its limit), the other engine takes in at least what was measured, so ours over it is at
+    // most the measured ratio: enough to say "not met" for an at-least target below its
+    // limit, and nothing otherwise.
+    let bound = |a: Engine, b: Engine| -> Option<Summary> {
+        let (va, vb) = (samples.get(&a)?, samples.get(&b)?);
+        let r: Vec<f64> = va
+            .iter()
+            .zip(vb)
+            .filter(|(x, y)| x.counts && y.received > 0)
+            .map(|(x, y)| (x.received as f64 / x.seconds) / (y.received as f64 / y.seconds))
+            .collect();
+        (!r.is_empty()).then(|| Summary::of(&r))
+    };
     for (t, other) in [(r3, Engine::NftInterval), (r3b, Engine::NftHash), (r4, Engine::XdpDrop)] {
-        match ratio(Engine::Ours, other) {
-            Some(r) => targets.push(t.measured(
-                r.median,
-                format!("per-round ratios {}{scale}", r.cell(2)),
+        match (ratio(Engine::Ours, other), bound(Engine::Ours, other)) {
+            (Some(r), _) => {
+                targets.push(t.measured(r.median, format!("per-round ratios {}{scale}", r.cell(2))))
+            }
+            (None, Some(b)) if b.max < t.limit => targets.push(t.measured(
+                b.median,
+                format!(
+                    "an upper bound: no {} run counted (the generator was its limit), so it \
+                     takes in at least what was measured; per-round {}{scale}",
+                    other.label(),
+                    b.cell(2)
+                ),
             )),
-            None => targets.push(t.missing(format!("no round where both {} and ours counted", other.label()))),
+            _ => targets
+                .push(t.missing(format!("no round where both {} and ours counted", other.label()))),
         }
     }
     Ok(part)
@@ -332,6 +409,8 @@ fn measure(
     let thread_cpu = || threads.iter().filter_map(|&t| sys::cpu_time(t)).sum::<Duration>();
     let (rx0, _) = rx_stats(ns, dev)?;
     let (cpu0, j0) = (thread_cpu(), sys::cpu_jiffies(s.receiver_cpu));
+    // The generator is real-time too while it runs, for the same reason.
+    sys::fifo(0, 40)?;
     let start = Instant::now();
     let mut offered = 0u64;
     let mut chunk = 50_000u32;
@@ -341,16 +420,21 @@ fn measure(
             data_in: Some(frame),
             ctx_in: Some(ctx),
             repeat: chunk,
-            attrs: TestRunAttrs::new().xdp_live_frames(64),
+            attrs: TestRunAttrs::new().xdp_live_frames(256),
             ..TestRunOptions::new()
         };
-        aux.program("fw_bench_gen").test_run(opts).context("run the live-frames generator")?;
+        let r = aux.program("fw_bench_gen").test_run(opts);
+        if r.is_err() {
+            sys::fifo(0, 0)?;
+        }
+        r.context("run the live-frames generator")?;
         offered += u64::from(chunk);
         // Chunks of about 0.2 s: few calls, and a run ends close to its time.
         let per = t.elapsed().as_secs_f64() / f64::from(chunk);
         chunk = ((0.2 / per.max(1e-9)) as u32).clamp(10_000, 20_000_000);
     }
     let seconds = start.elapsed().as_secs_f64();
+    sys::fifo(0, 0)?;
     // What the ring still holds is taken in within a few ms.
     std::thread::sleep(Duration::from_millis(50));
     let (rx1, _) = rx_stats(ns, dev)?;

@@ -203,7 +203,11 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "| machine | {} CPUs, {}, {} MB |", m.cpus, m.cpu, m.memory_mb);
     let _ = writeln!(s, "| kernel | {} |", m.kernel);
     let _ = writeln!(s, "| commit | {} |", m.commit);
-    let _ = writeln!(s, "| load average (1, 5, 15 min) | {} before, {} after |", m.load_before, m.load_after);
+    let _ = writeln!(
+        s,
+        "| load average (1, 5, 15 min) | {} before, {} after |",
+        m.load_before, m.load_after
+    );
     for (tool, v) in &m.tools {
         let _ = writeln!(s, "| {tool} | {v} |");
     }
@@ -220,7 +224,8 @@ pub fn markdown(r: &Results) -> String {
         );
     }
     let _ = writeln!(s, "\n## Targets\n");
-    let _ = writeln!(s, "| | measure | target | measured | met | note |\n|---|---|---|---:|---|---|");
+    let _ =
+        writeln!(s, "| | measure | target | measured | met | note |\n|---|---|---|---:|---|---|");
     for t in &r.targets {
         let met = match t.met {
             Some(true) => "**met**",

@@ -18,9 +18,12 @@ use anyhow::{Context as _, bail};
 pub fn bench_object(root: &Path) -> anyhow::Result<Vec<u8>> {
     let target_dir = root.join("target").join("fw-ebpf-bench");
     let arch = std::env::consts::ARCH;
-    let flags =
-        [format!("--cfg=bpf_target_arch=\"{arch}\""), "-Cdebuginfo=2".into(), "-Clink-arg=--btf".into()]
-            .join("\x1f");
+    let flags = [
+        format!("--cfg=bpf_target_arch=\"{arch}\""),
+        "-Cdebuginfo=2".into(),
+        "-Clink-arg=--btf".into(),
+    ]
+    .join("\x1f");
     let status = Command::new("rustup")
         .args(["run", "nightly", "cargo", "build", "--release", "--target", "bpfel-unknown-none"])
         .args(["-Z", "build-std=core", "--features", "bench", "--bins", "--target-dir"])
@@ -58,6 +61,19 @@ pub fn pin(pid: i32, cpu: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sets thread or process `pid` (0: the calling thread) to `SCHED_FIFO` at `priority`, or
+/// back to `SCHED_OTHER` with priority 0. Under the kernel's real-time throttling (95% of each
+/// second by default) a busy FIFO thread cannot lock its CPU up.
+pub fn fifo(pid: i32, priority: i32) -> anyhow::Result<()> {
+    let policy = if priority > 0 { libc::SCHED_FIFO } else { libc::SCHED_OTHER };
+    let param = libc::sched_param { sched_priority: priority };
+    // SAFETY: `param` is a valid sched_param for the call.
+    if unsafe { libc::sched_setscheduler(pid, policy, &param) } != 0 {
+        bail!("sched_setscheduler({pid}, {policy}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Lets thread or process `pid` run on every CPU again.
 pub fn unpin(pid: i32) {
     // SAFETY: as in `pin`.
@@ -77,8 +93,16 @@ pub fn cpus() -> usize {
     usize::try_from(n).unwrap_or(1).max(1)
 }
 
-/// CPU time (user + system) of process or thread `pid` so far, from /proc/PID/stat.
+/// Time thread `pid` has run on a CPU so far, from /proc/PID/schedstat (nanoseconds; the
+/// tick-based user and system times of /proc/PID/stat are too coarse for short runs), else
+/// from /proc/PID/stat.
 pub fn cpu_time(pid: i32) -> Option<Duration> {
+    if let Some(ns) = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+    {
+        return Some(Duration::from_nanos(ns));
+    }
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command name, which is in parentheses and may hold spaces.
     let rest = &text[text.rfind(')')? + 2..];
@@ -239,12 +263,7 @@ pub fn utc_now() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, (rem % 3600) / 60, rem % 60)
 }
 
 /// The commit the workspace is at, with `-dirty` when it has changes.
