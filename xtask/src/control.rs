@@ -85,10 +85,11 @@ struct Loaded {
 pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
     let mut part = Part::new("control", "4. Control plane");
     part.method = vec![format!(
-        "Full loads: {} rounds per size, ours and the netfilter tools interleaved. One-rule \
+        "Full loads: {} rounds per size ({} at 1M), ours and the netfilter tools interleaved. One-rule \
          changes: {} cycles each against the loaded {} state (port rule 0 moves between two \
          ports: one L4 entry out, one in). Times in ms, medians (min-max).",
         s.cp_full_rounds,
+        s.cp_big_rounds,
         s.cp_changes,
         size_label(s.cp_sizes[0])
     )];
@@ -166,7 +167,8 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
         let mut nft_i = Vec::new();
         let mut nft_h = Vec::new();
         let mut ipt = Vec::new();
-        for round in 0..s.cp_full_rounds {
+        let rounds = if n >= 1_000_000 { s.cp_big_rounds } else { s.cp_full_rounds };
+        for round in 0..rounds {
             let mut dp = Dataplane::load_pinned(&root.0, &states::capacities(n))
                 .context("load a pinned data plane")?;
             let t = Instant::now();
@@ -207,7 +209,7 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
             eprintln!(
                 "control: {label} round {}/{}: ours {:.0} ms (enforced {:.0}), nft interval {:?}, hash {:?}, iptables {:?}",
                 round + 1,
-                s.cp_full_rounds,
+                rounds,
                 ours_all[round],
                 ours_enf[round],
                 nft_i.last(),
@@ -270,8 +272,9 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
         );
         if n == s.cp_sizes[0] && !nft_i.is_empty() {
             let r = Summary::of(&ratio(&ours_all, &nft_i));
+            let e = Summary::of(&ratio(&ours_enf, &nft_i));
             let h = Summary::of(&ratio(&ours_all, &nft_h));
-            r6 = Some((r, h, n));
+            r6 = Some((r, e, h, n));
         }
         if n == s.cp_sizes[0] {
             loaded_100k = Some((m, l));
@@ -288,11 +291,13 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
         0.1,
     );
     match r6 {
-        Some((r, h, n)) => targets.push(r6t.measured(
+        Some((r, e, h, n)) => targets.push(r6t.measured(
             r.median,
             format!(
-                "ours to complete over `nft -f` (interval sets), per round {}; over hash sets {}{}",
+                "ours to complete over `nft -f` (interval sets), per round {}; to enforced {}; \
+                 complete over hash sets {}{}",
                 r.cell(3),
+                e.cell(3),
                 h.cell(3),
                 if n == 100_000 { String::new() } else { format!(" (at {n} prefixes)") }
             ),

@@ -5,6 +5,7 @@
 //! hidden `connect-child` command) started inside a cgroup of the bench's own and inside the
 //! bench's network namespace, pinned to the bench CPU: one cgroup has the data plane's egress
 //! programs attached (connect4/6, sendmsg4/6 and the connection tracker), the other nothing.
+//! The child runs `SCHED_FIFO`, so other work on the machine does not land in its figures.
 //! The child connects to a closed TCP port on the namespace's own veth address (not a
 //! loopback address, which the programs let through without a lookup), so every `connect()`
 //! runs the full egress lookup, sends a SYN and gets a RST back (`ECONNREFUSED`). The policy
@@ -29,6 +30,9 @@ use crate::{Settings, sys};
 /// The child: `count` refused connects to `addr` after a warm-up; prints ns per connect.
 pub fn child(addr: SocketAddr, count: u32, cpu: usize) -> anyhow::Result<()> {
     sys::pin(0, cpu)?;
+    // Real-time, like the packet-rate threads: both sides alike, neither time-shared with
+    // whatever else the machine runs.
+    sys::fifo(0, 30)?;
     let once = || match TcpStream::connect(addr) {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
         Err(e) => Err(anyhow::anyhow!("connect {addr}: {e}")),

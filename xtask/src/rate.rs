@@ -138,6 +138,12 @@ pub fn run(s: &Settings, aux: &mut Aux, targets: &mut Vec<Target>) -> anyhow::Re
         targets.extend([missing(r3, why), missing(r3b, why), missing(r4, why)]);
         return Ok(part);
     }
+    if !sys::have("ethtool") {
+        let why = "skipped: ethtool not installed (scripts/setup.sh installs it)";
+        part.notes.push(format!("Packet rate {why}."));
+        targets.extend([missing(r3, why), missing(r3b, why), missing(r4, why)]);
+        return Ok(part);
+    }
     let have_nft = sys::have("nft");
     let have_ipt = sys::have("iptables-restore");
     let mut engines = vec![Engine::Ours];
