@@ -294,6 +294,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_production_object_holds_no_benchmark_code() {
+        let obj = fw_loader::object();
+        // Built with AYA_BUILD_SKIP: there is no object to look at.
+        if obj.is_empty() {
+            return;
+        }
+        // Program names and the bench module's symbols all start with this.
+        let needle = b"fw_bench";
+        assert!(
+            !obj.windows(needle.len()).any(|w| w == needle),
+            "the embedded fw-ebpf object was built with the `bench` feature"
+        );
+        assert!(obj.windows(10).any(|w| w == b"fw_ingress"), "the ingress program is named");
+    }
+
+    #[test]
     fn the_date_is_formatted_as_utc() {
         let d = utc_now();
         assert_eq!(d.len(), 23, "{d}");
