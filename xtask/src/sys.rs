@@ -124,6 +124,16 @@ pub fn cpu_jiffies(cpu: usize) -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
+/// The share of `cpu`'s time spent busy over the next `over`.
+pub fn cpu_busy(cpu: usize, over: Duration) -> f64 {
+    let a = cpu_jiffies(cpu);
+    std::thread::sleep(over);
+    match (a, cpu_jiffies(cpu)) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) as f64 / (t1 - t0) as f64,
+        _ => 0.0,
+    }
+}
+
 /// A field of /proc/self/status in kB (`VmRSS`, `VmHWM`).
 pub fn status_kb(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/status").ok()?;
