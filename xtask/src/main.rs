@@ -238,7 +238,17 @@ fn bench(mode: Mode, out: Option<PathBuf>, only: &[String]) -> anyhow::Result<()
     // SAFETY: geteuid has no preconditions.
     let root_user = unsafe { libc::geteuid() } == 0;
 
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+    if !root_user && (mode != Mode::Smoke || ci) {
+        // Never replace a report with an empty one; CI runs as root, so there it is a failure.
+        anyhow::bail!(
+            "the suite needs root (BPF_PROG_LOAD, bpffs, network namespaces, cgroups): \
+             run `sudo cargo xtask bench`"
+        );
+    }
     if !root_user {
+        // Smoke mode outside CI: the report is still written and parsed, with every part
+        // marked as not run.
         let mut p = Part::new("skipped", "Not run");
         p.notes.push(
             "Not run as root: every part needs BPF_PROG_LOAD, bpffs, network namespaces and \
