@@ -132,7 +132,7 @@ impl Settings {
                 pp_sizes: vec![v4(1000), v6(1000)],
                 pp_rounds: 3,
                 pp_repeat: 1000,
-                rate_sizes: vec![1000, 2000],
+                rate_sizes: vec![1000],
                 rate_rounds: 1,
                 rate_seconds: 0.2,
                 egress_prefixes: 1000,
