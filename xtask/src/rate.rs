@@ -485,6 +485,7 @@ fn measure(
         chunk = ((0.2 / per.max(1e-9)) as u32).clamp(10_000, 20_000_000);
     }
     let seconds = start.elapsed().as_secs_f64();
+    let cpu1 = thread_cpu();
     if rt {
         sys::fifo(0, 0)?;
     }
@@ -497,7 +498,7 @@ fn measure(
             _ => 0.0,
         }
     } else {
-        (thread_cpu() - cpu0).as_secs_f64() / seconds
+        (cpu1 - cpu0).as_secs_f64() / seconds
     };
     let received = rx1.saturating_sub(rx0);
     let counts = offered as f64 >= 1.2 * received as f64 || busy >= 0.95;
