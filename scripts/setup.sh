@@ -23,10 +23,12 @@ for component in rustfmt clippy; do
 done
 
 # Debian packages, as "command:package": a C compiler for -sys crates and for linking
-# bpf-linker, pkg-config, and for the privileged data-plane tests bpftool (inspecting
-# programs and maps) and iproute2 (network namespaces, veth pairs, attaching XDP).
+# bpf-linker, pkg-config, and for the privileged tests and the demo bpftool (inspecting
+# programs and maps), iproute2 (network namespaces, veth pairs, attaching XDP), ping, git
+# (repositories for fwd to follow) and python3 (the demo's web service and status checks).
 missing=()
-for pair in gcc:gcc pkg-config:pkg-config bpftool:bpftool ip:iproute2; do
+for pair in gcc:gcc pkg-config:pkg-config bpftool:bpftool ip:iproute2 ping:iputils-ping \
+    git:git python3:python3; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 # Libraries without a command: OpenSSL's headers for fwd's https git transport (git2 links the

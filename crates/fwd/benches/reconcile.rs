@@ -1,0 +1,553 @@
+//! fwd's figures: commit-to-enforced latency (a local repository, and a remote polled every
+//! 5 s), the reconcile time of a one-rule change against a 100k-prefix policy, and fwd's
+//! resident memory and idle CPU with a 100k-rule policy.
+//!
+//! Why it is built this way:
+//! - Real fwd processes (the binary cargo builds with the bench), real git repositories in a
+//!   temporary folder, a bpffs root of the bench's own (`/sys/fs/bpf/fwdbench-<pid>-<n>`, one
+//!   per series, unloaded after it), XDP on the host end of a veth pair whose peer is in a
+//!   namespace of the bench's own, and the egress programs on a cgroup of the bench's own
+//!   (fw-netkit): what is measured is what a host runs, nothing is attached to the host's own
+//!   interfaces or root cgroup. It needs root and prints `SKIPPED` without it.
+//! - Latency is measured from outside, the way a person would see it: the clock starts just
+//!   before `git commit` (local) or `git push` (remote) and stops when fwd's status socket
+//!   reports the new commit as applied, polled every 2 ms. fwd's own "seen to enforced" time
+//!   and its step times are read from the same status document and printed next to it.
+//! - The remote series serves a bare repository with `git daemon` (git://), which fwd cannot
+//!   watch, so it finds commits by polling alone; the bench waits a pseudo-random 0-5 s before
+//!   each push so that the pushes fall at every phase of the poll interval.
+//! - Memory is the kernel's count for the process (`VmRSS`, `VmHWM` in /proc/PID/status);
+//!   idle CPU is utime+stime from /proc/PID/stat over a window in which nothing talks to fwd
+//!   (the status socket is not read during it, since every read makes fwd read the counters).
+//!
+//! `cargo bench -p fwd --bench reconcile [-- --only local|remote|prefixes|rules]
+//! [--commits N] [--remote-commits N] [--idle-secs N]`
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fw_netkit::{Cgroup, Netns, VethPair};
+use fwd::status::Status;
+
+struct Options {
+    only: Option<String>,
+    commits: usize,
+    remote_commits: usize,
+    idle_secs: u64,
+}
+
+fn options() -> Options {
+    let mut o = Options { only: None, commits: 40, remote_commits: 12, idle_secs: 30 };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num = |what: &str| -> u64 {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{what} takes a number"))
+        };
+        match a.as_str() {
+            "--only" => o.only = args.next(),
+            "--commits" => o.commits = num("--commits") as usize,
+            "--remote-commits" => o.remote_commits = num("--remote-commits") as usize,
+            "--idle-secs" => o.idle_secs = num("--idle-secs"),
+            // cargo passes --bench; anything else is for other harnesses.
+            _ => {}
+        }
+    }
+    o
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "bench")
+        .env("GIT_AUTHOR_EMAIL", "bench@example.invalid")
+        .env("GIT_COMMITTER_NAME", "bench")
+        .env("GIT_COMMITTER_EMAIL", "bench@example.invalid")
+        .output()
+        .expect("run git");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The bench's interface and cgroup, shared by the series.
+struct Lab {
+    dir: tempfile::TempDir,
+    _ns: Netns,
+    veth: VethPair,
+    cg: Cgroup,
+    series: usize,
+}
+
+/// One fwd process with its own bpffs root; killed and unloaded on drop.
+struct Fwd {
+    child: Child,
+    root: PathBuf,
+    sock: PathBuf,
+}
+
+impl Drop for Fwd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fw_loader::unload_pinned(&self.root);
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+impl Fwd {
+    fn status(&self) -> Option<Status> {
+        let mut s = std::os::unix::net::UnixStream::connect(&self.sock).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Polls the status every 2 ms until `done`; the status and the time it took.
+    fn wait(&mut self, what: &str, limit: Duration, done: impl Fn(&Status) -> bool) -> Status {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.status()
+                && done(&s)
+            {
+                return s;
+            }
+            if let Ok(Some(e)) = self.child.try_wait() {
+                panic!("fwd exited ({e}) while waiting for {what}");
+            }
+            assert!(start.elapsed() < limit, "{what}: not so after {limit:?}: {:?}", self.status());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn wait_applied(&mut self, commit: &str, limit: Duration) -> Status {
+        self.wait(&format!("{commit} applied"), limit, |s| {
+            s.applied.as_ref().is_some_and(|a| a.commit == commit)
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let ns = Netns::new().expect("netns");
+        let veth = VethPair::new(&ns).expect("veth");
+        Lab { dir: tempfile::tempdir().expect("temp"), _ns: ns, veth, cg: Cgroup::new().expect("cgroup"), series: 0 }
+    }
+
+    /// Starts fwd on `url`; its folder is `name` under the bench's temp folder.
+    fn fwd(&mut self, name: &str, url: &str, interval: &str) -> Fwd {
+        self.series += 1;
+        let root = PathBuf::from("/sys/fs/bpf")
+            .join(format!("fwdbench-{}-{}", std::process::id(), self.series));
+        let dir = self.dir.path().join(format!("fwd-{name}"));
+        std::fs::create_dir_all(&dir).expect("fwd dir");
+        let sock = dir.join("run/status.sock");
+        let config = format!(
+            "source: {{url: '{url}', ref: main, path: policies, interval: {interval}}}
+host: {{name: bench-1, labels: {{role: bench}}}}
+interfaces: [{iface}]
+cgroup: {cgroup}
+bpffs: {root}
+state: {state}
+status: {sock}
+metrics: 127.0.0.1:0
+",
+            iface = self.veth.host_name(),
+            cgroup = self.cg.dir().display(),
+            root = root.display(),
+            state = dir.join("state").display(),
+            sock = sock.display(),
+        );
+        std::fs::write(dir.join("fwd.yaml"), config).expect("config");
+        let log = std::fs::File::create(dir.join("fwd.log")).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_fwd"))
+            .arg("--config")
+            .arg(dir.join("fwd.yaml"))
+            .env("FWD_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn fwd");
+        Fwd { child, root, sock }
+    }
+
+    /// A work repository with `files` under policies/, committed on main.
+    fn repo(&self, name: &str, files: &[(String, String)]) -> PathBuf {
+        let work = self.dir.path().join(name);
+        std::fs::create_dir_all(work.join("policies")).expect("work");
+        git(&work, &["init", "-q", "-b", "main"]);
+        for (file, text) in files {
+            std::fs::write(work.join("policies").join(file), text).expect("policy");
+        }
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "-m", "seed"]);
+        work
+    }
+}
+
+/// Rewrites policies/`file` of `work` with `text` and commits; the commit id.
+fn commit(work: &Path, file: &str, text: &str, message: &str) -> String {
+    std::fs::write(work.join("policies").join(file), text).expect("policy");
+    git(work, &["commit", "-q", "-am", message]);
+    git(work, &["rev-parse", "HEAD"])
+}
+
+// --- policies ----------------------------------------------------------------------------------
+
+const HEAD: &str = "apiVersion: fw/v1\n";
+
+/// A small host policy: an address set, default-deny ingress, 20 services from their own
+/// networks, ping, and `svc` on `port` (the rule the commits change).
+fn small_policy(port: u16) -> String {
+    let mut y = format!(
+        "{HEAD}kind: AddressSet\nmetadata: {{name: clients}}\nspec:\n  addresses: [10.20.0.0/16, 192.0.2.0/24]\n---\n\
+         {HEAD}kind: Policy\nmetadata: {{name: base}}\nspec:\n  defaults: {{ingress: deny}}\n  ingress:\n\
+         \x20   - {{name: ping, action: allow, proto: icmp, icmp: [echo-request]}}\n\
+         \x20   - {{name: svc, action: allow, from: [{{set: clients}}], proto: tcp, ports: [{port}]}}\n"
+    );
+    for i in 0..20 {
+        y.push_str(&format!(
+            "    - {{name: s{i}, action: allow, from: [10.1.{i}.0/24], proto: tcp, ports: [{}]}}\n",
+            2000 + i
+        ));
+    }
+    y
+}
+
+/// `n` distinct IPv4 prefixes (a tenth /24s, the rest /32s) in AddressSets of at most 50k,
+/// denied on ingress, with the small policy around them. Files: the sets, and base.yaml.
+fn prefix_policy(n: u32, port: u16) -> Vec<(String, String)> {
+    let mut files = Vec::new();
+    let mut names = Vec::new();
+    let mut i = 0u32;
+    while i < n {
+        let name = format!("block-{}", names.len());
+        let mut y = format!(
+            "{HEAD}kind: AddressSet\nmetadata: {{name: {name}}}\nspec:\n  addresses:\n"
+        );
+        let end = (i + 50_000).min(n);
+        for k in i..end {
+            let (addr, len) = if k % 10 == 0 {
+                ((20u32 << 24) + ((k / 10) << 8), 24)
+            } else {
+                ((30u32 << 24) + k * 7, 32)
+            };
+            y.push_str(&format!("    - {}/{len}\n", std::net::Ipv4Addr::from(addr)));
+        }
+        files.push((format!("{name}.yaml"), y));
+        names.push(name);
+        i = end;
+    }
+    let sets: Vec<String> = names.iter().map(|n| format!("{{set: {n}}}")).collect();
+    let block = format!(
+        "{HEAD}kind: Policy\nmetadata: {{name: blocklist}}\nspec:\n  ingress:\n    - {{name: blocked, action: deny, from: [{}]}}\n",
+        sets.join(", ")
+    );
+    files.push(("blocklist.yaml".into(), block));
+    files.push(("base.yaml".into(), small_policy(port)));
+    files
+}
+
+/// `n` rules in files of 5,000, half ingress, half egress; each rule names its own /32 and
+/// one port.
+fn rule_policy(n: u32) -> Vec<(String, String)> {
+    let mut files = Vec::new();
+    for (f, start) in (0..n).step_by(5_000).enumerate() {
+        let end = (start + 5_000).min(n);
+        let mut ingress = String::new();
+        let mut egress = String::new();
+        for k in start..end {
+            let addr = std::net::Ipv4Addr::from((10u32 << 24) + k + 1);
+            let line = format!(
+                "    - {{name: r{k}, action: allow, {}: [{addr}], proto: tcp, ports: [{}]}}\n",
+                if k % 2 == 0 { "from" } else { "to" },
+                1000 + k % 5_000
+            );
+            if k % 2 == 0 { ingress.push_str(&line) } else { egress.push_str(&line) }
+        }
+        files.push((
+            format!("rules-{f:02}.yaml"),
+            format!(
+                "{HEAD}kind: Policy\nmetadata: {{name: rules-{f:02}}}\nspec:\n  defaults: {{ingress: deny, egress: deny}}\n  ingress:\n{ingress}  egress:\n{egress}"
+            ),
+        ));
+    }
+    files.push(("base.yaml".into(), small_policy(8080)));
+    files
+}
+
+// --- figures -----------------------------------------------------------------------------------
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Nearest-rank percentile of sorted values.
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+fn summary(what: &str, v: &[f64]) -> String {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let mean = s.iter().sum::<f64>() / s.len() as f64;
+    format!(
+        "{what}: n {} min {:.1} p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} mean {:.1} ms",
+        s.len(),
+        s[0],
+        pct(&s, 50.0),
+        pct(&s, 90.0),
+        pct(&s, 99.0),
+        s[s.len() - 1],
+        mean
+    )
+}
+
+fn steps(s: &Status) -> String {
+    s.last_reconcile
+        .as_ref()
+        .map(|r| {
+            r.steps.iter().map(|st| format!("{} {:.1}", st.step, st.ms)).collect::<Vec<_>>().join(", ")
+        })
+        .unwrap_or_default()
+}
+
+/// (VmRSS, VmHWM) in MiB.
+fn memory(pid: u32) -> (f64, f64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kb = |key: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
+}
+
+/// utime + stime of the process, in seconds.
+fn cpu(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &text[text.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks as f64 / hz
+}
+
+/// CPU seconds fwd used over `secs` seconds of nobody talking to it.
+fn idle(fwd: &mut Fwd, secs: u64) -> (f64, u64) {
+    let before_checks = fwd.status().map_or(0, |s| s.drift.checks);
+    let c0 = cpu(fwd.pid());
+    std::thread::sleep(Duration::from_secs(secs));
+    let used = cpu(fwd.pid()) - c0;
+    let checks = fwd.status().map_or(0, |s| s.drift.checks) - before_checks;
+    (used, checks)
+}
+
+// --- series ------------------------------------------------------------------------------------
+
+fn local(lab: &mut Lab, o: &Options) {
+    println!("\n## local repository (watched), {} commits of a one-rule change", o.commits);
+    let work = lab.repo("local", &[("base.yaml".into(), small_policy(8000))]);
+    let seed = git(&work, &["rev-parse", "HEAD"]);
+    let mut fwd = lab.fwd("local", work.to_str().expect("utf-8"), "30s");
+    fwd.wait_applied(&seed, Duration::from_secs(60));
+    let (mut outside, mut inside) = (Vec::new(), Vec::new());
+    for i in 0..o.commits {
+        // Let the watcher's debounce settle, as between two people's commits.
+        std::thread::sleep(Duration::from_millis(100));
+        let t0 = Instant::now();
+        let c = commit(&work, "base.yaml", &small_policy(8001 + i as u16), &format!("svc {i}"));
+        let s = fwd.wait_applied(&c, Duration::from_secs(30));
+        outside.push(ms(t0.elapsed()));
+        inside.push(s.applied.as_ref().and_then(|a| a.detect_to_enforced_ms).unwrap_or(f64::NAN));
+        if i == 0 {
+            println!("first change's steps (ms): {}", steps(&s));
+        }
+    }
+    println!("{}", summary("commit to enforced (from before `git commit`)", &outside));
+    println!("{}", summary("fwd: seen to enforced", &inside));
+    let (rss, hwm) = memory(fwd.pid());
+    println!("small policy: VmRSS {rss:.1} MiB, VmHWM {hwm:.1} MiB");
+    let (used, checks) = idle(&mut fwd, o.idle_secs);
+    println!(
+        "idle {} s (small policy): {:.3} s CPU ({:.3}%), drift checks in the window: {checks}",
+        o.idle_secs,
+        used,
+        used * 100.0 / o.idle_secs as f64
+    );
+}
+
+fn remote(lab: &mut Lab, o: &Options) {
+    println!("\n## remote (git://, polled every 5 s), {} pushes of a one-rule change", o.remote_commits);
+    let served = lab.dir.path().join("served");
+    std::fs::create_dir_all(served.join("remote.git")).expect("served");
+    git(&served.join("remote.git"), &["init", "-q", "--bare", "-b", "main"]);
+    let work = lab.repo("remote-work", &[("base.yaml".into(), small_policy(8000))]);
+    let remote = served.join("remote.git");
+    git(&work, &["remote", "add", "origin", remote.to_str().expect("utf-8")]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let seed = git(&work, &["rev-parse", "HEAD"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut daemon = Command::new("git")
+        .args(["daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1"])
+        .arg(format!("--port={port}"))
+        .arg(format!("--base-path={}", served.display()))
+        .arg(&served)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("git daemon");
+    let up = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(up.elapsed() < Duration::from_secs(10), "git daemon did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("git://127.0.0.1:{port}/remote.git");
+    {
+        let mut fwd = lab.fwd("remote", &url, "5s");
+        fwd.wait_applied(&seed, Duration::from_secs(60));
+        let (mut outside, mut inside) = (Vec::new(), Vec::new());
+        // xorshift: a fixed sequence of waits, spread over the poll interval.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for i in 0..o.remote_commits {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            std::thread::sleep(Duration::from_millis(x % 5_000));
+            let c = commit(&work, "base.yaml", &small_policy(9001 + i as u16), &format!("svc {i}"));
+            let t0 = Instant::now();
+            git(&work, &["push", "-q", "origin", "main"]);
+            let s = fwd.wait_applied(&c, Duration::from_secs(30));
+            outside.push(ms(t0.elapsed()));
+            inside.push(s.applied.as_ref().and_then(|a| a.detect_to_enforced_ms).unwrap_or(f64::NAN));
+        }
+        println!("{}", summary("push to enforced (from before `git push`)", &outside));
+        println!("{}", summary("fwd: seen to enforced", &inside));
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}
+
+fn prefixes(lab: &mut Lab, o: &Options) {
+    let n = 100_000;
+    println!("\n## {n}-prefix policy: one-rule changes");
+    let work = lab.repo("prefixes", &prefix_policy(n, 8000));
+    let seed = git(&work, &["rev-parse", "HEAD"]);
+    let t0 = Instant::now();
+    let mut fwd = lab.fwd("prefixes", work.to_str().expect("utf-8"), "30s");
+    let s = fwd.wait_applied(&seed, Duration::from_secs(300));
+    println!("first apply (fwd start to enforced): {:.0} ms; steps (ms): {}", ms(t0.elapsed()), steps(&s));
+    let fill: Vec<String> = fwd
+        .status()
+        .map(|s| s.maps.iter().filter(|m| m.entries > 0).map(|m| format!("{} {}", m.name, m.entries)).collect())
+        .unwrap_or_default();
+    println!("maps: {}", fill.join(", "));
+    let (mut outside, mut inside, mut enforce) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..o.commits.min(10) {
+        std::thread::sleep(Duration::from_millis(200));
+        let t0 = Instant::now();
+        let c = commit(&work, "base.yaml", &small_policy(8001 + i as u16), &format!("svc {i}"));
+        let s = fwd.wait_applied(&c, Duration::from_secs(60));
+        outside.push(ms(t0.elapsed()));
+        inside.push(s.applied.as_ref().and_then(|a| a.detect_to_enforced_ms).unwrap_or(f64::NAN));
+        let r = s.last_reconcile.as_ref().expect("reconcile");
+        enforce.push(r.steps.iter().find(|st| st.step == "enforce").map_or(f64::NAN, |st| st.ms));
+        if i == 0 {
+            println!(
+                "one-rule change: steps (ms): {}; written {} deleted {} delta {}",
+                steps(&s),
+                r.written,
+                r.deleted,
+                r.delta
+            );
+        }
+    }
+    println!("{}", summary("commit to enforced (from before `git commit`)", &outside));
+    println!("{}", summary("fwd: seen to enforced (reconcile)", &inside));
+    println!("{}", summary("fwd: enforce step (diff and apply)", &enforce));
+    let (rss, hwm) = memory(fwd.pid());
+    println!("{n} prefixes: VmRSS {rss:.1} MiB, VmHWM {hwm:.1} MiB");
+}
+
+fn rules(lab: &mut Lab, o: &Options) {
+    let n = 100_000;
+    println!("\n## {n}-rule policy: memory, idle CPU, one-rule change");
+    let work = lab.repo("rules", &rule_policy(n));
+    let seed = git(&work, &["rev-parse", "HEAD"]);
+    let t0 = Instant::now();
+    let mut fwd = lab.fwd("rules", work.to_str().expect("utf-8"), "30s");
+    let s = fwd.wait_applied(&seed, Duration::from_secs(600));
+    println!("first apply (fwd start to enforced): {:.0} ms; steps (ms): {}", ms(t0.elapsed()), steps(&s));
+    let fill: Vec<String> = fwd
+        .status()
+        .map(|s| s.maps.iter().filter(|m| m.entries > 0).map(|m| format!("{} {}", m.name, m.entries)).collect())
+        .unwrap_or_default();
+    println!("maps: {}", fill.join(", "));
+    let (rss, hwm) = memory(fwd.pid());
+    println!("{n} rules, after the first apply: VmRSS {rss:.1} MiB, VmHWM {hwm:.1} MiB");
+    let (used, checks) = idle(&mut fwd, o.idle_secs);
+    println!(
+        "idle {} s ({n} rules): {:.3} s CPU ({:.3}%), drift checks in the window: {checks}",
+        o.idle_secs,
+        used,
+        used * 100.0 / o.idle_secs as f64
+    );
+    let t0 = Instant::now();
+    let c = commit(&work, "base.yaml", &small_policy(8001), "svc");
+    let s = fwd.wait_applied(&c, Duration::from_secs(120));
+    println!(
+        "one-rule change: {:.0} ms commit to enforced; fwd: seen to enforced {:.1} ms; steps (ms): {}",
+        ms(t0.elapsed()),
+        s.applied.as_ref().and_then(|a| a.detect_to_enforced_ms).unwrap_or(f64::NAN),
+        steps(&s)
+    );
+    let (rss, hwm) = memory(fwd.pid());
+    println!("{n} rules, after a change: VmRSS {rss:.1} MiB, VmHWM {hwm:.1} MiB");
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED: the fwd bench loads eBPF programs and makes a network namespace; run it as root");
+        return;
+    }
+    let o = options();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average at start: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    let mut lab = Lab::new();
+    let run = |name: &str| o.only.as_deref().is_none_or(|only| only == name);
+    if run("local") {
+        local(&mut lab, &o);
+    }
+    if run("remote") {
+        remote(&mut lab, &o);
+    }
+    if run("prefixes") {
+        prefixes(&mut lab, &o);
+    }
+    if run("rules") {
+        rules(&mut lab, &o);
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("\nload average at end: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+}
