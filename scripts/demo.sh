@@ -23,6 +23,7 @@ PORT=8080                   # the lab service: examples/lab/lab.yaml's `web` rul
 LAB=/run/fw-demo            # remote, clone, fwd's state and status socket, logs
 BPFFS=/sys/fs/bpf/fw-demo
 LOCK=/run/fw-demo.lock
+PIDFILE=/run/fw-demo.pid
 CG=""                       # the lab's cgroup, under the cgroup v2 mount (found below)
 FWD_PID=""
 
@@ -49,10 +50,17 @@ cgroot="$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)"
 [ -n "$cgroot" ] || die "no cgroup v2 mount: fwd's egress programs need one"
 CG="$cgroot/fw-demo"
 
-# One demo at a time: the lab's names are fixed. Children must not inherit the lock's fd, or a
-# killed run's leftover process would hold it.
+# One demo at a time (the lab's names are fixed): the running one's pid is in $PIDFILE. A pid
+# file rather than a lock held for the whole run, because a killed run's children would go on
+# holding an inherited lock; the lock only makes the check and the write one step.
 exec 9>"$LOCK"
-flock -n 9 || die "another demo is running (it holds $LOCK)"
+flock -w 30 9 || die "cannot take $LOCK"
+if other="$(cat "$PIDFILE" 2>/dev/null)" && [ "$other" != "$$" ] &&
+    tr '\0' ' ' <"/proc/$other/cmdline" 2>/dev/null | grep -q 'demo\.sh'; then
+    die "another demo is running (pid $other)"
+fi
+echo $$ >"$PIDFILE"
+exec 9>&-
 
 # Git as the demo's "admin", whatever the user's own configuration says.
 g() {
@@ -114,6 +122,7 @@ on_exit() {
         tail -n 30 "$LAB/fwd.log" >&2 || true
     fi
     cleanup_lab
+    [ "$(cat "$PIDFILE" 2>/dev/null)" = "$$" ] && rm -f "$PIDFILE"
     exit "$rc"
 }
 trap on_exit EXIT
@@ -228,7 +237,7 @@ pass "namespace $NS ($PEER_IP) reaches the host's $HOST_IF ($HOST_IP)"
 
 echo "hello from the lab host" >"$LAB/www/index.html"
 bash -c 'echo $$ >"$1/cgroup.procs" && exec python3 -m http.server "$2" --bind "$3" --directory "$4"' \
-    _ "$CG/enforced" "$PORT" "$HOST_IP" "$LAB/www" >"$LAB/http.log" 2>&1 9>&- &
+    _ "$CG/enforced" "$PORT" "$HOST_IP" "$LAB/www" >"$LAB/http.log" 2>&1 &
 for _ in $(seq 100); do
     timeout 1 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$HOST_IP" "$PORT" 2>/dev/null && break
     sleep 0.1
@@ -270,7 +279,7 @@ run "$fwd" --check-config "$LAB/fwd.yaml" | sed 's/^/  /'
 say "3. fwd follows the remote"
 printf '%s$ fwd --config %s &%s\n' "$dim" "$LAB/fwd.yaml" "$off"
 bash -c 'echo $$ >"$1/cgroup.procs" && exec "$2" --config "$3"' \
-    _ "$CG/daemon" "$fwd" "$LAB/fwd.yaml" >"$LAB/fwd.log" 2>&1 9>&- &
+    _ "$CG/daemon" "$fwd" "$LAB/fwd.yaml" >"$LAB/fwd.log" 2>&1 &
 FWD_PID=$!
 ms="$(wait_status 60 "d['applied']['commit'] == '$seed'")"
 pass "fwd enforces ${seed:0:12} ${ms} ms after it started"

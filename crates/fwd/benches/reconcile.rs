@@ -141,14 +141,23 @@ impl Lab {
     fn new() -> Lab {
         let ns = Netns::new().expect("netns");
         let veth = VethPair::new(&ns).expect("veth");
-        Lab { dir: tempfile::tempdir().expect("temp"), _ns: ns, veth, cg: Cgroup::new().expect("cgroup"), series: 0 }
+        Lab {
+            dir: tempfile::tempdir().expect("temp"),
+            _ns: ns,
+            veth,
+            cg: Cgroup::new().expect("cgroup"),
+            series: 0,
+        }
     }
 
     /// Starts fwd on `url`; its folder is `name` under the bench's temp folder.
     fn fwd(&mut self, name: &str, url: &str, interval: &str) -> Fwd {
         self.series += 1;
-        let root = PathBuf::from("/sys/fs/bpf")
-            .join(format!("fwdbench-{}-{}", std::process::id(), self.series));
+        let root = PathBuf::from("/sys/fs/bpf").join(format!(
+            "fwdbench-{}-{}",
+            std::process::id(),
+            self.series
+        ));
         let dir = self.dir.path().join(format!("fwd-{name}"));
         std::fs::create_dir_all(&dir).expect("fwd dir");
         let sock = dir.join("run/status.sock");
@@ -233,9 +242,8 @@ fn prefix_policy(n: u32, port: u16) -> Vec<(String, String)> {
     let mut i = 0u32;
     while i < n {
         let name = format!("block-{}", names.len());
-        let mut y = format!(
-            "{HEAD}kind: AddressSet\nmetadata: {{name: {name}}}\nspec:\n  addresses:\n"
-        );
+        let mut y =
+            format!("{HEAD}kind: AddressSet\nmetadata: {{name: {name}}}\nspec:\n  addresses:\n");
         let end = (i + 50_000).min(n);
         for k in i..end {
             let (addr, len) = if k % 10 == 0 {
@@ -319,7 +327,11 @@ fn steps(s: &Status) -> String {
     s.last_reconcile
         .as_ref()
         .map(|r| {
-            r.steps.iter().map(|st| format!("{} {:.1}", st.step, st.ms)).collect::<Vec<_>>().join(", ")
+            r.steps
+                .iter()
+                .map(|st| format!("{} {:.1}", st.step, st.ms))
+                .collect::<Vec<_>>()
+                .join(", ")
         })
         .unwrap_or_default()
 }
@@ -393,7 +405,10 @@ fn local(lab: &mut Lab, o: &Options) {
 }
 
 fn remote(lab: &mut Lab, o: &Options) {
-    println!("\n## remote (git://, polled every 5 s), {} pushes of a one-rule change", o.remote_commits);
+    println!(
+        "\n## remote (git://, polled every 5 s), {} pushes of a one-rule change",
+        o.remote_commits
+    );
     let served = lab.dir.path().join("served");
     std::fs::create_dir_all(served.join("remote.git")).expect("served");
     git(&served.join("remote.git"), &["init", "-q", "--bare", "-b", "main"]);
@@ -439,7 +454,8 @@ fn remote(lab: &mut Lab, o: &Options) {
             git(&work, &["push", "-q", "origin", "main"]);
             let s = fwd.wait_applied(&c, Duration::from_secs(30));
             outside.push(ms(t0.elapsed()));
-            inside.push(s.applied.as_ref().and_then(|a| a.detect_to_enforced_ms).unwrap_or(f64::NAN));
+            inside
+                .push(s.applied.as_ref().and_then(|a| a.detect_to_enforced_ms).unwrap_or(f64::NAN));
         }
         println!("{}", summary("push to enforced (from before `git push`)", &outside));
         println!("{}", summary("fwd: seen to enforced", &inside));
@@ -456,10 +472,20 @@ fn prefixes(lab: &mut Lab, o: &Options) {
     let t0 = Instant::now();
     let mut fwd = lab.fwd("prefixes", work.to_str().expect("utf-8"), "30s");
     let s = fwd.wait_applied(&seed, Duration::from_secs(300));
-    println!("first apply (fwd start to enforced): {:.0} ms; steps (ms): {}", ms(t0.elapsed()), steps(&s));
+    println!(
+        "first apply (fwd start to enforced): {:.0} ms; steps (ms): {}",
+        ms(t0.elapsed()),
+        steps(&s)
+    );
     let fill: Vec<String> = fwd
         .status()
-        .map(|s| s.maps.iter().filter(|m| m.entries > 0).map(|m| format!("{} {}", m.name, m.entries)).collect())
+        .map(|s| {
+            s.maps
+                .iter()
+                .filter(|m| m.entries > 0)
+                .map(|m| format!("{} {}", m.name, m.entries))
+                .collect()
+        })
         .unwrap_or_default();
     println!("maps: {}", fill.join(", "));
     let (mut outside, mut inside, mut enforce) = (Vec::new(), Vec::new(), Vec::new());
@@ -497,10 +523,20 @@ fn rules(lab: &mut Lab, o: &Options) {
     let t0 = Instant::now();
     let mut fwd = lab.fwd("rules", work.to_str().expect("utf-8"), "30s");
     let s = fwd.wait_applied(&seed, Duration::from_secs(600));
-    println!("first apply (fwd start to enforced): {:.0} ms; steps (ms): {}", ms(t0.elapsed()), steps(&s));
+    println!(
+        "first apply (fwd start to enforced): {:.0} ms; steps (ms): {}",
+        ms(t0.elapsed()),
+        steps(&s)
+    );
     let fill: Vec<String> = fwd
         .status()
-        .map(|s| s.maps.iter().filter(|m| m.entries > 0).map(|m| format!("{} {}", m.name, m.entries)).collect())
+        .map(|s| {
+            s.maps
+                .iter()
+                .filter(|m| m.entries > 0)
+                .map(|m| format!("{} {}", m.name, m.entries))
+                .collect()
+        })
         .unwrap_or_default();
     println!("maps: {}", fill.join(", "));
     let (rss, hwm) = memory(fwd.pid());
@@ -528,12 +564,17 @@ fn rules(lab: &mut Lab, o: &Options) {
 fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED: the fwd bench loads eBPF programs and makes a network namespace; run it as root");
+        println!(
+            "SKIPPED: the fwd bench loads eBPF programs and makes a network namespace; run it as root"
+        );
         return;
     }
     let o = options();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("load average at start: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    println!(
+        "load average at start: {}",
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
     let mut lab = Lab::new();
     let run = |name: &str| o.only.as_deref().is_none_or(|only| only == name);
     if run("local") {
@@ -549,5 +590,8 @@ fn main() {
         rules(&mut lab, &o);
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("\nload average at end: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    println!(
+        "\nload average at end: {}",
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
 }
