@@ -29,7 +29,8 @@ FWD_PID=""
 
 if [ -t 1 ]; then bold=$'\033[1m' dim=$'\033[2m' off=$'\033[0m'; else bold="" dim="" off=""; fi
 say() { printf '\n%s== %s%s\n' "$bold" "$*" "$off"; }
-run() { printf '%s$ %s%s\n' "$dim" "$*" "$off"; "$@"; }
+# Shows a command (the built binaries by their names), then runs it.
+run() { printf '%s$ %s%s\n' "$dim" "${*/#$target\/release\//}" "$off"; "$@"; }
 pass() { printf '  ok: %s\n' "$*"; }
 die() {
     printf 'demo: FAILED: %s\n' "$*" >&2
@@ -56,7 +57,7 @@ CG="$cgroot/fw-demo"
 exec 9>"$LOCK"
 flock -w 30 9 || die "cannot take $LOCK"
 if other="$(cat "$PIDFILE" 2>/dev/null)" && [ "$other" != "$$" ] &&
-    tr '\0' ' ' <"/proc/$other/cmdline" 2>/dev/null | grep -q 'demo\.sh'; then
+    { tr '\0' ' ' <"/proc/$other/cmdline"; } 2>/dev/null | grep -q 'demo\.sh'; then
     die "another demo is running (pid $other)"
 fi
 echo $$ >"$PIDFILE"
@@ -233,7 +234,7 @@ ip link set "$HOST_IF" up
 ip -n "$NS" addr add "$PEER_IP/$PREFIX" dev "$PEER_IF"
 ip -n "$NS" link set "$PEER_IF" up
 ip -n "$NS" link set lo up
-pass "namespace $NS ($PEER_IP) reaches the host's $HOST_IF ($HOST_IP)"
+pass "veth pair up: $PEER_IF ($PEER_IP) in $NS, $HOST_IF ($HOST_IP) on the host"
 
 echo "hello from the lab host" >"$LAB/www/index.html"
 bash -c 'echo $$ >"$1/cgroup.procs" && exec python3 -m http.server "$2" --bind "$3" --directory "$4"' \
@@ -245,6 +246,7 @@ done
 timeout 1 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$HOST_IP" "$PORT" 2>/dev/null ||
     die "the lab service did not start (see $LAB/http.log)"
 pass "lab service: python3 -m http.server on $HOST_IP:$PORT, in $CG/enforced"
+expect_served "before fwd runs, nothing filters"
 
 # The remote: a bare repository, seeded from an admin's clone with examples/lab/ as policies/.
 g init -q --bare -b main "$LAB/remote.git"
@@ -256,7 +258,7 @@ g -C "$LAB/admin" add -A
 g -C "$LAB/admin" commit -q -m "lab: web on 8080 for the lab network, ping"
 g -C "$LAB/admin" push -q origin main
 seed="$(g -C "$LAB/admin" rev-parse HEAD)"
-pass "remote file://$LAB/remote.git, main at ${seed:0:12} ($(ls "$LAB/admin/policies" | tr '\n' ' '))"
+pass "remote file://$LAB/remote.git, main at ${seed:0:12} (policies/: $(echo $(ls "$LAB/admin/policies")))"
 
 metrics_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 cat >"$LAB/fwd.yaml" <<EOF
@@ -314,11 +316,13 @@ good="$(g -C "$LAB/admin" rev-parse HEAD)"
 printf '%s$ git push origin main   # %s%s\n' "$dim" "${good:0:12}" "$off"
 t0="$(date +%s%N)"
 g -C "$LAB/admin" push -q origin main
+pushed_ms=$((($(date +%s%N) - t0) / 1000000))
 ms="$(wait_status 20 "d['applied']['commit'] == '$good'" "$t0")"
 read -r seen_ms author_ms < <(status_get "'%.1f %s' % (d['applied']['detect_to_enforced_ms'] or 0, d['applied']['commit_to_enforced_ms'])")
 pass "fwd enforces ${good:0:12}"
 echo
-echo "  commit-to-enforced: ${ms} ms, measured here from just before the push to fwctl status showing it enforced"
+echo "  commit-to-enforced: ${ms} ms, measured here from just before the push to fwctl status showing it"
+echo "                      enforced (the push itself took ${pushed_ms} ms)"
 echo "  fwd's own figures:  ${seen_ms} ms from seeing the new commit to enforcing it;"
 echo "                      ${author_ms} ms from the commit's author time (whole seconds) to enforcing it"
 echo
