@@ -383,16 +383,17 @@ fn cpu(pid: u32) -> f64 {
     ticks as f64 / hz
 }
 
-/// CPU seconds fwd used over `secs` seconds in which nothing talks to it, and the drift
-/// checks it ran in that time.
-fn idle(fwd: &mut Fwd, secs: u64) -> (f64, u64) {
+/// CPU seconds fwd used over `secs` seconds in which nothing talks to it, the drift checks it
+/// ran in that time, and the status document after it.
+fn idle(fwd: &mut Fwd, secs: u64) -> (f64, u64, Status) {
     let before = fwd.status().drift.checks;
     // Let the refresh that status read asked for finish first.
     std::thread::sleep(Duration::from_secs(2));
     let c0 = cpu(fwd.pid());
     std::thread::sleep(Duration::from_secs(secs));
     let used = cpu(fwd.pid()) - c0;
-    (used, fwd.status().drift.checks - before)
+    let after = fwd.status();
+    (used, after.drift.checks - before, after)
 }
 
 fn seen_to_enforced(s: &Status) -> f64 {
@@ -435,7 +436,7 @@ fn local(lab: &mut Lab, o: &Options) {
     println!("{}", summary("fwd: seen to enforced", &inside));
     let (rss, hwm) = memory(fwd.pid());
     println!("small policy: VmRSS {rss:.1} MiB, VmHWM {hwm:.1} MiB");
-    let (used, checks) = idle(&mut fwd, o.idle_secs);
+    let (used, checks, _) = idle(&mut fwd, o.idle_secs);
     println!(
         "idle {} s (small policy): {:.3} s CPU ({:.3}%), drift checks in the window: {checks}",
         o.idle_secs,
@@ -562,10 +563,12 @@ fn rules(lab: &mut Lab, o: &Options) {
         ms(at - t0),
         steps(&s)
     );
-    println!("maps: {}", map_fill(&s));
     let (rss, hwm) = memory(fwd.pid());
     println!("{n} rules, after the first apply: VmRSS {rss:.1} MiB, VmHWM {hwm:.1} MiB");
-    let (used, checks) = idle(&mut fwd, o.idle_secs);
+    let (used, checks, after) = idle(&mut fwd, o.idle_secs);
+    // Read after the idle window: the read right after the apply may come back before fwd
+    // finished counting the entries (the status server waits for that only so long).
+    println!("maps: {}", map_fill(&after));
     println!(
         "idle {} s ({n} rules): {:.3} s CPU ({:.3}%), drift checks in the window: {checks}",
         o.idle_secs,
