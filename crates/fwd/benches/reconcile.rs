@@ -143,6 +143,21 @@ impl Fwd {
         }
     }
 
+    /// Waits for the end of the next drift check (its log line); the instant it was read.
+    fn wait_drift_check(&mut self, limit: Duration) -> Instant {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok((at, line)) if line.contains("no drift") || line.contains("drift corrected") => {
+                    return at;
+                }
+                Ok(_) => {}
+                Err(_) => panic!("no drift check within {limit:?}"),
+            }
+        }
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -194,7 +209,8 @@ metrics: 127.0.0.1:0
         let mut child = Command::new(env!("CARGO_BIN_EXE_fwd"))
             .arg("--config")
             .arg(dir.join("fwd.yaml"))
-            .env("FWD_LOG", "info")
+            // The engine's debug lines include "no drift" after each drift check.
+            .env("FWD_LOG", "info,fwd::engine=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -371,16 +387,33 @@ fn memory(pid: u32) -> (f64, f64) {
     (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
 }
 
-/// utime + stime of the process, in seconds.
-fn cpu(pid: u32) -> f64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+/// utime + stime in seconds, from a /proc/.../stat file (a process's: all its threads).
+fn cpu_of(stat: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(stat).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = &text[text.rfind(')').expect("comm") + 2..];
+    let rest = &text[text.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks as f64 / hz
+    Some(ticks as f64 / hz)
+}
+
+fn cpu(pid: u32) -> f64 {
+    cpu_of(Path::new(&format!("/proc/{pid}/stat"))).expect("stat")
+}
+
+/// CPU seconds per thread (name and id) of the process.
+fn thread_cpu(pid: u32) -> std::collections::BTreeMap<(String, String), f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for e in dir.flatten() {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if let Some(c) = cpu_of(&e.path().join("stat")) {
+            out.insert((comm.trim().to_string(), e.file_name().to_string_lossy().into()), c);
+        }
+    }
+    out
 }
 
 /// CPU seconds fwd used over `secs` seconds in which nothing talks to it, the drift checks it
@@ -389,9 +422,20 @@ fn idle(fwd: &mut Fwd, secs: u64) -> (f64, u64, Status) {
     let before = fwd.status().drift.checks;
     // Let the refresh that status read asked for finish first.
     std::thread::sleep(Duration::from_secs(2));
-    let c0 = cpu(fwd.pid());
+    let (c0, t0) = (cpu(fwd.pid()), thread_cpu(fwd.pid()));
     std::thread::sleep(Duration::from_secs(secs));
-    let used = cpu(fwd.pid()) - c0;
+    let (used, t1) = (cpu(fwd.pid()) - c0, thread_cpu(fwd.pid()));
+    let busy: Vec<String> = t1
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v - t0.get(k).copied().unwrap_or(0.0);
+            (d > 0.0).then(|| format!("{} {:.2} s", k.0, d))
+        })
+        .collect();
+    println!(
+        "  threads that ran: {}",
+        if busy.is_empty() { "none".into() } else { busy.join(", ") }
+    );
     let after = fwd.status();
     (used, after.drift.checks - before, after)
 }
@@ -574,6 +618,22 @@ fn rules(lab: &mut Lab, o: &Options) {
         o.idle_secs,
         used,
         used * 100.0 / o.idle_secs as f64
+    );
+    // Drift checks run every minute (the default `drift_interval`); what one costs at 100k
+    // rules, beyond the idle rate just measured.
+    let idle_rate = used / o.idle_secs as f64;
+    while fwd.log.try_recv().is_ok() {}
+    let c0 = cpu(fwd.pid());
+    let t0 = Instant::now();
+    let at = fwd.wait_drift_check(Duration::from_secs(90));
+    let window = (at - t0).as_secs_f64();
+    let spent = cpu(fwd.pid()) - c0;
+    println!(
+        "a drift check ({n} rules): {:.2} s CPU over a {window:.0} s window ({:.2} s beyond the idle rate); \
+         averaged over the 60 s interval: {:.1}% of one CPU",
+        spent,
+        spent - idle_rate * window,
+        (spent - idle_rate * window) * 100.0 / 60.0
     );
     let t0 = Instant::now();
     let c = commit(&work, "base.yaml", &small_policy(8001), "svc");
