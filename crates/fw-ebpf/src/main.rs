@@ -24,6 +24,8 @@
 #![no_std]
 #![no_main]
 
+#[cfg(feature = "bench")]
+mod bench;
 mod conntrack;
 mod egress;
 mod events;
@@ -185,6 +187,9 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, InternalError> {
             return Ok(MALFORMED_ACTION);
         }
     };
+    // The benchmark build only (feature `bench`): a random source address; see `bench`.
+    #[cfg(feature = "bench")]
+    let ip = bench::randomise(ctx, ip);
 
     // Step 1 of the precedence: always-allowed traffic (fw-compiler `model::always_allowed`,
     // in its order) never reaches the policy maps. ARP passed above.
