@@ -14,13 +14,8 @@
 //! Inputs come from the deterministic generator in `policygen/` (fixed seed). Times are the
 //! minimum over a few repetitions for the small sizes and one run for the large ones.
 //!
-//! Usage: `cargo bench -p fw-compiler --bench compile [-- --quick | --only KEY] [--stages]
-//! [--stats] [--split V4,V6] [--mem-limit-mb N]`. `--stages` times yaml, lower and resolve
-//! separately; `--stats` describes the compiled state (classes, L4 entries per (class,
-//! workload)); `--split V4,V6` compiles with another layer split (`compile::Split`) than the
-//! compiler's default, to compare them;
-//! `--child KEY` runs one size in this process, for profilers. The exit status is non-zero
-//! when a size fails or a check finds a mismatch, not when a target is missed.
+//! Usage: see `USAGE` (`-- --help`). The exit status is non-zero when a size fails or a check
+//! finds a mismatch, not when a target is missed.
 
 #[path = "oracle/mod.rs"]
 mod oracle;
@@ -77,6 +72,20 @@ const QUICK: &[Size] = &[
     Size { key: "rules-10k", series: Series::Rules, n: 10_000 },
     Size { key: "prefixes-10k", series: Series::Prefixes, n: 10_000 },
 ];
+
+const USAGE: &str = "\
+usage: cargo bench -p fw-compiler --bench compile -- [OPTIONS]
+  (no option)        full sizes: 1k, 10k, 100k rules; 100k, 1M prefixes
+  --quick            sizes up to 10k, for CI
+  --only KEY         one size (also rules-10k-nowl, rules-100k-nowl: no workloads)
+  --reps N           every size the best of N runs (default: 7 up to 2k, 3 up to 20k, else 1);
+                     on a shared machine the best of several is the figure least disturbed
+  --stages           time yaml, lower and resolve one by one (stderr)
+  --stats            describe the compiled state: classes, L4 entries per (class, workload)
+  --split V4,V6      compile with another layer split than the compiler's default
+  --mem-limit-mb N   virtual-memory limit per size (default 8192; 0: none)
+  --child KEY        run one size in this process (for profilers)
+  --write KEY DIR    write the generated policy files of one size into DIR (for fwctl)";
 
 /// Per child; `--mem-limit-mb N` changes it, 0 removes it.
 const DEFAULT_MEM_LIMIT_MB: u64 = 8192;
@@ -152,7 +161,13 @@ fn peak_rss_kb() -> u64 {
 }
 
 /// One size, in this process. Figures go to stdout as `RESULT` lines; progress to stderr.
-fn child(size: &Size, stages: bool, stats: bool, split: Split) -> Result<(), String> {
+fn child(
+    size: &Size,
+    stages: bool,
+    stats: bool,
+    split: Split,
+    reps: Option<usize>,
+) -> Result<(), String> {
     let t = Instant::now();
     let generated = generate(size);
     eprintln!(
@@ -169,7 +184,7 @@ fn child(size: &Size, stages: bool, stats: bool, split: Split) -> Result<(), Str
     let bytes = generated.bytes();
     let limits = limits();
     let caps = capacities();
-    let reps = repetitions(size.n);
+    let reps = reps.unwrap_or_else(|| repetitions(size.n));
 
     if stages {
         stage_breakdown(size, &generated, &limits);
@@ -472,12 +487,40 @@ fn machine() -> String {
     format!("nproc {cpus}, {model}, Linux {}, {rustc}", kernel.trim())
 }
 
+/// `--write KEY DIR`: the generated files of one size, under their generated names.
+fn write_corpus(size: &Size, dir: &std::path::Path) -> Result<(), String> {
+    let generated = generate(size);
+    for (name, text) in &generated.files {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    eprintln!(
+        "{}: {} files, {:.1} MB, {} rules written to {}; compile them for --host {} {}",
+        size.key,
+        generated.files.len(),
+        generated.bytes() as f64 / 1e6,
+        generated.rules,
+        dir.display(),
+        policygen::BENCH_HOST_NAME,
+        policygen::BENCH_HOST_LABELS
+            .iter()
+            .map(|(k, v)| format!("--label {k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok(())
+}
+
 fn parent(
     sizes: &[&Size],
     stages: bool,
     stats: bool,
     split: Option<&str>,
     mem_limit_mb: u64,
+    reps: Option<usize>,
 ) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(e) => e,
@@ -500,10 +543,11 @@ fn parent(
         caps.v4_prefixes, caps.v6_prefixes, caps.l4_entries, caps.rules
     );
     println!(
-        "host: {} {:?}; each size runs in its own process (virtual memory limit {}); times are the best of 7 (n <= 2k), 3 (n <= 20k) or 1 run",
+        "host: {} {:?}; each size runs in its own process (virtual memory limit {}); times are the best of {}",
         policygen::BENCH_HOST_NAME,
         policygen::BENCH_HOST_LABELS,
-        if mem_limit_mb == 0 { "none".to_string() } else { format!("{mem_limit_mb} MB") }
+        if mem_limit_mb == 0 { "none".to_string() } else { format!("{mem_limit_mb} MB") },
+        reps.map_or_else(|| "7 (n <= 2k), 3 (n <= 20k) or 1 run".to_string(), |n| format!("{n} runs"))
     );
     println!();
 
@@ -523,6 +567,9 @@ fn parent(
         }
         if let Some(split) = split {
             cmd.arg("--split").arg(split);
+        }
+        if let Some(reps) = reps {
+            cmd.arg("--reps").arg(reps.to_string());
         }
         let output = match cmd.stderr(std::process::Stdio::inherit()).output() {
             Ok(o) => o,
@@ -645,6 +692,35 @@ fn verdict(rows: &[(&Size, Row)]) {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let reps = match args.iter().position(|a| a == "--reps") {
+        Some(pos) => match args.get(pos + 1).and_then(|v| v.parse::<usize>().ok()) {
+            Some(n) if n > 0 => Some(n),
+            _ => {
+                eprintln!("--reps needs a number of runs (at least 1)");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    if let Some(pos) = args.iter().position(|a| a == "--write") {
+        let (Some(size), Some(dir)) =
+            (args.get(pos + 1).and_then(|k| find(k)), args.get(pos + 2))
+        else {
+            eprintln!("--write needs a size and a folder\n{USAGE}");
+            return ExitCode::FAILURE;
+        };
+        return match write_corpus(size, std::path::Path::new(dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let stages = args.iter().any(|a| a == "--stages");
     let stats = args.iter().any(|a| a == "--stats");
     // `--split V4,V6`: the layer split to compile with (default: the compiler's own).
@@ -667,7 +743,7 @@ fn main() -> ExitCode {
             );
             return ExitCode::FAILURE;
         };
-        return match child(size, stages, stats, split) {
+        return match child(size, stages, stats, split, reps) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("{}: {e}", size.key);
@@ -699,5 +775,5 @@ fn main() -> ExitCode {
         },
         None => DEFAULT_MEM_LIMIT_MB,
     };
-    parent(&sizes, stages, stats, split_text.map(String::as_str), mem_limit_mb)
+    parent(&sizes, stages, stats, split_text.map(String::as_str), mem_limit_mb, reps)
 }
