@@ -547,7 +547,10 @@ fn parent(
         policygen::BENCH_HOST_NAME,
         policygen::BENCH_HOST_LABELS,
         if mem_limit_mb == 0 { "none".to_string() } else { format!("{mem_limit_mb} MB") },
-        reps.map_or_else(|| "7 (n <= 2k), 3 (n <= 20k) or 1 run".to_string(), |n| format!("{n} runs"))
+        reps.map_or_else(
+            || "7 (n <= 2k), 3 (n <= 20k) or 1 run".to_string(),
+            |n| format!("{n} runs")
+        )
     );
     println!();
 
@@ -707,8 +710,7 @@ fn main() -> ExitCode {
         None => None,
     };
     if let Some(pos) = args.iter().position(|a| a == "--write") {
-        let (Some(size), Some(dir)) =
-            (args.get(pos + 1).and_then(|k| find(k)), args.get(pos + 2))
+        let (Some(size), Some(dir)) = (args.get(pos + 1).and_then(|k| find(k)), args.get(pos + 2))
         else {
             eprintln!("--write needs a size and a folder\n{USAGE}");
             return ExitCode::FAILURE;

@@ -234,6 +234,17 @@ pub fn flow_of_case(case: &ast::TestCase) -> Flow {
 /// Checks and links all documents. The policy set is returned only when there is no error;
 /// warnings come with it.
 pub fn resolve(docs: &[Document], sources: &SourceMap) -> (Option<PolicySet>, Vec<Diagnostic>) {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    resolve_on(docs, sources, threads)
+}
+
+/// [`resolve`] with the rules of large inputs resolved on at most `threads` threads (the
+/// result is the same for every `threads`).
+fn resolve_on(
+    docs: &[Document],
+    sources: &SourceMap,
+    threads: usize,
+) -> (Option<PolicySet>, Vec<Diagnostic>) {
     let mut diags = Diagnostics::default();
 
     // Names unique per kind; the first definition wins for everything below.
@@ -271,17 +282,12 @@ pub fn resolve(docs: &[Document], sources: &SourceMap) -> (Option<PolicySet>, Ve
     let linked = link_sets(&sets, &mut diags);
     check_empty_sets(&sets, &linked, &mut diags);
 
-    let rules = resolve_rules(&policies, &linked, sources, &mut diags);
+    let (owned, rules) = resolve_rules(&policies, &linked, sources, &mut diags, threads);
 
     let tests: Vec<ast::PolicyTest> = tests.into_values().cloned().collect();
     check_selectors_against_tests(&policies, &tests, &mut diags);
 
-    let set = PolicySet {
-        sets: linked.sets,
-        policies: policies.into_values().cloned().collect(),
-        tests,
-        rules,
-    };
+    let set = PolicySet { sets: linked.sets, policies: owned, tests, rules };
     let set = (!diags.has_errors()).then_some(set);
     (set, diags.into_sorted())
 }
@@ -598,12 +604,19 @@ fn check_empty_sets(
 }
 
 /// Resolves the rules of every policy, assigning ids over all of them at once.
+/// From this many rules on, `resolve_rules` spreads the policies over threads.
+const PARALLEL_MIN_RULES: usize = 4096;
+
+/// The resolved rules of each policy, and each policy's own copy for the `PolicySet`, in
+/// name order. Large inputs are resolved on up to `threads` threads; the result and the order
+/// of the diagnostics are the same on any number of threads.
 fn resolve_rules(
     policies: &BTreeMap<String, &ast::Policy>,
     linked: &Linked,
     sources: &SourceMap,
     diags: &mut Diagnostics,
-) -> Vec<Vec<ResolvedRule>> {
+    threads: usize,
+) -> (Vec<ast::Policy>, Vec<Vec<ResolvedRule>>) {
     // `policy\0direction\0name`, or `#index` for an unnamed rule. Written piece by piece
     // rather than with `format!`: it runs for every rule, and the formatting machinery was a
     // sixth of resolving.
@@ -631,12 +644,82 @@ fn resolve_rules(
         }
     }
     // Keys were pushed in the order the loop below visits the rules: ids go by position.
-    let mut ids = ids::assign_each(&keys).into_iter();
+    let ids = ids::assign_each(&keys);
     drop(keys);
 
-    let mut memo = RangeMemo::default();
+    // Contiguous runs of policies of about equal rule counts, one per thread, each with the
+    // position of its first rule's id; their results are put back in policy order.
+    let policies: Vec<(&String, &ast::Policy)> = policies.iter().map(|(n, p)| (n, *p)).collect();
+    let count = |p: &ast::Policy| Direction::ALL.iter().map(|d| p.rules(*d).len()).sum::<usize>();
+    let threads = if ids.len() < PARALLEL_MIN_RULES { 1 } else { threads.max(1) };
+    let per_thread = ids.len().div_ceil(threads).max(1);
+    let mut runs: Vec<(usize, &[(&String, &ast::Policy)])> = Vec::new();
+    let (mut start, mut first_id, mut rules_in_run) = (0, 0, 0);
+    for (i, (_, policy)) in policies.iter().enumerate() {
+        rules_in_run += count(policy);
+        if rules_in_run >= per_thread || i + 1 == policies.len() {
+            runs.push((first_id, &policies[start..=i]));
+            first_id += rules_in_run;
+            start = i + 1;
+            rules_in_run = 0;
+        }
+    }
+    let work = |(first_id, run): (usize, &[(&String, &ast::Policy)])| {
+        let mut diags = Diagnostics::default();
+        let ids = ids.get(first_id..).unwrap_or_default();
+        let out = resolve_run(run, ids, linked, sources, &mut diags);
+        (out, diags.items)
+    };
+    let done: Vec<_> = if runs.len() <= 1 {
+        runs.into_iter().map(work).collect()
+    } else {
+        std::thread::scope(|scope| {
+            let mut runs = runs.into_iter();
+            let here = runs.next();
+            let helpers: Vec<_> = runs
+                .map(|run| {
+                    let spawned = std::thread::Builder::new()
+                        .name("fw-resolve".into())
+                        .spawn_scoped(scope, move || work(run));
+                    // Without a thread (the system would not start one), here.
+                    spawned.map_err(|_| run)
+                })
+                .collect();
+            let mut done: Vec<_> = here.into_iter().map(work).collect();
+            for helper in helpers {
+                done.push(match helper {
+                    Ok(h) => h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                    Err(run) => work(run),
+                });
+            }
+            done
+        })
+    };
+    let mut owned = Vec::with_capacity(policies.len());
     let mut out = Vec::with_capacity(policies.len());
-    for (name, policy) in policies {
+    for ((run_owned, run_rules), run_diags) in done {
+        owned.extend(run_owned);
+        out.extend(run_rules);
+        diags.extend(run_diags);
+    }
+    (owned, out)
+}
+
+/// One run of policies (name order) from `resolve_rules`, with the ids of its rules in
+/// visiting order: each policy's own copy and its resolved rules.
+fn resolve_run(
+    run: &[(&String, &ast::Policy)],
+    ids: &[u32],
+    linked: &Linked,
+    sources: &SourceMap,
+    diags: &mut Diagnostics,
+) -> (Vec<ast::Policy>, Vec<Vec<ResolvedRule>>) {
+    let mut ids = ids.iter().copied();
+    let mut memo = RangeMemo::default();
+    let mut owned = Vec::with_capacity(run.len());
+    let mut out = Vec::with_capacity(run.len());
+    for &(name, policy) in run {
+        owned.push(policy.clone());
         let mut rules = Vec::new();
         for direction in Direction::ALL {
             for (index, rule) in policy.rules(direction).iter().enumerate() {
@@ -666,7 +749,7 @@ fn resolve_rules(
         }
         out.push(rules);
     }
-    out
+    (owned, out)
 }
 
 /// Absent = any. `None` when a referenced set is unknown or broken (already reported).
@@ -1261,6 +1344,52 @@ mod tests {
             diags.iter().all(|d| d.code == Code::FamilyMismatch && d.severity == Severity::Warning)
         );
         assert_eq!(diags.iter().map(primary).collect::<Vec<_>>(), want);
+    }
+
+    /// Enough rules to be resolved on several threads, with warnings from many policies: the
+    /// same policy set (ids included) and the same diagnostics in the same order either way.
+    #[test]
+    fn resolving_on_threads_gives_the_same_set_and_diagnostics() {
+        let b = B::new();
+        let mut docs = vec![
+            b.set("v6", &["2001:db8::/32", "10.0.0.0/8"], &["10.0.0.0/8"]),
+            b.set("mixed", &["192.0.2.0/24", "@v6"], &[]),
+        ];
+        for p in 0..700 {
+            let mut ingress = Vec::new();
+            for r in 0..4 {
+                let name = format!("r{r}");
+                let peers: &[&str] = match (p + r) % 4 {
+                    0 => &["@v6"],
+                    1 => &["@mixed", "198.51.100.7"],
+                    2 => &["192.0.2.1"],
+                    _ => &["any"],
+                };
+                let proto = if (p + r) % 3 == 0 { Proto::Icmp } else { Proto::Icmpv6 };
+                ingress.push(b.rule(
+                    (r % 2 == 0).then_some(name.as_str()),
+                    Action::Allow,
+                    Some(peers),
+                    proto,
+                ));
+            }
+            let egress = vec![
+                b.rule(None, Action::Deny, None, Proto::Tcp),
+                b.rule(Some("out"), Action::Allow, Some(&["@mixed"]), Proto::Udp),
+            ];
+            docs.push(Document::Policy(b.policy(&format!("p{p:03}"), ingress, egress)));
+        }
+        let sources = sources();
+        let (set, diags) = resolve_on(&docs, &sources, 1);
+        let rules = set.as_ref().map_or(0, |s| s.rules.iter().map(Vec::len).sum::<usize>());
+        assert!(rules >= PARALLEL_MIN_RULES, "{rules} rules");
+        assert!(diags.len() > 100, "{} diagnostics", diags.len());
+        assert!(diags.iter().all(|d| d.code == Code::FamilyMismatch));
+        let expected = format!("{set:?}\n{diags:?}");
+        for threads in [2, 3, 8] {
+            let (set, diags) = resolve_on(&docs, &sources, threads);
+            assert!(format!("{set:?}\n{diags:?}") == expected, "{threads} threads differ");
+        }
     }
 
     #[test]
