@@ -232,8 +232,8 @@ fn validate(paths: &[PathBuf], format: Format) -> Result<ExitCode> {
 }
 
 fn compile(paths: &[PathBuf], host: &HostArgs, format: StateFormat) -> Result<ExitCode> {
-    let Some(loaded) = load_checked(paths) else { return Ok(ExitCode::from(1)) };
-    let set = loaded.policy_set.context("no policy set")?;
+    let Some(mut loaded) = load_checked(paths) else { return Ok(ExitCode::from(1)) };
+    let set = loaded.policy_set.take().context("no policy set")?;
     let policy = set.for_host(&host.identity());
     let state = match fw_compiler::compile::compile(&policy, &Capacities::default()) {
         Ok(s) => s,
@@ -246,6 +246,10 @@ fn compile(paths: &[PathBuf], host: &HostArgs, format: StateFormat) -> Result<Ex
         StateFormat::Json => println!("{}", show::state_json(&state)?),
         StateFormat::Table => print!("{}", show::state_table(&state)),
     }
+    // The process ends after this: the documents, the policy set and the state are left to
+    // the system instead of being freed allocation by allocation (at 100k rules that took
+    // about 0.15 s, after the output was complete).
+    std::mem::forget((loaded, set, policy, state));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use anyhow::{Result, bail};
 use fw_compiler::ast::{Direction, Proto};
-use fw_compiler::mapstate::{Decision, DirectionMaps, MapState};
+use fw_compiler::mapstate::{Classes, Decision, DirectionMaps, MapState};
 use fw_compiler::model::{Decider, Explanation, Flow, HostPolicy, Outcome, RuleId};
 use fw_compiler::resolve::PolicySet;
 use fw_compiler::testing::{self, TestReport};
@@ -80,27 +80,68 @@ fn counts(state: &MapState) -> Vec<(&'static str, usize)> {
     ]
 }
 
-fn decision(state: &MapState, d: Decision) -> String {
-    let rule = |id: RuleId| {
-        state.rules.get(&id).map_or_else(
-            || format!("#{}", id.0),
-            |r| match &r.name {
-                Some(n) => format!("{}/{}", r.policy, n),
-                None => format!("{}/#{}", r.policy, r.index),
-            },
-        )
-    };
-    match d {
-        Decision::None => "-".into(),
-        Decision::Allow(id) => format!("allow ({})", rule(id)),
-        Decision::Deny(id) => format!("deny ({})", rule(id)),
+/// How decisions name their rules (`policy/name`, `policy/#index`, or `#id` for an id the
+/// state does not know), each written once: a large state repeats the same few rules in
+/// hundreds of thousands of L4 entries.
+struct RuleNames<'a> {
+    state: &'a MapState,
+    names: std::collections::HashMap<RuleId, String>,
+}
+
+impl<'a> RuleNames<'a> {
+    fn new(state: &'a MapState) -> Self {
+        Self { state, names: std::collections::HashMap::new() }
+    }
+
+    /// Appends `-`, `allow (RULE)` or `deny (RULE)`.
+    fn write_decision(&mut self, out: &mut String, d: Decision) {
+        let (verb, id) = match d {
+            Decision::None => {
+                out.push('-');
+                return;
+            }
+            Decision::Allow(id) => ("allow", id),
+            Decision::Deny(id) => ("deny", id),
+        };
+        let state = self.state;
+        let name = self.names.entry(id).or_insert_with(|| {
+            state.rules.get(&id).map_or_else(
+                || format!("#{}", id.0),
+                |r| match &r.name {
+                    Some(n) => format!("{}/{}", r.policy, n),
+                    None => format!("{}/#{}", r.policy, r.index),
+                },
+            )
+        });
+        out.push_str(verb);
+        out.push_str(" (");
+        out.push_str(name);
+        out.push(')');
     }
 }
 
 pub fn state_table(state: &MapState) -> String {
-    let mut out = String::new();
+    // The digest (a hash over the whole state's canonical JSON) is computed on a thread of its
+    // own while the rest is written: both take a while on large states.
+    let (digest, body) = std::thread::scope(|scope| {
+        let digest = std::thread::Builder::new().spawn_scoped(scope, || state.digest()).ok();
+        let body = state_table_body(state);
+        let digest = match digest {
+            Some(h) => h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            None => state.digest(),
+        };
+        (digest, body)
+    });
+    let mut out = String::with_capacity(body.len() + 128);
     let _ = writeln!(out, "host {} {:?}", state.host.name, state.host.labels);
-    let _ = writeln!(out, "digest {}", state.digest());
+    let _ = writeln!(out, "digest {digest}");
+    out.push_str(&body);
+    out
+}
+
+/// Everything after the digest line.
+fn state_table_body(state: &MapState) -> String {
+    let mut out = String::new();
     let _ = writeln!(out, "\nentries per map:");
     for (name, n) in counts(state) {
         let _ = writeln!(out, "  {name:<12} {n:>8}");
@@ -124,13 +165,16 @@ pub fn state_table(state: &MapState) -> String {
             let _ = writeln!(out, "  {:>10}  {path}", id.0);
         }
     }
+    let mut names = RuleNames::new(state);
     for (dir, maps) in [(Direction::Ingress, &state.ingress), (Direction::Egress, &state.egress)] {
-        direction_table(&mut out, state, dir, maps);
+        direction_table(&mut out, &mut names, dir, maps);
     }
     out
 }
 
-fn direction_table(out: &mut String, state: &MapState, dir: Direction, maps: &DirectionMaps) {
+/// One direction's maps. Rows are written straight into `out` (a large state has hundreds
+/// of thousands of them), with what would be the same `format!` text.
+fn direction_table(out: &mut String, names: &mut RuleNames, dir: Direction, maps: &DirectionMaps) {
     let _ = writeln!(
         out,
         "\n{}: default {} (audit: {})",
@@ -141,59 +185,69 @@ fn direction_table(out: &mut String, state: &MapState, dir: Direction, maps: &Di
     // Every address has a class in each layer (wide: rules on short prefixes; narrow: on
     // long ones); the kernel consults both classes' tables and the shared one.
     let _ = writeln!(out, "  prefixes -> wide class, narrow class:");
-    let row = |out: &mut String, net: String, c: &fw_compiler::mapstate::Classes| {
+    // The prefix's text is padded, which its `Display` does not do: it goes through `net`.
+    let mut net = String::new();
+    let mut row = |out: &mut String, prefix: &dyn std::fmt::Display, c: &Classes| {
+        net.clear();
+        let _ = write!(net, "{prefix}");
         let _ = writeln!(out, "    {:<43} {:>10} {:>10}", net, c.wide.0, c.narrow.0);
     };
-    for (net, classes) in &maps.v4 {
-        row(out, net.to_string(), classes);
+    for (prefix, classes) in &maps.v4 {
+        row(out, prefix, classes);
     }
-    for (net, classes) in &maps.v6 {
-        row(out, net.to_string(), classes);
+    for (prefix, classes) in &maps.v6 {
+        row(out, prefix, classes);
     }
     let _ = writeln!(out, "  (class, workload, l4 prefix) -> decision:");
     for (key, value) in &maps.l4 {
         // Class 0 is the shared table (rules without an address restriction), consulted for
         // every address next to the address's two classes.
-        let class = if key.class == fw_compiler::mapstate::ClassId::SHARED {
-            "shared".to_string()
+        if key.class == fw_compiler::mapstate::ClassId::SHARED {
+            let _ = write!(out, "    {:>10} {:>6} ", "shared", key.workload.0);
         } else {
-            key.class.0.to_string()
-        };
-        let _ = writeln!(
-            out,
-            "    {:>10} {:>6} {}  {}  audit: {}",
-            class,
-            key.workload.0,
-            l4_prefix(key.bits, key.prefix_len),
-            decision(state, value.verdict),
-            decision(state, value.audit),
-        );
+            let _ = write!(out, "    {:>10} {:>6} ", key.class.0, key.workload.0);
+        }
+        write_l4_prefix(out, key.bits, key.prefix_len);
+        out.push_str("  ");
+        names.write_decision(out, value.verdict);
+        out.push_str("  audit: ");
+        names.write_decision(out, value.audit);
+        out.push('\n');
     }
 }
 
-/// `tcp/8000-8063`, `icmp/8`, `any`, `udp/no-port`.
-fn l4_prefix(bits: u32, len: u8) -> String {
+/// `tcp/8000-8063`, `icmp/8`, `any`, `udp/no-port`, appended to `out`.
+fn write_l4_prefix(out: &mut String, bits: u32, len: u8) {
     if len < 8 {
-        return if len == 0 { "any".into() } else { format!("proto {:#x}/{len}", bits >> 24) };
+        if len == 0 {
+            out.push_str("any");
+        } else {
+            let _ = write!(out, "proto {:#x}/{len}", bits >> 24);
+        }
+        return;
     }
-    let proto = (bits >> 24) as u8;
-    let name = match proto {
-        6 => "tcp".to_string(),
-        17 => "udp".to_string(),
-        1 => "icmp".to_string(),
-        58 => "icmpv6".to_string(),
-        n => format!("proto-{n}"),
-    };
+    match (bits >> 24) as u8 {
+        6 => out.push_str("tcp"),
+        17 => out.push_str("udp"),
+        1 => out.push_str("icmp"),
+        58 => out.push_str("icmpv6"),
+        n => {
+            let _ = write!(out, "proto-{n}");
+        }
+    }
     let span: u64 = 1u64 << (32 - u32::from(len));
     let lo = u64::from(bits & 0x00ff_ffff);
     let hi = lo + span - 1;
     if lo == 0 && hi == 0xff_ffff {
-        return name;
+        return;
     }
     if lo & 0x1_0000 != 0 {
-        return format!("{name}/no-port");
+        out.push_str("/no-port");
+    } else if lo == hi {
+        let _ = write!(out, "/{lo}");
+    } else {
+        let _ = write!(out, "/{lo}-{}", hi.min(0xffff));
     }
-    if lo == hi { format!("{name}/{lo}") } else { format!("{name}/{lo}-{}", hi.min(0xffff)) }
 }
 
 pub fn test_report(set: &PolicySet, report: &TestReport, verbose: bool) -> String {
