@@ -85,6 +85,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -316,13 +317,13 @@ fn net_range(net: &IpNet, family: Family) -> Option<Range> {
 type SetKey = (*const ResolvedSet, Family);
 
 /// A list of `(network, length)` prefixes.
-type Prefixes = Arc<Vec<(u128, u8)>>;
+type Prefixes = Rc<Vec<(u128, u8)>>;
 
 /// Flattens address terms, memoising every set by identity, so a set shared by thousands of
 /// rules (or nested in many sets) is computed once per family.
 #[derive(Default)]
 struct Flattener {
-    sets: FastMap<SetKey, Arc<RangeSet>>,
+    sets: FastMap<SetKey, Rc<RangeSet>>,
     /// Prefix lists of rules whose peers are a single set: shared the same way.
     set_prefixes: FastMap<SetKey, Prefixes>,
     /// One shared empty list, for the many rules with no address of a family.
@@ -342,7 +343,7 @@ impl Flattener {
         RangeSet::from_ranges(all)
     }
 
-    fn set(&mut self, set: &Arc<ResolvedSet>, family: Family) -> Arc<RangeSet> {
+    fn set(&mut self, set: &Arc<ResolvedSet>, family: Family) -> Rc<RangeSet> {
         // The pointer is a sound key: the policy is borrowed for the whole compile, so every
         // set stays alive and no address is reused.
         let key = (Arc::as_ptr(set), family);
@@ -351,7 +352,7 @@ impl Flattener {
         }
         let addresses = self.terms(&set.addresses, family);
         let except = self.terms(&set.except, family);
-        let r = Arc::new(addresses.difference(&except));
+        let r = Rc::new(addresses.difference(&except));
         self.sets.insert(key, r.clone());
         r
     }
@@ -364,7 +365,7 @@ impl Flattener {
                 if let Some(p) = self.set_prefixes.get(&key) {
                     return p.clone();
                 }
-                let p = Arc::new(self.set(s, family).to_prefixes(family.bits()));
+                let p = Rc::new(self.set(s, family).to_prefixes(family.bits()));
                 self.set_prefixes.insert(key, p.clone());
                 p
             }
@@ -373,13 +374,13 @@ impl Flattener {
                 Some(r) => {
                     let mut out = Vec::with_capacity(1);
                     range_to_prefixes(r.lo, r.hi, family.bits(), &mut out);
-                    Arc::new(out)
+                    Rc::new(out)
                 }
                 None => self.empty.clone(),
             },
             peers => {
                 let p = self.terms(peers, family).to_prefixes(family.bits());
-                if p.is_empty() { self.empty.clone() } else { Arc::new(p) }
+                if p.is_empty() { self.empty.clone() } else { Rc::new(p) }
             }
         }
     }
@@ -434,7 +435,7 @@ fn splitmix64(x: u64) -> u64 {
 /// Rules that enter the LPM walk together (those with the same prefix list), by group index:
 /// their positions (sorted) and the fingerprint of their ids.
 struct Groups {
-    members: Vec<Arc<[u32]>>,
+    members: Vec<Rc<[u32]>>,
     fps: Vec<Fingerprint>,
 }
 
@@ -449,7 +450,7 @@ struct RuleSets {
     by_fp: FastMap<Fingerprint, SetIdx>,
     /// `(parent, own rules)`; `None` for the empty set. A parent always has a smaller index
     /// than its child.
-    derivation: Vec<Option<(SetIdx, Arc<[u32]>)>>,
+    derivation: Vec<Option<(SetIdx, Rc<[u32]>)>>,
 }
 
 impl RuleSets {
@@ -465,7 +466,7 @@ impl RuleSets {
         self.fps.len()
     }
 
-    fn derivation(&self, i: SetIdx) -> Option<&(SetIdx, Arc<[u32]>)> {
+    fn derivation(&self, i: SetIdx) -> Option<&(SetIdx, Rc<[u32]>)> {
         self.derivation.get(i).and_then(Option::as_ref)
     }
 
@@ -486,8 +487,8 @@ impl RuleSets {
         if let Some(&i) = self.by_fp.get(&fp) {
             return i;
         }
-        let rules: Arc<[u32]> = match own {
-            [g] => groups.members.get(*g as usize).cloned().unwrap_or_else(|| Arc::from([])),
+        let rules: Rc<[u32]> = match own {
+            [g] => groups.members.get(*g as usize).cloned().unwrap_or_else(|| Rc::from([])),
             many => {
                 let mut all: Vec<u32> = many
                     .iter()
@@ -657,7 +658,7 @@ struct Piece {
 
 /// The decisions of a rule set over the L4 word space: sorted, disjoint pieces, none without a
 /// decision, no two adjacent ones equal.
-type Pieces = Arc<Vec<Piece>>;
+type Pieces = Rc<Vec<Piece>>;
 
 fn push_piece(out: &mut Vec<Piece>, p: Piece) {
     if p.verdict == NO_RULE && p.audit == NO_RULE {
@@ -823,7 +824,7 @@ impl Entry {
 }
 
 /// A nested table, in trie preorder, every entry differing from its nearest enclosing entry.
-type Entries = Arc<Vec<Entry>>;
+type Entries = Rc<Vec<Entry>>;
 
 /// Nests `items` (in trie preorder; several items may share a prefix) into a table: each
 /// prefix's decision is the minimum over its items and the prefixes enclosing it. `items`
@@ -907,7 +908,7 @@ fn pieces_of(entries: &[Entry]) -> Vec<Piece> {
 
 /// Per anchor: the workloads whose workload rules beat the anchor's base decisions somewhere,
 /// each with those pieces (the workload rules' decisions), by workload id.
-type WorkloadList = Arc<Vec<(WorkloadId, Pieces)>>;
+type WorkloadList = Rc<Vec<(WorkloadId, Pieces)>>;
 
 /// An anchor's own rules with workloads, and the workloads they apply to.
 type OwnWorkloadRules = (Vec<u32>, Vec<WorkloadId>);
@@ -1008,7 +1009,7 @@ impl<'a> L4Builder<'a> {
             own_workload_rules,
             extra: FastMap::default(),
             lists: vec![None; n],
-            empty: Arc::default(),
+            empty: Rc::default(),
         }
     }
 
@@ -1020,7 +1021,7 @@ impl<'a> L4Builder<'a> {
             return p.clone();
         }
         let result = match sets.derivation(set) {
-            None => Arc::new(Vec::new()),
+            None => Rc::new(Vec::new()),
             Some((parent, own)) => {
                 let base = self.base(sets, *parent);
                 let mut items: Vec<Entry> = Vec::new();
@@ -1045,7 +1046,7 @@ impl<'a> L4Builder<'a> {
                     items.sort_unstable_by_key(Entry::order);
                     let mut out = Vec::with_capacity(base.len() + items.len());
                     nest(merge_preorder(&base, &items), &mut out);
-                    Arc::new(out)
+                    Rc::new(out)
                 }
             }
         };
@@ -1099,7 +1100,7 @@ impl<'a> L4Builder<'a> {
         let result = if own_pieces.is_empty() {
             inherited
         } else {
-            Arc::new(combine(&inherited, &own_pieces))
+            Rc::new(combine(&inherited, &own_pieces))
         };
         self.extra.insert((anchor, w), result.clone());
         result
@@ -1109,14 +1110,14 @@ impl<'a> L4Builder<'a> {
     /// with the workloads of the anchor's own rules recomputed.
     fn workload_list(&mut self, sets: &RuleSets, set: SetIdx) -> WorkloadList {
         let Some(a) = self.anchor.get(set).copied().flatten() else {
-            return Arc::default();
+            return Rc::default();
         };
         if let Some(Some(list)) = self.lists.get(a) {
             return list.clone();
         }
         let inherited = match sets.derivation(a) {
             Some((parent, _)) => self.workload_list(sets, *parent),
-            None => Arc::default(),
+            None => Rc::default(),
         };
         let own = self.own_workload_rules.get(a).map(|(_, own)| own.clone()).unwrap_or_default();
         let base = pieces_of(&self.base(sets, a));
@@ -1125,13 +1126,13 @@ impl<'a> L4Builder<'a> {
             let extra = self.extra(sets, a, w);
             let better = overlay(&base, &extra);
             if !better.is_empty() {
-                out.push((w, Arc::new(better)));
+                out.push((w, Rc::new(better)));
             }
         }
         // The rest keep their parent's pieces: the parent's base is no better than this one's.
         out.extend(inherited.iter().filter(|(w, _)| own.binary_search(w).is_err()).cloned());
         out.sort_unstable_by_key(|(w, _)| *w);
-        let list = Arc::new(out);
+        let list = Rc::new(out);
         if let Some(slot) = self.lists.get_mut(a) {
             *slot = Some(list.clone());
         }
@@ -1400,7 +1401,7 @@ fn build_direction_lpm(
             if list.is_empty() {
                 continue;
             }
-            let g = *group_of.entry(Arc::as_ptr(&list)).or_insert_with(|| {
+            let g = *group_of.entry(Rc::as_ptr(&list)).or_insert_with(|| {
                 let g = groups.len() as u32;
                 groups.push(Vec::new());
                 fam.extend(list.iter().map(|&(a, l)| (a, l, g)));
@@ -1421,7 +1422,7 @@ fn build_direction_lpm(
                 .fold(Fingerprint::default(), |acc, r| acc.add(Fingerprint::of_rule(r.id.0)))
         })
         .collect();
-    let groups = Groups { members: groups.into_iter().map(Arc::from).collect(), fps };
+    let groups = Groups { members: groups.into_iter().map(Rc::from).collect(), fps };
     let mut layers = |pairs: Vec<(u128, u8, u32)>, family: Family| {
         let cut = split.of(family);
         let (wide, narrow): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|p| p.1 <= cut);
@@ -1727,7 +1728,7 @@ fn compile_direction(
             .iter()
             .filter_map(|&pos| policy.rules.get(pos as usize))
             .fold(Fingerprint::default(), |acc, r| acc.add(Fingerprint::of_rule(r.id.0)));
-        let groups = Groups { members: vec![Arc::from(lpm.shared.as_slice())], fps: vec![fp] };
+        let groups = Groups { members: vec![Rc::from(lpm.shared.as_slice())], fps: vec![fp] };
         let s = shared_sets.extend(RuleSets::EMPTY, &[0], &groups);
         let mut shared_builder =
             L4Builder::new(policy, &l4_ranges, &l4_prefixes, &shared_sets, egress_applies);
