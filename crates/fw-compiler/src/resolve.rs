@@ -603,12 +603,11 @@ fn check_empty_sets(
     }
 }
 
-/// Resolves the rules of every policy, assigning ids over all of them at once.
 /// From this many rules on, `resolve_rules` spreads the policies over threads.
 const PARALLEL_MIN_RULES: usize = 4096;
 
-/// The resolved rules of each policy, and each policy's own copy for the `PolicySet`, in
-/// name order. Large inputs are resolved on up to `threads` threads; the result and the order
+/// Resolves the rules of every policy, assigning ids over all of them at once: the resolved
+/// rules of each policy, and each policy's own copy for the `PolicySet`, in name order. Large inputs are resolved on up to `threads` threads; the result and the order
 /// of the diagnostics are the same on any number of threads.
 fn resolve_rules(
     policies: &BTreeMap<String, &ast::Policy>,
