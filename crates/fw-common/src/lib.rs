@@ -36,7 +36,11 @@ pub mod events;
 /// Names of the maps, as the eBPF programs declare them (at most 15 bytes: the kernel's
 /// `BPF_OBJ_NAME_LEN` is 16 including the terminating NUL).
 pub mod maps {
-    /// Ingress IPv4 LPM trie: [`Ipv4LpmKey`](crate::Ipv4LpmKey) -> [`ClassValue`](crate::ClassValue).
+    /// Ingress IPv4 table: [`Ipv4LpmKey`](crate::Ipv4LpmKey) -> [`ClassValue`](crate::ClassValue),
+    /// the same entries as the other address tables, held in a hash (not an LPM trie): the
+    /// key is the prefix length and the address with the bits past it zero, matched exactly.
+    /// The program probes the lengths [`DirectionConfig::v4_lengths`](crate::DirectionConfig)
+    /// lists, longest first; the first hit is the longest prefix.
     pub const INGRESS_V4: &str = "FW_IN_V4";
     /// Ingress IPv6 LPM trie: [`Ipv6LpmKey`](crate::Ipv6LpmKey) -> [`ClassValue`](crate::ClassValue).
     pub const INGRESS_V6: &str = "FW_IN_V6";
@@ -172,7 +176,8 @@ pub const fn stat_index(direction: u32, stat: u32) -> u32 {
 /// in full.
 pub const L4_KEY_FIXED_BITS: u32 = 64;
 
-/// Key of an IPv4 LPM trie (layout of the kernel's `struct bpf_lpm_trie_key` + 4 data bytes).
+/// Key of an IPv4 LPM trie (layout of the kernel's `struct bpf_lpm_trie_key` + 4 data bytes),
+/// and of the ingress IPv4 hash ([`maps::INGRESS_V4`]), which matches it exactly.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Ipv4LpmKey {
@@ -273,16 +278,46 @@ impl L4Value {
 /// L4 word)` keys cannot collide with an address class's entries.
 pub const SHARED_CLASS: u32 = 0;
 
+/// Capacity of [`DirectionConfig::v4_lengths`]: every IPv4 prefix length, /0 to /32, plus
+/// padding to a multiple of 4 bytes.
+pub const V4_LENGTH_SLOTS: usize = 36;
+
 /// The per-direction configuration (one element of the [`maps::CONFIG`] array).
+///
+/// Besides the defaults it carries the list of prefix lengths the direction's IPv4 table
+/// holds, longest first: the ingress program holds IPv4 as one hash keyed by
+/// [`Ipv4LpmKey`] (prefix length and masked address, see [`maps::INGRESS_V4`]) and finds the
+/// longest match by probing these lengths in order, the first hit winning. The list is
+/// generational with the table it describes (both are in the same generation), so a packet
+/// never probes one generation's table with another's lengths. The egress program reads only
+/// the defaults (its IPv4 table is an LPM trie); the list is written for both directions so
+/// the two entries are built the same way.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DirectionConfig {
     /// Default verdict when no enforcing rule decided: [`ACTION_ALLOW`] or [`ACTION_DENY`].
     pub verdict_default: u8,
     /// Default of the audit evaluation: [`ACTION_ALLOW`] or [`ACTION_DENY`].
     pub audit_default: u8,
+    /// Number of valid entries at the start of `v4_lengths` (0..=33).
+    pub v4_length_count: u8,
     /// Always 0.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
+    /// The distinct prefix lengths (0..=32) of the direction's IPv4 table, strictly
+    /// decreasing; slots from `v4_length_count` on are 0.
+    pub v4_lengths: [u8; V4_LENGTH_SLOTS],
+}
+
+impl Default for DirectionConfig {
+    fn default() -> Self {
+        Self {
+            verdict_default: 0,
+            audit_default: 0,
+            v4_length_count: 0,
+            _pad: 0,
+            v4_lengths: [0; V4_LENGTH_SLOTS],
+        }
+    }
 }
 
 /// Key of the kernel's workload table.
@@ -355,7 +390,9 @@ const _: () = {
     assert!(offset_of!(L4Value, _pad) == 3);
     assert!(offset_of!(L4Value, verdict_rule) == 4);
     assert!(offset_of!(L4Value, audit_rule) == 8);
-    assert!(size_of::<DirectionConfig>() == 4);
+    assert!(size_of::<DirectionConfig>() == 40);
+    assert!(offset_of!(DirectionConfig, v4_length_count) == 2);
+    assert!(offset_of!(DirectionConfig, v4_lengths) == 4);
     assert!(size_of::<WorkloadKey>() == 8);
     assert!(size_of::<WorkloadValue>() == 4);
     assert!(size_of::<ActiveGeneration>() == 4);
@@ -493,15 +530,28 @@ impl Bytes for L4Value {
 
 impl Bytes for DirectionConfig {
     const SIZE: usize = size_of::<Self>();
-    type Array = [u8; 4];
-    fn to_bytes(&self) -> [u8; 4] {
-        [self.verdict_default, self.audit_default, self._pad[0], self._pad[1]]
+    type Array = [u8; 40];
+    fn to_bytes(&self) -> [u8; 40] {
+        let mut b = [0u8; 40];
+        b[0] = self.verdict_default;
+        b[1] = self.audit_default;
+        b[2] = self.v4_length_count;
+        b[3] = self._pad;
+        b[4..40].copy_from_slice(&self.v4_lengths);
+        b
     }
     fn from_bytes(b: &[u8]) -> Option<Self> {
-        (b.len() == Self::SIZE).then(|| Self {
+        if b.len() != Self::SIZE {
+            return None;
+        }
+        let mut v4_lengths = [0u8; V4_LENGTH_SLOTS];
+        v4_lengths.copy_from_slice(&b[4..40]);
+        Some(Self {
             verdict_default: b[0],
             audit_default: b[1],
-            _pad: [b[2], b[3]],
+            v4_length_count: b[2],
+            _pad: b[3],
+            v4_lengths,
         })
     }
 }
@@ -709,12 +759,18 @@ mod tests {
             addr: [0x20, 1, 0xd, 0xb8, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         };
         assert_eq!(Ipv6LpmKey::from_bytes(&k.to_bytes()), Some(k));
+        let mut v4_lengths = [0; V4_LENGTH_SLOTS];
+        v4_lengths[..3].copy_from_slice(&[32, 24, 0]);
         let c = DirectionConfig {
             verdict_default: ACTION_DENY,
             audit_default: ACTION_DENY,
-            _pad: [0; 2],
+            v4_length_count: 3,
+            _pad: 0,
+            v4_lengths,
         };
-        assert_eq!(c.to_bytes(), [2, 2, 0, 0]);
+        let b = c.to_bytes();
+        assert_eq!(b[..8], [2, 2, 3, 0, 32, 24, 0, 0]);
+        assert!(b[8..].iter().all(|&x| x == 0));
         assert_eq!(DirectionConfig::from_bytes(&c.to_bytes()), Some(c));
         let cv = ClassValue { wide_class: 0x0102, narrow_class: 7 };
         assert_eq!(cv.to_bytes(), [2, 1, 0, 0, 7, 0, 0, 0]);

@@ -17,7 +17,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, Bytes, CONFIG_EGRESS, CONFIG_INGRESS, ClassValue,
     DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT, Ipv4LpmKey, Ipv6LpmKey, L4_KEY_FIXED_BITS,
-    L4LpmKey, WorkloadValue, maps,
+    L4LpmKey, V4_LENGTH_SLOTS, WorkloadValue, maps,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -106,6 +106,22 @@ fn sorted(mut entries: Entries) -> Entries {
     entries
 }
 
+/// `DirectionConfig::v4_lengths` of an IPv4 table: its distinct prefix lengths, longest
+/// first (the order the ingress program probes its IPv4 hash in), and how many there are.
+fn v4_length_list(nets: impl Iterator<Item = Ipv4Net>) -> (u8, [u8; V4_LENGTH_SLOTS]) {
+    let mut present = [false; 33];
+    for net in nets {
+        present[usize::from(net.prefix_len())] = true;
+    }
+    let mut list = [0u8; V4_LENGTH_SLOTS];
+    let mut count = 0u8;
+    for len in (0..=32u8).rev().filter(|&l| present[usize::from(l)]) {
+        list[usize::from(count)] = len;
+        count += 1;
+    }
+    (count, list)
+}
+
 /// Encodes every map of a state.
 pub fn encode(state: &MapState) -> Encoded {
     let mut out = BTreeMap::new();
@@ -167,10 +183,13 @@ pub fn encode(state: &MapState) -> Encoded {
     let config = [(CONFIG_INGRESS, &state.ingress), (CONFIG_EGRESS, &state.egress)]
         .into_iter()
         .map(|(index, m)| {
+            let (v4_length_count, v4_lengths) = v4_length_list(m.v4.keys().copied());
             let value = DirectionConfig {
                 verdict_default: action_byte(m.defaults.verdict),
                 audit_default: action_byte(m.defaults.audit),
-                _pad: [0; 2],
+                v4_length_count,
+                _pad: 0,
+                v4_lengths,
             };
             (index.to_le_bytes().to_vec(), value.to_bytes().to_vec())
         })
@@ -269,6 +288,8 @@ pub enum DecodeError {
     ConfigIndex { map: &'static str, index: u32 },
     #[error("map {map}: no config for {direction}")]
     MissingConfig { map: &'static str, direction: &'static str },
+    #[error("map {map}: config index {index} does not list exactly the IPv4 table's prefix lengths, longest first")]
+    LengthList { map: &'static str, index: u32 },
     #[error("map {map}: workload path is not UTF-8")]
     WorkloadPath { map: &'static str },
 }
@@ -409,6 +430,7 @@ fn decode_direction(
 pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
     let map = maps::CONFIG;
     let mut config: BTreeMap<u32, Defaults> = BTreeMap::new();
+    let mut lengths = BTreeMap::new();
     for (k, v) in entries(enc, map)? {
         let index = match <[u8; 4]>::try_from(k.as_slice()) {
             Ok(b) => u32::from_le_bytes(b),
@@ -420,7 +442,7 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
             return Err(DecodeError::ConfigIndex { map, index });
         }
         let value: DirectionConfig = parse(map, v, false)?;
-        if value._pad != [0; 2] {
+        if value._pad != 0 {
             return Err(DecodeError::Padding { map });
         }
         let defaults = Defaults {
@@ -428,6 +450,7 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
             audit: default_action(map, value.audit_default)?,
         };
         insert(map, &mut config, index, defaults)?;
+        lengths.insert(index, (value.v4_length_count, value.v4_lengths));
     }
     let defaults = |index: u32, direction: Direction| {
         config
@@ -439,6 +462,13 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
         decode_direction(enc, Direction::Ingress, defaults(CONFIG_INGRESS, Direction::Ingress)?)?;
     let egress =
         decode_direction(enc, Direction::Egress, defaults(CONFIG_EGRESS, Direction::Egress)?)?;
+    // The ingress program finds IPv4 prefixes only at the lengths the config lists: a list
+    // that is not exactly the table's lengths would miss entries (or probe for nothing).
+    for (index, direction) in [(CONFIG_INGRESS, &ingress), (CONFIG_EGRESS, &egress)] {
+        if lengths.get(&index) != Some(&v4_length_list(direction.v4.keys().copied())) {
+            return Err(DecodeError::LengthList { map, index });
+        }
+    }
 
     let map = maps::WORKLOADS;
     let mut workloads = BTreeMap::new();
@@ -601,10 +631,13 @@ mod tests {
             ]
         );
         let config = enc.get(maps::CONFIG).unwrap();
-        assert_eq!(
-            config,
-            &vec![(vec![0, 0, 0, 0], vec![2, 2, 0, 0]), (vec![1, 0, 0, 0], vec![1, 2, 0, 0])]
-        );
+        // Defaults, then the IPv4 table's prefix lengths longest first (/16, /0), zeros after.
+        let value = |verdict: u8| {
+            let mut v = vec![verdict, 2, 2, 0, 16, 0];
+            v.resize(40, 0);
+            v
+        };
+        assert_eq!(config, &vec![(vec![0, 0, 0, 0], value(2)), (vec![1, 0, 0, 0], value(1))]);
         // Sorted by key bytes.
         for entries in enc.maps.values() {
             assert!(entries.windows(2).all(|w| w[0].0 < w[1].0));
@@ -675,6 +708,23 @@ mod tests {
         assert_eq!(
             with(maps::CONFIG, &|e| e.truncate(1)),
             Err(DecodeError::MissingConfig { map: maps::CONFIG, direction: "egress" })
+        );
+        // The prefix length list must be exactly the table's lengths, longest first.
+        assert_eq!(
+            with(maps::CONFIG, &|e| e[0].1[2] = 1),
+            Err(DecodeError::LengthList { map: maps::CONFIG, index: 0 })
+        );
+        assert_eq!(
+            with(maps::CONFIG, &|e| e[1].1[4..6].copy_from_slice(&[0, 16])),
+            Err(DecodeError::LengthList { map: maps::CONFIG, index: 1 })
+        );
+        assert_eq!(
+            with(maps::CONFIG, &|e| e[0].1[6] = 8),
+            Err(DecodeError::LengthList { map: maps::CONFIG, index: 0 })
+        );
+        assert_eq!(
+            with(maps::CONFIG, &|e| e[0].1[3] = 1),
+            Err(DecodeError::Padding { map: maps::CONFIG })
         );
         let mut missing = good.clone();
         missing.maps.remove(maps::EGRESS_L4);

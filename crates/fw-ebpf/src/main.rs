@@ -39,7 +39,7 @@ use aya_ebpf::programs::XdpContext;
 use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, ActiveGeneration, CONFIG_ENTRIES, CONFIG_INGRESS,
     ClassValue, Counters, DIRECTION_INGRESS, DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT,
-    GENERATIONS, L4_KEY_FIXED_BITS, L4Value, SHARED_CLASS, STAT_ALWAYS_ARP, STAT_ALWAYS_LOOPBACK,
+    GENERATIONS, Ipv4LpmKey, L4_KEY_FIXED_BITS, L4Value, V4_LENGTH_SLOTS, SHARED_CLASS, STAT_ALWAYS_ARP, STAT_ALWAYS_LOOPBACK,
     STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY, STAT_AUDIT_DEFAULT_DENY,
     STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_INTERNAL_ERROR, STAT_MALFORMED,
     STAT_NOT_IP, STATS_ENTRIES, WorkloadKey, WorkloadValue, stat_index,
@@ -55,13 +55,20 @@ const TEMPLATE_ENTRIES: usize = 1;
 const RULE_COUNTER_ENTRIES: usize = 1 << 18;
 /// Outer map slots.
 const GENERATION_SLOTS: usize = GENERATIONS as usize;
-/// LPM trie flags: the kernel requires `BPF_F_NO_PREALLOC` for LPM tries.
+/// LPM trie flags: the kernel requires `BPF_F_NO_PREALLOC` for LPM tries. The ingress IPv4
+/// hash uses the same flag (entries are allocated as they are inserted).
 const LPM_FLAGS: usize = BPF_F_NO_PREALLOC as usize;
 
-/// Source address -> address class, IPv4, ingress. Generational.
+/// Source prefix -> address class, IPv4, ingress: a hash keyed by (prefix length, address
+/// with the bits past it zero), the same keys and values an LPM trie of the table would hold,
+/// matched exactly. The longest match is found by probing the lengths the generation's
+/// ingress config lists (`DirectionConfig::v4_lengths`), longest first: a few hash lookups
+/// that cost about the same at any table size, where the LPM trie's walk grows with the
+/// table and misses the cache at every level for random sources. `BPF_F_NO_PREALLOC`: memory
+/// follows the entries, not the capacity. Generational.
 #[btf_map]
 static FW_IN_V4: ArrayOfMaps<
-    LpmTrie<[u8; 4], ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    HashMap<Ipv4LpmKey, ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
     GENERATION_SLOTS,
 > = ArrayOfMaps::new();
 
@@ -279,8 +286,10 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
     // model; eval.rs the reference the tests hold both against).
     //  1. Always-allowed traffic has already passed (try_ingress).
     //  2. Read the active generation ONCE; every map below is that generation's. The source
-    //     address's longest prefix in the v4/v6 trie gives the address's two classes, one per
-    //     layer (wide: rules matching through short prefixes; narrow: through long ones). The
+    //     address's longest prefix gives the address's two classes, one per layer (wide:
+    //     rules matching through short prefixes; narrow: through long ones): IPv6 from the
+    //     LPM trie, IPv4 from the hash probed at the config's prefix lengths, longest first
+    //     (the first hit is the longest prefix, what the trie would return). The
     //     compiler always puts a /0 there; on a miss anyway there is no class and step 4 finds
     //     nothing for the two layers.
     //  3. Egress only (the workload class). Ingress always uses workload 0.
@@ -297,8 +306,10 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
     //     passes and is counted as what audit-mode policies would have denied.
     // ------------------------------------------------------------------------------------
 
-    // Step 2.
+    // Step 2. The config is read first: its IPv4 prefix lengths drive the address lookup.
     let generation = FW_GEN.get(0).ok_or(InternalError)?.index;
+    let config =
+        FW_CONFIG.get(generation).ok_or(InternalError)?.get(CONFIG_INGRESS).ok_or(InternalError)?;
     // (found, wide, narrow) rather than an `Option`: a `None`'s undefined payload can end up
     // spilled to the stack, which the verifier rejects as a read of an uninitialised register.
     let (has_class, wide, narrow) = if ip.v6 {
@@ -306,10 +317,8 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
         trie.get(&Key::new(128, ip.src))
             .map_or((false, 0, 0), |c| (true, c.wide_class, c.narrow_class))
     } else {
-        let trie = FW_IN_V4.get(generation).ok_or(InternalError)?;
-        let addr = [ip.src[0], ip.src[1], ip.src[2], ip.src[3]];
-        trie.get(&Key::new(32, addr))
-            .map_or((false, 0, 0), |c| (true, c.wide_class, c.narrow_class))
+        let table = FW_IN_V4.get(generation).ok_or(InternalError)?;
+        v4_classes(table, config, [ip.src[0], ip.src[1], ip.src[2], ip.src[3]])
     };
 
     // Step 4 (step 3: ingress has no workload, so the keys' workload is 0): the shared
@@ -322,10 +331,42 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
     let combined = l4_decide(l4_trie, classes, 0, word)?;
 
     // Step 6.
-    let config =
-        FW_CONFIG.get(generation).ok_or(InternalError)?.get(CONFIG_INGRESS).ok_or(InternalError)?;
     outcome(combined, config)
 }
+
+/// Step 2 for IPv4: the longest prefix of `addr` in the ingress IPv4 hash, probing the
+/// lengths `config` lists (longest first; the first hit is the longest match, as in an LPM
+/// trie holding the same entries). `(found, wide class, narrow class)`.
+#[inline(always)]
+fn v4_classes(
+    table: &HashMap<Ipv4LpmKey, ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    config: &DirectionConfig,
+    addr: [u8; 4],
+) -> (bool, u32, u32) {
+    let a = u32::from_be_bytes(addr);
+    let count = usize::from(config.v4_length_count);
+    let mut key = Ipv4LpmKey { prefix_len: 0, addr: [0; 4] };
+    // A constant trip count for the verifier; `count` ends it early (at most 33 lengths).
+    for i in 0..V4_LENGTH_SLOTS {
+        if i >= count {
+            break;
+        }
+        let len = u32::from(config.v4_lengths[i]);
+        // `wrapping_shl` takes the shift modulo 32: /32 shifts by 0 (all ones), and /0,
+        // which would too, is the explicit 0.
+        let mask = if len == 0 { 0 } else { u32::MAX.wrapping_shl(32u32.wrapping_sub(len)) };
+        key.prefix_len = len;
+        key.addr = (a & mask).to_be_bytes();
+        if let Some(c) = table.get_ptr(&key) {
+            // SAFETY: a pointer from a map lookup, valid for the whole run (RCU); a
+            // concurrent update of the standby generation never touches this one.
+            let c = unsafe { &*c };
+            return (true, c.wide_class, c.narrow_class);
+        }
+    }
+    (false, 0, 0)
+}
+
 
 /// Step 6 of the precedence, for either direction: a decision gives allow or deny, none gives
 /// the direction's default; an allow whose audit decision (or, when none, the audit default)

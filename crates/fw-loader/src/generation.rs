@@ -33,7 +33,8 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// The inner maps of one generation.
 pub(crate) struct GenerationMaps {
-    pub in_v4: LpmTrie<MapData, [u8; 4], ClassValue>,
+    /// A hash, not an LPM trie: see `fw_common::maps::INGRESS_V4`.
+    pub in_v4: HashMap<MapData, Ipv4LpmKey, ClassValue>,
     pub in_v6: LpmTrie<MapData, [u8; 16], ClassValue>,
     pub in_l4: LpmTrie<MapData, [u8; 12], L4Value>,
     pub eg_v4: LpmTrie<MapData, [u8; 4], ClassValue>,
@@ -93,6 +94,23 @@ fn lpm<K: Pod, V: Pod>(name: &str, max_entries: u32) -> Result<LpmTrie<MapData, 
     LpmTrie::try_from(map).map_err(Error::map(name))
 }
 
+/// The ingress IPv4 table: a hash of (prefix length, masked address) -> classes, with the
+/// flags of the kernel object's template (`BPF_F_NO_PREALLOC`: memory follows the entries).
+fn prefix_hash(
+    name: &str,
+    max_entries: u32,
+) -> Result<HashMap<MapData, Ipv4LpmKey, ClassValue>, Error> {
+    let map = create(
+        name,
+        bpf_map_type::BPF_MAP_TYPE_HASH,
+        size_of::<Ipv4LpmKey>(),
+        size_of::<ClassValue>(),
+        max_entries,
+        BPF_F_NO_PREALLOC,
+    )?;
+    HashMap::try_from(map).map_err(Error::map(name))
+}
+
 impl GenerationMaps {
     /// Creates the empty inner maps of generation `generation`.
     pub fn create(generation: u32, caps: &Capacities) -> Result<Self, Error> {
@@ -116,7 +134,7 @@ impl GenerationMaps {
             0,
         )?;
         Ok(Self {
-            in_v4: lpm(&name(maps::INGRESS_V4), caps.v4_prefixes)?,
+            in_v4: prefix_hash(&name(maps::INGRESS_V4), caps.v4_prefixes)?,
             in_v6: lpm(&name(maps::INGRESS_V6), caps.v6_prefixes)?,
             in_l4: lpm(&name(maps::INGRESS_L4), caps.l4_entries)?,
             eg_v4: lpm(&name(maps::EGRESS_V4), caps.v4_prefixes)?,
@@ -134,7 +152,7 @@ impl GenerationMaps {
         let mut stats = WriteStats::default();
         for (&name, entries) in &encoded.maps {
             stats += match name {
-                maps::INGRESS_V4 => sync_lpm(&mut self.in_v4, name, v4_entries(name, entries)?)?,
+                maps::INGRESS_V4 => sync_hash(&mut self.in_v4, name, v4_entries(name, entries)?)?,
                 maps::INGRESS_V6 => sync_lpm(&mut self.in_v6, name, v6_entries(name, entries)?)?,
                 maps::INGRESS_L4 => sync_lpm(&mut self.in_l4, name, l4_entries(name, entries)?)?,
                 maps::EGRESS_V4 => sync_lpm(&mut self.eg_v4, name, v4_entries(name, entries)?)?,
@@ -192,7 +210,7 @@ impl GenerationMaps {
     /// bytes), so a write can be verified by comparing with what was written.
     pub fn read(&self) -> Result<Encoded, Error> {
         let mut out = BTreeMap::new();
-        out.insert(maps::INGRESS_V4, read_lpm(&self.in_v4, maps::INGRESS_V4, v4_key_bytes)?);
+        out.insert(maps::INGRESS_V4, read_hash(&self.in_v4, maps::INGRESS_V4)?);
         out.insert(maps::INGRESS_V6, read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes)?);
         out.insert(maps::INGRESS_L4, read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes)?);
         out.insert(maps::EGRESS_V4, read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes)?);
@@ -226,6 +244,64 @@ fn sync_lpm<K: Pod + Ord, V: Pod>(
     }
     for ((prefix_len, data), value) in desired {
         map.insert(&Key::new(prefix_len, data), value, 0).map_err(Error::map(name))?;
+        stats.written += 1;
+    }
+    Ok(stats)
+}
+
+/// [`sync_lpm`] for the ingress IPv4 hash (the same keys, matched exactly).
+fn sync_hash(
+    map: &mut HashMap<MapData, Ipv4LpmKey, ClassValue>,
+    name: &'static str,
+    desired: Vec<((u32, [u8; 4]), ClassValue)>,
+) -> Result<WriteStats, Error> {
+    let wanted: BTreeSet<(u32, [u8; 4])> = desired.iter().map(|(k, _)| *k).collect();
+    let present: Vec<Ipv4LpmKey> = map.keys().collect::<Result<_, _>>().map_err(Error::map(name))?;
+    let mut stats = WriteStats::default();
+    for key in present {
+        if !wanted.contains(&(key.prefix_len, key.addr)) {
+            map.remove(&key).map_err(Error::map(name))?;
+            stats.deleted += 1;
+        }
+    }
+    for ((prefix_len, addr), value) in desired {
+        map.insert(Ipv4LpmKey { prefix_len, addr }, value, 0).map_err(Error::map(name))?;
+        stats.written += 1;
+    }
+    Ok(stats)
+}
+
+/// [`read_lpm`] for the ingress IPv4 hash.
+fn read_hash(
+    map: &HashMap<MapData, Ipv4LpmKey, ClassValue>,
+    name: &'static str,
+) -> Result<Entries, Error> {
+    let mut entries = Vec::new();
+    for item in map.iter() {
+        let (key, value) = item.map_err(Error::map(name))?;
+        entries.push((key.to_bytes().to_vec(), value.to_bytes().to_vec()));
+    }
+    entries.sort_unstable();
+    Ok(entries)
+}
+
+/// [`lpm_delta`] for the ingress IPv4 hash.
+fn hash_delta(
+    map: &mut HashMap<MapData, Ipv4LpmKey, ClassValue>,
+    name: &'static str,
+    d: &MapDelta,
+    split: fn(Ipv4LpmKey) -> (u32, [u8; 4]),
+) -> Result<WriteStats, Error> {
+    let mut stats = WriteStats::default();
+    for k in &d.remove {
+        let key = Ipv4LpmKey::from_bytes(k).ok_or(Error::Entry { map: name, reason: "key size" })?;
+        map.remove(&key).map_err(Error::map(name))?;
+        stats.deleted += 1;
+    }
+    for ((prefix_len, addr), value) in
+        parse_entries::<Ipv4LpmKey, [u8; 4], ClassValue>(name, &d.upsert, split)?
+    {
+        map.insert(Ipv4LpmKey { prefix_len, addr }, value, 0).map_err(Error::map(name))?;
         stats.written += 1;
     }
     Ok(stats)
@@ -572,7 +648,7 @@ impl GenerationMaps {
         let (workloads, w) = inner_of(outer, maps::WORKLOADS, g)?;
         let m = |name: &'static str| Error::map(name);
         Ok(Self {
-            in_v4: LpmTrie::try_from(in_v4).map_err(m(maps::INGRESS_V4))?,
+            in_v4: HashMap::try_from(in_v4).map_err(m(maps::INGRESS_V4))?,
             in_v6: LpmTrie::try_from(in_v6).map_err(m(maps::INGRESS_V6))?,
             in_l4: LpmTrie::try_from(in_l4).map_err(m(maps::INGRESS_L4))?,
             eg_v4: LpmTrie::try_from(eg_v4).map_err(m(maps::EGRESS_V4))?,
@@ -643,7 +719,7 @@ impl GenerationMaps {
         let mut stats = WriteStats::default();
         for (&name, d) in deltas {
             stats += match name {
-                maps::INGRESS_V4 => lpm_delta(&mut self.in_v4, name, d, split_v4)?,
+                maps::INGRESS_V4 => hash_delta(&mut self.in_v4, name, d, split_v4)?,
                 maps::INGRESS_V6 => lpm_delta(&mut self.in_v6, name, d, split_v6)?,
                 maps::INGRESS_L4 => lpm_delta(&mut self.in_l4, name, d, split_l4)?,
                 maps::EGRESS_V4 => lpm_delta(&mut self.eg_v4, name, d, split_v4)?,
@@ -681,7 +757,7 @@ impl GenerationMaps {
     /// Reads one map back (`encode`'s format, sorted by key).
     pub fn read_map(&self, name: &str) -> Result<Entries, Error> {
         match name {
-            maps::INGRESS_V4 => read_lpm(&self.in_v4, maps::INGRESS_V4, v4_key_bytes),
+            maps::INGRESS_V4 => read_hash(&self.in_v4, maps::INGRESS_V4),
             maps::INGRESS_V6 => read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes),
             maps::INGRESS_L4 => read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes),
             maps::EGRESS_V4 => read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes),
@@ -788,6 +864,8 @@ impl GenerationMaps {
     /// the trie's order (or ENOENT for the last one), for any other key the first key of the
     /// trie. So a key is present exactly when its "next" is not the first key, or is ENOENT
     /// in a non-empty trie. For a present key, the lookup's longest match is the key itself.
+    /// The ingress IPv4 hash answers `BPF_MAP_GET_NEXT_KEY` the same way (an absent key gives
+    /// the first key, the last key ENOENT) and its lookup is exact, so one check serves both.
     pub fn verify_delta(&self, deltas: &BTreeMap<&'static str, MapDelta>) -> Result<(), Error> {
         for (&name, d) in deltas {
             let failed = || Error::VerifyFailed(name);
