@@ -288,7 +288,9 @@ pub enum DecodeError {
     ConfigIndex { map: &'static str, index: u32 },
     #[error("map {map}: no config for {direction}")]
     MissingConfig { map: &'static str, direction: &'static str },
-    #[error("map {map}: config index {index} does not list exactly the IPv4 table's prefix lengths, longest first")]
+    #[error(
+        "map {map}: config index {index} does not list every prefix length of the IPv4 table, longest first, each once"
+    )]
     LengthList { map: &'static str, index: u32 },
     #[error("map {map}: workload path is not UTF-8")]
     WorkloadPath { map: &'static str },
@@ -462,10 +464,21 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
         decode_direction(enc, Direction::Ingress, defaults(CONFIG_INGRESS, Direction::Ingress)?)?;
     let egress =
         decode_direction(enc, Direction::Egress, defaults(CONFIG_EGRESS, Direction::Egress)?)?;
-    // The ingress program finds IPv4 prefixes only at the lengths the config lists: a list
-    // that is not exactly the table's lengths would miss entries (or probe for nothing).
+    // The ingress program finds IPv4 prefixes only at the lengths the config lists, longest
+    // first: the list must be strictly decreasing (or the first hit would not be the longest
+    // match), hold nothing past its count, and name the length of every IPv4 entry decoded.
+    // It is not required to be exactly the table's lengths: the loader also decodes only the
+    // entries it is about to write, and a listed length without entries costs a probe, not a
+    // wrong verdict (`encode` always writes the exact list).
     for (index, direction) in [(CONFIG_INGRESS, &ingress), (CONFIG_EGRESS, &egress)] {
-        if lengths.get(&index) != Some(&v4_length_list(direction.v4.keys().copied())) {
+        let Some(&(count, list)) = lengths.get(&index) else { continue };
+        let count = usize::from(count);
+        let listed = list.get(..count).ok_or(DecodeError::LengthList { map, index })?;
+        let well_formed = listed.windows(2).all(|w| w[0] > w[1])
+            && listed.first().is_none_or(|&l| l <= 32)
+            && list[count..].iter().all(|&b| b == 0);
+        let covered = direction.v4.keys().all(|net| listed.contains(&net.prefix_len()));
+        if !well_formed || !covered {
             return Err(DecodeError::LengthList { map, index });
         }
     }
@@ -725,6 +738,14 @@ mod tests {
         assert_eq!(
             with(maps::CONFIG, &|e| e[0].1[3] = 1),
             Err(DecodeError::Padding { map: maps::CONFIG })
+        );
+        // A listed length without entries is allowed (a probe that finds nothing).
+        assert!(
+            with(maps::CONFIG, &|e| {
+                e[0].1[2] = 3;
+                e[0].1[4..7].copy_from_slice(&[16, 8, 0]);
+            })
+            .is_ok()
         );
         let mut missing = good.clone();
         missing.maps.remove(maps::EGRESS_L4);
