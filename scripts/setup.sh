@@ -23,14 +23,21 @@ for component in rustfmt clippy; do
 done
 
 # Debian packages, as "command:package": a C compiler for -sys crates and for linking
-# bpf-linker, pkg-config, and for the privileged data-plane tests bpftool (inspecting
+# bpf-linker, pkg-config, and for the privileged tests and the demo bpftool (inspecting
 # programs and maps), iproute2 (network namespaces, veth pairs, attaching XDP) and ping
 # (real ICMP between namespaces); for the benchmark suite (`cargo xtask bench`) nftables and
-# iptables (the engines ours is compared with) and ethtool (GRO on the bench's veth).
+# iptables (the engines ours is compared with) and ethtool (GRO on the bench's veth); fwd's
+# tests and the demo make real git repositories (git) and run fwd with only its systemd unit's
+# capabilities (setpriv, from util-linux); python3 serves the demo's web service.
 missing=()
 for pair in gcc:gcc pkg-config:pkg-config bpftool:bpftool ip:iproute2 ping:iputils-ping \
-    nft:nftables iptables:iptables ethtool:ethtool; do
+    nft:nftables iptables:iptables ethtool:ethtool git:git setpriv:util-linux python3:python3; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+# Libraries without a command: OpenSSL's headers for fwd's https git transport (git2 links the
+# system OpenSSL; libgit2 itself and libssh2 are built from source).
+for package in libssl-dev; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' || missing+=("$package")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     need_root apt-get install "${missing[@]}"

@@ -101,9 +101,11 @@ fn nft(ns: &Netns, script: &str) -> anyhow::Result<Duration> {
 
 pub fn run(s: &Settings, aux: &mut Aux, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
     let mut part = Part::new("packet_rate", "2. Packet rate on a veth pair");
-    let n = s.rate_prefixes;
+    let sizes = s.rate_sizes.clone();
+    let n_target = if sizes.contains(&100_000) { 100_000 } else { sizes[sizes.len() - 1] };
+    let list = sizes.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
     part.method = vec![format!(
-        "{n} IPv4 prefixes (the same list for every engine), 64-byte UDP frames with \
+        "{list} IPv4 prefixes (the same list for every engine), 64-byte UDP frames with \
          hit-heavy random sources from a live-frames XDP generator on CPU {}, receiver's \
          NAPI thread on CPU {}; {} interleaved rounds of {:.1} s per engine. Packets per \
          second are what the receiver took in (medians, min-max over the rounds that \
@@ -146,21 +148,15 @@ pub fn run(s: &Settings, aux: &mut Aux, targets: &mut Vec<Target>) -> anyhow::Re
     }
     let have_nft = sys::have("nft");
     let have_ipt = sys::have("iptables-restore");
-    let mut engines = vec![Engine::Ours];
-    if have_nft {
-        engines.extend([Engine::NftInterval, Engine::NftHash]);
-    } else {
+    if !have_nft {
         part.notes.push(
             "nft not installed (scripts/setup.sh installs it): nftables not measured.".into(),
         );
     }
-    if have_ipt && n <= s.iptables_max {
-        engines.push(Engine::Iptables);
-    } else if !have_ipt {
+    if !have_ipt {
         part.notes
             .push("iptables not installed (scripts/setup.sh installs it): not measured.".into());
     }
-    engines.push(Engine::XdpDrop);
 
     let ns = Netns::new()?;
     let veth = VethPair::new(&ns)?;
@@ -203,175 +199,204 @@ pub fn run(s: &Settings, aux: &mut Aux, targets: &mut Vec<Target>) -> anyhow::Re
         part.notes.push("The receiver could not run SCHED_FIFO; its CPU was quiet.".into());
     }
 
-    // Engines' state, loaded once.
-    let st = states::compile_state(Family::V4, n, Direction::Ingress, 0);
-    let mut dp = Dataplane::load(&states::capacities(n)).context("load the data plane")?;
-    dp.write_generation(0, &encode(&st))?;
-    dp.set_active_generation(0)?;
-    if have_nft {
-        nft(&ns, &netfilter::nft_sets(n, Layout::Interval))?;
-        nft(&ns, &netfilter::nft_sets(n, Layout::Hash))?;
-    }
-    if engines.contains(&Engine::Iptables) {
-        let mut cmd = ns.command("iptables-restore");
-        sys::run_timed_stdin(&mut cmd, &netfilter::iptables_rules(n, &dev, false))?;
-    }
-
-    let frame = states::udp_frame(
-        veth.peer_mac(),
-        veth.host_mac(),
-        veth.peer_v4(),
-        Draw::new(Family::V4, n, true),
-    );
-    // struct xdp_md: data (metadata length) 0, data_end the frame's length (the kernel
-    // insists), data_meta 0, ingress_ifindex the device to transmit from, rx queue 0,
-    // egress_ifindex 0.
-    let mut ctx = [0u8; 24];
-    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-    ctx[12..16].copy_from_slice(&veth.host_ifindex().to_ne_bytes());
-    sys::pin(0, s.bench_cpu)?;
-
-    let mut samples: BTreeMap<Engine, Vec<Sample>> = BTreeMap::new();
-    for round in 0..s.rate_rounds {
-        for &engine in &engines {
-            // Attach.
-            let mut link = None;
-            match engine {
-                Engine::Ours => {
-                    let p = dp.ingress_program()?;
-                    link = Some(ns.run(|| p.attach(&dev, XdpMode::Driver))??);
-                }
-                Engine::XdpDrop => {
-                    let p = aux.program("fw_bench_drop");
-                    link = Some(ns.run(|| p.attach(&dev, XdpMode::Driver))??);
-                }
-                Engine::NftInterval => {
-                    nft(&ns, &netfilter::nft_chain(Layout::Interval, &dev))?;
-                }
-                Engine::NftHash => {
-                    nft(&ns, &netfilter::nft_chain(Layout::Hash, &dev))?;
-                }
-                Engine::Iptables => {
-                    sys::run_timed(ns.command("iptables").args([
-                        "-t",
-                        "raw",
-                        "-I",
-                        "PREROUTING",
-                        "-i",
-                        &dev,
-                        "-j",
-                        netfilter::CHAIN,
-                    ]))?;
-                }
-            }
-            let deny_before = dp.stat(DIRECTION_INGRESS, STAT_DEFAULT_DENY)?.packets;
-            let sample = measure(s, aux, &ns, &dev, &threads, &frame, &ctx);
-            // Detach before looking at the result, so a failed run leaves nothing attached.
-            match engine {
-                Engine::Ours => {
-                    let p = dp.ingress_program()?;
-                    if let Some(l) = link.take() {
-                        ns.run(|| p.detach(l))??;
-                    }
-                }
-                Engine::XdpDrop => {
-                    let p = aux.program("fw_bench_drop");
-                    if let Some(l) = link.take() {
-                        ns.run(|| p.detach(l))??;
-                    }
-                }
-                Engine::NftInterval | Engine::NftHash => {
-                    let layout =
-                        if engine == Engine::NftHash { Layout::Hash } else { Layout::Interval };
-                    nft(
-                        &ns,
-                        &format!("delete chain netdev {} rx_{}\n", netfilter::TABLE, layout.name()),
-                    )?;
-                }
-                Engine::Iptables => {
-                    sys::run_timed(ns.command("iptables").args([
-                        "-t",
-                        "raw",
-                        "-D",
-                        "PREROUTING",
-                        "-i",
-                        &dev,
-                        "-j",
-                        netfilter::CHAIN,
-                    ]))?;
-                }
-            }
-            let sample = sample?;
-            if engine == Engine::Ours {
-                let denied = dp.stat(DIRECTION_INGRESS, STAT_DEFAULT_DENY)?.packets - deny_before;
-                anyhow::ensure!(
-                    denied >= sample.received / 2,
-                    "our program denied {denied} of {} received packets",
-                    sample.received
-                );
-            }
-            eprintln!(
-                "rate: round {}/{} {:32} offered {:>10.0}/s received {:>10.0}/s busy {:>3.0}%{}",
-                round + 1,
-                s.rate_rounds,
-                engine.label(),
-                sample.offered as f64 / sample.seconds,
-                sample.received as f64 / sample.seconds,
-                sample.busy * 100.0,
-                if sample.counts { "" } else { " (does not count)" }
-            );
-            samples.entry(engine).or_default().push(sample);
+    let mut all: BTreeMap<usize, BTreeMap<Engine, Vec<Sample>>> = BTreeMap::new();
+    for &n in &sizes {
+        let mut engines = vec![Engine::Ours];
+        if have_nft {
+            engines.extend([Engine::NftInterval, Engine::NftHash]);
         }
+        if have_ipt && n <= s.iptables_max {
+            engines.push(Engine::Iptables);
+        } else if have_ipt {
+            part.notes
+                .push(format!("{n} prefixes: iptables not measured (above this mode's size)."));
+        }
+        engines.push(Engine::XdpDrop);
+        // Engines' state, loaded once per size (the previous size's removed first).
+        let _ = nft(&ns, &format!("delete table netdev {}\n", netfilter::TABLE));
+        for flag in ["-F", "-X"] {
+            let _ = sys::run_timed(ns.command("iptables").args(["-t", "raw", flag]));
+        }
+        let st = states::compile_state(Family::V4, n, Direction::Ingress, 0);
+        let mut dp = Dataplane::load(&states::capacities(n)).context("load the data plane")?;
+        dp.write_generation(0, &encode(&st))?;
+        dp.set_active_generation(0)?;
+        if have_nft {
+            nft(&ns, &netfilter::nft_sets(n, Layout::Interval))?;
+            nft(&ns, &netfilter::nft_sets(n, Layout::Hash))?;
+        }
+        if engines.contains(&Engine::Iptables) {
+            let mut cmd = ns.command("iptables-restore");
+            sys::run_timed_stdin(&mut cmd, &netfilter::iptables_rules(n, &dev, false))?;
+        }
+
+        let frame = states::udp_frame(
+            veth.peer_mac(),
+            veth.host_mac(),
+            veth.peer_v4(),
+            Draw::new(Family::V4, n, true),
+        );
+        // struct xdp_md: data (metadata length) 0, data_end the frame's length (the kernel
+        // insists), data_meta 0, ingress_ifindex the device to transmit from, rx queue 0,
+        // egress_ifindex 0.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&veth.host_ifindex().to_ne_bytes());
+        sys::pin(0, s.bench_cpu)?;
+
+        let mut samples: BTreeMap<Engine, Vec<Sample>> = BTreeMap::new();
+        for round in 0..s.rate_rounds {
+            for &engine in &engines {
+                // Attach.
+                let mut link = None;
+                match engine {
+                    Engine::Ours => {
+                        let p = dp.ingress_program()?;
+                        link = Some(ns.run(|| p.attach(&dev, XdpMode::Driver))??);
+                    }
+                    Engine::XdpDrop => {
+                        let p = aux.program("fw_bench_drop");
+                        link = Some(ns.run(|| p.attach(&dev, XdpMode::Driver))??);
+                    }
+                    Engine::NftInterval => {
+                        nft(&ns, &netfilter::nft_chain(Layout::Interval, &dev))?;
+                    }
+                    Engine::NftHash => {
+                        nft(&ns, &netfilter::nft_chain(Layout::Hash, &dev))?;
+                    }
+                    Engine::Iptables => {
+                        sys::run_timed(ns.command("iptables").args([
+                            "-t",
+                            "raw",
+                            "-I",
+                            "PREROUTING",
+                            "-i",
+                            &dev,
+                            "-j",
+                            netfilter::CHAIN,
+                        ]))?;
+                    }
+                }
+                let deny_before = dp.stat(DIRECTION_INGRESS, STAT_DEFAULT_DENY)?.packets;
+                let sample = measure(s, aux, &ns, &dev, &threads, &frame, &ctx);
+                // Detach before looking at the result, so a failed run leaves nothing attached.
+                match engine {
+                    Engine::Ours => {
+                        let p = dp.ingress_program()?;
+                        if let Some(l) = link.take() {
+                            ns.run(|| p.detach(l))??;
+                        }
+                    }
+                    Engine::XdpDrop => {
+                        let p = aux.program("fw_bench_drop");
+                        if let Some(l) = link.take() {
+                            ns.run(|| p.detach(l))??;
+                        }
+                    }
+                    Engine::NftInterval | Engine::NftHash => {
+                        let layout =
+                            if engine == Engine::NftHash { Layout::Hash } else { Layout::Interval };
+                        nft(
+                            &ns,
+                            &format!(
+                                "delete chain netdev {} rx_{}\n",
+                                netfilter::TABLE,
+                                layout.name()
+                            ),
+                        )?;
+                    }
+                    Engine::Iptables => {
+                        sys::run_timed(ns.command("iptables").args([
+                            "-t",
+                            "raw",
+                            "-D",
+                            "PREROUTING",
+                            "-i",
+                            &dev,
+                            "-j",
+                            netfilter::CHAIN,
+                        ]))?;
+                    }
+                }
+                let sample = sample?;
+                if engine == Engine::Ours {
+                    let denied =
+                        dp.stat(DIRECTION_INGRESS, STAT_DEFAULT_DENY)?.packets - deny_before;
+                    anyhow::ensure!(
+                        denied >= sample.received / 2,
+                        "our program denied {denied} of {} received packets",
+                        sample.received
+                    );
+                }
+                eprintln!(
+                    "rate: round {}/{} {:32} offered {:>10.0}/s received {:>10.0}/s busy {:>3.0}%{}",
+                    round + 1,
+                    s.rate_rounds,
+                    engine.label(),
+                    sample.offered as f64 / sample.seconds,
+                    sample.received as f64 / sample.seconds,
+                    sample.busy * 100.0,
+                    if sample.counts { "" } else { " (does not count)" }
+                );
+                samples.entry(engine).or_default().push(sample);
+            }
+        }
+        sys::unpin(0);
+        drop(dp);
+        all.insert(n, samples);
     }
-    sys::unpin(0);
-    drop(dp);
     drop(veth);
     drop(ns);
 
-    let mut t = Table::new(
-        "packets per second received (median, min-max over counted runs)",
-        &["engine", "received pps", "offered pps", "receiver busy %", "runs counted"],
-    );
-    let mut med: BTreeMap<Engine, Vec<f64>> = BTreeMap::new();
     let mut data = Vec::new();
-    for (engine, v) in &samples {
-        let counted: Vec<&Sample> = v.iter().filter(|x| x.counts).collect();
-        let pps: Vec<f64> = counted.iter().map(|x| x.received as f64 / x.seconds).collect();
-        let off: Vec<f64> = v.iter().map(|x| x.offered as f64 / x.seconds).collect();
-        let busy: Vec<f64> = v.iter().map(|x| x.busy * 100.0).collect();
-        let received = if counted.is_empty() {
-            let all: Vec<f64> = v.iter().map(|x| x.received as f64 / x.seconds).collect();
-            format!("{} (no run counted)", Summary::of(&all).cell(0))
-        } else {
-            Summary::of(&pps).cell(0)
-        };
-        t.row(vec![
-            engine.label().into(),
-            received,
-            Summary::of(&off).cell(0),
-            Summary::of(&busy).cell(0),
-            format!("{}/{}", counted.len(), v.len()),
-        ]);
-        if counted.len() < v.len() {
-            part.notes.push(format!(
-                "{}: {} of {} runs did not count (the generator offered less than 1.2x what was \
+    for (&n, samples) in &all {
+        let mut t = Table::new(
+            &format!(
+                "{n} prefixes: packets per second received (median, min-max over counted runs)"
+            ),
+            &["engine", "received pps", "offered pps", "receiver busy %", "runs counted"],
+        );
+        for (engine, v) in samples {
+            let counted: Vec<&Sample> = v.iter().filter(|x| x.counts).collect();
+            let pps: Vec<f64> = counted.iter().map(|x| x.received as f64 / x.seconds).collect();
+            let off: Vec<f64> = v.iter().map(|x| x.offered as f64 / x.seconds).collect();
+            let busy: Vec<f64> = v.iter().map(|x| x.busy * 100.0).collect();
+            let received = if counted.is_empty() {
+                let all: Vec<f64> = v.iter().map(|x| x.received as f64 / x.seconds).collect();
+                format!("{} (no run counted)", Summary::of(&all).cell(0))
+            } else {
+                Summary::of(&pps).cell(0)
+            };
+            t.row(vec![
+                engine.label().into(),
+                received,
+                Summary::of(&off).cell(0),
+                Summary::of(&busy).cell(0),
+                format!("{}/{}", counted.len(), v.len()),
+            ]);
+            if counted.len() < v.len() {
+                part.notes.push(format!(
+                "{n} prefixes, {}: {} of {} runs did not count (the generator offered less than 1.2x what was \
                  received and the receiver was under 95% busy).",
                 engine.label(),
                 v.len() - counted.len(),
                 v.len()
             ));
+            }
+            data.push(json!({
+                "prefixes": n,
+                "engine": engine.label(),
+                "runs": v.iter().map(|x| json!({
+                    "offered": x.offered, "received": x.received, "seconds": x.seconds,
+                    "receiver_busy": x.busy, "counts": x.counts,
+                })).collect::<Vec<_>>(),
+            }));
         }
-        data.push(json!({
-            "engine": engine.label(),
-            "runs": v.iter().map(|x| json!({
-                "offered": x.offered, "received": x.received, "seconds": x.seconds,
-                "receiver_busy": x.busy, "counts": x.counts,
-            })).collect::<Vec<_>>(),
-        }));
-        med.insert(*engine, pps);
+        part.tables.push(t);
     }
-    part.tables.push(t);
-    part.data = json!({ "prefixes": n, "engines": data });
+    part.data = json!({ "runs": data });
+    let n = n_target;
+    let samples = &all[&n];
 
     // Ratios per round (both sides of the same round, when both counted), then the median.
     let ratio = |a: Engine, b: Engine| -> Option<Summary> {
@@ -460,6 +485,7 @@ fn measure(
         chunk = ((0.2 / per.max(1e-9)) as u32).clamp(10_000, 20_000_000);
     }
     let seconds = start.elapsed().as_secs_f64();
+    let cpu1 = thread_cpu();
     if rt {
         sys::fifo(0, 0)?;
     }
@@ -472,7 +498,7 @@ fn measure(
             _ => 0.0,
         }
     } else {
-        (thread_cpu() - cpu0).as_secs_f64() / seconds
+        (cpu1 - cpu0).as_secs_f64() / seconds
     };
     let received = rx1.saturating_sub(rx0);
     let counts = offered as f64 >= 1.2 * received as f64 || busy >= 0.95;

@@ -3,9 +3,13 @@
 //! description of the machine for the report.
 //!
 //! The benchmark object is built here, by running cargo on crates/fw-ebpf with its `bench`
-//! feature into a target directory of its own, rather than by fw-loader's build script: the
-//! production object (what fw-loader embeds and fwctl loads) is then never built with the
-//! feature, whatever a workspace build unifies.
+//! feature, rather than by fw-loader's build script: the production object (what fw-loader
+//! embeds and fwctl loads) is then never built with the feature, whatever a workspace build
+//! unifies. It uses the nested target directory fw-loader's build script shares between its
+//! builds (`<target>/fw-ebpf-build`, same flags), so `core` is compiled once for both and a
+//! cold benchmark build costs seconds. Cargo keeps each feature set's artifacts apart and
+//! re-links the uplifted binary on every build, fresh or not, so the production build always
+//! picks up its own object; a test checks the embedded object holds no benchmark code.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,7 +20,9 @@ use anyhow::{Context as _, bail};
 /// Builds fw-ebpf with `--features bench` (as aya-build builds it: nightly, build-std, BTF)
 /// and returns the object's bytes.
 pub fn bench_object(root: &Path) -> anyhow::Result<Vec<u8>> {
-    let target_dir = root.join("target").join("fw-ebpf-bench");
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let target_dir = target.join("fw-ebpf-build").join("target").join("fw-ebpf");
     let arch = std::env::consts::ARCH;
     let flags = [
         format!("--cfg=bpf_target_arch=\"{arch}\""),

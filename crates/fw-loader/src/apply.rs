@@ -362,6 +362,7 @@ impl Dataplane {
         grown: &mut Vec<u32>,
     ) -> Result<(WriteStats, Encoded), Error> {
         let g = Self::slot(generation)?;
+        let root = self.pin_root().map(std::path::Path::to_path_buf);
         let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
         if gm.fits(encoded).is_some() {
             let mut caps = gm.caps;
@@ -388,6 +389,10 @@ impl Dataplane {
                 return Err(Error::VerifyFailed(name));
             }
             fresh.install(generation, &mut self.outer)?;
+            if let Some(root) = &root {
+                // A crash before this leaves a stale pin, which adoption detects by id.
+                fresh.repin(root, generation)?;
+            }
             *gm = fresh;
             grown.push(generation);
             return Ok((stats, back));

@@ -628,26 +628,128 @@ fn lpm_delta<T: Bytes, K: Pod, V: Pod + Bytes>(
     Ok(stats)
 }
 
+/// The pin name of generation `generation`'s inner map of the outer map `name` (bpffs names
+/// take no dots, so not the kernel name `FW_IN_V4.g0`).
+pub(crate) fn inner_pin(name: &str, generation: u32) -> String {
+    format!("{name}_G{generation}")
+}
+
+/// The id of the map in slot `generation` of `outer` (an array of maps): a lookup from user
+/// space returns the inner map's id, which needs no privilege (opening a map by its id needs
+/// `CAP_SYS_ADMIN`).
+fn slot_id(outer: &MapData, generation: u32) -> std::io::Result<u32> {
+    let key = generation;
+    let mut value = 0u32;
+    // SAFETY: all-zero is a valid bpf_attr.
+    let mut attr: aya_obj::generated::bpf_attr = unsafe { std::mem::zeroed() };
+    attr.__bindgen_anon_2.map_fd = outer.fd().as_fd().as_raw_fd() as u32;
+    attr.__bindgen_anon_2.key = std::ptr::from_ref(&key) as u64;
+    attr.__bindgen_anon_2.__bindgen_anon_1.value = std::ptr::from_mut(&mut value) as u64;
+    // SAFETY: `attr` is a valid bpf_attr for the whole call and points at `key` and `value`,
+    // which outlive it and have the outer map's key and value sizes (4 bytes each).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_MAP_LOOKUP_ELEM as libc::c_long,
+            std::ptr::from_mut(&mut attr),
+            size_of::<aya_obj::generated::bpf_attr>(),
+        )
+    };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(value) }
+}
+
+/// Generation `generation`'s inner map of `name` from its pin under `root`, when the pin is
+/// the map the outer slot holds now (a pin left stale by a crash between growing a map and
+/// re-pinning it is not used).
+fn inner_pinned(root: &std::path::Path, name: &'static str, generation: u32) -> Option<(Map, u32)> {
+    let outer = MapData::from_pin(root.join(name)).ok()?;
+    let want = slot_id(&outer, generation).ok()?;
+    let data = MapData::from_pin(root.join(inner_pin(name, generation))).ok()?;
+    let info = data.info().ok()?;
+    if info.id() != want {
+        return None;
+    }
+    let max = info.max_entries();
+    Some((Map::from_map_data(data).ok()?, max))
+}
+
 impl GenerationMaps {
-    /// Opens generation `generation`'s inner maps through the outer maps, as a process that
-    /// adopts pinned maps must (the inner maps are reachable only through their outer slot,
-    /// which is also what makes replacing one with a bigger map a single slot update).
+    /// Every inner map with its outer map's name.
+    fn named(&self) -> [(&'static str, &MapData); 8] {
+        [
+            (maps::INGRESS_V4, self.in_v4.map()),
+            (maps::INGRESS_V6, self.in_v6.map()),
+            (maps::INGRESS_L4, self.in_l4.map()),
+            (maps::EGRESS_V4, self.eg_v4.map()),
+            (maps::EGRESS_V6, self.eg_v6.map()),
+            (maps::EGRESS_L4, self.eg_l4.map()),
+            (maps::CONFIG, self.config.map()),
+            (maps::WORKLOADS, self.workloads.map()),
+        ]
+    }
+
+    /// Pins these maps as generation `generation`'s under `root`, each as
+    /// [`inner_pin`]`(name)` followed by `suffix`; returns the (pinned path, final path)
+    /// pairs. With a suffix, a leftover pin of that name is replaced.
+    pub fn pin_as(
+        &self,
+        root: &std::path::Path,
+        generation: u32,
+        suffix: &str,
+    ) -> Result<Vec<(std::path::PathBuf, std::path::PathBuf)>, Error> {
+        let mut out = Vec::new();
+        for (name, data) in self.named() {
+            let dst = root.join(inner_pin(name, generation));
+            let path = root.join(format!("{}{suffix}", inner_pin(name, generation)));
+            if !suffix.is_empty() {
+                let _ = std::fs::remove_file(&path);
+            }
+            data.pin(&path).map_err(crate::pin::pin_err(&path))?;
+            out.push((path, dst));
+        }
+        Ok(out)
+    }
+
+    /// Pins these maps as generation `generation`'s under `root` in place of what is pinned
+    /// there (each pinned under a temporary name, then renamed over the old pin: a rename on
+    /// bpffs replaces its target atomically, so the name never points at nothing).
+    pub fn repin(&self, root: &std::path::Path, generation: u32) -> Result<(), Error> {
+        for (path, dst) in self.pin_as(root, generation, "_tmp")? {
+            crate::pin::private(&path, 0o600)?;
+            std::fs::rename(&path, &dst).map_err(crate::pin::io(&dst))?;
+        }
+        Ok(())
+    }
+
+    /// Opens generation `generation`'s inner maps as a process that adopts pinned maps: from
+    /// their pins under `root` when those are the maps the outer slots hold, else through the
+    /// outer maps by id (which needs `CAP_SYS_ADMIN`). The second element is false when any
+    /// map came by id (its pin is missing or stale; the caller re-pins).
     pub fn from_outer(
         generation: u32,
         outer: &BTreeMap<&'static str, Map>,
         rules: u32,
-    ) -> Result<Self, Error> {
+        root: Option<&std::path::Path>,
+    ) -> Result<(Self, bool), Error> {
         let g = generation;
-        let (in_v4, v4) = inner_of(outer, maps::INGRESS_V4, g)?;
-        let (in_v6, v6) = inner_of(outer, maps::INGRESS_V6, g)?;
-        let (in_l4, l4) = inner_of(outer, maps::INGRESS_L4, g)?;
-        let (eg_v4, _) = inner_of(outer, maps::EGRESS_V4, g)?;
-        let (eg_v6, _) = inner_of(outer, maps::EGRESS_V6, g)?;
-        let (eg_l4, _) = inner_of(outer, maps::EGRESS_L4, g)?;
-        let (config, _) = inner_of(outer, maps::CONFIG, g)?;
-        let (workloads, w) = inner_of(outer, maps::WORKLOADS, g)?;
+        let mut all_pinned = true;
+        let mut get = |name: &'static str| {
+            if let Some(found) = root.and_then(|r| inner_pinned(r, name, g)) {
+                return Ok(found);
+            }
+            all_pinned = false;
+            inner_of(outer, name, g)
+        };
+        let (in_v4, v4) = get(maps::INGRESS_V4)?;
+        let (in_v6, v6) = get(maps::INGRESS_V6)?;
+        let (in_l4, l4) = get(maps::INGRESS_L4)?;
+        let (eg_v4, _) = get(maps::EGRESS_V4)?;
+        let (eg_v6, _) = get(maps::EGRESS_V6)?;
+        let (eg_l4, _) = get(maps::EGRESS_L4)?;
+        let (config, _) = get(maps::CONFIG)?;
+        let (workloads, w) = get(maps::WORKLOADS)?;
         let m = |name: &'static str| Error::map(name);
-        Ok(Self {
+        let maps = Self {
             in_v4: HashMap::try_from(in_v4).map_err(m(maps::INGRESS_V4))?,
             in_v6: LpmTrie::try_from(in_v6).map_err(m(maps::INGRESS_V6))?,
             in_l4: LpmTrie::try_from(in_l4).map_err(m(maps::INGRESS_L4))?,
@@ -663,7 +765,8 @@ impl GenerationMaps {
                 rules,
                 workloads: w,
             },
-        })
+        };
+        Ok((maps, all_pinned))
     }
 
     /// Puts these maps into slot `generation` of every outer map (one RCU wait per slot).

@@ -12,6 +12,8 @@
 //! process adopts them (`Dataplane::open_pinned`) instead of loading again, so program ids never
 //! change, except when this build's ABI differs from the pinned one: then
 //! `Dataplane::upgrade_pinned` (`upgrade`) swaps the programs in place under their links.
+//! `enforce` is the one path from a compiled state to enforcement that fwctl and the daemon
+//! share: lock the root, open, load or upgrade, apply, attach.
 //! `apply` is the update protocol on top of that: diff against what the standby generation
 //! holds, write the diff, verify what was written, flip, wait a grace period, replay; its
 //! kernel work is proportional to the diff once the process knows what each generation holds.
@@ -29,6 +31,7 @@
 mod apply;
 mod cgroup;
 pub mod conntrack;
+pub mod enforce;
 mod error;
 mod events;
 mod generation;

@@ -7,9 +7,14 @@
 //!   saved state a record names (`FW_STATE_<id>`) and, in `links/`, one XDP link per interface
 //!   (`links/<drv|skb>-<interface>`, the mode in the name because the kernel's link info does
 //!   not say it). bpffs refuses names with a dot, so `.` and `%` in interface names (VLANs:
-//!   `eth0.100`) are written `%2E` and `%25`. Inner maps are not pinned: they are reachable
-//!   through their outer slot, which is also what lets apply replace one with a bigger map in a
-//!   single slot update.
+//!   `eth0.100`) are written `%2E` and `%25`. Each generation's inner maps are pinned too
+//!   (`<outer name>_G<generation>`), although programs reach them only through their outer slot
+//!   (which is what lets apply replace one with a bigger map in a single slot update): opening a
+//!   map by the id a slot holds needs `CAP_SYS_ADMIN`, opening a pin does not, so a daemon
+//!   holding only `CAP_BPF`, `CAP_NET_ADMIN` and `CAP_PERFMON` can adopt the pins. An adopting
+//!   process uses a pin only when its map id is the one the slot holds (a crash between growing
+//!   a map and re-pinning it leaves a stale pin), else opens the slot's map by id and re-pins it.
+//!   The same goes for programs: an upgrade opens the running program from its pin.
 //! - A later process adopts the pins instead of loading again, so program ids and map ids
 //!   never change across applies. Adoption is refused when the record's ABI version (a hash of
 //!   the embedded object) differs from this build's: the maps' layout could differ. That case
@@ -154,7 +159,7 @@ pub(crate) fn pin_err(path: &Path) -> impl FnOnce(aya::pin::PinError) -> Error +
     move |source| Error::Pin { path: path.to_path_buf(), source: Box::new(source) }
 }
 
-fn private(path: &Path, mode: u32) -> Result<(), Error> {
+pub(crate) fn private(path: &Path, mode: u32) -> Result<(), Error> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io(path))
 }
 
@@ -310,7 +315,7 @@ impl Dataplane {
     }
 
     /// [`Dataplane::load_pinned`] for a caller that holds the root's lock.
-    fn load_pinned_locked(root: &Path, caps: &Capacities) -> Result<Self, Error> {
+    pub(crate) fn load_pinned_locked(root: &Path, caps: &Capacities) -> Result<Self, Error> {
         let mut dp = match Self::load(caps) {
             Ok(dp) => dp,
             Err(e) => {
@@ -328,7 +333,7 @@ impl Dataplane {
             }
             Err(e) => {
                 drop(dp);
-                let _ = unload_pinned(root);
+                let _ = unload_locked(root);
                 Err(e)
             }
         }
@@ -383,6 +388,11 @@ impl Dataplane {
             let (path, dst) = at(name);
             map.pin(&path).map_err(pin_err(&path))?;
             pinned.push((path, dst));
+        }
+        // The inner maps too, so an adopting process opens them by pin rather than by id
+        // (which needs CAP_SYS_ADMIN).
+        for (g, maps) in (0..GENERATIONS).zip(&self.generations) {
+            pinned.extend(maps.pin_as(root, g, suffix)?);
         }
         for (name, data) in [
             (maps::GENERATION, self.generation.map()),
@@ -455,9 +465,17 @@ impl Dataplane {
         let stats: PerCpuArray<MapData, fw_common::Counters> =
             PerCpuArray::try_from(open_pinned_map(root, maps::STATS)?)
                 .map_err(Error::map(maps::STATS))?;
-        let generations = (0..GENERATIONS)
-            .map(|g| GenerationMaps::from_outer(g, &outer, rules))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut generations = Vec::new();
+        for g in 0..GENERATIONS {
+            let (maps, all_pinned) = GenerationMaps::from_outer(g, &outer, rules, Some(root))?;
+            if !all_pinned {
+                // A root pinned before inner maps were pinned, or a crash between growing a
+                // map and re-pinning it: pin what the slots hold now (best effort; the next
+                // adoption tries again), so later adoptions need no CAP_SYS_ADMIN.
+                let _ = maps.repin(root, g);
+            }
+            generations.push(maps);
+        }
         let caps = generations.first().map(|g| g.caps).unwrap_or_default();
         Ok(Self {
             ebpf: None,
@@ -696,7 +714,7 @@ fn unescape(name: &str) -> String {
 
 /// Whether `path` (or, when it does not exist yet, its nearest existing ancestor) is on a BPF
 /// filesystem: pinning anywhere else fails with a confusing ENOENT or EPERM.
-fn on_bpffs(path: &Path) -> bool {
+pub(crate) fn on_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let Some(existing) = path.ancestors().find(|p| p.exists()) else { return false };
     let Ok(c) = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()) else {
@@ -744,8 +762,19 @@ pub fn attachments(root: &Path) -> Result<Vec<Attachment>, Error> {
 }
 
 /// Removes every pin under `root` (links first, which detaches them once no process holds
-/// them open), then the directories; returns what was removed, in order.
+/// them open), then the directories; returns what was removed, in order. Takes the root's
+/// lock first ([`lock_root`]), so an unload never removes pins an apply, a load or an upgrade
+/// is working on: it waits for them to finish. Do not call it while holding that lock.
 pub fn unload_pinned(root: &Path) -> Result<Vec<PathBuf>, Error> {
+    if !root.exists() {
+        return Err(Error::NotPinned(root.to_path_buf()));
+    }
+    let _lock = lock_root(root, false)?;
+    unload_locked(root)
+}
+
+/// [`unload_pinned`] for a caller that holds the root's lock.
+pub(crate) fn unload_locked(root: &Path) -> Result<Vec<PathBuf>, Error> {
     if !root.exists() {
         return Err(Error::NotPinned(root.to_path_buf()));
     }

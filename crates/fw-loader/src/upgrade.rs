@@ -186,6 +186,32 @@ fn link_kind(link: BorrowedFd<'_>) -> std::io::Result<(u32, u32)> {
     Ok((info.type_, attach))
 }
 
+/// The id of the program `fd` refers to.
+fn prog_id(fd: BorrowedFd<'_>) -> std::io::Result<u32> {
+    use aya_obj::generated::bpf_prog_info;
+    // SAFETY: all-zero is a valid bpf_prog_info and bpf_attr.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.info.bpf_fd = fd.as_raw_fd() as u32;
+    attr.info.info_len = std::mem::size_of::<bpf_prog_info>() as u32;
+    attr.info.info = &mut info as *mut bpf_prog_info as u64;
+    sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info.id)
+}
+
+/// An fd of the program with id `id`: from its pin `root/name` when that is the program
+/// (opening a pin needs no privilege beyond the file's permissions), else by id
+/// (`CAP_SYS_ADMIN`), e.g. when an earlier upgrade swapped the links but died before renaming
+/// the pins.
+fn prog_fd(root: &Path, name: &str, id: u32) -> std::io::Result<OwnedFd> {
+    if let Ok(fd) = obj_get(&root.join(name))
+        && prog_id(fd.as_fd()).is_ok_and(|got| got == id)
+    {
+        return Ok(fd);
+    }
+    prog_fd_by_id(id)
+}
+
 /// The (link type, attach type) of a link that may run `program`. The kernel checks only the
 /// program type when a cgroup link's program is replaced (a connect4 program would be taken
 /// for a connect6 hook), so the upgrade checks the attach type itself.
@@ -223,7 +249,7 @@ fn planned_swaps(root: &Path) -> Result<Vec<Swap>, Error> {
         .map(|(pin, program)| {
             let (link_id, old_program_id) = crate::cgroup::link_info(&pin)?;
             let link = obj_get(&pin)?;
-            let old = prog_fd_by_id(old_program_id).map_err(io(&pin))?;
+            let old = prog_fd(root, program, old_program_id).map_err(io(&pin))?;
             Ok(Swap { pin, program, link, old, link_id, old_program_id })
         })
         .collect()
@@ -244,6 +270,15 @@ impl Dataplane {
         desired: &Desired<'_>,
     ) -> Result<(Self, Option<Upgrade>), Error> {
         let _lock = lock_root(root, false)?;
+        Self::upgrade_locked(root, caps, desired)
+    }
+
+    /// [`Dataplane::upgrade_pinned`] for a caller that holds the root's lock.
+    pub(crate) fn upgrade_locked(
+        root: &Path,
+        caps: &Capacities,
+        desired: &Desired<'_>,
+    ) -> Result<(Self, Option<Upgrade>), Error> {
         let old_record = Pins::open(root)?;
         let meta = old_record.read(META)?.ok_or(Error::Record("no metadata entry"))?;
         let from_abi = meta.get("abi").cloned().unwrap_or_default();
@@ -427,8 +462,8 @@ impl Dataplane {
         };
         // Back to the old programs, newest first. A swap back can only fail if someone else
         // changed the link meanwhile, which the root's lock rules out for our own processes.
-        for (swap, s) in done.iter().rev() {
-            if let Ok(new_fd) = prog_fd_by_id(s.new_program_id) {
+        for (swap, _) in done.iter().rev() {
+            if let Some(Ok(new_fd)) = ebpf.program(swap.program).map(|p| p.fd()) {
                 let _ = link_update(swap.link.as_fd(), swap.old.as_fd(), new_fd.as_fd());
             }
         }

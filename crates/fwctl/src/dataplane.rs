@@ -36,7 +36,8 @@ use fw_compiler::diff::MapDiff;
 use fw_compiler::encode::{Encoded, encode};
 use fw_compiler::mapstate::{Capacities, MapState, RuleInfo, WorkloadId};
 use fw_compiler::model::HostIdentity;
-use fw_loader::{Dataplane, Error as LoaderError};
+use fw_loader::enforce::{Enforced, Origin, Target, enforce};
+use fw_loader::{Dataplane, Desired, Error as LoaderError};
 
 use crate::render::{self, Format};
 
@@ -153,29 +154,41 @@ pub fn apply(args: &DataplaneArgs) -> Result<ExitCode> {
     }
     let workloads = fw_loader::workloads::resolve(&cgroup, &state.workloads);
 
-    let (mut dp, opened) =
-        Dataplane::open_pinned(&args.bpffs, &Capacities::default()).map_err(loader)?;
-    let _lock = dp.lock().map_err(loader)?;
-    let report = dp
-        .apply_with_workloads(&encoded, Some(&workloads), &revision, &digest, &saved)
-        .map_err(loader)?;
-    let egress = dp.attach_egress_pinned(&cgroup).map_err(loader)?;
-    let mut attached = Vec::new();
-    for interface in &args.interfaces {
-        attached.push(dp.attach_xdp(interface).map_err(loader)?);
-    }
-    let detached = dp.detach_xdp_except(&args.interfaces).map_err(loader)?;
+    let target = Target {
+        root: &args.bpffs,
+        caps: &Capacities::default(),
+        interfaces: &args.interfaces,
+        cgroup: &cgroup,
+    };
+    let desired = Desired {
+        encoded: &encoded,
+        workloads: Some(&workloads),
+        revision: &revision,
+        digest: &digest,
+        saved_state: &saved,
+    };
+    let (dp, done) = enforce(&target, &desired).map_err(loader)?;
+    let Enforced { origin, apply: report, egress, attached, detached, .. } = done;
 
     println!(
         "{} data plane under {} (program {} id {})",
-        match opened {
-            fw_loader::Opened::Loaded => "loaded and pinned the",
-            fw_loader::Opened::Adopted => "adopted the",
+        match &origin {
+            Origin::Loaded => "loaded and pinned the",
+            Origin::Adopted | Origin::Held => "adopted the",
+            Origin::Upgraded(_) => "upgraded the",
         },
         args.bpffs.display(),
         fw_common::programs::INGRESS,
         dp.ingress_program_id().map_err(loader)?
     );
+    if let Origin::Upgraded(up) = &origin {
+        println!(
+            "upgraded abi {} -> {}: {} links swapped in place",
+            up.from_abi,
+            up.to_abi,
+            up.links.len()
+        );
+    }
     println!(
         "applied revision {revision} (digest {digest}): generation {} -> {}, standby {} written {} deleted, replay {} written {} deleted",
         report.from,
@@ -510,7 +523,23 @@ fn diff_inner(args: &DataplaneArgs) -> Result<ExitCode> {
     }
 }
 
-pub fn status(args: &RootArgs) -> Result<ExitCode> {
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    root: RootArgs,
+    /// Ask a running fwd on its status socket instead of reading the kernel.
+    #[arg(long, value_name = "PATH", conflicts_with = "bpffs")]
+    socket: Option<PathBuf>,
+    /// With --socket: `human` or `json` (the document as fwd serves it).
+    #[arg(long, value_name = "FORMAT", default_value = "human", value_parser = ["human", "json"])]
+    format: String,
+}
+
+pub fn status(args: &StatusArgs) -> Result<ExitCode> {
+    if let Some(socket) = &args.socket {
+        return crate::daemon::status(socket, args.format == "json");
+    }
+    let args = &args.root;
     require_root("status")?;
     let dp = match Dataplane::adopt(&args.bpffs) {
         Ok(dp) => dp,

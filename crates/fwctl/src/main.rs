@@ -4,6 +4,7 @@
 //! library and formats what comes back. Exit codes are part of the interface: 0 success,
 //! 1 the input is invalid or a check failed, 2 usage error (clap's own).
 
+mod daemon;
 mod dataplane;
 mod inputs;
 mod render;
@@ -71,8 +72,9 @@ enum Command {
     /// Print what `apply` would change, as rules: exit 0 no change, 1 changes, 2 error (needs
     /// root).
     Diff(dataplane::DataplaneArgs),
-    /// Show the loaded data plane: programs, attachments, generations, maps, counters.
-    Status(dataplane::RootArgs),
+    /// Show the loaded data plane: programs, attachments, generations, maps, counters; or,
+    /// with --socket, what a running fwd reports.
+    Status(dataplane::StatusArgs),
     /// Detach and unpin the data plane.
     Unload(dataplane::RootArgs),
     /// Follow the data plane's events (logged rule hits, default denies, audit-denies), one

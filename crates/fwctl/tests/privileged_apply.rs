@@ -295,6 +295,68 @@ fn an_apply_that_fails_before_the_flip_changes_nothing() {
     assert_eq!(net.observe(), (true, true, false), "the old policy still enforces");
 }
 
+/// Makes the record under `root` name another ABI, as a root pinned by an older build would.
+fn rewrite_recorded_abi(root: &Path, abi: &str) {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(root.join("FW_RECORD")).expect("open the record");
+    let mut record: Array<MapData, [u8; 1024]> =
+        Array::try_from(Map::from_map_data(data).expect("map")).expect("array");
+    let meta_index = fw_common::GENERATIONS;
+    let raw = record.get(&meta_index, 0).expect("meta");
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    let text = String::from_utf8(raw[..end].to_vec()).expect("utf-8");
+    assert!(text.contains(&format!("abi={}\n", fw_loader::abi_version())), "{text}");
+    let text: String = text
+        .lines()
+        .map(|l| if l.starts_with("abi=") { format!("abi={abi}\n") } else { format!("{l}\n") })
+        .collect();
+    let mut out = [0u8; 1024];
+    out[..text.len()].copy_from_slice(text.as_bytes());
+    record.set(meta_index, out, 0).expect("write the record");
+}
+
+#[test]
+fn apply_on_a_root_pinned_with_another_abi_upgrades_it_in_place() {
+    if !root_ok() {
+        return;
+    }
+    let s = Scratch::new();
+    let net = Net::new();
+    let p1 = s.policy("p.yaml", &policy_ping_and(net.a.addr().port()));
+    apply(&s, &p1, &net.veth);
+    let (old_prog, link) = {
+        let st = Dataplane::adopt(&s.root).expect("adopt").status().expect("status");
+        (st.program_id, st.attachments[0].link_id)
+    };
+    rewrite_recorded_abi(&s.root, "00000000deadbeef");
+    assert!(matches!(Dataplane::adopt(&s.root), Err(fw_loader::Error::AbiMismatch { .. })));
+
+    let p2 = s.policy("p.yaml", &policy_only(net.b.addr().port()));
+    let out = run(&apply_args(&s, &p2, &net.veth));
+    assert!(out.status.success(), "fwctl apply failed: {}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("upgraded the data plane"), "{said}");
+    assert!(said.contains("upgraded abi 00000000deadbeef -> "), "{said}");
+    assert_eq!(net.observe(), (false, false, true), "the new policy enforces");
+
+    let dp = Dataplane::adopt(&s.root).expect("the upgraded root adopts with this build's ABI");
+    let st = dp.status().expect("status");
+    assert_eq!(st.abi, fw_loader::abi_version());
+    assert_ne!(st.program_id, old_prog, "an ABI change replaces the program");
+    assert_eq!(st.attachments.len(), 1);
+    assert_eq!(st.attachments[0].link_id, link, "the link is kept; its program was swapped");
+    assert_eq!(st.attachments[0].program_id, st.program_id);
+    drop(dp);
+    assert_consistent(&s.root);
+
+    // The next apply adopts: same program.
+    let p1 = s.policy("p.yaml", &policy_ping_and(net.a.addr().port()));
+    apply(&s, &p1, &net.veth);
+    let st = Dataplane::adopt(&s.root).expect("adopt").status().expect("status");
+    assert_eq!(st.program_id, st.attachments[0].program_id);
+    assert_eq!(net.observe(), (true, true, false));
+}
+
 #[test]
 fn unload_removes_every_pin_and_detaches() {
     if !root_ok() {
