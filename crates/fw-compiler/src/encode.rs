@@ -31,10 +31,13 @@ use crate::model::RuleId;
 pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The encoded maps, by name (`fw_common::maps`):
-/// - `FW_IN_V4`, `FW_EG_V4`: `Ipv4LpmKey` -> `ClassValue`;
+/// - `FW_IN_V4`, `FW_EG_V4`: `Ipv4LpmKey` -> `ClassValue` (the kernel holds `FW_IN_V4` in a
+///   hash of the same keys, probed per prefix length; `FW_EG_V4` in an LPM trie);
 /// - `FW_IN_V6`, `FW_EG_V6`: `Ipv6LpmKey` -> `ClassValue`;
 /// - `FW_IN_L4`, `FW_EG_L4`: `L4LpmKey` -> `fw_common::L4Value`;
-/// - `FW_CONFIG`: `u32` index (`CONFIG_INGRESS`, `CONFIG_EGRESS`) -> `DirectionConfig`;
+/// - `FW_CONFIG`: `u32` index (`CONFIG_INGRESS`, `CONFIG_EGRESS`) -> `DirectionConfig`: the
+///   defaults and the direction's IPv4 prefix lengths, longest first (what the ingress
+///   program probes);
 /// - `FW_WORKLOADS`: cgroup path (UTF-8) -> `WorkloadValue`, until the daemon resolves paths
 ///   to cgroup ids.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -10,7 +10,10 @@
 //! 1. always-allowed traffic (loopback, replies, related ICMP errors, ARP, ND) passes;
 //! 2. the peer address is looked up in the direction's LPM table: the longest prefix gives
 //!    the address's two classes, one per layer ([`Classes`]: `wide` and `narrow`; a `/0`
-//!    entry is always present, so every address has both);
+//!    entry is always present, so every address has both). How the kernel holds a table is
+//!    the data plane's choice as long as it returns this longest match: the ingress IPv4
+//!    table is a hash probed at the table's prefix lengths, longest first (`encode` writes
+//!    the lengths into the direction's config), the others are LPM tries;
 //! 3. egress only: the process's cgroup and its ancestors are looked up in `workloads`,
 //!    deepest first; the first hit is the workload class, none is 0;
 //! 4. three L4 entries are looked up (longest prefix over the L4 bits each): the shared
