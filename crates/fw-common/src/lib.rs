@@ -42,6 +42,19 @@ pub mod maps {
     /// The program probes the lengths [`DirectionConfig::v4_lengths`](crate::DirectionConfig)
     /// lists, longest first; the first hit is the longest prefix.
     pub const INGRESS_V4: &str = "FW_IN_V4";
+    /// Ingress IPv4 direct-indexed table (DIR-16-8), in front of [`INGRESS_V4`]: a hash of
+    /// `u32` chunk keys (little-endian) -> [`V4DirChunk`](crate::V4DirChunk) (256 slots).
+    /// Keys `0..=255` are the first level, one chunk per /8, one slot per /16
+    /// ([`v4_dir_l1`](crate::v4_dir_l1)); keys from [`V4_DIR_L2_BASE`](crate::V4_DIR_L2_BASE)
+    /// on are second-level chunks, one per /16, one slot per /24
+    /// ([`v4_dir_l2`](crate::v4_dir_l2)). A slot holds the classes of the longest prefix of
+    /// at most its level's length (/16, /24) covering it; with
+    /// [`V4_DIR_DEEPER`](crate::V4_DIR_DEEPER) set in `wide_class`, longer prefixes lie under
+    /// it: at the first level, its /16's second-level chunk decides (or, when the compiler
+    /// built none, [`INGRESS_V4`] probed at the lengths /17-/32); at the second level,
+    /// [`INGRESS_V4`] probed at the lengths /25-/32; a miss falls back to the slot's classes.
+    /// Derived by `encode` from the IPv4 table, which stays the table's content.
+    pub const INGRESS_V4_DIR: &str = "FW_IN_V4_DIR";
     /// Ingress IPv6 LPM trie: [`Ipv6LpmKey`](crate::Ipv6LpmKey) -> [`ClassValue`](crate::ClassValue).
     pub const INGRESS_V6: &str = "FW_IN_V6";
     /// Ingress L4 LPM trie: [`L4LpmKey`](crate::L4LpmKey) -> [`L4Value`](crate::L4Value).
@@ -82,8 +95,17 @@ pub mod maps {
 
     /// The maps the compiler's `encode` fills, each an outer array-of-maps with
     /// [`GENERATIONS`](crate::GENERATIONS) slots.
-    pub const GENERATIONAL: [&str; 8] =
-        [INGRESS_V4, INGRESS_V6, INGRESS_L4, EGRESS_V4, EGRESS_V6, EGRESS_L4, CONFIG, WORKLOADS];
+    pub const GENERATIONAL: [&str; 9] = [
+        INGRESS_V4,
+        INGRESS_V4_DIR,
+        INGRESS_V6,
+        INGRESS_L4,
+        EGRESS_V4,
+        EGRESS_V6,
+        EGRESS_L4,
+        CONFIG,
+        WORKLOADS,
+    ];
 }
 
 /// Names of the programs in the eBPF object.
@@ -278,6 +300,45 @@ impl L4Value {
 /// L4 word)` keys cannot collide with an address class's entries.
 pub const SHARED_CLASS: u32 = 0;
 
+/// Slots of a [`V4DirChunk`].
+pub const V4_DIR_SLOTS: usize = 256;
+/// The first second-level key of [`maps::INGRESS_V4_DIR`] (the first level has keys 0..=255).
+pub const V4_DIR_L2_BASE: u32 = 256;
+/// The most chunks [`maps::INGRESS_V4_DIR`] can hold: 256 first-level chunks and one
+/// second-level chunk per /16.
+pub const V4_DIR_MAX_CHUNKS: u32 = V4_DIR_L2_BASE + (1 << 16);
+/// Flag in a [`V4DirChunk`] slot's `wide_class` (class ids never use the top bit): longer
+/// prefixes lie under the slot (see [`maps::INGRESS_V4_DIR`]). The rest of the slot is its
+/// fallback: the classes of the longest prefix of at most the level's length, `0, 0` = none.
+pub const V4_DIR_DEEPER: u32 = 1 << 31;
+
+/// First-level key and slot of an IPv4 address (host-order `u32`) in [`maps::INGRESS_V4_DIR`].
+#[inline(always)]
+pub const fn v4_dir_l1(addr: u32) -> (u32, usize) {
+    (addr >> 24, ((addr >> 16) & 0xff) as usize)
+}
+
+/// Second-level key and slot of an IPv4 address (host-order `u32`) in
+/// [`maps::INGRESS_V4_DIR`].
+#[inline(always)]
+pub const fn v4_dir_l2(addr: u32) -> (u32, usize) {
+    (V4_DIR_L2_BASE + (addr >> 16), ((addr >> 8) & 0xff) as usize)
+}
+
+/// Value of [`maps::INGRESS_V4_DIR`]: 256 slots, each the classes of a /16 (first level) or a
+/// /24 (second level), with [`V4_DIR_DEEPER`] in `wide_class` when longer prefixes lie under it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct V4DirChunk {
+    pub slots: [ClassValue; V4_DIR_SLOTS],
+}
+
+impl Default for V4DirChunk {
+    fn default() -> Self {
+        Self { slots: [ClassValue::default(); V4_DIR_SLOTS] }
+    }
+}
+
 /// Capacity of [`DirectionConfig::v4_lengths`]: every IPv4 prefix length, /0 to /32, plus
 /// padding to a multiple of 4 bytes.
 pub const V4_LENGTH_SLOTS: usize = 36;
@@ -391,6 +452,7 @@ const _: () = {
     assert!(offset_of!(L4Value, verdict_rule) == 4);
     assert!(offset_of!(L4Value, audit_rule) == 8);
     assert!(size_of::<DirectionConfig>() == 40);
+    assert!(size_of::<V4DirChunk>() == 2048);
     assert!(offset_of!(DirectionConfig, v4_length_count) == 2);
     assert!(offset_of!(DirectionConfig, v4_lengths) == 4);
     assert!(size_of::<WorkloadKey>() == 8);
@@ -456,6 +518,28 @@ impl Bytes for Ipv6LpmKey {
         let mut addr = [0u8; 16];
         addr.copy_from_slice(&b[4..20]);
         Some(Self { prefix_len: le_u32(b, 0), addr })
+    }
+}
+
+impl Bytes for V4DirChunk {
+    const SIZE: usize = size_of::<Self>();
+    type Array = [u8; 2048];
+    fn to_bytes(&self) -> [u8; 2048] {
+        let mut b = [0u8; 2048];
+        for (out, c) in b.chunks_exact_mut(ClassValue::SIZE).zip(&self.slots) {
+            out.copy_from_slice(&c.to_bytes());
+        }
+        b
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != Self::SIZE {
+            return None;
+        }
+        let mut out = Self::default();
+        for (slot, c) in out.slots.iter_mut().zip(b.chunks_exact(ClassValue::SIZE)) {
+            *slot = ClassValue::from_bytes(c)?;
+        }
+        Some(out)
     }
 }
 
@@ -629,6 +713,8 @@ mod pod {
     unsafe impl Pod for Ipv6LpmKey {}
     // SAFETY: as above.
     unsafe impl Pod for ClassValue {}
+    // SAFETY: as above (an array of `ClassValue`).
+    unsafe impl Pod for V4DirChunk {}
     // SAFETY: as above.
     unsafe impl Pod for L4LpmKey {}
     // SAFETY: as above.

@@ -17,7 +17,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, Bytes, CONFIG_EGRESS, CONFIG_INGRESS, ClassValue,
     DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT, Ipv4LpmKey, Ipv6LpmKey, L4_KEY_FIXED_BITS,
-    L4LpmKey, V4_LENGTH_SLOTS, WorkloadValue, maps,
+    L4LpmKey, V4_DIR_DEEPER, V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS, V4_DIR_SLOTS, V4_LENGTH_SLOTS,
+    V4DirChunk, WorkloadValue, maps,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -125,9 +126,101 @@ fn v4_length_list(nets: impl Iterator<Item = Ipv4Net>) -> (u8, [u8; V4_LENGTH_SL
     (count, list)
 }
 
-/// Encodes every map of a state.
-pub fn encode(state: &MapState) -> Encoded {
+/// How `encode` lays the ingress IPv4 table out for the kernel; the table's content (and so
+/// every verdict) is the same whatever the options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EncodeOptions {
+    /// The most second-level chunks of `FW_IN_V4_DIR` (2 KiB of value each; the kernel's
+    /// allocator rounds an element to 4 KiB). A /16 holding longer prefixes gets one, so its
+    /// packets find the /17-/24 prefixes with one more chunk read instead of hash probes;
+    /// when more /16s hold longer prefixes than the budget allows, the /16s with the most
+    /// prefixes under them get chunks (ties: the lower /16) and the others are probed at the
+    /// lengths /17-/32. 0 is the "hash probed per length under every /16" representation.
+    pub v4_dir_l2_budget: u32,
+}
+
+/// The default [`EncodeOptions::v4_dir_l2_budget`]: 8192 chunks, at most 32 MiB per
+/// generation in the kernel.
+pub const DEFAULT_V4_DIR_L2_BUDGET: u32 = 8192;
+
+impl Default for EncodeOptions {
+    fn default() -> Self {
+        Self { v4_dir_l2_budget: DEFAULT_V4_DIR_L2_BUDGET }
+    }
+}
+
+/// The chunks of `FW_IN_V4_DIR` for an IPv4 table (see `fw_common::maps::INGRESS_V4_DIR`),
+/// by key: the 256 first-level chunks, then the second-level chunks of at most `l2_budget`
+/// /16s that hold prefixes longer than /16.
+pub fn v4_dir_chunks(v4: &BTreeMap<Ipv4Net, Classes>, l2_budget: u32) -> BTreeMap<u32, V4DirChunk> {
+    const SLOTS: usize = V4_DIR_SLOTS;
+    let value = |c: &Classes| class_value(c);
+    // Level 1: one slot per /16, the longest prefix of at most /16 covering it (shorter
+    // prefixes first, so longer ones overwrite the part they cover).
+    let mut l1 = vec![ClassValue::default(); 1 << 16];
+    let mut short: Vec<(&Ipv4Net, &Classes)> =
+        v4.iter().filter(|(n, _)| n.prefix_len() <= 16).collect();
+    short.sort_by_key(|(n, _)| n.prefix_len());
+    for (net, classes) in short {
+        let first = (u32::from(net.network()) >> 16) as usize;
+        let count = 1usize << (16 - net.prefix_len());
+        l1[first..first + count].fill(value(classes));
+    }
+    // The prefixes longer than /16, by /16.
+    let mut deep: BTreeMap<u32, Vec<(&Ipv4Net, &Classes)>> = BTreeMap::new();
+    for (net, classes) in v4.iter().filter(|(n, _)| n.prefix_len() > 16) {
+        deep.entry(u32::from(net.network()) >> 16).or_default().push((net, classes));
+    }
+    let mut chunked: Vec<u32> = deep.keys().copied().collect();
+    if chunked.len() > l2_budget as usize {
+        chunked.sort_by_key(|k| (std::cmp::Reverse(deep[k].len()), *k));
+        chunked.truncate(l2_budget as usize);
+    }
     let mut out = BTreeMap::new();
+    for k in chunked {
+        let base = l1[k as usize];
+        let mut chunk = V4DirChunk { slots: [base; SLOTS] };
+        let mut nets = deep[&k].clone();
+        nets.sort_by_key(|(n, _)| n.prefix_len());
+        let mut deeper = [false; SLOTS];
+        for (net, classes) in nets {
+            let first = ((u32::from(net.network()) >> 8) & 0xff) as usize;
+            if net.prefix_len() <= 24 {
+                let count = 1usize << (24 - net.prefix_len());
+                chunk.slots[first..first + count].fill(value(classes));
+            } else {
+                deeper[first] = true;
+            }
+        }
+        for (slot, _) in chunk.slots.iter_mut().zip(deeper).filter(|(_, d)| *d) {
+            slot.wide_class |= V4_DIR_DEEPER;
+        }
+        out.insert(V4_DIR_L2_BASE + k, chunk);
+    }
+    for &k in deep.keys() {
+        l1[k as usize].wide_class |= V4_DIR_DEEPER;
+    }
+    for (i, slots) in l1.chunks_exact(SLOTS).enumerate() {
+        let mut chunk = V4DirChunk::default();
+        chunk.slots.copy_from_slice(slots);
+        out.insert(i as u32, chunk);
+    }
+    out
+}
+
+/// Encodes every map of a state, with the default [`EncodeOptions`].
+pub fn encode(state: &MapState) -> Encoded {
+    encode_with(state, &EncodeOptions::default())
+}
+
+/// Encodes every map of a state.
+pub fn encode_with(state: &MapState, options: &EncodeOptions) -> Encoded {
+    let mut out = BTreeMap::new();
+    let dir = v4_dir_chunks(&state.ingress.v4, options.v4_dir_l2_budget)
+        .into_iter()
+        .map(|(k, chunk)| (k.to_le_bytes().to_vec(), chunk.to_bytes().to_vec()))
+        .collect();
+    out.insert(maps::INGRESS_V4_DIR, sorted(dir));
     for direction in Direction::ALL {
         let m = state.direction(direction);
         let (n4, n6, nl4) = direction_names(direction);
@@ -295,6 +388,12 @@ pub enum DecodeError {
         "map {map}: config index {index} does not list every prefix length of the IPv4 table, longest first, each once"
     )]
     LengthList { map: &'static str, index: u32 },
+    #[error("map {map}: a class id uses the top bit")]
+    ClassTopBit { map: &'static str },
+    #[error("map {map}: chunk key {key} is out of range")]
+    ChunkKey { map: &'static str, key: u32 },
+    #[error("map {map}: a chunk slot has one class id without the other")]
+    ChunkSlot { map: &'static str },
     #[error("map {map}: workload path is not UTF-8")]
     WorkloadPath { map: &'static str },
 }
@@ -327,6 +426,10 @@ fn class(map: &'static str, bytes: &[u8]) -> Result<Classes, DecodeError> {
     let v: ClassValue = parse(map, bytes, false)?;
     if v.wide_class == 0 || v.narrow_class == 0 {
         return Err(DecodeError::ZeroId { map });
+    }
+    // Ids live in 1..2^31 (`ids::ID_MASK`); the ingress IPv4 chunks use the top bit as a flag.
+    if (v.wide_class | v.narrow_class) & V4_DIR_DEEPER != 0 {
+        return Err(DecodeError::ClassTopBit { map });
     }
     Ok(Classes { wide: ClassId(v.wide_class), narrow: ClassId(v.narrow_class) })
 }
@@ -456,6 +559,28 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
         };
         insert(map, &mut config, index, defaults)?;
         lengths.insert(index, (value.v4_length_count, value.v4_lengths));
+    }
+    // The ingress IPv4 chunks: derived from the IPv4 table (by `encode`), so only their form
+    // is checked here, entry by entry (the loader decodes only the entries it writes): a key
+    // in range, and slots that are a class pair or none, with the top bit only as the flag.
+    let dir = maps::INGRESS_V4_DIR;
+    for (k, v) in entries(enc, dir)? {
+        let key = <[u8; 4]>::try_from(k.as_slice())
+            .map(u32::from_le_bytes)
+            .map_err(|_| DecodeError::KeyLength { map: dir, expected: 4, got: k.len() })?;
+        if key >= V4_DIR_MAX_CHUNKS {
+            return Err(DecodeError::ChunkKey { map: dir, key });
+        }
+        let chunk: V4DirChunk = parse(dir, v, false)?;
+        for slot in &chunk.slots {
+            let wide = slot.wide_class & !V4_DIR_DEEPER;
+            if slot.narrow_class & V4_DIR_DEEPER != 0 {
+                return Err(DecodeError::ClassTopBit { map: dir });
+            }
+            if (wide == 0) != (slot.narrow_class == 0) {
+                return Err(DecodeError::ChunkSlot { map: dir });
+            }
+        }
     }
     let defaults = |index: u32, direction: Direction| {
         config
@@ -753,5 +878,114 @@ mod tests {
         let mut missing = good.clone();
         missing.maps.remove(maps::EGRESS_L4);
         assert_eq!(decode(&missing), Err(DecodeError::MissingMap(maps::EGRESS_L4)));
+    }
+}
+
+#[cfg(test)]
+mod dir_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What the ingress program does with `FW_IN_V4_DIR` and `FW_IN_V4` (main.rs,
+    /// `v4_classes`), over the encoded entries.
+    fn dir_lookup(enc: &Encoded, addr: u32) -> Option<(u32, u32)> {
+        let chunk = |key: u32| {
+            enc.get(maps::INGRESS_V4_DIR)
+                .unwrap()
+                .iter()
+                .find(|(k, _)| k.as_slice() == key.to_le_bytes())
+                .map(|(_, v)| V4DirChunk::from_bytes(v).unwrap())
+        };
+        let probe = |above: u8| {
+            let table = enc.get(maps::INGRESS_V4).unwrap();
+            (above + 1..=32).rev().find_map(|len| {
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                let key =
+                    Ipv4LpmKey { prefix_len: u32::from(len), addr: (addr & mask).to_be_bytes() };
+                table
+                    .iter()
+                    .find(|(k, _)| *k == key.to_bytes())
+                    .map(|(_, v)| ClassValue::from_bytes(v).unwrap())
+            })
+        };
+        let found = |c: ClassValue| (c.wide_class != 0).then_some((c.wide_class, c.narrow_class));
+        let (k1, s1) = fw_common::v4_dir_l1(addr);
+        let e1 = chunk(k1).unwrap().slots[s1];
+        if e1.wide_class & V4_DIR_DEEPER == 0 {
+            return found(e1);
+        }
+        let fallback = ClassValue { wide_class: e1.wide_class & !V4_DIR_DEEPER, ..e1 };
+        let (k2, s2) = fw_common::v4_dir_l2(addr);
+        let Some(l2) = chunk(k2) else {
+            return probe(16).map_or(found(fallback), found);
+        };
+        let e2 = l2.slots[s2];
+        if e2.wide_class & V4_DIR_DEEPER == 0 {
+            return found(e2);
+        }
+        let fallback = ClassValue { wide_class: e2.wide_class & !V4_DIR_DEEPER, ..e2 };
+        probe(24).map_or(found(fallback), found)
+    }
+
+    fn lpm(table: &BTreeMap<Ipv4Net, Classes>, addr: u32) -> Option<(u32, u32)> {
+        table
+            .iter()
+            .filter(|(n, _)| n.contains(&Ipv4Addr::from(addr)))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map(|(_, c)| (c.wide.0, c.narrow.0))
+    }
+
+    fn net_strategy() -> impl Strategy<Value = Ipv4Net> {
+        // Addresses in a few /8s and /16s so prefixes nest and share chunks.
+        (0u32..4, 0u32..4, any::<u16>(), 0u8..=32).prop_map(|(a, b, low, len)| {
+            let addr = (10 + a) << 24 | b << 16 | u32::from(low);
+            Ipv4Net::new(Ipv4Addr::from(addr), len).unwrap().trunc()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn dir_lookup_is_the_longest_prefix_match(
+            nets in proptest::collection::vec((net_strategy(), 1u32..50, 1u32..50), 0..40),
+            with_default in any::<bool>(),
+            budget in 0u32..4,
+            probes in proptest::collection::vec((0u32..4, 0u32..4, any::<u16>()), 64),
+        ) {
+            let mut table = BTreeMap::new();
+            if with_default {
+                table.insert("0.0.0.0/0".parse().unwrap(), Classes { wide: ClassId(99), narrow: ClassId(98) });
+            }
+            for (net, w, n) in nets {
+                table.insert(net, Classes { wide: ClassId(w), narrow: ClassId(n) });
+            }
+            let dir = DirectionMaps {
+                defaults: Defaults { verdict: Action::Deny, audit: Action::Deny },
+                v4: table.clone(),
+                v6: BTreeMap::new(),
+                l4: BTreeMap::new(),
+            };
+            let state = MapState {
+                host: crate::model::HostIdentity::default(),
+                ingress: dir.clone(),
+                egress: dir,
+                workloads: BTreeMap::new(),
+                rules: BTreeMap::new(),
+            };
+            for budget in [budget, u32::MAX] {
+                let enc = encode_with(&state, &EncodeOptions { v4_dir_l2_budget: budget });
+                decode(&enc).unwrap();
+                let l2 = enc.get(maps::INGRESS_V4_DIR).unwrap().len() - 256;
+                prop_assert!(l2 <= budget as usize);
+                for &(a, b, low) in &probes {
+                    let addr = (10 + a) << 24 | b << 16 | u32::from(low);
+                    prop_assert_eq!(dir_lookup(&enc, addr), lpm(&table, addr), "{}", Ipv4Addr::from(addr));
+                }
+                // Addresses outside the populated /8s, and the ends of the space.
+                for addr in [0, u32::MAX, 9 << 24, 200 << 24 | 5] {
+                    prop_assert_eq!(dir_lookup(&enc, addr), lpm(&table, addr));
+                }
+            }
+        }
     }
 }

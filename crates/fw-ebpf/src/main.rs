@@ -39,7 +39,8 @@ use aya_ebpf::programs::XdpContext;
 use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, ActiveGeneration, CONFIG_ENTRIES, CONFIG_INGRESS,
     ClassValue, Counters, DIRECTION_INGRESS, DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT,
-    GENERATIONS, Ipv4LpmKey, L4_KEY_FIXED_BITS, L4Value, V4_LENGTH_SLOTS, SHARED_CLASS, STAT_ALWAYS_ARP, STAT_ALWAYS_LOOPBACK,
+    GENERATIONS, Ipv4LpmKey, L4_KEY_FIXED_BITS, L4Value, SHARED_CLASS, STAT_ALWAYS_ARP,
+    STAT_ALWAYS_LOOPBACK, V4_DIR_DEEPER, V4_LENGTH_SLOTS, V4DirChunk, v4_dir_l1, v4_dir_l2,
     STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY, STAT_AUDIT_DEFAULT_DENY,
     STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_INTERNAL_ERROR, STAT_MALFORMED,
     STAT_NOT_IP, STATS_ENTRIES, WorkloadKey, WorkloadValue, stat_index,
@@ -69,6 +70,18 @@ const LPM_FLAGS: usize = BPF_F_NO_PREALLOC as usize;
 #[btf_map]
 static FW_IN_V4: ArrayOfMaps<
     HashMap<Ipv4LpmKey, ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    GENERATION_SLOTS,
+> = ArrayOfMaps::new();
+
+/// The ingress IPv4 table's direct-indexed levels (DIR-16-8, see
+/// `fw_common::maps::INGRESS_V4_DIR`): chunk key -> 256 slots of classes. The first level
+/// (keys 0..=255, one slot per /16) is always complete; a /16 with longer prefixes has the
+/// `V4_DIR_DEEPER` flag and usually a second-level chunk (one slot per /24); a /24 with
+/// prefixes longer than /24 has the flag too, and `FW_IN_V4` is probed at those lengths
+/// only. `BPF_F_NO_PREALLOC`: memory follows the chunks. Generational.
+#[btf_map]
+static FW_IN_V4_DIR: ArrayOfMaps<
+    HashMap<u32, V4DirChunk, TEMPLATE_ENTRIES, LPM_FLAGS>,
     GENERATION_SLOTS,
 > = ArrayOfMaps::new();
 
@@ -208,21 +221,10 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, InternalError> {
         count_stat(STAT_ALWAYS_ND, len);
         return Ok(xdp_action::XDP_PASS);
     }
-    match flow_state(ctx, &ip) {
-        FlowState::New => {}
-        FlowState::Reply => {
-            count_stat(STAT_ALWAYS_REPLY, len);
-            return Ok(xdp_action::XDP_PASS);
-        }
-        // Only ICMP errors about a flow are allowed as related; anything else the feeder might
-        // call related is decided by the policy like a new packet.
-        FlowState::Related if is_icmp_error(&ip) => {
-            count_stat(STAT_ALWAYS_RELATED, len);
-            return Ok(xdp_action::XDP_PASS);
-        }
-        FlowState::Related => {}
+    if let Some(stat) = always_allowed_flow(ctx, &ip) {
+        count_stat(stat, len);
+        return Ok(xdp_action::XDP_PASS);
     }
-
     let outcome = match decide(&ip) {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -235,6 +237,20 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, InternalError> {
         events::ingress(ctx, &ip, &outcome);
     }
     Ok(if outcome.deny { xdp_action::XDP_DROP } else { xdp_action::XDP_PASS })
+}
+
+/// The stat of a packet connection tracking always allows (a reply, or an ICMP error about a
+/// flow the host started), `None` for anything else.
+#[inline(always)]
+fn always_allowed_flow(ctx: &XdpContext, ip: &IpPacket) -> Option<u32> {
+    match flow_state(ctx, ip) {
+        FlowState::New => None,
+        FlowState::Reply => Some(STAT_ALWAYS_REPLY),
+        // Only ICMP errors about a flow are allowed as related; anything else the feeder might
+        // call related is decided by the policy like a new packet.
+        FlowState::Related if is_icmp_error(ip) => Some(STAT_ALWAYS_RELATED),
+        FlowState::Related => None,
+    }
 }
 
 /// Connection-tracking state of a packet, as in fw-compiler's `model::FlowState`.
@@ -288,8 +304,9 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
     //  2. Read the active generation ONCE; every map below is that generation's. The source
     //     address's longest prefix gives the address's two classes, one per layer (wide:
     //     rules matching through short prefixes; narrow: through long ones): IPv6 from the
-    //     LPM trie, IPv4 from the hash probed at the config's prefix lengths, longest first
-    //     (the first hit is the longest prefix, what the trie would return). The
+    //     LPM trie, IPv4 from the direct-indexed chunks (one slot per /16, then per /24) and,
+    //     only under a /24 (or /16) holding longer prefixes, the hash probed at those lengths,
+    //     longest first (what the trie would return; `v4_classes`). The
     //     compiler always puts a /0 there; on a miss anyway there is no class and step 4 finds
     //     nothing for the two layers.
     //  3. Egress only (the workload class). Ingress always uses workload 0.
@@ -318,7 +335,8 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
             .map_or((false, 0, 0), |c| (true, c.wide_class, c.narrow_class))
     } else {
         let table = FW_IN_V4.get(generation).ok_or(InternalError)?;
-        v4_classes(table, config, [ip.src[0], ip.src[1], ip.src[2], ip.src[3]])
+        let dir = FW_IN_V4_DIR.get(generation).ok_or(InternalError)?;
+        v4_classes(dir, table, config, [ip.src[0], ip.src[1], ip.src[2], ip.src[3]])?
     };
 
     // Step 4 (step 3: ingress has no workload, so the keys' workload is 0): the shared
@@ -334,39 +352,73 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
     outcome(combined, config)
 }
 
-/// Step 2 for IPv4: the longest prefix of `addr` in the ingress IPv4 hash, probing the
-/// lengths `config` lists (longest first; the first hit is the longest match, as in an LPM
-/// trie holding the same entries). `(found, wide class, narrow class)`.
+/// Step 2 for IPv4: the longest prefix of `addr` in the ingress IPv4 table, as an LPM trie
+/// holding the same entries would return it. The first-level chunk's slot of the /16 (always
+/// present) answers unless longer prefixes lie under the /16; then the second-level chunk's
+/// slot of the /24 answers unless longer prefixes lie under the /24; only then is the hash
+/// probed, at the lengths `config` lists that are longer than the level (/25-/32, or /17-/32
+/// for a /16 the compiler built no chunk for), longest first, the slot's classes being the
+/// answer when no probe hits. `(found, wide class, narrow class)`.
 #[inline(always)]
 fn v4_classes(
+    dir: &HashMap<u32, V4DirChunk, TEMPLATE_ENTRIES, LPM_FLAGS>,
     table: &HashMap<Ipv4LpmKey, ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
     config: &DirectionConfig,
     addr: [u8; 4],
-) -> (bool, u32, u32) {
+) -> Result<(bool, u32, u32), InternalError> {
     let a = u32::from_be_bytes(addr);
+    let (k1, s1) = v4_dir_l1(a);
+    let c1 = dir.get_ptr(&k1).ok_or(InternalError)?;
+    // SAFETY: a pointer from a map lookup, valid for the whole run (RCU); the slot index is
+    // below 256 (`v4_dir_l1` masks it).
+    let e1 = unsafe { *(*c1).slots.as_ptr().add(s1 & 0xff) };
+    if e1.wide_class & V4_DIR_DEEPER == 0 {
+        return Ok(slot_classes(e1));
+    }
+    let (k2, s2) = v4_dir_l2(a);
+    let (above, fallback) = match dir.get_ptr(&k2) {
+        Some(c2) => {
+            // SAFETY: as above.
+            let e2 = unsafe { *(*c2).slots.as_ptr().add(s2 & 0xff) };
+            if e2.wide_class & V4_DIR_DEEPER == 0 {
+                return Ok(slot_classes(e2));
+            }
+            (24, e2)
+        }
+        None => (16, e1),
+    };
+    let a_key = a;
     let count = usize::from(config.v4_length_count);
     let mut key = Ipv4LpmKey { prefix_len: 0, addr: [0; 4] };
-    // A constant trip count for the verifier; `count` ends it early (at most 33 lengths).
+    // A constant trip count for the verifier; `count` and the level end it early.
     for i in 0..V4_LENGTH_SLOTS {
         if i >= count {
             break;
         }
         let len = u32::from(config.v4_lengths[i]);
-        // `wrapping_shl` takes the shift modulo 32: /32 shifts by 0 (all ones), and /0,
-        // which would too, is the explicit 0.
-        let mask = if len == 0 { 0 } else { u32::MAX.wrapping_shl(32u32.wrapping_sub(len)) };
+        if len <= above {
+            break;
+        }
+        // `len` is 17..=32 here: the shift is 0..=15.
+        let mask = u32::MAX.wrapping_shl(32u32.wrapping_sub(len));
         key.prefix_len = len;
-        key.addr = (a & mask).to_be_bytes();
+        key.addr = (a_key & mask).to_be_bytes();
         if let Some(c) = table.get_ptr(&key) {
             // SAFETY: a pointer from a map lookup, valid for the whole run (RCU); a
             // concurrent update of the standby generation never touches this one.
             let c = unsafe { &*c };
-            return (true, c.wide_class, c.narrow_class);
+            return Ok((true, c.wide_class, c.narrow_class));
         }
     }
-    (false, 0, 0)
+    Ok(slot_classes(fallback))
 }
 
+/// A chunk slot's own classes (without the `V4_DIR_DEEPER` flag); `0, 0` is no class.
+#[inline(always)]
+fn slot_classes(c: ClassValue) -> (bool, u32, u32) {
+    let wide = c.wide_class & !V4_DIR_DEEPER;
+    (wide != 0, wide, c.narrow_class)
+}
 
 /// Step 6 of the precedence, for either direction: a decision gives allow or deny, none gives
 /// the direction's default; an allow whose audit decision (or, when none, the audit default)

@@ -21,7 +21,7 @@ use aya::maps::{Array, ArrayOfMaps, HashMap, InnerMap, IterableMap as _, Map, Ma
 use aya_obj::generated::bpf_map_type;
 use fw_common::{
     Bytes, CONFIG_ENTRIES, ClassValue, DirectionConfig, Ipv4LpmKey, Ipv6LpmKey, L4LpmKey, L4Value,
-    WorkloadKey, WorkloadValue, maps,
+    V4_DIR_MAX_CHUNKS, V4DirChunk, WorkloadKey, WorkloadValue, maps,
 };
 use fw_compiler::encode::{Encoded, Entries};
 use fw_compiler::mapstate::Capacities;
@@ -35,6 +35,8 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 pub(crate) struct GenerationMaps {
     /// A hash, not an LPM trie: see `fw_common::maps::INGRESS_V4`.
     pub in_v4: HashMap<MapData, Ipv4LpmKey, ClassValue>,
+    /// The ingress IPv4 table's direct-indexed chunks: see `fw_common::maps::INGRESS_V4_DIR`.
+    pub in_v4_dir: HashMap<MapData, u32, V4DirChunk>,
     pub in_v6: LpmTrie<MapData, [u8; 16], ClassValue>,
     pub in_l4: LpmTrie<MapData, [u8; 12], L4Value>,
     pub eg_v4: LpmTrie<MapData, [u8; 4], ClassValue>,
@@ -111,6 +113,20 @@ fn prefix_hash(
     HashMap::try_from(map).map_err(Error::map(name))
 }
 
+/// The ingress IPv4 table's chunks: a hash of chunk key -> 256 slots, room for every chunk
+/// there can be (`BPF_F_NO_PREALLOC`: memory follows the chunks written).
+fn dir_hash(name: &str) -> Result<HashMap<MapData, u32, V4DirChunk>, Error> {
+    let map = create(
+        name,
+        bpf_map_type::BPF_MAP_TYPE_HASH,
+        size_of::<u32>(),
+        size_of::<V4DirChunk>(),
+        V4_DIR_MAX_CHUNKS,
+        BPF_F_NO_PREALLOC,
+    )?;
+    HashMap::try_from(map).map_err(Error::map(name))
+}
+
 impl GenerationMaps {
     /// Creates the empty inner maps of generation `generation`.
     pub fn create(generation: u32, caps: &Capacities) -> Result<Self, Error> {
@@ -135,6 +151,7 @@ impl GenerationMaps {
         )?;
         Ok(Self {
             in_v4: prefix_hash(&name(maps::INGRESS_V4), caps.v4_prefixes)?,
+            in_v4_dir: dir_hash(&name(maps::INGRESS_V4_DIR))?,
             in_v6: lpm(&name(maps::INGRESS_V6), caps.v6_prefixes)?,
             in_l4: lpm(&name(maps::INGRESS_L4), caps.l4_entries)?,
             eg_v4: lpm(&name(maps::EGRESS_V4), caps.v4_prefixes)?,
@@ -153,6 +170,7 @@ impl GenerationMaps {
         for (&name, entries) in &encoded.maps {
             stats += match name {
                 maps::INGRESS_V4 => sync_hash(&mut self.in_v4, name, v4_entries(name, entries)?)?,
+                maps::INGRESS_V4_DIR => sync_dir(&mut self.in_v4_dir, name, entries)?,
                 maps::INGRESS_V6 => sync_lpm(&mut self.in_v6, name, v6_entries(name, entries)?)?,
                 maps::INGRESS_L4 => sync_lpm(&mut self.in_l4, name, l4_entries(name, entries)?)?,
                 maps::EGRESS_V4 => sync_lpm(&mut self.eg_v4, name, v4_entries(name, entries)?)?,
@@ -211,6 +229,7 @@ impl GenerationMaps {
     pub fn read(&self) -> Result<Encoded, Error> {
         let mut out = BTreeMap::new();
         out.insert(maps::INGRESS_V4, read_hash(&self.in_v4, maps::INGRESS_V4)?);
+        out.insert(maps::INGRESS_V4_DIR, read_dir(&self.in_v4_dir, maps::INGRESS_V4_DIR)?);
         out.insert(maps::INGRESS_V6, read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes)?);
         out.insert(maps::INGRESS_L4, read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes)?);
         out.insert(maps::EGRESS_V4, read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes)?);
@@ -256,7 +275,8 @@ fn sync_hash(
     desired: Vec<((u32, [u8; 4]), ClassValue)>,
 ) -> Result<WriteStats, Error> {
     let wanted: BTreeSet<(u32, [u8; 4])> = desired.iter().map(|(k, _)| *k).collect();
-    let present: Vec<Ipv4LpmKey> = map.keys().collect::<Result<_, _>>().map_err(Error::map(name))?;
+    let present: Vec<Ipv4LpmKey> =
+        map.keys().collect::<Result<_, _>>().map_err(Error::map(name))?;
     let mut stats = WriteStats::default();
     for key in present {
         if !wanted.contains(&(key.prefix_len, key.addr)) {
@@ -269,6 +289,73 @@ fn sync_hash(
         stats.written += 1;
     }
     Ok(stats)
+}
+
+/// The chunk key and chunk of each entry.
+fn dir_entries(name: &'static str, e: &Entries) -> Result<Vec<(u32, V4DirChunk)>, Error> {
+    e.iter()
+        .map(|(k, v)| {
+            let key = <[u8; 4]>::try_from(k.as_slice())
+                .map(u32::from_le_bytes)
+                .map_err(|_| Error::Entry { map: name, reason: "key size" })?;
+            let value = V4DirChunk::from_bytes(v)
+                .ok_or(Error::Entry { map: name, reason: "value size" })?;
+            Ok((key, value))
+        })
+        .collect()
+}
+
+/// Makes the chunk hash hold exactly `entries`.
+fn sync_dir(
+    map: &mut HashMap<MapData, u32, V4DirChunk>,
+    name: &'static str,
+    entries: &Entries,
+) -> Result<WriteStats, Error> {
+    let desired = dir_entries(name, entries)?;
+    let wanted: BTreeSet<u32> = desired.iter().map(|(k, _)| *k).collect();
+    let present: Vec<u32> = map.keys().collect::<Result<_, _>>().map_err(Error::map(name))?;
+    let mut stats = WriteStats::default();
+    for key in present.into_iter().filter(|k| !wanted.contains(k)) {
+        map.remove(&key).map_err(Error::map(name))?;
+        stats.deleted += 1;
+    }
+    for (key, value) in desired {
+        map.insert(key, value, 0).map_err(Error::map(name))?;
+        stats.written += 1;
+    }
+    Ok(stats)
+}
+
+/// Writes only `d` into the chunk hash.
+fn dir_delta(
+    map: &mut HashMap<MapData, u32, V4DirChunk>,
+    name: &'static str,
+    d: &MapDelta,
+) -> Result<WriteStats, Error> {
+    let mut stats = WriteStats::default();
+    for k in &d.remove {
+        let key = <[u8; 4]>::try_from(k.as_slice())
+            .map(u32::from_le_bytes)
+            .map_err(|_| Error::Entry { map: name, reason: "key size" })?;
+        map.remove(&key).map_err(Error::map(name))?;
+        stats.deleted += 1;
+    }
+    for (key, value) in dir_entries(name, &d.upsert)? {
+        map.insert(key, value, 0).map_err(Error::map(name))?;
+        stats.written += 1;
+    }
+    Ok(stats)
+}
+
+/// Reads the chunk hash back (`encode`'s format, sorted by key bytes).
+fn read_dir(map: &HashMap<MapData, u32, V4DirChunk>, name: &'static str) -> Result<Entries, Error> {
+    let mut entries = Vec::new();
+    for item in map.iter() {
+        let (key, value) = item.map_err(Error::map(name))?;
+        entries.push((key.to_le_bytes().to_vec(), value.to_bytes().to_vec()));
+    }
+    entries.sort_unstable();
+    Ok(entries)
 }
 
 /// [`read_lpm`] for the ingress IPv4 hash.
@@ -294,7 +381,8 @@ fn hash_delta(
 ) -> Result<WriteStats, Error> {
     let mut stats = WriteStats::default();
     for k in &d.remove {
-        let key = Ipv4LpmKey::from_bytes(k).ok_or(Error::Entry { map: name, reason: "key size" })?;
+        let key =
+            Ipv4LpmKey::from_bytes(k).ok_or(Error::Entry { map: name, reason: "key size" })?;
         map.remove(&key).map_err(Error::map(name))?;
         stats.deleted += 1;
     }
@@ -675,9 +763,10 @@ fn inner_pinned(root: &std::path::Path, name: &'static str, generation: u32) -> 
 
 impl GenerationMaps {
     /// Every inner map with its outer map's name.
-    fn named(&self) -> [(&'static str, &MapData); 8] {
+    fn named(&self) -> [(&'static str, &MapData); 9] {
         [
             (maps::INGRESS_V4, self.in_v4.map()),
+            (maps::INGRESS_V4_DIR, self.in_v4_dir.map()),
             (maps::INGRESS_V6, self.in_v6.map()),
             (maps::INGRESS_L4, self.in_l4.map()),
             (maps::EGRESS_V4, self.eg_v4.map()),
@@ -741,6 +830,7 @@ impl GenerationMaps {
             inner_of(outer, name, g)
         };
         let (in_v4, v4) = get(maps::INGRESS_V4)?;
+        let (in_v4_dir, _) = get(maps::INGRESS_V4_DIR)?;
         let (in_v6, v6) = get(maps::INGRESS_V6)?;
         let (in_l4, l4) = get(maps::INGRESS_L4)?;
         let (eg_v4, _) = get(maps::EGRESS_V4)?;
@@ -751,6 +841,7 @@ impl GenerationMaps {
         let m = |name: &'static str| Error::map(name);
         let maps = Self {
             in_v4: HashMap::try_from(in_v4).map_err(m(maps::INGRESS_V4))?,
+            in_v4_dir: HashMap::try_from(in_v4_dir).map_err(m(maps::INGRESS_V4_DIR))?,
             in_v6: LpmTrie::try_from(in_v6).map_err(m(maps::INGRESS_V6))?,
             in_l4: LpmTrie::try_from(in_l4).map_err(m(maps::INGRESS_L4))?,
             eg_v4: LpmTrie::try_from(eg_v4).map_err(m(maps::EGRESS_V4))?,
@@ -777,6 +868,7 @@ impl GenerationMaps {
     ) -> Result<(), Error> {
         let g = generation;
         set_slot(outer, maps::INGRESS_V4, g, &self.in_v4)?;
+        set_slot(outer, maps::INGRESS_V4_DIR, g, &self.in_v4_dir)?;
         set_slot(outer, maps::INGRESS_V6, g, &self.in_v6)?;
         set_slot(outer, maps::INGRESS_L4, g, &self.in_l4)?;
         set_slot(outer, maps::EGRESS_V4, g, &self.eg_v4)?;
@@ -823,6 +915,7 @@ impl GenerationMaps {
         for (&name, d) in deltas {
             stats += match name {
                 maps::INGRESS_V4 => hash_delta(&mut self.in_v4, name, d, split_v4)?,
+                maps::INGRESS_V4_DIR => dir_delta(&mut self.in_v4_dir, name, d)?,
                 maps::INGRESS_V6 => lpm_delta(&mut self.in_v6, name, d, split_v6)?,
                 maps::INGRESS_L4 => lpm_delta(&mut self.in_l4, name, d, split_l4)?,
                 maps::EGRESS_V4 => lpm_delta(&mut self.eg_v4, name, d, split_v4)?,
@@ -861,6 +954,7 @@ impl GenerationMaps {
     pub fn read_map(&self, name: &str) -> Result<Entries, Error> {
         match name {
             maps::INGRESS_V4 => read_hash(&self.in_v4, maps::INGRESS_V4),
+            maps::INGRESS_V4_DIR => read_dir(&self.in_v4_dir, maps::INGRESS_V4_DIR),
             maps::INGRESS_V6 => read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes),
             maps::INGRESS_L4 => read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes),
             maps::EGRESS_V4 => read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes),
@@ -941,10 +1035,12 @@ impl GenerationMaps {
             maps::INGRESS_V4 | maps::EGRESS_V4 => lpm(4, size_of::<ClassValue>()),
             maps::INGRESS_V6 | maps::EGRESS_V6 => lpm(16, size_of::<ClassValue>()),
             maps::INGRESS_L4 | maps::EGRESS_L4 => lpm(12, size_of::<L4Value>()),
+            maps::INGRESS_V4_DIR => (size_of::<u32>(), size_of::<V4DirChunk>()),
             _ => (size_of::<u32>(), size_of::<DirectionConfig>()),
         };
         let data = match name {
             maps::INGRESS_V4 => self.in_v4.map(),
+            maps::INGRESS_V4_DIR => self.in_v4_dir.map(),
             maps::INGRESS_V6 => self.in_v6.map(),
             maps::INGRESS_L4 => self.in_l4.map(),
             maps::EGRESS_V4 => self.eg_v4.map(),

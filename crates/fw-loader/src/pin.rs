@@ -624,6 +624,7 @@ impl Dataplane {
                 maps::INGRESS_V6 | maps::EGRESS_V6 => gm.caps.v6_prefixes,
                 maps::INGRESS_L4 | maps::EGRESS_L4 => gm.caps.l4_entries,
                 maps::CONFIG => fw_common::CONFIG_ENTRIES,
+                maps::INGRESS_V4_DIR => fw_common::V4_DIR_MAX_CHUNKS,
                 maps::WORKLOADS => gm.caps.workloads,
                 _ => 0,
             };
