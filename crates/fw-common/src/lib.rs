@@ -46,14 +46,15 @@ pub mod maps {
     /// `u32` chunk keys (little-endian) -> [`V4DirChunk`](crate::V4DirChunk) (256 slots).
     /// Keys `0..=255` are the first level, one chunk per /8, one slot per /16
     /// ([`v4_dir_l1`](crate::v4_dir_l1)); keys from [`V4_DIR_L2_BASE`](crate::V4_DIR_L2_BASE)
-    /// on are second-level chunks, one per /16, one slot per /24
+    /// on are second-level chunks, one per /16 holding longer prefixes, one slot per /24
     /// ([`v4_dir_l2`](crate::v4_dir_l2)). A slot holds the classes of the longest prefix of
-    /// at most its level's length (/16, /24) covering it; with
-    /// [`V4_DIR_DEEPER`](crate::V4_DIR_DEEPER) set in `wide_class`, longer prefixes lie under
-    /// it: at the first level, its /16's second-level chunk decides (or, when the compiler
-    /// built none, [`INGRESS_V4`] probed at the lengths /17-/32); at the second level,
-    /// [`INGRESS_V4`] probed at the lengths /25-/32; a miss falls back to the slot's classes.
-    /// Derived by `encode` from the IPv4 table, which stays the table's content.
+    /// at most its level's length (/16, /24) covering it, and a mask of the 32 equal blocks
+    /// of its range (/21s of a /16, /29s of a /24) that longer prefixes intersect. An address
+    /// whose block bit is clear has the slot's classes; else, at the first level, its /16's
+    /// second-level chunk decides (or, when the compiler built none, [`INGRESS_V4`] probed at
+    /// the lengths /17-/32), at the second level [`INGRESS_V4`] probed at the lengths
+    /// /25-/32; no hit leaves the slot's classes. Derived by `encode` from the IPv4 table,
+    /// which stays the table's content.
     pub const INGRESS_V4_DIR: &str = "FW_IN_V4_DIR";
     /// Ingress IPv6 LPM trie: [`Ipv6LpmKey`](crate::Ipv6LpmKey) -> [`ClassValue`](crate::ClassValue).
     pub const INGRESS_V6: &str = "FW_IN_V6";
@@ -307,35 +308,43 @@ pub const V4_DIR_L2_BASE: u32 = 256;
 /// The most chunks [`maps::INGRESS_V4_DIR`] can hold: 256 first-level chunks and one
 /// second-level chunk per /16.
 pub const V4_DIR_MAX_CHUNKS: u32 = V4_DIR_L2_BASE + (1 << 16);
-/// Flag in a [`V4DirChunk`] slot's `wide_class` (class ids never use the top bit): longer
-/// prefixes lie under the slot (see [`maps::INGRESS_V4_DIR`]). The rest of the slot is its
-/// fallback: the classes of the longest prefix of at most the level's length, `0, 0` = none.
-pub const V4_DIR_DEEPER: u32 = 1 << 31;
-
-/// First-level key and slot of an IPv4 address (host-order `u32`) in [`maps::INGRESS_V4_DIR`].
+/// First-level key, slot and block bit (of the slot's `deeper` mask: the address's /21) of
+/// an IPv4 address (host-order `u32`) in [`maps::INGRESS_V4_DIR`].
 #[inline(always)]
-pub const fn v4_dir_l1(addr: u32) -> (u32, usize) {
-    (addr >> 24, ((addr >> 16) & 0xff) as usize)
+pub const fn v4_dir_l1(addr: u32) -> (u32, usize, u32) {
+    (addr >> 24, ((addr >> 16) & 0xff) as usize, 1 << ((addr >> 11) & 31))
 }
 
-/// Second-level key and slot of an IPv4 address (host-order `u32`) in
-/// [`maps::INGRESS_V4_DIR`].
+/// Second-level key, slot and block bit (the address's /29) of an IPv4 address (host-order
+/// `u32`) in [`maps::INGRESS_V4_DIR`].
 #[inline(always)]
-pub const fn v4_dir_l2(addr: u32) -> (u32, usize) {
-    (V4_DIR_L2_BASE + (addr >> 16), ((addr >> 8) & 0xff) as usize)
+pub const fn v4_dir_l2(addr: u32) -> (u32, usize, u32) {
+    (V4_DIR_L2_BASE + (addr >> 16), ((addr >> 8) & 0xff) as usize, 1 << ((addr >> 3) & 31))
 }
 
-/// Value of [`maps::INGRESS_V4_DIR`]: 256 slots, each the classes of a /16 (first level) or a
-/// /24 (second level), with [`V4_DIR_DEEPER`] in `wide_class` when longer prefixes lie under it.
+/// One slot of a [`V4DirChunk`]: a /16 (first level) or a /24 (second level).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct V4DirSlot {
+    /// The classes of the longest prefix of at most the slot's length covering it (both 0:
+    /// none).
+    pub wide_class: u32,
+    pub narrow_class: u32,
+    /// Bit `b`: a longer prefix intersects block `b` of the slot's 32 equal blocks (see
+    /// [`v4_dir_l1`], [`v4_dir_l2`]); 0: the slot's classes are every address's answer.
+    pub deeper: u32,
+}
+
+/// Value of [`maps::INGRESS_V4_DIR`]: 256 slots (see [`V4DirSlot`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct V4DirChunk {
-    pub slots: [ClassValue; V4_DIR_SLOTS],
+    pub slots: [V4DirSlot; V4_DIR_SLOTS],
 }
 
 impl Default for V4DirChunk {
     fn default() -> Self {
-        Self { slots: [ClassValue::default(); V4_DIR_SLOTS] }
+        Self { slots: [V4DirSlot::default(); V4_DIR_SLOTS] }
     }
 }
 
@@ -452,7 +461,8 @@ const _: () = {
     assert!(offset_of!(L4Value, verdict_rule) == 4);
     assert!(offset_of!(L4Value, audit_rule) == 8);
     assert!(size_of::<DirectionConfig>() == 40);
-    assert!(size_of::<V4DirChunk>() == 2048);
+    assert!(size_of::<V4DirSlot>() == 12);
+    assert!(size_of::<V4DirChunk>() == 3072);
     assert!(offset_of!(DirectionConfig, v4_length_count) == 2);
     assert!(offset_of!(DirectionConfig, v4_lengths) == 4);
     assert!(size_of::<WorkloadKey>() == 8);
@@ -523,11 +533,13 @@ impl Bytes for Ipv6LpmKey {
 
 impl Bytes for V4DirChunk {
     const SIZE: usize = size_of::<Self>();
-    type Array = [u8; 2048];
-    fn to_bytes(&self) -> [u8; 2048] {
-        let mut b = [0u8; 2048];
-        for (out, c) in b.chunks_exact_mut(ClassValue::SIZE).zip(&self.slots) {
-            out.copy_from_slice(&c.to_bytes());
+    type Array = [u8; 3072];
+    fn to_bytes(&self) -> [u8; 3072] {
+        let mut b = [0u8; 3072];
+        for (out, c) in b.chunks_exact_mut(12).zip(&self.slots) {
+            out[0..4].copy_from_slice(&c.wide_class.to_le_bytes());
+            out[4..8].copy_from_slice(&c.narrow_class.to_le_bytes());
+            out[8..12].copy_from_slice(&c.deeper.to_le_bytes());
         }
         b
     }
@@ -536,8 +548,12 @@ impl Bytes for V4DirChunk {
             return None;
         }
         let mut out = Self::default();
-        for (slot, c) in out.slots.iter_mut().zip(b.chunks_exact(ClassValue::SIZE)) {
-            *slot = ClassValue::from_bytes(c)?;
+        for (slot, c) in out.slots.iter_mut().zip(b.chunks_exact(12)) {
+            *slot = V4DirSlot {
+                wide_class: le_u32(c, 0),
+                narrow_class: le_u32(c, 4),
+                deeper: le_u32(c, 8),
+            };
         }
         Some(out)
     }
@@ -713,7 +729,7 @@ mod pod {
     unsafe impl Pod for Ipv6LpmKey {}
     // SAFETY: as above.
     unsafe impl Pod for ClassValue {}
-    // SAFETY: as above (an array of `ClassValue`).
+    // SAFETY: as above (an array of `V4DirSlot`, three `u32`s).
     unsafe impl Pod for V4DirChunk {}
     // SAFETY: as above.
     unsafe impl Pod for L4LpmKey {}

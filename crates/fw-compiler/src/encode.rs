@@ -17,8 +17,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, Bytes, CONFIG_EGRESS, CONFIG_INGRESS, ClassValue,
     DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT, Ipv4LpmKey, Ipv6LpmKey, L4_KEY_FIXED_BITS,
-    L4LpmKey, V4_DIR_DEEPER, V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS, V4_DIR_SLOTS, V4_LENGTH_SLOTS,
-    V4DirChunk, WorkloadValue, maps,
+    L4LpmKey, V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS, V4_DIR_SLOTS, V4_LENGTH_SLOTS, V4DirChunk,
+    V4DirSlot, WorkloadValue, maps,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -149,22 +149,35 @@ impl Default for EncodeOptions {
     }
 }
 
+/// The `deeper` bits of the 32 blocks of a slot (a range of 2^`slot_bits` addresses) that
+/// `net`, a prefix longer than the slot, intersects.
+fn block_bits(net: &Ipv4Net, slot_bits: u8) -> u32 {
+    // Blocks are 2^(slot_bits - 5) addresses: /21s of a /16, /29s of a /24.
+    let block_len = 32 - (slot_bits - 5);
+    let first = (u32::from(net.network()) >> (slot_bits - 5)) & 31;
+    let count =
+        if net.prefix_len() >= block_len { 1 } else { 1u32 << (block_len - net.prefix_len()) };
+    let ones = if count == 32 { u32::MAX } else { (1u32 << count) - 1 };
+    ones << first
+}
+
 /// The chunks of `FW_IN_V4_DIR` for an IPv4 table (see `fw_common::maps::INGRESS_V4_DIR`),
 /// by key: the 256 first-level chunks, then the second-level chunks of at most `l2_budget`
 /// /16s that hold prefixes longer than /16.
 pub fn v4_dir_chunks(v4: &BTreeMap<Ipv4Net, Classes>, l2_budget: u32) -> BTreeMap<u32, V4DirChunk> {
     const SLOTS: usize = V4_DIR_SLOTS;
-    let value = |c: &Classes| class_value(c);
+    let slot =
+        |c: &Classes| V4DirSlot { wide_class: c.wide.0, narrow_class: c.narrow.0, deeper: 0 };
     // Level 1: one slot per /16, the longest prefix of at most /16 covering it (shorter
     // prefixes first, so longer ones overwrite the part they cover).
-    let mut l1 = vec![ClassValue::default(); 1 << 16];
+    let mut l1 = vec![V4DirSlot::default(); 1 << 16];
     let mut short: Vec<(&Ipv4Net, &Classes)> =
         v4.iter().filter(|(n, _)| n.prefix_len() <= 16).collect();
     short.sort_by_key(|(n, _)| n.prefix_len());
     for (net, classes) in short {
         let first = (u32::from(net.network()) >> 16) as usize;
         let count = 1usize << (16 - net.prefix_len());
-        l1[first..first + count].fill(value(classes));
+        l1[first..first + count].fill(slot(classes));
     }
     // The prefixes longer than /16, by /16.
     let mut deep: BTreeMap<u32, Vec<(&Ipv4Net, &Classes)>> = BTreeMap::new();
@@ -178,27 +191,29 @@ pub fn v4_dir_chunks(v4: &BTreeMap<Ipv4Net, Classes>, l2_budget: u32) -> BTreeMa
     }
     let mut out = BTreeMap::new();
     for k in chunked {
-        let base = l1[k as usize];
+        let base = V4DirSlot { deeper: 0, ..l1[k as usize] };
         let mut chunk = V4DirChunk { slots: [base; SLOTS] };
         let mut nets = deep[&k].clone();
         nets.sort_by_key(|(n, _)| n.prefix_len());
-        let mut deeper = [false; SLOTS];
+        let mut deeper = [0u32; SLOTS];
         for (net, classes) in nets {
             let first = ((u32::from(net.network()) >> 8) & 0xff) as usize;
             if net.prefix_len() <= 24 {
                 let count = 1usize << (24 - net.prefix_len());
-                chunk.slots[first..first + count].fill(value(classes));
+                chunk.slots[first..first + count].fill(slot(classes));
             } else {
-                deeper[first] = true;
+                deeper[first] |= block_bits(net, 8);
             }
         }
-        for (slot, _) in chunk.slots.iter_mut().zip(deeper).filter(|(_, d)| *d) {
-            slot.wide_class |= V4_DIR_DEEPER;
+        for (s, d) in chunk.slots.iter_mut().zip(deeper) {
+            s.deeper = d;
         }
         out.insert(V4_DIR_L2_BASE + k, chunk);
     }
-    for &k in deep.keys() {
-        l1[k as usize].wide_class |= V4_DIR_DEEPER;
+    for (&k, nets) in &deep {
+        for (net, _) in nets {
+            l1[k as usize].deeper |= block_bits(net, 16);
+        }
     }
     for (i, slots) in l1.chunks_exact(SLOTS).enumerate() {
         let mut chunk = V4DirChunk::default();
@@ -388,8 +403,6 @@ pub enum DecodeError {
         "map {map}: config index {index} does not list every prefix length of the IPv4 table, longest first, each once"
     )]
     LengthList { map: &'static str, index: u32 },
-    #[error("map {map}: a class id uses the top bit")]
-    ClassTopBit { map: &'static str },
     #[error("map {map}: chunk key {key} is out of range")]
     ChunkKey { map: &'static str, key: u32 },
     #[error("map {map}: a chunk slot has one class id without the other")]
@@ -427,10 +440,7 @@ fn class(map: &'static str, bytes: &[u8]) -> Result<Classes, DecodeError> {
     if v.wide_class == 0 || v.narrow_class == 0 {
         return Err(DecodeError::ZeroId { map });
     }
-    // Ids live in 1..2^31 (`ids::ID_MASK`); the ingress IPv4 chunks use the top bit as a flag.
-    if (v.wide_class | v.narrow_class) & V4_DIR_DEEPER != 0 {
-        return Err(DecodeError::ClassTopBit { map });
-    }
+
     Ok(Classes { wide: ClassId(v.wide_class), narrow: ClassId(v.narrow_class) })
 }
 
@@ -562,7 +572,7 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
     }
     // The ingress IPv4 chunks: derived from the IPv4 table (by `encode`), so only their form
     // is checked here, entry by entry (the loader decodes only the entries it writes): a key
-    // in range, and slots that are a class pair or none, with the top bit only as the flag.
+    // in range, and slots that are a class pair or none.
     let dir = maps::INGRESS_V4_DIR;
     for (k, v) in entries(enc, dir)? {
         let key = <[u8; 4]>::try_from(k.as_slice())
@@ -573,11 +583,7 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
         }
         let chunk: V4DirChunk = parse(dir, v, false)?;
         for slot in &chunk.slots {
-            let wide = slot.wide_class & !V4_DIR_DEEPER;
-            if slot.narrow_class & V4_DIR_DEEPER != 0 {
-                return Err(DecodeError::ClassTopBit { map: dir });
-            }
-            if (wide == 0) != (slot.narrow_class == 0) {
+            if (slot.wide_class == 0) != (slot.narrow_class == 0) {
                 return Err(DecodeError::ChunkSlot { map: dir });
             }
         }
@@ -908,23 +914,21 @@ mod dir_tests {
                     .map(|(_, v)| ClassValue::from_bytes(v).unwrap())
             })
         };
-        let found = |c: ClassValue| (c.wide_class != 0).then_some((c.wide_class, c.narrow_class));
-        let (k1, s1) = fw_common::v4_dir_l1(addr);
+        let found = |c: V4DirSlot| (c.wide_class != 0).then_some((c.wide_class, c.narrow_class));
+        let (k1, s1, b1) = fw_common::v4_dir_l1(addr);
         let e1 = chunk(k1).unwrap().slots[s1];
-        if e1.wide_class & V4_DIR_DEEPER == 0 {
+        if e1.deeper & b1 == 0 {
             return found(e1);
         }
-        let fallback = ClassValue { wide_class: e1.wide_class & !V4_DIR_DEEPER, ..e1 };
-        let (k2, s2) = fw_common::v4_dir_l2(addr);
+        let (k2, s2, b2) = fw_common::v4_dir_l2(addr);
         let Some(l2) = chunk(k2) else {
-            return probe(16).map_or(found(fallback), found);
+            return probe(16).map_or(found(e1), |c| Some((c.wide_class, c.narrow_class)));
         };
         let e2 = l2.slots[s2];
-        if e2.wide_class & V4_DIR_DEEPER == 0 {
+        if e2.deeper & b2 == 0 {
             return found(e2);
         }
-        let fallback = ClassValue { wide_class: e2.wide_class & !V4_DIR_DEEPER, ..e2 };
-        probe(24).map_or(found(fallback), found)
+        probe(24).map_or(found(e2), |c| Some((c.wide_class, c.narrow_class)))
     }
 
     fn lpm(table: &BTreeMap<Ipv4Net, Classes>, addr: u32) -> Option<(u32, u32)> {
@@ -980,6 +984,13 @@ mod dir_tests {
                 for &(a, b, low) in &probes {
                     let addr = (10 + a) << 24 | b << 16 | u32::from(low);
                     prop_assert_eq!(dir_lookup(&enc, addr), lpm(&table, addr), "{}", Ipv4Addr::from(addr));
+                }
+                // Each prefix's first and last address and their neighbours.
+                for net in table.keys() {
+                    let (lo, hi) = (u32::from(net.network()), u32::from(net.broadcast()));
+                    for addr in [lo, hi, lo.wrapping_sub(1), hi.wrapping_add(1), lo | 5] {
+                        prop_assert_eq!(dir_lookup(&enc, addr), lpm(&table, addr), "{}", Ipv4Addr::from(addr));
+                    }
                 }
                 // Addresses outside the populated /8s, and the ends of the space.
                 for addr in [0, u32::MAX, 9 << 24, 200 << 24 | 5] {

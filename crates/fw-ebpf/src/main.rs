@@ -40,7 +40,7 @@ use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, ActiveGeneration, CONFIG_ENTRIES, CONFIG_INGRESS,
     ClassValue, Counters, DIRECTION_INGRESS, DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT,
     GENERATIONS, Ipv4LpmKey, L4_KEY_FIXED_BITS, L4Value, SHARED_CLASS, STAT_ALWAYS_ARP,
-    STAT_ALWAYS_LOOPBACK, V4_DIR_DEEPER, V4_LENGTH_SLOTS, V4DirChunk, v4_dir_l1, v4_dir_l2,
+    STAT_ALWAYS_LOOPBACK, V4_LENGTH_SLOTS, V4DirChunk, V4DirSlot, v4_dir_l1, v4_dir_l2,
     STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY, STAT_AUDIT_DEFAULT_DENY,
     STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_INTERNAL_ERROR, STAT_MALFORMED,
     STAT_NOT_IP, STATS_ENTRIES, WorkloadKey, WorkloadValue, stat_index,
@@ -75,10 +75,11 @@ static FW_IN_V4: ArrayOfMaps<
 
 /// The ingress IPv4 table's direct-indexed levels (DIR-16-8, see
 /// `fw_common::maps::INGRESS_V4_DIR`): chunk key -> 256 slots of classes. The first level
-/// (keys 0..=255, one slot per /16) is always complete; a /16 with longer prefixes has the
-/// `V4_DIR_DEEPER` flag and usually a second-level chunk (one slot per /24); a /24 with
-/// prefixes longer than /24 has the flag too, and `FW_IN_V4` is probed at those lengths
-/// only. `BPF_F_NO_PREALLOC`: memory follows the chunks. Generational.
+/// (keys 0..=255, one slot per /16) is always complete; a /16 with longer prefixes has a
+/// second-level chunk (one slot per /24) unless the compiler's budget ran out. Each slot has
+/// a mask of the /21s (/29s) longer prefixes intersect, so an address outside them needs no
+/// further lookup, and `FW_IN_V4` is probed only inside them. `BPF_F_NO_PREALLOC`: memory
+/// follows the chunks. Generational.
 #[btf_map]
 static FW_IN_V4_DIR: ArrayOfMaps<
     HashMap<u32, V4DirChunk, TEMPLATE_ENTRIES, LPM_FLAGS>,
@@ -353,9 +354,9 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
 }
 
 /// Step 2 for IPv4: the longest prefix of `addr` in the ingress IPv4 table, as an LPM trie
-/// holding the same entries would return it. The first-level chunk's slot of the /16 (always
-/// present) answers unless longer prefixes lie under the /16; then the second-level chunk's
-/// slot of the /24 answers unless longer prefixes lie under the /24; only then is the hash
+/// holding the same entries would return it. The first-level slot of the /16 (always present)
+/// answers unless a longer prefix intersects the address's /21; then the second-level slot of
+/// the /24 answers unless a longer prefix intersects the address's /29; only then is the hash
 /// probed, at the lengths `config` lists that are longer than the level (/25-/32, or /17-/32
 /// for a /16 the compiler built no chunk for), longest first, the slot's classes being the
 /// answer when no probe hits. `(found, wide class, narrow class)`.
@@ -367,27 +368,26 @@ fn v4_classes(
     addr: [u8; 4],
 ) -> Result<(bool, u32, u32), InternalError> {
     let a = u32::from_be_bytes(addr);
-    let (k1, s1) = v4_dir_l1(a);
+    let (k1, s1, b1) = v4_dir_l1(a);
     let c1 = dir.get_ptr(&k1).ok_or(InternalError)?;
     // SAFETY: a pointer from a map lookup, valid for the whole run (RCU); the slot index is
     // below 256 (`v4_dir_l1` masks it).
     let e1 = unsafe { *(*c1).slots.as_ptr().add(s1 & 0xff) };
-    if e1.wide_class & V4_DIR_DEEPER == 0 {
-        return Ok(slot_classes(e1));
+    if e1.deeper & b1 == 0 {
+        return Ok(slot_classes(&e1));
     }
-    let (k2, s2) = v4_dir_l2(a);
+    let (k2, s2, b2) = v4_dir_l2(a);
     let (above, fallback) = match dir.get_ptr(&k2) {
         Some(c2) => {
             // SAFETY: as above.
             let e2 = unsafe { *(*c2).slots.as_ptr().add(s2 & 0xff) };
-            if e2.wide_class & V4_DIR_DEEPER == 0 {
-                return Ok(slot_classes(e2));
+            if e2.deeper & b2 == 0 {
+                return Ok(slot_classes(&e2));
             }
             (24, e2)
         }
         None => (16, e1),
     };
-    let a_key = a;
     let count = usize::from(config.v4_length_count);
     let mut key = Ipv4LpmKey { prefix_len: 0, addr: [0; 4] };
     // A constant trip count for the verifier; `count` and the level end it early.
@@ -402,7 +402,7 @@ fn v4_classes(
         // `len` is 17..=32 here: the shift is 0..=15.
         let mask = u32::MAX.wrapping_shl(32u32.wrapping_sub(len));
         key.prefix_len = len;
-        key.addr = (a_key & mask).to_be_bytes();
+        key.addr = (a & mask).to_be_bytes();
         if let Some(c) = table.get_ptr(&key) {
             // SAFETY: a pointer from a map lookup, valid for the whole run (RCU); a
             // concurrent update of the standby generation never touches this one.
@@ -410,14 +410,13 @@ fn v4_classes(
             return Ok((true, c.wide_class, c.narrow_class));
         }
     }
-    Ok(slot_classes(fallback))
+    Ok(slot_classes(&fallback))
 }
 
-/// A chunk slot's own classes (without the `V4_DIR_DEEPER` flag); `0, 0` is no class.
+/// A chunk slot's own classes; `0, 0` is no class.
 #[inline(always)]
-fn slot_classes(c: ClassValue) -> (bool, u32, u32) {
-    let wide = c.wide_class & !V4_DIR_DEEPER;
-    (wide != 0, wide, c.narrow_class)
+fn slot_classes(c: &V4DirSlot) -> (bool, u32, u32) {
+    (c.wide_class != 0, c.wide_class, c.narrow_class)
 }
 
 /// Step 6 of the precedence, for either direction: a decision gives allow or deny, none gives
