@@ -173,6 +173,9 @@ pub const STAT_ALWAYS_ND: u32 = 5;
 /// Stats slot: always allowed, loopback peer address (127.0.0.0/8, ::1).
 pub const STAT_ALWAYS_LOOPBACK: u32 = 6;
 /// Stats slot: always allowed, reply to a flow the host initiated (connection tracking).
+/// Ingress looks connection tracking up only for packets the policy does not simply allow
+/// (denied, audit-denied, or logged), so a reply the policy allows anyway is counted under
+/// the rule or default that allowed it, not here (same for [`STAT_ALWAYS_RELATED`]).
 pub const STAT_ALWAYS_REPLY: u32 = 7;
 /// Stats slot: always allowed, ICMP error about a flow the host initiated.
 pub const STAT_ALWAYS_RELATED: u32 = 8;

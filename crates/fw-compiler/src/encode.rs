@@ -34,6 +34,8 @@ pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 /// The encoded maps, by name (`fw_common::maps`):
 /// - `FW_IN_V4`, `FW_EG_V4`: `Ipv4LpmKey` -> `ClassValue` (the kernel holds `FW_IN_V4` in a
 ///   hash of the same keys, probed per prefix length; `FW_EG_V4` in an LPM trie);
+/// - `FW_IN_V4_DIR`: `u32` chunk key -> `V4DirChunk`, the direct-indexed levels in front of
+///   `FW_IN_V4`, derived from it ([`v4_dir_chunks`], laid out as [`EncodeOptions`] say);
 /// - `FW_IN_V6`, `FW_EG_V6`: `Ipv6LpmKey` -> `ClassValue`;
 /// - `FW_IN_L4`, `FW_EG_L4`: `L4LpmKey` -> `fw_common::L4Value`;
 /// - `FW_CONFIG`: `u32` index (`CONFIG_INGRESS`, `CONFIG_EGRESS`) -> `DirectionConfig`: the

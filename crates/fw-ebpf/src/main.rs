@@ -222,17 +222,34 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, InternalError> {
         count_stat(STAT_ALWAYS_ND, len);
         return Ok(xdp_action::XDP_PASS);
     }
-    if let Some(stat) = always_allowed_flow(ctx, &ip) {
-        count_stat(stat, len);
-        return Ok(xdp_action::XDP_PASS);
-    }
-    let outcome = match decide(&ip) {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            count_stat(STAT_INTERNAL_ERROR, len);
-            return Err(e);
+    // Replies and related ICMP errors are always allowed, but the conntrack lookup that finds
+    // them is a hash lookup of its own, so it is made only where it can change what happens
+    // to the packet: after the policy, when the policy denies the packet, would deny it in
+    // audit or wants an event, or the policy state is broken. A packet the policy simply
+    // allows passes either way, and is counted under the rule (or default) that allowed it.
+    //
+    // The outcome is parked in a per-CPU map value across the lookup: the verifier does not
+    // track values in map memory, so the many paths through `decide` meet again before the
+    // conntrack code instead of each being verified through it.
+    let parked = FW_PARKED.get_ptr_mut(0).ok_or(InternalError)?;
+    let decided = decide(&ip);
+    // SAFETY: a per-CPU map value of this CPU, valid for the whole run; volatile so the
+    // values are really stored and read back rather than kept in registers.
+    unsafe { core::ptr::write_volatile(parked, Parked::of(&decided)) };
+    let p = unsafe { core::ptr::read_volatile(parked) };
+    if p.check_flow != 0 {
+        if let Some(stat) = always_allowed_flow(ctx, &ip) {
+            count_stat(stat, len);
+            return Ok(xdp_action::XDP_PASS);
         }
-    };
+    }
+    // SAFETY: as above.
+    let p = unsafe { core::ptr::read_volatile(parked) };
+    if p.error != 0 {
+        count_stat(STAT_INTERNAL_ERROR, len);
+        return Err(InternalError);
+    }
+    let outcome = p.outcome();
     count_outcome(&outcome, len);
     if events::wanted(&outcome) {
         events::ingress(ctx, &ip, &outcome);
@@ -281,6 +298,63 @@ fn is_icmp_error(ip: &IpPacket) -> bool {
         _ => false,
     }
 }
+
+/// An outcome (or a broken state) as parked in [`FW_PARKED`]: plain `u32`s.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Parked {
+    /// The policy state was broken (`decide` failed).
+    error: u32,
+    /// The packet's flow must be looked up in conntrack (see `try_ingress`).
+    check_flow: u32,
+    deny: u32,
+    verdict_rule: u32,
+    /// 1: `audit_deny` is `Some(audit_rule)`.
+    audit_deny: u32,
+    audit_rule: u32,
+    flags: u32,
+}
+
+impl Parked {
+    #[inline(always)]
+    fn of(decided: &Result<Outcome, InternalError>) -> Self {
+        match decided {
+            Ok(o) => Parked {
+                error: 0,
+                check_flow: u32::from(o.deny || o.audit_deny.is_some() || events::wanted(o)),
+                deny: u32::from(o.deny),
+                verdict_rule: o.verdict_rule,
+                audit_deny: u32::from(o.audit_deny.is_some()),
+                audit_rule: o.audit_deny.unwrap_or(0),
+                flags: u32::from(o.flags),
+            },
+            Err(InternalError) => Parked {
+                error: 1,
+                check_flow: 1,
+                deny: 1,
+                verdict_rule: 0,
+                audit_deny: 0,
+                audit_rule: 0,
+                flags: 0,
+            },
+        }
+    }
+
+    #[inline(always)]
+    fn outcome(&self) -> Outcome {
+        Outcome {
+            deny: self.deny != 0,
+            verdict_rule: self.verdict_rule,
+            audit_deny: if self.audit_deny != 0 { Some(self.audit_rule) } else { None },
+            flags: self.flags as u8,
+        }
+    }
+}
+
+/// Per CPU, one element: the outcome of the packet being processed, parked across the
+/// conntrack lookup (see `try_ingress`). Not generational, holds nothing between packets.
+#[btf_map]
+static FW_PARKED: PerCpuArray<Parked, 1> = PerCpuArray::new();
 
 /// The result of the policy lookup for one packet.
 pub(crate) struct Outcome {
