@@ -60,6 +60,13 @@ pub mod maps {
     pub const INGRESS_V6: &str = "FW_IN_V6";
     /// Ingress L4 LPM trie: [`L4LpmKey`](crate::L4LpmKey) -> [`L4Value`](crate::L4Value).
     pub const INGRESS_L4: &str = "FW_IN_L4";
+    /// Ingress L4 exact table: the entries of the ingress L4 table whose L4 prefix is the whole
+    /// word (one protocol and port or ICMP type), in a hash keyed by the same
+    /// [`L4LpmKey`](crate::L4LpmKey) (prefix length always
+    /// [`L4_KEY_FIXED_BITS`](crate::L4_KEY_FIXED_BITS) + 32) -> [`L4Value`](crate::L4Value).
+    /// Such an entry is the longest possible match for its word, so the program asks the
+    /// [`INGRESS_L4`] trie (which holds the other entries) only when this misses.
+    pub const INGRESS_L4_EXACT: &str = "FW_IN_L4X";
     /// Egress IPv4 LPM trie: [`Ipv4LpmKey`](crate::Ipv4LpmKey) -> [`ClassValue`](crate::ClassValue).
     pub const EGRESS_V4: &str = "FW_EG_V4";
     /// Egress IPv6 LPM trie: [`Ipv6LpmKey`](crate::Ipv6LpmKey) -> [`ClassValue`](crate::ClassValue).
@@ -96,11 +103,12 @@ pub mod maps {
 
     /// The maps the compiler's `encode` fills, each an outer array-of-maps with
     /// [`GENERATIONS`](crate::GENERATIONS) slots.
-    pub const GENERATIONAL: [&str; 9] = [
+    pub const GENERATIONAL: [&str; 10] = [
         INGRESS_V4,
         INGRESS_V4_DIR,
         INGRESS_V6,
         INGRESS_L4,
+        INGRESS_L4_EXACT,
         EGRESS_V4,
         EGRESS_V6,
         EGRESS_L4,

@@ -261,7 +261,7 @@ pub fn encode_with(state: &MapState, options: &EncodeOptions) -> Encoded {
                     (key.to_bytes().to_vec(), class_value(class).to_bytes().to_vec())
                 })
                 .collect();
-        let l4 =
+        let l4: Entries =
             m.l4.iter()
                 .map(|(k, v)| {
                     let key = L4LpmKey {
@@ -291,7 +291,16 @@ pub fn encode_with(state: &MapState, options: &EncodeOptions) -> Encoded {
                 .collect();
         out.insert(n4, sorted(v4));
         out.insert(n6, sorted(v6));
-        out.insert(nl4, sorted(l4));
+        if direction == Direction::Ingress {
+            // Whole-word entries go to the exact hash, the rest stay in the trie.
+            let exact_len = (L4_KEY_FIXED_BITS + 32).to_le_bytes();
+            let (exact, trie): (Entries, Entries) =
+                l4.into_iter().partition(|(k, _): &(Vec<u8>, Vec<u8>)| k[..4] == exact_len);
+            out.insert(maps::INGRESS_L4_EXACT, sorted(exact));
+            out.insert(nl4, sorted(trie));
+        } else {
+            out.insert(nl4, sorted(l4));
+        }
     }
     let config = [(CONFIG_INGRESS, &state.ingress), (CONFIG_EGRESS, &state.egress)]
         .into_iter()
@@ -501,12 +510,18 @@ fn decode_direction(
         insert(n6, &mut v6, net, class(n6, v)?)?;
     }
     let mut l4 = BTreeMap::new();
-    for (k, v) in entries(enc, nl4)? {
+    // Ingress: the exact hash's entries (whole-word prefixes only) and the trie's, one table.
+    let exact: &[(Vec<u8>, Vec<u8>)] = match direction {
+        Direction::Ingress => entries(enc, maps::INGRESS_L4_EXACT)?,
+        Direction::Egress => &[],
+    };
+    let tagged = exact.iter().map(|e| (maps::INGRESS_L4_EXACT, e));
+    for (nl4, (k, v)) in tagged.chain(entries(enc, nl4)?.iter().map(|e| (nl4, e))) {
         let key: L4LpmKey = parse(nl4, k, true)?;
         let len = key
             .prefix_len
             .checked_sub(L4_KEY_FIXED_BITS)
-            .filter(|&l| l <= 32)
+            .filter(|&l| l <= 32 && (l == 32 || nl4 != maps::INGRESS_L4_EXACT))
             .ok_or(DecodeError::PrefixLength { map: nl4, prefix_len: key.prefix_len })?;
         let bits = u32::from_be_bytes(key.l4);
         let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
@@ -704,7 +719,13 @@ mod tests {
         let v4 = enc.get(maps::INGRESS_V4).unwrap();
         // The value: wide class 5, then narrow class 0x01020304, each little-endian.
         assert!(v4.contains(&(vec![16, 0, 0, 0, 10, 1, 0, 0], vec![5, 0, 0, 0, 4, 3, 2, 1])));
-        let l4 = enc.get(maps::INGRESS_L4).unwrap();
+        // Egress keeps every L4 entry in the trie; ingress puts the whole-word ones (the TCP
+        // 443 entry) into the exact hash and leaves the rest (the ICMP prefix) in the trie.
+        let l4 = enc.get(maps::EGRESS_L4).unwrap();
+        let (trie, exact) = (&enc.maps[maps::INGRESS_L4], &enc.maps[maps::INGRESS_L4_EXACT]);
+        assert_eq!((trie.len(), exact.len()), (1, 1));
+        assert_eq!(trie[0], l4[0]);
+        assert_eq!(exact[0], l4[1]);
         assert_eq!(
             l4,
             &vec![

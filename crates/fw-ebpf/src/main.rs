@@ -103,6 +103,19 @@ type L4Trie = LpmTrie<[u8; 12], L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>;
 #[btf_map]
 static FW_IN_L4: ArrayOfMaps<L4Trie, GENERATION_SLOTS> = ArrayOfMaps::new();
 
+/// The ingress L4 entries whose L4 prefix is the whole word, matched exactly: same key and
+/// value as `FW_IN_L4` (the prefix length is always `L4_KEY_FIXED_BITS + 32`). Such an entry
+/// is the longest match for its word, so the trie (holding the other entries) is asked only
+/// on a miss; a hash lookup does not walk a trie's levels. Generational.
+#[btf_map]
+static FW_IN_L4X: ArrayOfMaps<
+    HashMap<Key<[u8; 12]>, L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    GENERATION_SLOTS,
+> = ArrayOfMaps::new();
+
+/// An ingress L4 exact table (inner map).
+type L4Exact = HashMap<Key<[u8; 12]>, L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>;
+
 /// Destination address -> address class, IPv4, egress. Generational. Read by `egress`.
 #[btf_map]
 static FW_EG_V4: ArrayOfMaps<
@@ -235,21 +248,19 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, InternalError> {
     let decided = decide(&ip);
     // SAFETY: a per-CPU map value of this CPU, valid for the whole run; volatile so the
     // values are really stored and read back rather than kept in registers.
-    unsafe { core::ptr::write_volatile(parked, Parked::of(&decided)) };
-    let p = unsafe { core::ptr::read_volatile(parked) };
-    if p.check_flow != 0 {
+    unsafe { Parked::park(parked, &decided) };
+    if unsafe { Parked::read(parked, core::ptr::addr_of!((*parked).check_flow)) } != 0 {
         if let Some(stat) = always_allowed_flow(ctx, &ip) {
             count_stat(stat, len);
             return Ok(xdp_action::XDP_PASS);
         }
     }
     // SAFETY: as above.
-    let p = unsafe { core::ptr::read_volatile(parked) };
-    if p.error != 0 {
+    let outcome = unsafe { Parked::outcome(parked) };
+    let Some(outcome) = outcome else {
         count_stat(STAT_INTERNAL_ERROR, len);
         return Err(InternalError);
-    }
-    let outcome = p.outcome();
+    };
     count_outcome(&outcome, len);
     if events::wanted(&outcome) {
         events::ingress(ctx, &ip, &outcome);
@@ -258,16 +269,27 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, InternalError> {
 }
 
 /// The stat of a packet connection tracking always allows (a reply, or an ICMP error about a
-/// flow the host started), `None` for anything else.
+/// flow the host started), `None` for anything else. A BPF function of its own, so its
+/// stack (the flow key, the embedded header of an ICMP error) is not part of the ingress
+/// program's frame.
 #[inline(always)]
 fn always_allowed_flow(ctx: &XdpContext, ip: &IpPacket) -> Option<u32> {
+    match flow_stat(ctx, ip) {
+        0 => None,
+        stat => Some(stat),
+    }
+}
+
+/// [`always_allowed_flow`] as a plain scalar (0: not always allowed), for a BPF call.
+#[inline(never)]
+fn flow_stat(ctx: &XdpContext, ip: &IpPacket) -> u32 {
     match flow_state(ctx, ip) {
-        FlowState::New => None,
-        FlowState::Reply => Some(STAT_ALWAYS_REPLY),
+        FlowState::New => 0,
+        FlowState::Reply => STAT_ALWAYS_REPLY,
         // Only ICMP errors about a flow are allowed as related; anything else the feeder might
         // call related is decided by the policy like a new packet.
-        FlowState::Related if is_icmp_error(ip) => Some(STAT_ALWAYS_RELATED),
-        FlowState::Related => None,
+        FlowState::Related if is_icmp_error(ip) => STAT_ALWAYS_RELATED,
+        FlowState::Related => 0,
     }
 }
 
@@ -301,7 +323,6 @@ fn is_icmp_error(ip: &IpPacket) -> bool {
 
 /// An outcome (or a broken state) as parked in [`FW_PARKED`]: plain `u32`s.
 #[repr(C)]
-#[derive(Clone, Copy)]
 struct Parked {
     /// The policy state was broken (`decide` failed).
     error: u32,
@@ -313,40 +334,77 @@ struct Parked {
     audit_deny: u32,
     audit_rule: u32,
     flags: u32,
+    /// The key the ingress L4 lookups build (kept here, not on the 512-byte stack).
+    l4_key: Key<[u8; 12]>,
+    /// The entries the ingress L4 lookups found (shared, wide, narrow), copied here from
+    /// whichever table had them.
+    l4_values: [L4Value; 3],
+    /// Which of `l4_values` were found (bit `i`: entry `i`), see `l4_find_ingress`.
+    l4_found: u32,
 }
 
 impl Parked {
+    /// Writes `decided` into `p`, field by field (no copy of the struct on the stack).
+    ///
+    /// # Safety
+    /// `p` points at a `Parked` this program run may write (a per-CPU map value).
     #[inline(always)]
-    fn of(decided: &Result<Outcome, InternalError>) -> Self {
-        match decided {
-            Ok(o) => Parked {
-                error: 0,
-                check_flow: u32::from(o.deny || o.audit_deny.is_some() || events::wanted(o)),
-                deny: u32::from(o.deny),
-                verdict_rule: o.verdict_rule,
-                audit_deny: u32::from(o.audit_deny.is_some()),
-                audit_rule: o.audit_deny.unwrap_or(0),
-                flags: u32::from(o.flags),
-            },
-            Err(InternalError) => Parked {
-                error: 1,
-                check_flow: 1,
-                deny: 1,
-                verdict_rule: 0,
-                audit_deny: 0,
-                audit_rule: 0,
-                flags: 0,
-            },
+    unsafe fn park(p: *mut Parked, decided: &Result<Outcome, InternalError>) {
+        use core::ptr::{addr_of_mut, write_volatile};
+        let (error, check, deny, rule, audit, audit_rule, flags) = match decided {
+            Ok(o) => (
+                0,
+                u32::from(o.deny || o.audit_deny.is_some() || events::wanted(o)),
+                u32::from(o.deny),
+                o.verdict_rule,
+                u32::from(o.audit_deny.is_some()),
+                o.audit_deny.unwrap_or(0),
+                u32::from(o.flags),
+            ),
+            Err(InternalError) => (1, 1, 1, 0, 0, 0, 0),
+        };
+        // SAFETY: the caller's contract.
+        unsafe {
+            write_volatile(addr_of_mut!((*p).error), error);
+            write_volatile(addr_of_mut!((*p).check_flow), check);
+            write_volatile(addr_of_mut!((*p).deny), deny);
+            write_volatile(addr_of_mut!((*p).verdict_rule), rule);
+            write_volatile(addr_of_mut!((*p).audit_deny), audit);
+            write_volatile(addr_of_mut!((*p).audit_rule), audit_rule);
+            write_volatile(addr_of_mut!((*p).flags), flags);
         }
     }
 
+    /// One field of `p`, read from memory.
+    ///
+    /// # Safety
+    /// `field` points into a live `Parked`.
     #[inline(always)]
-    fn outcome(&self) -> Outcome {
-        Outcome {
-            deny: self.deny != 0,
-            verdict_rule: self.verdict_rule,
-            audit_deny: if self.audit_deny != 0 { Some(self.audit_rule) } else { None },
-            flags: self.flags as u8,
+    unsafe fn read(_p: *mut Parked, field: *const u32) -> u32 {
+        // SAFETY: the caller's contract.
+        unsafe { core::ptr::read_volatile(field) }
+    }
+
+    /// The parked outcome, `None` for a broken state.
+    ///
+    /// # Safety
+    /// `p` points at a live `Parked` written by [`Parked::park`].
+    #[inline(always)]
+    unsafe fn outcome(p: *mut Parked) -> Option<Outcome> {
+        use core::ptr::addr_of;
+        // SAFETY: the caller's contract.
+        unsafe {
+            if Self::read(p, addr_of!((*p).error)) != 0 {
+                return None;
+            }
+            let audit = Self::read(p, addr_of!((*p).audit_deny)) != 0;
+            let audit_rule = Self::read(p, addr_of!((*p).audit_rule));
+            Some(Outcome {
+                deny: Self::read(p, addr_of!((*p).deny)) != 0,
+                verdict_rule: Self::read(p, addr_of!((*p).verdict_rule)),
+                audit_deny: if audit { Some(audit_rule) } else { None },
+                flags: Self::read(p, addr_of!((*p).flags)) as u8,
+            })
         }
     }
 }
@@ -416,12 +474,31 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
 
     // Step 4 (step 3: ingress has no workload, so the keys' workload is 0): the shared
     // table's entry and the entries of the two classes.
-    let l4_trie = FW_IN_L4.get(generation).ok_or(InternalError)?;
-    let word = l4_word(ip.proto, ip.port).to_be_bytes();
     // Step 5, as the entries are read: the best decision of the three, for the verdict and
-    // for audit (in the order shared, wide, narrow; a tie keeps the earlier one).
-    let classes = if has_class { Some((wide, narrow)) } else { None };
-    let combined = l4_decide(l4_trie, classes, 0, word)?;
+    // for audit (in the order shared, wide, narrow; a tie keeps the earlier one). Class ids
+    // are never 0, so (0, 0) is "no class".
+    let (wide, narrow) = if has_class { (wide, narrow) } else { (0, 0) };
+    if l4_find_ingress(generation, wide, narrow, l4_word(ip.proto, ip.port)) != 0 {
+        return Err(InternalError);
+    }
+    let parked = FW_PARKED.get_ptr_mut(0).ok_or(InternalError)?;
+    // SAFETY: a per-CPU map value of this CPU, valid for the whole run, written by
+    // `l4_find_ingress` for the bits it set; read from memory, so the verifier continues
+    // from one state here rather than one per path through the lookups.
+    let found = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*parked).l4_found)) };
+    // SAFETY: as above.
+    let values = unsafe { &(*parked).l4_values };
+    let mut best = Best::NONE;
+    if found & 1 != 0 {
+        best.add(Some(&values[0]))?;
+    }
+    if found & 2 != 0 {
+        best.add(Some(&values[1]))?;
+    }
+    if found & 4 != 0 {
+        best.add(Some(&values[2]))?;
+    }
+    let combined = best.combined();
 
     // Step 6.
     outcome(combined, config)
@@ -541,6 +618,105 @@ pub(crate) fn l4_decide(
         best.add(l4_lookup(trie, &mut key, narrow, workload, word))?;
     }
     Ok(best.combined())
+}
+
+
+/// Step 4 for ingress (workload 0): the entries of the shared table and, when `wide` is not
+/// 0 (class ids never are), of the two classes, each from the exact hash or, on a miss, from
+/// the trie, copied into `FW_PARKED`'s `l4_values` (0 shared, 1 wide, 2 narrow); bit `i` of
+/// its `l4_found` says entry `i` was found. Not 0 when the maps are missing. A BPF
+/// function of its own with a small frame: the verifier walks its hit/miss paths per call
+/// and the caller continues from a plain mask, and inlined its spills overflow the
+/// program's 512-byte stack.
+#[inline(never)]
+fn l4_find_ingress(generation: u32, wide: u32, narrow: u32, word: u32) -> u32 {
+    let (Some(trie), Some(exact), Some(parked)) = (
+        FW_IN_L4.get(generation),
+        FW_IN_L4X.get(generation),
+        FW_PARKED.get_ptr_mut(0),
+    ) else {
+        return 1;
+    };
+    // SAFETY: a per-CPU map value of this CPU, valid for the whole run; the key and the
+    // values are distinct fields.
+    let (key, values, out) =
+        unsafe { (&mut (*parked).l4_key, &mut (*parked).l4_values, &mut (*parked).l4_found) };
+    key.prefix_len = L4_KEY_FIXED_BITS + 32;
+    let word = word.to_be_bytes();
+    let [v0, v1, v2] = values;
+    let mut found = 0;
+    if l4_lookup_ingress(exact, trie, key, SHARED_CLASS, word, v0) {
+        found |= 1;
+    }
+    if wide != 0 {
+        if l4_lookup_ingress(exact, trie, key, wide, word, v1) {
+            found |= 2;
+        }
+        if l4_lookup_ingress(exact, trie, key, narrow, word, v2) {
+            found |= 4;
+        }
+    }
+    // SAFETY: a field of the per-CPU map value above.
+    unsafe { core::ptr::write_volatile(out, found) };
+    0
+}
+
+/// One table's ingress entry: (table, 0, word) in the exact hash, else in the trie, copied
+/// into `found`; false on a miss.
+#[inline(always)]
+fn l4_lookup_ingress(
+    exact: &L4Exact,
+    trie: &L4Trie,
+    key: &mut Key<[u8; 12]>,
+    table: u32,
+    word: [u8; 4],
+    found: &mut L4Value,
+) -> bool {
+    let d = &mut key.data;
+    let c = table.to_be_bytes();
+    d[0] = c[0];
+    d[1] = c[1];
+    d[2] = c[2];
+    d[3] = c[3];
+    d[4] = 0;
+    d[5] = 0;
+    d[6] = 0;
+    d[7] = 0;
+    d[8] = word[0];
+    d[9] = word[1];
+    d[10] = word[2];
+    d[11] = word[3];
+    if let Some(v) = exact.get_ptr(&*key) {
+        // SAFETY: a pointer from a map lookup, valid for the whole run (RCU).
+        copy_l4(unsafe { &*v }, found);
+        return true;
+    }
+    match trie.get(key) {
+        Some(v) => {
+            copy_l4(v, found);
+            true
+        }
+        None => false,
+    }
+}
+
+/// `*to = *from`, as seven word moves (a plain assignment becomes a byte-by-byte `memcpy`
+/// loop, which the verifier walks on every path).
+#[inline(always)]
+fn copy_l4(from: &L4Value, to: &mut L4Value) {
+    let src = (from as *const L4Value).cast::<u32>();
+    let dst = (to as *mut L4Value).cast::<u32>();
+    // SAFETY: `L4Value` is 28 bytes of `u32`-aligned plain data (fw-common checks the layout),
+    // so both are seven readable / writable words.
+    unsafe {
+        dst.write_volatile(src.read_volatile());
+        dst.add(1).write_volatile(src.add(1).read_volatile());
+        dst.add(2).write_volatile(src.add(2).read_volatile());
+        dst.add(3).write_volatile(src.add(3).read_volatile());
+        dst.add(4).write_volatile(src.add(4).read_volatile());
+        dst.add(5).write_volatile(src.add(5).read_volatile());
+        dst.add(6).write_volatile(src.add(6).read_volatile());
+    }
 }
 
 /// One table's entry for `l4_decide`, through the caller's `key`: (table, workload, word),

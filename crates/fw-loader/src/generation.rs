@@ -39,6 +39,8 @@ pub(crate) struct GenerationMaps {
     pub in_v4_dir: HashMap<MapData, u32, V4DirChunk>,
     pub in_v6: LpmTrie<MapData, [u8; 16], ClassValue>,
     pub in_l4: LpmTrie<MapData, [u8; 12], L4Value>,
+    /// The ingress L4 entries of whole-word prefixes: see `fw_common::maps::INGRESS_L4_EXACT`.
+    pub in_l4x: HashMap<MapData, L4LpmKey, L4Value>,
     pub eg_v4: LpmTrie<MapData, [u8; 4], ClassValue>,
     pub eg_v6: LpmTrie<MapData, [u8; 16], ClassValue>,
     pub eg_l4: LpmTrie<MapData, [u8; 12], L4Value>,
@@ -127,6 +129,19 @@ fn dir_hash(name: &str) -> Result<HashMap<MapData, u32, V4DirChunk>, Error> {
     HashMap::try_from(map).map_err(Error::map(name))
 }
 
+/// The ingress L4 exact table: a hash of `L4LpmKey` -> `L4Value` (`BPF_F_NO_PREALLOC`).
+fn l4_hash(name: &str, max_entries: u32) -> Result<HashMap<MapData, L4LpmKey, L4Value>, Error> {
+    let map = create(
+        name,
+        bpf_map_type::BPF_MAP_TYPE_HASH,
+        size_of::<L4LpmKey>(),
+        size_of::<L4Value>(),
+        max_entries,
+        BPF_F_NO_PREALLOC,
+    )?;
+    HashMap::try_from(map).map_err(Error::map(name))
+}
+
 impl GenerationMaps {
     /// Creates the empty inner maps of generation `generation`.
     pub fn create(generation: u32, caps: &Capacities) -> Result<Self, Error> {
@@ -154,6 +169,7 @@ impl GenerationMaps {
             in_v4_dir: dir_hash(&name(maps::INGRESS_V4_DIR))?,
             in_v6: lpm(&name(maps::INGRESS_V6), caps.v6_prefixes)?,
             in_l4: lpm(&name(maps::INGRESS_L4), caps.l4_entries)?,
+            in_l4x: l4_hash(&name(maps::INGRESS_L4_EXACT), caps.l4_entries)?,
             eg_v4: lpm(&name(maps::EGRESS_V4), caps.v4_prefixes)?,
             eg_v6: lpm(&name(maps::EGRESS_V6), caps.v6_prefixes)?,
             eg_l4: lpm(&name(maps::EGRESS_L4), caps.l4_entries)?,
@@ -173,6 +189,7 @@ impl GenerationMaps {
                 maps::INGRESS_V4_DIR => sync_dir(&mut self.in_v4_dir, name, entries)?,
                 maps::INGRESS_V6 => sync_lpm(&mut self.in_v6, name, v6_entries(name, entries)?)?,
                 maps::INGRESS_L4 => sync_lpm(&mut self.in_l4, name, l4_entries(name, entries)?)?,
+                maps::INGRESS_L4_EXACT => sync_l4x(&mut self.in_l4x, name, entries)?,
                 maps::EGRESS_V4 => sync_lpm(&mut self.eg_v4, name, v4_entries(name, entries)?)?,
                 maps::EGRESS_V6 => sync_lpm(&mut self.eg_v6, name, v6_entries(name, entries)?)?,
                 maps::EGRESS_L4 => sync_lpm(&mut self.eg_l4, name, l4_entries(name, entries)?)?,
@@ -232,6 +249,7 @@ impl GenerationMaps {
         out.insert(maps::INGRESS_V4_DIR, read_dir(&self.in_v4_dir, maps::INGRESS_V4_DIR)?);
         out.insert(maps::INGRESS_V6, read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes)?);
         out.insert(maps::INGRESS_L4, read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes)?);
+        out.insert(maps::INGRESS_L4_EXACT, read_l4x(&self.in_l4x, maps::INGRESS_L4_EXACT)?);
         out.insert(maps::EGRESS_V4, read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes)?);
         out.insert(maps::EGRESS_V6, read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes)?);
         out.insert(maps::EGRESS_L4, read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes)?);
@@ -289,6 +307,65 @@ fn sync_hash(
         stats.written += 1;
     }
     Ok(stats)
+}
+
+/// Makes the L4 exact hash hold exactly `entries`.
+fn sync_l4x(
+    map: &mut HashMap<MapData, L4LpmKey, L4Value>,
+    name: &'static str,
+    entries: &Entries,
+) -> Result<WriteStats, Error> {
+    let desired: Vec<(L4LpmKey, L4Value)> = parse_entries(name, entries, |k: L4LpmKey| (0, k))?
+        .into_iter()
+        .map(|((_, k), v)| (k, v))
+        .collect();
+    let wanted: BTreeSet<[u8; 16]> = desired.iter().map(|(k, _)| k.to_bytes()).collect();
+    let present: Vec<L4LpmKey> = map.keys().collect::<Result<_, _>>().map_err(Error::map(name))?;
+    let mut stats = WriteStats::default();
+    for key in present.into_iter().filter(|k| !wanted.contains(&k.to_bytes())) {
+        map.remove(&key).map_err(Error::map(name))?;
+        stats.deleted += 1;
+    }
+    for (key, value) in desired {
+        map.insert(key, value, 0).map_err(Error::map(name))?;
+        stats.written += 1;
+    }
+    Ok(stats)
+}
+
+/// Writes only `d` into the L4 exact hash.
+fn l4x_delta(
+    map: &mut HashMap<MapData, L4LpmKey, L4Value>,
+    name: &'static str,
+    d: &MapDelta,
+) -> Result<WriteStats, Error> {
+    let mut stats = WriteStats::default();
+    for k in &d.remove {
+        let key = L4LpmKey::from_bytes(k).ok_or(Error::Entry { map: name, reason: "key size" })?;
+        map.remove(&key).map_err(Error::map(name))?;
+        stats.deleted += 1;
+    }
+    for ((_, key), value) in
+        parse_entries::<L4LpmKey, L4LpmKey, L4Value>(name, &d.upsert, |k| (0, k))?
+    {
+        map.insert(key, value, 0).map_err(Error::map(name))?;
+        stats.written += 1;
+    }
+    Ok(stats)
+}
+
+/// Reads the L4 exact hash back (`encode`'s format, sorted by key bytes).
+fn read_l4x(
+    map: &HashMap<MapData, L4LpmKey, L4Value>,
+    name: &'static str,
+) -> Result<Entries, Error> {
+    let mut entries = Vec::new();
+    for item in map.iter() {
+        let (key, value) = item.map_err(Error::map(name))?;
+        entries.push((key.to_bytes().to_vec(), value.to_bytes().to_vec()));
+    }
+    entries.sort_unstable();
+    Ok(entries)
 }
 
 /// The chunk key and chunk of each entry.
@@ -763,12 +840,13 @@ fn inner_pinned(root: &std::path::Path, name: &'static str, generation: u32) -> 
 
 impl GenerationMaps {
     /// Every inner map with its outer map's name.
-    fn named(&self) -> [(&'static str, &MapData); 9] {
+    fn named(&self) -> [(&'static str, &MapData); 10] {
         [
             (maps::INGRESS_V4, self.in_v4.map()),
             (maps::INGRESS_V4_DIR, self.in_v4_dir.map()),
             (maps::INGRESS_V6, self.in_v6.map()),
             (maps::INGRESS_L4, self.in_l4.map()),
+            (maps::INGRESS_L4_EXACT, self.in_l4x.map()),
             (maps::EGRESS_V4, self.eg_v4.map()),
             (maps::EGRESS_V6, self.eg_v6.map()),
             (maps::EGRESS_L4, self.eg_l4.map()),
@@ -833,6 +911,7 @@ impl GenerationMaps {
         let (in_v4_dir, _) = get(maps::INGRESS_V4_DIR)?;
         let (in_v6, v6) = get(maps::INGRESS_V6)?;
         let (in_l4, l4) = get(maps::INGRESS_L4)?;
+        let (in_l4x, _) = get(maps::INGRESS_L4_EXACT)?;
         let (eg_v4, _) = get(maps::EGRESS_V4)?;
         let (eg_v6, _) = get(maps::EGRESS_V6)?;
         let (eg_l4, _) = get(maps::EGRESS_L4)?;
@@ -844,6 +923,7 @@ impl GenerationMaps {
             in_v4_dir: HashMap::try_from(in_v4_dir).map_err(m(maps::INGRESS_V4_DIR))?,
             in_v6: LpmTrie::try_from(in_v6).map_err(m(maps::INGRESS_V6))?,
             in_l4: LpmTrie::try_from(in_l4).map_err(m(maps::INGRESS_L4))?,
+            in_l4x: HashMap::try_from(in_l4x).map_err(m(maps::INGRESS_L4_EXACT))?,
             eg_v4: LpmTrie::try_from(eg_v4).map_err(m(maps::EGRESS_V4))?,
             eg_v6: LpmTrie::try_from(eg_v6).map_err(m(maps::EGRESS_V6))?,
             eg_l4: LpmTrie::try_from(eg_l4).map_err(m(maps::EGRESS_L4))?,
@@ -871,6 +951,7 @@ impl GenerationMaps {
         set_slot(outer, maps::INGRESS_V4_DIR, g, &self.in_v4_dir)?;
         set_slot(outer, maps::INGRESS_V6, g, &self.in_v6)?;
         set_slot(outer, maps::INGRESS_L4, g, &self.in_l4)?;
+        set_slot(outer, maps::INGRESS_L4_EXACT, g, &self.in_l4x)?;
         set_slot(outer, maps::EGRESS_V4, g, &self.eg_v4)?;
         set_slot(outer, maps::EGRESS_V6, g, &self.eg_v6)?;
         set_slot(outer, maps::EGRESS_L4, g, &self.eg_l4)?;
@@ -896,7 +977,7 @@ impl GenerationMaps {
             let cap = match name {
                 maps::INGRESS_V4 | maps::EGRESS_V4 => c.v4_prefixes,
                 maps::INGRESS_V6 | maps::EGRESS_V6 => c.v6_prefixes,
-                maps::INGRESS_L4 | maps::EGRESS_L4 => c.l4_entries,
+                maps::INGRESS_L4 | maps::INGRESS_L4_EXACT | maps::EGRESS_L4 => c.l4_entries,
                 _ => continue,
             };
             if entries.len() > cap as usize {
@@ -918,6 +999,7 @@ impl GenerationMaps {
                 maps::INGRESS_V4_DIR => dir_delta(&mut self.in_v4_dir, name, d)?,
                 maps::INGRESS_V6 => lpm_delta(&mut self.in_v6, name, d, split_v6)?,
                 maps::INGRESS_L4 => lpm_delta(&mut self.in_l4, name, d, split_l4)?,
+                maps::INGRESS_L4_EXACT => l4x_delta(&mut self.in_l4x, name, d)?,
                 maps::EGRESS_V4 => lpm_delta(&mut self.eg_v4, name, d, split_v4)?,
                 maps::EGRESS_V6 => lpm_delta(&mut self.eg_v6, name, d, split_v6)?,
                 maps::EGRESS_L4 => lpm_delta(&mut self.eg_l4, name, d, split_l4)?,
@@ -957,6 +1039,7 @@ impl GenerationMaps {
             maps::INGRESS_V4_DIR => read_dir(&self.in_v4_dir, maps::INGRESS_V4_DIR),
             maps::INGRESS_V6 => read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes),
             maps::INGRESS_L4 => read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes),
+            maps::INGRESS_L4_EXACT => read_l4x(&self.in_l4x, maps::INGRESS_L4_EXACT),
             maps::EGRESS_V4 => read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes),
             maps::EGRESS_V6 => read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes),
             maps::EGRESS_L4 => read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes),
@@ -1035,6 +1118,7 @@ impl GenerationMaps {
             maps::INGRESS_V4 | maps::EGRESS_V4 => lpm(4, size_of::<ClassValue>()),
             maps::INGRESS_V6 | maps::EGRESS_V6 => lpm(16, size_of::<ClassValue>()),
             maps::INGRESS_L4 | maps::EGRESS_L4 => lpm(12, size_of::<L4Value>()),
+            maps::INGRESS_L4_EXACT => (size_of::<L4LpmKey>(), size_of::<L4Value>()),
             maps::INGRESS_V4_DIR => (size_of::<u32>(), size_of::<V4DirChunk>()),
             _ => (size_of::<u32>(), size_of::<DirectionConfig>()),
         };
@@ -1043,6 +1127,7 @@ impl GenerationMaps {
             maps::INGRESS_V4_DIR => self.in_v4_dir.map(),
             maps::INGRESS_V6 => self.in_v6.map(),
             maps::INGRESS_L4 => self.in_l4.map(),
+            maps::INGRESS_L4_EXACT => self.in_l4x.map(),
             maps::EGRESS_V4 => self.eg_v4.map(),
             maps::EGRESS_V6 => self.eg_v6.map(),
             maps::EGRESS_L4 => self.eg_l4.map(),
