@@ -40,7 +40,7 @@ use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, ActiveGeneration, CONFIG_ENTRIES, CONFIG_INGRESS,
     ClassValue, Counters, DIRECTION_INGRESS, DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT,
     GENERATIONS, Ipv4LpmKey, L4_KEY_FIXED_BITS, L4Value, SHARED_CLASS, STAT_ALWAYS_ARP,
-    STAT_ALWAYS_LOOPBACK, V4_LENGTH_SLOTS, V4DirChunk, V4DirSlot, v4_dir_l1, v4_dir_l2,
+    STAT_ALWAYS_LOOPBACK, V4DirChunk, V4DirSlot, v4_dir_l1, v4_dir_l2,
     STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY, STAT_AUDIT_DEFAULT_DENY,
     STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_INTERNAL_ERROR, STAT_MALFORMED,
     STAT_NOT_IP, STATS_ENTRIES, WorkloadKey, WorkloadValue, stat_index,
@@ -223,7 +223,11 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, InternalError> {
     };
     // The benchmark build only (feature `bench`): a random source address; see `bench`.
     #[cfg(feature = "bench")]
-    let ip = bench::randomise(ctx, ip);
+    let ip = {
+        let mut ip = ip;
+        bench::randomise(ctx, &mut ip);
+        ip
+    };
 
     // Step 1 of the precedence: always-allowed traffic (fw-compiler `model::always_allowed`,
     // in its order) never reaches the policy maps. ARP passed above.
@@ -541,8 +545,10 @@ fn v4_classes(
     };
     let count = usize::from(config.v4_length_count);
     let mut key = Ipv4LpmKey { prefix_len: 0, addr: [0; 4] };
-    // A constant trip count for the verifier; `count` and the level end it early.
-    for i in 0..V4_LENGTH_SLOTS {
+    // The lengths longer than /16 are at most 16 (/17-/32) and come first in the list
+    // (longest first), so 16 slots hold them all: a constant trip count for the verifier,
+    // which `count` and the level end early.
+    for i in 0..V4_PROBE_SLOTS {
         if i >= count {
             break;
         }
@@ -563,6 +569,9 @@ fn v4_classes(
     }
     Ok(slot_classes(&fallback))
 }
+
+/// The slots of `DirectionConfig::v4_lengths` that can hold a length longer than /16.
+const V4_PROBE_SLOTS: usize = 16;
 
 /// A chunk slot's own classes; `0, 0` is no class.
 #[inline(always)]
