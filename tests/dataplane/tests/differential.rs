@@ -57,8 +57,11 @@ fn xdp_ingress_agrees_with_the_evaluator() {
         let mut h = harness.borrow_mut();
         let state = compile(&policy, &Capacities::default()).map_err(|d| fail(format!("{d:?}")))?;
         // Cases 0, 1 | 2, 3 | ...: both layouts in each generation, in turn.
-        let budget =
-            if case.get() / 2 % 2 == 0 { EncodeOptions::default().v4_dir_l2_budget } else { 0 };
+        let budget = if (case.get() / 2).is_multiple_of(2) {
+            EncodeOptions::default().v4_dir_l2_budget
+        } else {
+            0
+        };
         let encoded = encode_with(&state, &EncodeOptions { v4_dir_l2_budget: budget });
         prop_assert!(
             budget > 0 || encoded.maps[maps::INGRESS_V4_DIR].len() == 256,
