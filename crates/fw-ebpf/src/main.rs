@@ -414,7 +414,9 @@ impl Parked {
 }
 
 /// Per CPU, one element: the outcome of the packet being processed, parked across the
-/// conntrack lookup (see `try_ingress`). Not generational, holds nothing between packets.
+/// conntrack lookup (see `try_ingress`), and the L4 lookups' key and results. Not
+/// generational; nothing in it outlives the packet (only the ingress program uses it, and a
+/// run of it is not interrupted by another on the same CPU).
 #[btf_map]
 static FW_PARKED: PerCpuArray<Parked, 1> = PerCpuArray::new();
 
