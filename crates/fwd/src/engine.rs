@@ -324,6 +324,10 @@ impl Engine {
     fn reconcile(&mut self, commit: &str, seen: Option<Instant>) {
         let t0 = seen.unwrap_or_else(Instant::now);
         let mut steps = Vec::new();
+        if seen.is_some() {
+            // The fetch that found the commit (into fwd's mirror).
+            steps.push(Step { step: "fetch".into(), ms: ms(t0.elapsed()) });
+        }
         let mut lap = Instant::now();
         let mut step = |steps: &mut Vec<Step>, name: &str| {
             steps.push(Step { step: name.into(), ms: ms(lap.elapsed()) });
@@ -379,6 +383,7 @@ impl Engine {
         });
         let base = self.applied.as_ref().map(|a| a.desired.digest.clone());
         step(&mut steps, "diff");
+        let enforce_at = t0.elapsed();
         let result =
             self.enforce(&desired, &workloads, commit, base.as_deref().zip(deltas.as_ref()));
         step(&mut steps, "enforce");
@@ -414,6 +419,7 @@ impl Engine {
                 self.set_reconcile(commit, "applied", steps, Some(&done));
                 if let Some(r) = lock(&self.status).last_reconcile.as_mut() {
                     r.changes = changes;
+                    r.seen_to_flip_ms = seen_to_flip(enforce_at, &done);
                 }
                 self.metrics.outcome("applied");
             }
@@ -516,6 +522,7 @@ impl Engine {
             written,
             deleted,
             delta,
+            seen_to_flip_ms: None,
             changes: Vec::new(),
         });
     }
@@ -742,6 +749,17 @@ impl Engine {
         s.maps = maps;
         s.drops = drops;
     }
+}
+
+/// From seeing the commit to the flip: `enforce_at` (when `enforce` was called, from the
+/// moment the commit was seen) plus the loader's steps up to and including the flip. The
+/// time `enforce` spends before the loader's first step (taking the root's lock) is not in
+/// the loader's steps; it is a few system calls. `None` when the apply had no flip step.
+fn seen_to_flip(enforce_at: Duration, done: &Enforced) -> Option<f64> {
+    let t = &done.apply.timings;
+    let flip = t.iter().position(|(name, _)| *name == "flip")?;
+    let loader: Duration = t.iter().take(flip + 1).map(|(_, d)| *d).sum();
+    Some(ms(enforce_at + loader))
 }
 
 /// Hands memory freed after a compile back to the system: the compiler's intermediate
