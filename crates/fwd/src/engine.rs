@@ -75,6 +75,8 @@ pub struct Engine {
     /// successful fetch resets).
     apply_backoff: Backoff,
     dp: Option<Dataplane>,
+    /// Compiles each commit, reusing what did not change since the last one.
+    compiler: policy::Compiler,
     applied: Option<Applied>,
     /// The last commit refused, so it is not compiled again on every poll.
     rejected: Option<String>,
@@ -125,6 +127,7 @@ impl Engine {
             source: None,
             watch: None,
             dp: None,
+            compiler: policy::Compiler::default(),
             applied: None,
             rejected: None,
             cgroups: None,
@@ -228,13 +231,12 @@ impl Engine {
             debug!(revision = %rec.revision, "the recorded revision is not a commit of the mirror");
             return;
         };
-        match policy::desired(&snapshot.files, &self.host, &self.caps) {
+        match self.compiler.desired(&snapshot.files, &self.host, &self.caps, None, &mut Vec::new())
+        {
             Ok(desired) if desired.digest == rec.digest => {
                 info!(commit = %rec.revision, digest = %rec.digest, "adopted the enforced state");
                 let workloads =
                     fw_loader::workloads::resolve(&self.cgroup, &desired.state.workloads);
-                let mut desired = desired;
-                desired.shrink();
                 self.applied = Some(Applied { commit: rec.revision, desired, workloads });
                 self.after_apply(&snapshot, Instant::now(), true);
             }
@@ -334,25 +336,33 @@ impl Engine {
             lap = Instant::now();
         };
         let Some(source) = self.source.as_ref() else { return };
-        let snapshot = match source.snapshot(commit) {
-            Ok(s) => s,
-            Err(e) => {
-                error!(%commit, "cannot read the commit's policy files: {e}");
-                self.record_error(Some(commit), "source", &e.to_string(), Vec::new());
-                self.metrics.outcome("failed");
-                return;
-            }
-        };
+        let compiler = &self.compiler;
+        let snapshot =
+            match source.snapshot_reusing(commit, &|path, blob| compiler.bytes_of(path, blob)) {
+                Ok(s) => s,
+                Err(e) => {
+                    error!(%commit, "cannot read the commit's policy files: {e}");
+                    self.record_error(Some(commit), "source", &e.to_string(), Vec::new());
+                    self.metrics.outcome("failed");
+                    return;
+                }
+            };
         step(&mut steps, "snapshot");
-        let desired = match policy::desired(&snapshot.files, &self.host, &self.caps) {
+        let mut parts = Vec::new();
+        let prev = self.applied.as_mut().map(|a| &mut a.desired);
+        let compiled =
+            self.compiler.desired(&snapshot.files, &self.host, &self.caps, prev, &mut parts);
+        steps.extend(parts.into_iter().map(|(name, d)| Step { step: name.into(), ms: ms(d) }));
+        // Reset the lap (the parts are in `steps` already).
+        step(&mut Vec::new(), "compile");
+        let mut desired = match compiled {
             Ok(d) => d,
             Err(rejected) => {
-                step(&mut steps, "compile");
+                self.compiler.release();
                 self.reject(commit, &rejected, steps);
                 return;
             }
         };
-        step(&mut steps, "compile");
 
         // Already enforced (a restart): keep it, check it for drift, apply nothing.
         if self.applied.is_none()
@@ -363,9 +373,8 @@ impl Engine {
             && rec.revision == commit
         {
             info!(%commit, digest = %desired.digest, "the pinned data plane already enforces this commit");
+            self.compiler.release();
             let workloads = fw_loader::workloads::resolve(&self.cgroup, &desired.state.workloads);
-            let mut desired = desired;
-            desired.shrink();
             self.applied = Some(Applied { commit: commit.into(), desired, workloads });
             self.rejected = None;
             self.after_apply(&snapshot, t0, true);
@@ -377,7 +386,8 @@ impl Engine {
         let workloads = fw_loader::workloads::resolve(&self.cgroup, &desired.state.workloads);
         let deltas = self.applied.as_ref().map(|a| {
             // The kernel's workload table is keyed by cgroup id: written from `workloads`.
-            let mut d = fw_loader::entry_delta(&a.desired.encoded, &desired.encoded);
+            // (The maps `desired` took from the applied encoding are equal: left out.)
+            let mut d = desired.delta_from(&a.desired);
             d.remove(fw_common::maps::WORKLOADS);
             d
         });
@@ -387,6 +397,7 @@ impl Engine {
         let result =
             self.enforce(&desired, &workloads, commit, base.as_deref().zip(deltas.as_ref()));
         step(&mut steps, "enforce");
+        self.compiler.release();
         match result {
             Ok(done) => {
                 let enforced_after = t0.elapsed();
@@ -402,8 +413,6 @@ impl Engine {
                 );
                 self.metrics.reconcile_seconds.observe(enforced_after.as_secs_f64());
                 self.apply_backoff.reset();
-                let mut desired = desired;
-                desired.shrink();
                 let changes = match &self.applied {
                     Some(a) => policy::rule_changes(&a.desired.state, &desired.state),
                     None => vec!["(first state: every rule)".to_string()],
@@ -425,6 +434,10 @@ impl Engine {
             }
             Err(e) => {
                 error!(%commit, "applying failed; the kernel keeps enforcing what it did: {e}");
+                // The applied state stays: it gets back the maps `desired` took from it.
+                if let Some(a) = self.applied.as_mut() {
+                    desired.give_back(&mut a.desired);
+                }
                 // The handle may name pins that are gone (an unload): reopen next time.
                 self.dp = None;
                 self.next_fetch = Instant::now() + self.apply_backoff.next_delay();
