@@ -78,9 +78,12 @@ pub struct Reconcile {
     /// `applied`, `unchanged`, `rejected` or `failed`.
     pub outcome: String,
     pub at_ms: u64,
-    /// fwd's steps (`fetch`: the fetch that found the commit, when one did; `snapshot`,
-    /// `compile`, `diff`: the entry deltas against the state applied last, `enforce`: lock,
-    /// apply and attachments) and then the loader's apply steps.
+    /// fwd's steps (`fetch`: the fetch that found the commit, when one did; `snapshot`: the
+    /// commit's files; `parse`: parse and lower the files that changed since the last
+    /// compile; `resolve`; `select`: this host's policy; `compile`; `encode` and `digest`
+    /// (reusing what depends only on unchanged parts of the state); `rule table`; `diff`: the
+    /// entry deltas against the state applied last; `enforce`: lock, apply and attachments)
+    /// and then the loader's apply steps.
     pub steps: Vec<Step>,
     /// Entries written before the flip and replayed after it.
     pub written: usize,
