@@ -237,6 +237,8 @@ impl Engine {
                 info!(commit = %rec.revision, digest = %rec.digest, "adopted the enforced state");
                 let workloads =
                     fw_loader::workloads::resolve(&self.cgroup, &desired.state.workloads);
+                // The loader holds the rule table saved with the generation.
+                let desired = Desired { saved: Vec::new(), ..desired };
                 self.applied = Some(Applied { commit: rec.revision, desired, workloads });
                 self.after_apply(&snapshot, Instant::now(), true);
             }
@@ -352,9 +354,15 @@ impl Engine {
         let prev = self.applied.as_mut().map(|a| &mut a.desired);
         let compiled =
             self.compiler.desired(&snapshot.files, &self.host, &self.caps, prev, &mut parts);
+        let timed: Duration = parts.iter().map(|(_, d)| *d).sum();
         steps.extend(parts.into_iter().map(|(name, d)| Step { step: name.into(), ms: ms(d) }));
-        // Reset the lap (the parts are in `steps` already).
-        step(&mut Vec::new(), "compile");
+        // What the compiler's steps do not cover (handing the files over, dropping what the
+        // load no longer needs); resets the lap.
+        let mut rest = Vec::new();
+        step(&mut rest, "compile: rest");
+        if let Some(r) = rest.pop() {
+            steps.push(Step { ms: (r.ms - ms(timed)).max(0.0), ..r });
+        }
         let mut desired = match compiled {
             Ok(d) => d,
             Err(rejected) => {
@@ -375,6 +383,7 @@ impl Engine {
             info!(%commit, digest = %desired.digest, "the pinned data plane already enforces this commit");
             self.compiler.release();
             let workloads = fw_loader::workloads::resolve(&self.cgroup, &desired.state.workloads);
+            desired.saved = Vec::new();
             self.applied = Some(Applied { commit: commit.into(), desired, workloads });
             self.rejected = None;
             self.after_apply(&snapshot, t0, true);
@@ -420,6 +429,8 @@ impl Engine {
                 for c in &changes {
                     info!(%commit, "{c}");
                 }
+                // The loader saved the rule table; tens of MB at 100k rules.
+                desired.saved = Vec::new();
                 self.applied = Some(Applied { commit: commit.into(), desired, workloads });
                 self.rejected = None;
                 lock(&self.status).last_error = None;
@@ -455,12 +466,21 @@ impl Engine {
         revision: &str,
         delta: Option<(&str, &BTreeMap<&'static str, fw_loader::MapDelta>)>,
     ) -> Result<Enforced, LoaderError> {
+        // The rule table is kept only until its state is applied (`Applied`); a later apply
+        // of the same state (drift, workloads) writes it again from the state.
+        let table;
+        let saved_state = if desired.saved.is_empty() {
+            table = policy::saved_table(&desired.state);
+            &table
+        } else {
+            &desired.saved
+        };
         let d = LoaderDesired {
             encoded: &desired.encoded,
             workloads: Some(workloads),
             revision,
             digest: &desired.digest,
-            saved_state: &desired.saved,
+            saved_state,
         };
         let change = match delta {
             Some((base_digest, changes)) => Change::Delta { base_digest, changes },

@@ -46,7 +46,8 @@ pub struct Desired {
     /// construction, `fw_compiler::incremental::encode_reusing`); that encoding lacks them
     /// until [`Desired::give_back`].
     pub reused: Vec<&'static str>,
-    /// The rule table, as JSON (see the module docs).
+    /// The rule table, as JSON (see the module docs; [`saved_table`]). fwd empties it once
+    /// the state is applied and writes it again from `state` when it applies the state again.
     pub saved: Vec<u8>,
 }
 
@@ -103,6 +104,11 @@ impl std::fmt::Display for Rejected {
             None => write!(f, "{what}"),
         }
     }
+}
+
+/// The rule table as saved with an applied generation (see the module docs), as JSON.
+pub fn saved_table(state: &MapState) -> Vec<u8> {
+    serde_json::to_vec(&rule_table(state)).unwrap_or_default()
 }
 
 /// The state without its prefix and L4 entries: O(rules) rather than O(policy size).
@@ -311,7 +317,7 @@ fn finish(
     step("encode");
     let (digest, marks) = digest_reusing(&state, prev.map(|p| (&p.state, &p.marks)));
     step("digest");
-    let saved = serde_json::to_vec(&rule_table(&state)).unwrap_or_default();
+    let saved = saved_table(&state);
     step("rule table");
     Ok(Desired { digest, marks, reused, encoded, saved, state })
 }
