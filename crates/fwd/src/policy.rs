@@ -114,7 +114,7 @@ pub fn saved_table(state: &MapState) -> Vec<u8> {
 /// The state without its prefix and L4 entries: O(rules) rather than O(policy size).
 pub fn rule_table(state: &MapState) -> MapState {
     let rules_of = |d: &DirectionMaps| DirectionMaps {
-        defaults: d.defaults.clone(),
+        defaults: d.defaults,
         v4: BTreeMap::new(),
         v6: BTreeMap::new(),
         l4: BTreeMap::new(),
