@@ -225,6 +225,26 @@ pub fn v4_dir_chunks(v4: &BTreeMap<Ipv4Net, Classes>, l2_budget: u32) -> BTreeMa
     out
 }
 
+/// The entries of `FW_CONFIG`: per direction the defaults and the IPv4 table's prefix
+/// lengths (so the config depends on the IPv4 tables as well as on the defaults).
+pub(crate) fn config_entries(state: &MapState) -> Entries {
+    let config: Entries = [(CONFIG_INGRESS, &state.ingress), (CONFIG_EGRESS, &state.egress)]
+        .into_iter()
+        .map(|(index, m)| {
+            let (v4_length_count, v4_lengths) = v4_length_list(m.v4.keys().copied());
+            let value = DirectionConfig {
+                verdict_default: action_byte(m.defaults.verdict),
+                audit_default: action_byte(m.defaults.audit),
+                v4_length_count,
+                _pad: 0,
+                v4_lengths,
+            };
+            (index.to_le_bytes().to_vec(), value.to_bytes().to_vec())
+        })
+        .collect();
+    sorted(config)
+}
+
 /// Encodes every map of a state, with the default [`EncodeOptions`].
 pub fn encode(state: &MapState) -> Encoded {
     encode_with(state, &EncodeOptions::default())
@@ -302,21 +322,7 @@ pub fn encode_with(state: &MapState, options: &EncodeOptions) -> Encoded {
             out.insert(nl4, sorted(l4));
         }
     }
-    let config = [(CONFIG_INGRESS, &state.ingress), (CONFIG_EGRESS, &state.egress)]
-        .into_iter()
-        .map(|(index, m)| {
-            let (v4_length_count, v4_lengths) = v4_length_list(m.v4.keys().copied());
-            let value = DirectionConfig {
-                verdict_default: action_byte(m.defaults.verdict),
-                audit_default: action_byte(m.defaults.audit),
-                v4_length_count,
-                _pad: 0,
-                v4_lengths,
-            };
-            (index.to_le_bytes().to_vec(), value.to_bytes().to_vec())
-        })
-        .collect();
-    out.insert(maps::CONFIG, sorted(config));
+    out.insert(maps::CONFIG, config_entries(state));
     let workloads = state
         .workloads
         .iter()

@@ -6,7 +6,10 @@
 //! - Each map of [`encode`] is a function of a known part of the state: an LPM map of its
 //!   direction's prefix table alone; an L4 map of its direction's L4 table and, for the ranks
 //!   and log flags of the decisions, the rules' ids, ranks and log flags; the config of the
-//!   defaults; the workload table of the workloads. [`encode_reusing`] takes a map from the
+//!   defaults and the IPv4 tables' prefix lengths (encoded again every time: it is small); the
+//!   workload table of the workloads; the ingress IPv4 chunks of the ingress
+//!   IPv4 table and the ingress exact L4 hash of the ingress L4 table, so they go with those
+//!   maps (`companions`). [`encode_reusing`] takes a map from the
 //!   last encoding only when those parts are equal (compared in full), and encodes the
 //!   others with [`encode`] itself, so the result is [`encode`]'s by construction.
 //! - [`MapState::digest`] is FNV-1a over the state's canonical JSON, a stream hash: its state
@@ -160,7 +163,7 @@ pub fn encode_reusing(
     let Some((prev, prev_encoded)) = prev else { return (encode(state), Vec::new()) };
     let reuse: Vec<&'static str> = reusable(state, prev)
         .into_iter()
-        .filter(|name| prev_encoded.maps.contains_key(name))
+        .filter(|name| companions(name).iter().all(|c| prev_encoded.maps.contains_key(c)))
         .collect();
     // The tables of the reused maps are set aside while the rest is encoded, then put back.
     let mut aside = Vec::new();
@@ -184,11 +187,30 @@ pub fn encode_reusing(
             Aside::V6(t) => d.v6 = t,
             Aside::L4(t) => d.l4 = t,
         }
-        if let Some(entries) = prev_encoded.maps.remove(name) {
-            out.maps.insert(name, entries);
+        for &c in companions(name) {
+            if let Some(entries) = prev_encoded.maps.remove(c) {
+                out.maps.insert(c, entries);
+            }
         }
     }
-    (out, reuse)
+    // The config lists the IPv4 tables' prefix lengths: encoded again with the tables back.
+    out.maps.insert(maps::CONFIG, crate::encode::config_entries(state));
+    let moved = reuse.iter().flat_map(|name| companions(name).iter().copied()).collect();
+    (out, moved)
+}
+
+/// The kernel maps encoded from the same table as `name`: the ingress IPv4 table is also
+/// the direct-indexed chunks in front of it, the ingress L4 table is also the exact hash of
+/// its whole-word entries.
+fn companions(name: &'static str) -> &'static [&'static str] {
+    match name {
+        maps::INGRESS_V4 => &[maps::INGRESS_V4, maps::INGRESS_V4_DIR],
+        maps::INGRESS_L4 => &[maps::INGRESS_L4, maps::INGRESS_L4_EXACT],
+        maps::INGRESS_V6 => &[maps::INGRESS_V6],
+        maps::EGRESS_V4 => &[maps::EGRESS_V4],
+        maps::EGRESS_V6 => &[maps::EGRESS_V6],
+        _ => &[maps::EGRESS_L4],
+    }
 }
 
 fn is_ingress(name: &str) -> bool {
