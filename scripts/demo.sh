@@ -37,7 +37,12 @@ die() {
     exit 1
 }
 
-[ "$(id -u)" -eq 0 ] || die "the demo loads eBPF programs and makes a network namespace: run it as root"
+# Root is needed; a user with sudo is asked once (keeping PATH, so rustup's cargo is found).
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 ||
+        die "the demo loads eBPF programs and makes a network namespace: run it as root"
+    exec sudo env "PATH=$PATH" "HOME=$HOME" bash "$0" "$@"
+fi
 
 bash scripts/setup.sh
 echo "building fwd and fwctl (release)..."

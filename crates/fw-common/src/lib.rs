@@ -36,12 +36,37 @@ pub mod events;
 /// Names of the maps, as the eBPF programs declare them (at most 15 bytes: the kernel's
 /// `BPF_OBJ_NAME_LEN` is 16 including the terminating NUL).
 pub mod maps {
-    /// Ingress IPv4 LPM trie: [`Ipv4LpmKey`](crate::Ipv4LpmKey) -> [`ClassValue`](crate::ClassValue).
+    /// Ingress IPv4 table: [`Ipv4LpmKey`](crate::Ipv4LpmKey) -> [`ClassValue`](crate::ClassValue),
+    /// the same entries as the other address tables, held in a hash (not an LPM trie): the
+    /// key is the prefix length and the address with the bits past it zero, matched exactly.
+    /// The program probes the lengths [`DirectionConfig::v4_lengths`](crate::DirectionConfig)
+    /// lists, longest first; the first hit is the longest prefix.
     pub const INGRESS_V4: &str = "FW_IN_V4";
+    /// Ingress IPv4 direct-indexed table (DIR-16-8), in front of [`INGRESS_V4`]: a hash of
+    /// `u32` chunk keys (little-endian) -> [`V4DirChunk`](crate::V4DirChunk) (256 slots).
+    /// Keys `0..=255` are the first level, one chunk per /8, one slot per /16
+    /// ([`v4_dir_l1`](crate::v4_dir_l1)); keys from [`V4_DIR_L2_BASE`](crate::V4_DIR_L2_BASE)
+    /// on are second-level chunks, one per /16 holding longer prefixes, one slot per /24
+    /// ([`v4_dir_l2`](crate::v4_dir_l2)). A slot holds the classes of the longest prefix of
+    /// at most its level's length (/16, /24) covering it, and a mask of the 32 equal blocks
+    /// of its range (/21s of a /16, /29s of a /24) that longer prefixes intersect. An address
+    /// whose block bit is clear has the slot's classes; else, at the first level, its /16's
+    /// second-level chunk decides (or, when the compiler built none, [`INGRESS_V4`] probed at
+    /// the lengths /17-/32), at the second level [`INGRESS_V4`] probed at the lengths
+    /// /25-/32; no hit leaves the slot's classes. Derived by `encode` from the IPv4 table,
+    /// which stays the table's content.
+    pub const INGRESS_V4_DIR: &str = "FW_IN_V4_DIR";
     /// Ingress IPv6 LPM trie: [`Ipv6LpmKey`](crate::Ipv6LpmKey) -> [`ClassValue`](crate::ClassValue).
     pub const INGRESS_V6: &str = "FW_IN_V6";
     /// Ingress L4 LPM trie: [`L4LpmKey`](crate::L4LpmKey) -> [`L4Value`](crate::L4Value).
     pub const INGRESS_L4: &str = "FW_IN_L4";
+    /// Ingress L4 exact table: the entries of the ingress L4 table whose L4 prefix is the whole
+    /// word (one protocol and port or ICMP type), in a hash keyed by the same
+    /// [`L4LpmKey`](crate::L4LpmKey) (prefix length always
+    /// [`L4_KEY_FIXED_BITS`](crate::L4_KEY_FIXED_BITS) + 32) -> [`L4Value`](crate::L4Value).
+    /// Such an entry is the longest possible match for its word, so the program asks the
+    /// [`INGRESS_L4`] trie (which holds the other entries) only when this misses.
+    pub const INGRESS_L4_EXACT: &str = "FW_IN_L4X";
     /// Egress IPv4 LPM trie: [`Ipv4LpmKey`](crate::Ipv4LpmKey) -> [`ClassValue`](crate::ClassValue).
     pub const EGRESS_V4: &str = "FW_EG_V4";
     /// Egress IPv6 LPM trie: [`Ipv6LpmKey`](crate::Ipv6LpmKey) -> [`ClassValue`](crate::ClassValue).
@@ -78,8 +103,18 @@ pub mod maps {
 
     /// The maps the compiler's `encode` fills, each an outer array-of-maps with
     /// [`GENERATIONS`](crate::GENERATIONS) slots.
-    pub const GENERATIONAL: [&str; 8] =
-        [INGRESS_V4, INGRESS_V6, INGRESS_L4, EGRESS_V4, EGRESS_V6, EGRESS_L4, CONFIG, WORKLOADS];
+    pub const GENERATIONAL: [&str; 10] = [
+        INGRESS_V4,
+        INGRESS_V4_DIR,
+        INGRESS_V6,
+        INGRESS_L4,
+        INGRESS_L4_EXACT,
+        EGRESS_V4,
+        EGRESS_V6,
+        EGRESS_L4,
+        CONFIG,
+        WORKLOADS,
+    ];
 }
 
 /// Names of the programs in the eBPF object.
@@ -146,6 +181,9 @@ pub const STAT_ALWAYS_ND: u32 = 5;
 /// Stats slot: always allowed, loopback peer address (127.0.0.0/8, ::1).
 pub const STAT_ALWAYS_LOOPBACK: u32 = 6;
 /// Stats slot: always allowed, reply to a flow the host initiated (connection tracking).
+/// Ingress looks connection tracking up only for packets the policy does not simply allow
+/// (denied, audit-denied, or logged), so a reply the policy allows anyway is counted under
+/// the rule or default that allowed it, not here (same for [`STAT_ALWAYS_RELATED`]).
 pub const STAT_ALWAYS_REPLY: u32 = 7;
 /// Stats slot: always allowed, ICMP error about a flow the host initiated.
 pub const STAT_ALWAYS_RELATED: u32 = 8;
@@ -172,7 +210,8 @@ pub const fn stat_index(direction: u32, stat: u32) -> u32 {
 /// in full.
 pub const L4_KEY_FIXED_BITS: u32 = 64;
 
-/// Key of an IPv4 LPM trie (layout of the kernel's `struct bpf_lpm_trie_key` + 4 data bytes).
+/// Key of an IPv4 LPM trie (layout of the kernel's `struct bpf_lpm_trie_key` + 4 data bytes),
+/// and of the ingress IPv4 hash ([`maps::INGRESS_V4`]), which matches it exactly.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Ipv4LpmKey {
@@ -273,16 +312,93 @@ impl L4Value {
 /// L4 word)` keys cannot collide with an address class's entries.
 pub const SHARED_CLASS: u32 = 0;
 
-/// The per-direction configuration (one element of the [`maps::CONFIG`] array).
+/// Slots of a [`V4DirChunk`].
+pub const V4_DIR_SLOTS: usize = 256;
+/// The first second-level key of [`maps::INGRESS_V4_DIR`] (the first level has keys 0..=255).
+pub const V4_DIR_L2_BASE: u32 = 256;
+/// The most chunks [`maps::INGRESS_V4_DIR`] can hold: 256 first-level chunks and one
+/// second-level chunk per /16.
+pub const V4_DIR_MAX_CHUNKS: u32 = V4_DIR_L2_BASE + (1 << 16);
+/// First-level key, slot and block bit (of the slot's `deeper` mask: the address's /21) of
+/// an IPv4 address (host-order `u32`) in [`maps::INGRESS_V4_DIR`].
+#[inline(always)]
+pub const fn v4_dir_l1(addr: u32) -> (u32, usize, u32) {
+    (addr >> 24, ((addr >> 16) & 0xff) as usize, 1 << ((addr >> 11) & 31))
+}
+
+/// Second-level key, slot and block bit (the address's /29) of an IPv4 address (host-order
+/// `u32`) in [`maps::INGRESS_V4_DIR`].
+#[inline(always)]
+pub const fn v4_dir_l2(addr: u32) -> (u32, usize, u32) {
+    (V4_DIR_L2_BASE + (addr >> 16), ((addr >> 8) & 0xff) as usize, 1 << ((addr >> 3) & 31))
+}
+
+/// One slot of a [`V4DirChunk`]: a /16 (first level) or a /24 (second level).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct V4DirSlot {
+    /// The classes of the longest prefix of at most the slot's length covering it (both 0:
+    /// none).
+    pub wide_class: u32,
+    pub narrow_class: u32,
+    /// Bit `b`: a longer prefix intersects block `b` of the slot's 32 equal blocks (see
+    /// [`v4_dir_l1`], [`v4_dir_l2`]); 0: the slot's classes are every address's answer.
+    pub deeper: u32,
+}
+
+/// Value of [`maps::INGRESS_V4_DIR`]: 256 slots (see [`V4DirSlot`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct V4DirChunk {
+    pub slots: [V4DirSlot; V4_DIR_SLOTS],
+}
+
+impl Default for V4DirChunk {
+    fn default() -> Self {
+        Self { slots: [V4DirSlot::default(); V4_DIR_SLOTS] }
+    }
+}
+
+/// Capacity of [`DirectionConfig::v4_lengths`]: every IPv4 prefix length, /0 to /32, plus
+/// padding to a multiple of 4 bytes.
+pub const V4_LENGTH_SLOTS: usize = 36;
+
+/// The per-direction configuration (one element of the [`maps::CONFIG`] array).
+///
+/// Besides the defaults it carries the list of prefix lengths the direction's IPv4 table
+/// holds, longest first: the ingress program holds IPv4 as one hash keyed by
+/// [`Ipv4LpmKey`] (prefix length and masked address, see [`maps::INGRESS_V4`]) and finds the
+/// longest match by probing these lengths in order, the first hit winning. The list is
+/// generational with the table it describes (both are in the same generation), so a packet
+/// never probes one generation's table with another's lengths. The egress program reads only
+/// the defaults (its IPv4 table is an LPM trie); the list is written for both directions so
+/// the two entries are built the same way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DirectionConfig {
     /// Default verdict when no enforcing rule decided: [`ACTION_ALLOW`] or [`ACTION_DENY`].
     pub verdict_default: u8,
     /// Default of the audit evaluation: [`ACTION_ALLOW`] or [`ACTION_DENY`].
     pub audit_default: u8,
+    /// Number of valid entries at the start of `v4_lengths` (0..=33).
+    pub v4_length_count: u8,
     /// Always 0.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
+    /// The distinct prefix lengths (0..=32) of the direction's IPv4 table, strictly
+    /// decreasing; slots from `v4_length_count` on are 0.
+    pub v4_lengths: [u8; V4_LENGTH_SLOTS],
+}
+
+impl Default for DirectionConfig {
+    fn default() -> Self {
+        Self {
+            verdict_default: 0,
+            audit_default: 0,
+            v4_length_count: 0,
+            _pad: 0,
+            v4_lengths: [0; V4_LENGTH_SLOTS],
+        }
+    }
 }
 
 /// Key of the kernel's workload table.
@@ -355,7 +471,11 @@ const _: () = {
     assert!(offset_of!(L4Value, _pad) == 3);
     assert!(offset_of!(L4Value, verdict_rule) == 4);
     assert!(offset_of!(L4Value, audit_rule) == 8);
-    assert!(size_of::<DirectionConfig>() == 4);
+    assert!(size_of::<DirectionConfig>() == 40);
+    assert!(size_of::<V4DirSlot>() == 12);
+    assert!(size_of::<V4DirChunk>() == 3072);
+    assert!(offset_of!(DirectionConfig, v4_length_count) == 2);
+    assert!(offset_of!(DirectionConfig, v4_lengths) == 4);
     assert!(size_of::<WorkloadKey>() == 8);
     assert!(size_of::<WorkloadValue>() == 4);
     assert!(size_of::<ActiveGeneration>() == 4);
@@ -419,6 +539,34 @@ impl Bytes for Ipv6LpmKey {
         let mut addr = [0u8; 16];
         addr.copy_from_slice(&b[4..20]);
         Some(Self { prefix_len: le_u32(b, 0), addr })
+    }
+}
+
+impl Bytes for V4DirChunk {
+    const SIZE: usize = size_of::<Self>();
+    type Array = [u8; 3072];
+    fn to_bytes(&self) -> [u8; 3072] {
+        let mut b = [0u8; 3072];
+        for (out, c) in b.chunks_exact_mut(12).zip(&self.slots) {
+            out[0..4].copy_from_slice(&c.wide_class.to_le_bytes());
+            out[4..8].copy_from_slice(&c.narrow_class.to_le_bytes());
+            out[8..12].copy_from_slice(&c.deeper.to_le_bytes());
+        }
+        b
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != Self::SIZE {
+            return None;
+        }
+        let mut out = Self::default();
+        for (slot, c) in out.slots.iter_mut().zip(b.chunks_exact(12)) {
+            *slot = V4DirSlot {
+                wide_class: le_u32(c, 0),
+                narrow_class: le_u32(c, 4),
+                deeper: le_u32(c, 8),
+            };
+        }
+        Some(out)
     }
 }
 
@@ -493,15 +641,28 @@ impl Bytes for L4Value {
 
 impl Bytes for DirectionConfig {
     const SIZE: usize = size_of::<Self>();
-    type Array = [u8; 4];
-    fn to_bytes(&self) -> [u8; 4] {
-        [self.verdict_default, self.audit_default, self._pad[0], self._pad[1]]
+    type Array = [u8; 40];
+    fn to_bytes(&self) -> [u8; 40] {
+        let mut b = [0u8; 40];
+        b[0] = self.verdict_default;
+        b[1] = self.audit_default;
+        b[2] = self.v4_length_count;
+        b[3] = self._pad;
+        b[4..40].copy_from_slice(&self.v4_lengths);
+        b
     }
     fn from_bytes(b: &[u8]) -> Option<Self> {
-        (b.len() == Self::SIZE).then(|| Self {
+        if b.len() != Self::SIZE {
+            return None;
+        }
+        let mut v4_lengths = [0u8; V4_LENGTH_SLOTS];
+        v4_lengths.copy_from_slice(&b[4..40]);
+        Some(Self {
             verdict_default: b[0],
             audit_default: b[1],
-            _pad: [b[2], b[3]],
+            v4_length_count: b[2],
+            _pad: b[3],
+            v4_lengths,
         })
     }
 }
@@ -579,6 +740,8 @@ mod pod {
     unsafe impl Pod for Ipv6LpmKey {}
     // SAFETY: as above.
     unsafe impl Pod for ClassValue {}
+    // SAFETY: as above (an array of `V4DirSlot`, three `u32`s).
+    unsafe impl Pod for V4DirChunk {}
     // SAFETY: as above.
     unsafe impl Pod for L4LpmKey {}
     // SAFETY: as above.
@@ -709,12 +872,18 @@ mod tests {
             addr: [0x20, 1, 0xd, 0xb8, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         };
         assert_eq!(Ipv6LpmKey::from_bytes(&k.to_bytes()), Some(k));
+        let mut v4_lengths = [0; V4_LENGTH_SLOTS];
+        v4_lengths[..3].copy_from_slice(&[32, 24, 0]);
         let c = DirectionConfig {
             verdict_default: ACTION_DENY,
             audit_default: ACTION_DENY,
-            _pad: [0; 2],
+            v4_length_count: 3,
+            _pad: 0,
+            v4_lengths,
         };
-        assert_eq!(c.to_bytes(), [2, 2, 0, 0]);
+        let b = c.to_bytes();
+        assert_eq!(b[..8], [2, 2, 3, 0, 32, 24, 0, 0]);
+        assert!(b[8..].iter().all(|&x| x == 0));
         assert_eq!(DirectionConfig::from_bytes(&c.to_bytes()), Some(c));
         let cv = ClassValue { wide_class: 0x0102, narrow_class: 7 };
         assert_eq!(cv.to_bytes(), [2, 1, 0, 0, 7, 0, 0, 0]);

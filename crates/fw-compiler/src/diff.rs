@@ -196,18 +196,19 @@ impl<'a> CanonicalDirection<'a> {
     }
 }
 
-/// FNV-1a, 128 bit, as an `io::Write` so serialization streams into it.
-struct Fnv128(u128);
+/// FNV-1a, 128 bit, as an `io::Write` so serialization streams into it. Its state is the
+/// hash of what was written so far, so a digest can be resumed from it (`incremental`).
+pub(crate) struct Fnv128(pub(crate) u128);
 
 impl Fnv128 {
-    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    pub(crate) const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
     const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
 
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(Self::OFFSET)
     }
 
-    fn update(&mut self, bytes: &[u8]) {
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
         for &b in bytes {
             self.0 = (self.0 ^ u128::from(b)).wrapping_mul(Self::PRIME);
         }

@@ -17,7 +17,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, Bytes, CONFIG_EGRESS, CONFIG_INGRESS, ClassValue,
     DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT, Ipv4LpmKey, Ipv6LpmKey, L4_KEY_FIXED_BITS,
-    L4LpmKey, WorkloadValue, maps,
+    L4LpmKey, V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS, V4_DIR_SLOTS, V4_LENGTH_SLOTS, V4DirChunk,
+    V4DirSlot, WorkloadValue, maps,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -31,10 +32,15 @@ use crate::model::RuleId;
 pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The encoded maps, by name (`fw_common::maps`):
-/// - `FW_IN_V4`, `FW_EG_V4`: `Ipv4LpmKey` -> `ClassValue`;
+/// - `FW_IN_V4`, `FW_EG_V4`: `Ipv4LpmKey` -> `ClassValue` (the kernel holds `FW_IN_V4` in a
+///   hash of the same keys, probed per prefix length; `FW_EG_V4` in an LPM trie);
+/// - `FW_IN_V4_DIR`: `u32` chunk key -> `V4DirChunk`, the direct-indexed levels in front of
+///   `FW_IN_V4`, derived from it ([`v4_dir_chunks`], laid out as [`EncodeOptions`] say);
 /// - `FW_IN_V6`, `FW_EG_V6`: `Ipv6LpmKey` -> `ClassValue`;
 /// - `FW_IN_L4`, `FW_EG_L4`: `L4LpmKey` -> `fw_common::L4Value`;
-/// - `FW_CONFIG`: `u32` index (`CONFIG_INGRESS`, `CONFIG_EGRESS`) -> `DirectionConfig`;
+/// - `FW_CONFIG`: `u32` index (`CONFIG_INGRESS`, `CONFIG_EGRESS`) -> `DirectionConfig`: the
+///   defaults and the direction's IPv4 prefix lengths, longest first (what the ingress
+///   program probes);
 /// - `FW_WORKLOADS`: cgroup path (UTF-8) -> `WorkloadValue`, until the daemon resolves paths
 ///   to cgroup ids.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -106,9 +112,152 @@ fn sorted(mut entries: Entries) -> Entries {
     entries
 }
 
-/// Encodes every map of a state.
-pub fn encode(state: &MapState) -> Encoded {
+/// `DirectionConfig::v4_lengths` of an IPv4 table: its distinct prefix lengths, longest
+/// first (the order the ingress program probes its IPv4 hash in), and how many there are.
+fn v4_length_list(nets: impl Iterator<Item = Ipv4Net>) -> (u8, [u8; V4_LENGTH_SLOTS]) {
+    let mut present = [false; 33];
+    for net in nets {
+        present[usize::from(net.prefix_len())] = true;
+    }
+    let mut list = [0u8; V4_LENGTH_SLOTS];
+    let mut count = 0u8;
+    for len in (0..=32u8).rev().filter(|&l| present[usize::from(l)]) {
+        list[usize::from(count)] = len;
+        count += 1;
+    }
+    (count, list)
+}
+
+/// How `encode` lays the ingress IPv4 table out for the kernel; the table's content (and so
+/// every verdict) is the same whatever the options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EncodeOptions {
+    /// The most second-level chunks of `FW_IN_V4_DIR` (2 KiB of value each; the kernel's
+    /// allocator rounds an element to 4 KiB). A /16 holding longer prefixes gets one, so its
+    /// packets find the /17-/24 prefixes with one more chunk read instead of hash probes;
+    /// when more /16s hold longer prefixes than the budget allows, the /16s with the most
+    /// prefixes under them get chunks (ties: the lower /16) and the others are probed at the
+    /// lengths /17-/32. 0 is the "hash probed per length under every /16" representation.
+    pub v4_dir_l2_budget: u32,
+}
+
+/// The default [`EncodeOptions::v4_dir_l2_budget`]: 8192 chunks, at most 32 MiB per
+/// generation in the kernel.
+pub const DEFAULT_V4_DIR_L2_BUDGET: u32 = 8192;
+
+impl Default for EncodeOptions {
+    fn default() -> Self {
+        Self { v4_dir_l2_budget: DEFAULT_V4_DIR_L2_BUDGET }
+    }
+}
+
+/// The `deeper` bits of the 32 blocks of a slot (a range of 2^`slot_bits` addresses) that
+/// `net`, a prefix longer than the slot, intersects.
+fn block_bits(net: &Ipv4Net, slot_bits: u8) -> u32 {
+    // Blocks are 2^(slot_bits - 5) addresses: /21s of a /16, /29s of a /24.
+    let block_len = 32 - (slot_bits - 5);
+    let first = (u32::from(net.network()) >> (slot_bits - 5)) & 31;
+    let count =
+        if net.prefix_len() >= block_len { 1 } else { 1u32 << (block_len - net.prefix_len()) };
+    let ones = if count == 32 { u32::MAX } else { (1u32 << count) - 1 };
+    ones << first
+}
+
+/// The chunks of `FW_IN_V4_DIR` for an IPv4 table (see `fw_common::maps::INGRESS_V4_DIR`),
+/// by key: the 256 first-level chunks, then the second-level chunks of at most `l2_budget`
+/// /16s that hold prefixes longer than /16.
+pub fn v4_dir_chunks(v4: &BTreeMap<Ipv4Net, Classes>, l2_budget: u32) -> BTreeMap<u32, V4DirChunk> {
+    const SLOTS: usize = V4_DIR_SLOTS;
+    let slot =
+        |c: &Classes| V4DirSlot { wide_class: c.wide.0, narrow_class: c.narrow.0, deeper: 0 };
+    // Level 1: one slot per /16, the longest prefix of at most /16 covering it (shorter
+    // prefixes first, so longer ones overwrite the part they cover).
+    let mut l1 = vec![V4DirSlot::default(); 1 << 16];
+    let mut short: Vec<(&Ipv4Net, &Classes)> =
+        v4.iter().filter(|(n, _)| n.prefix_len() <= 16).collect();
+    short.sort_by_key(|(n, _)| n.prefix_len());
+    for (net, classes) in short {
+        let first = (u32::from(net.network()) >> 16) as usize;
+        let count = 1usize << (16 - net.prefix_len());
+        l1[first..first + count].fill(slot(classes));
+    }
+    // The prefixes longer than /16, by /16.
+    let mut deep: BTreeMap<u32, Vec<(&Ipv4Net, &Classes)>> = BTreeMap::new();
+    for (net, classes) in v4.iter().filter(|(n, _)| n.prefix_len() > 16) {
+        deep.entry(u32::from(net.network()) >> 16).or_default().push((net, classes));
+    }
+    let mut chunked: Vec<u32> = deep.keys().copied().collect();
+    if chunked.len() > l2_budget as usize {
+        chunked.sort_by_key(|k| (std::cmp::Reverse(deep[k].len()), *k));
+        chunked.truncate(l2_budget as usize);
+    }
     let mut out = BTreeMap::new();
+    for k in chunked {
+        let base = V4DirSlot { deeper: 0, ..l1[k as usize] };
+        let mut chunk = V4DirChunk { slots: [base; SLOTS] };
+        let mut nets = deep[&k].clone();
+        nets.sort_by_key(|(n, _)| n.prefix_len());
+        let mut deeper = [0u32; SLOTS];
+        for (net, classes) in nets {
+            let first = ((u32::from(net.network()) >> 8) & 0xff) as usize;
+            if net.prefix_len() <= 24 {
+                let count = 1usize << (24 - net.prefix_len());
+                chunk.slots[first..first + count].fill(slot(classes));
+            } else {
+                deeper[first] |= block_bits(net, 8);
+            }
+        }
+        for (s, d) in chunk.slots.iter_mut().zip(deeper) {
+            s.deeper = d;
+        }
+        out.insert(V4_DIR_L2_BASE + k, chunk);
+    }
+    for (&k, nets) in &deep {
+        for (net, _) in nets {
+            l1[k as usize].deeper |= block_bits(net, 16);
+        }
+    }
+    for (i, slots) in l1.chunks_exact(SLOTS).enumerate() {
+        let mut chunk = V4DirChunk::default();
+        chunk.slots.copy_from_slice(slots);
+        out.insert(i as u32, chunk);
+    }
+    out
+}
+
+/// The entries of `FW_CONFIG`: per direction the defaults and the IPv4 table's prefix
+/// lengths (so the config depends on the IPv4 tables as well as on the defaults).
+pub(crate) fn config_entries(state: &MapState) -> Entries {
+    let config: Entries = [(CONFIG_INGRESS, &state.ingress), (CONFIG_EGRESS, &state.egress)]
+        .into_iter()
+        .map(|(index, m)| {
+            let (v4_length_count, v4_lengths) = v4_length_list(m.v4.keys().copied());
+            let value = DirectionConfig {
+                verdict_default: action_byte(m.defaults.verdict),
+                audit_default: action_byte(m.defaults.audit),
+                v4_length_count,
+                _pad: 0,
+                v4_lengths,
+            };
+            (index.to_le_bytes().to_vec(), value.to_bytes().to_vec())
+        })
+        .collect();
+    sorted(config)
+}
+
+/// Encodes every map of a state, with the default [`EncodeOptions`].
+pub fn encode(state: &MapState) -> Encoded {
+    encode_with(state, &EncodeOptions::default())
+}
+
+/// Encodes every map of a state.
+pub fn encode_with(state: &MapState, options: &EncodeOptions) -> Encoded {
+    let mut out = BTreeMap::new();
+    let dir = v4_dir_chunks(&state.ingress.v4, options.v4_dir_l2_budget)
+        .into_iter()
+        .map(|(k, chunk)| (k.to_le_bytes().to_vec(), chunk.to_bytes().to_vec()))
+        .collect();
+    out.insert(maps::INGRESS_V4_DIR, sorted(dir));
     for direction in Direction::ALL {
         let m = state.direction(direction);
         let (n4, n6, nl4) = direction_names(direction);
@@ -132,7 +281,7 @@ pub fn encode(state: &MapState) -> Encoded {
                     (key.to_bytes().to_vec(), class_value(class).to_bytes().to_vec())
                 })
                 .collect();
-        let l4 =
+        let l4: Entries =
             m.l4.iter()
                 .map(|(k, v)| {
                     let key = L4LpmKey {
@@ -162,20 +311,18 @@ pub fn encode(state: &MapState) -> Encoded {
                 .collect();
         out.insert(n4, sorted(v4));
         out.insert(n6, sorted(v6));
-        out.insert(nl4, sorted(l4));
+        if direction == Direction::Ingress {
+            // Whole-word entries go to the exact hash, the rest stay in the trie.
+            let exact_len = (L4_KEY_FIXED_BITS + 32).to_le_bytes();
+            let (exact, trie): (Entries, Entries) =
+                l4.into_iter().partition(|(k, _): &(Vec<u8>, Vec<u8>)| k[..4] == exact_len);
+            out.insert(maps::INGRESS_L4_EXACT, sorted(exact));
+            out.insert(nl4, sorted(trie));
+        } else {
+            out.insert(nl4, sorted(l4));
+        }
     }
-    let config = [(CONFIG_INGRESS, &state.ingress), (CONFIG_EGRESS, &state.egress)]
-        .into_iter()
-        .map(|(index, m)| {
-            let value = DirectionConfig {
-                verdict_default: action_byte(m.defaults.verdict),
-                audit_default: action_byte(m.defaults.audit),
-                _pad: [0; 2],
-            };
-            (index.to_le_bytes().to_vec(), value.to_bytes().to_vec())
-        })
-        .collect();
-    out.insert(maps::CONFIG, sorted(config));
+    out.insert(maps::CONFIG, config_entries(state));
     let workloads = state
         .workloads
         .iter()
@@ -269,6 +416,14 @@ pub enum DecodeError {
     ConfigIndex { map: &'static str, index: u32 },
     #[error("map {map}: no config for {direction}")]
     MissingConfig { map: &'static str, direction: &'static str },
+    #[error(
+        "map {map}: config index {index} does not list every prefix length of the IPv4 table, longest first, each once"
+    )]
+    LengthList { map: &'static str, index: u32 },
+    #[error("map {map}: chunk key {key} is out of range")]
+    ChunkKey { map: &'static str, key: u32 },
+    #[error("map {map}: a chunk slot has one class id without the other")]
+    ChunkSlot { map: &'static str },
     #[error("map {map}: workload path is not UTF-8")]
     WorkloadPath { map: &'static str },
 }
@@ -302,6 +457,7 @@ fn class(map: &'static str, bytes: &[u8]) -> Result<Classes, DecodeError> {
     if v.wide_class == 0 || v.narrow_class == 0 {
         return Err(DecodeError::ZeroId { map });
     }
+
     Ok(Classes { wide: ClassId(v.wide_class), narrow: ClassId(v.narrow_class) })
 }
 
@@ -360,12 +516,18 @@ fn decode_direction(
         insert(n6, &mut v6, net, class(n6, v)?)?;
     }
     let mut l4 = BTreeMap::new();
-    for (k, v) in entries(enc, nl4)? {
+    // Ingress: the exact hash's entries (whole-word prefixes only) and the trie's, one table.
+    let exact: &[(Vec<u8>, Vec<u8>)] = match direction {
+        Direction::Ingress => entries(enc, maps::INGRESS_L4_EXACT)?,
+        Direction::Egress => &[],
+    };
+    let tagged = exact.iter().map(|e| (maps::INGRESS_L4_EXACT, e));
+    for (nl4, (k, v)) in tagged.chain(entries(enc, nl4)?.iter().map(|e| (nl4, e))) {
         let key: L4LpmKey = parse(nl4, k, true)?;
         let len = key
             .prefix_len
             .checked_sub(L4_KEY_FIXED_BITS)
-            .filter(|&l| l <= 32)
+            .filter(|&l| l <= 32 && (l == 32 || nl4 != maps::INGRESS_L4_EXACT))
             .ok_or(DecodeError::PrefixLength { map: nl4, prefix_len: key.prefix_len })?;
         let bits = u32::from_be_bytes(key.l4);
         let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
@@ -409,6 +571,7 @@ fn decode_direction(
 pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
     let map = maps::CONFIG;
     let mut config: BTreeMap<u32, Defaults> = BTreeMap::new();
+    let mut lengths = BTreeMap::new();
     for (k, v) in entries(enc, map)? {
         let index = match <[u8; 4]>::try_from(k.as_slice()) {
             Ok(b) => u32::from_le_bytes(b),
@@ -420,7 +583,7 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
             return Err(DecodeError::ConfigIndex { map, index });
         }
         let value: DirectionConfig = parse(map, v, false)?;
-        if value._pad != [0; 2] {
+        if value._pad != 0 {
             return Err(DecodeError::Padding { map });
         }
         let defaults = Defaults {
@@ -428,6 +591,25 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
             audit: default_action(map, value.audit_default)?,
         };
         insert(map, &mut config, index, defaults)?;
+        lengths.insert(index, (value.v4_length_count, value.v4_lengths));
+    }
+    // The ingress IPv4 chunks: derived from the IPv4 table (by `encode`), so only their form
+    // is checked here, entry by entry (the loader decodes only the entries it writes): a key
+    // in range, and slots that are a class pair or none.
+    let dir = maps::INGRESS_V4_DIR;
+    for (k, v) in entries(enc, dir)? {
+        let key = <[u8; 4]>::try_from(k.as_slice())
+            .map(u32::from_le_bytes)
+            .map_err(|_| DecodeError::KeyLength { map: dir, expected: 4, got: k.len() })?;
+        if key >= V4_DIR_MAX_CHUNKS {
+            return Err(DecodeError::ChunkKey { map: dir, key });
+        }
+        let chunk: V4DirChunk = parse(dir, v, false)?;
+        for slot in &chunk.slots {
+            if (slot.wide_class == 0) != (slot.narrow_class == 0) {
+                return Err(DecodeError::ChunkSlot { map: dir });
+            }
+        }
     }
     let defaults = |index: u32, direction: Direction| {
         config
@@ -439,6 +621,24 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
         decode_direction(enc, Direction::Ingress, defaults(CONFIG_INGRESS, Direction::Ingress)?)?;
     let egress =
         decode_direction(enc, Direction::Egress, defaults(CONFIG_EGRESS, Direction::Egress)?)?;
+    // The ingress program finds IPv4 prefixes only at the lengths the config lists, longest
+    // first: the list must be strictly decreasing (or the first hit would not be the longest
+    // match), hold nothing past its count, and name the length of every IPv4 entry decoded.
+    // It is not required to be exactly the table's lengths: the loader also decodes only the
+    // entries it is about to write, and a listed length without entries costs a probe, not a
+    // wrong verdict (`encode` always writes the exact list).
+    for (index, direction) in [(CONFIG_INGRESS, &ingress), (CONFIG_EGRESS, &egress)] {
+        let Some(&(count, list)) = lengths.get(&index) else { continue };
+        let count = usize::from(count);
+        let listed = list.get(..count).ok_or(DecodeError::LengthList { map, index })?;
+        let well_formed = listed.windows(2).all(|w| w[0] > w[1])
+            && listed.first().is_none_or(|&l| l <= 32)
+            && list[count..].iter().all(|&b| b == 0);
+        let covered = direction.v4.keys().all(|net| listed.contains(&net.prefix_len()));
+        if !well_formed || !covered {
+            return Err(DecodeError::LengthList { map, index });
+        }
+    }
 
     let map = maps::WORKLOADS;
     let mut workloads = BTreeMap::new();
@@ -525,7 +725,13 @@ mod tests {
         let v4 = enc.get(maps::INGRESS_V4).unwrap();
         // The value: wide class 5, then narrow class 0x01020304, each little-endian.
         assert!(v4.contains(&(vec![16, 0, 0, 0, 10, 1, 0, 0], vec![5, 0, 0, 0, 4, 3, 2, 1])));
-        let l4 = enc.get(maps::INGRESS_L4).unwrap();
+        // Egress keeps every L4 entry in the trie; ingress puts the whole-word ones (the TCP
+        // 443 entry) into the exact hash and leaves the rest (the ICMP prefix) in the trie.
+        let l4 = enc.get(maps::EGRESS_L4).unwrap();
+        let (trie, exact) = (&enc.maps[maps::INGRESS_L4], &enc.maps[maps::INGRESS_L4_EXACT]);
+        assert_eq!((trie.len(), exact.len()), (1, 1));
+        assert_eq!(trie[0], l4[0]);
+        assert_eq!(exact[0], l4[1]);
         assert_eq!(
             l4,
             &vec![
@@ -601,10 +807,13 @@ mod tests {
             ]
         );
         let config = enc.get(maps::CONFIG).unwrap();
-        assert_eq!(
-            config,
-            &vec![(vec![0, 0, 0, 0], vec![2, 2, 0, 0]), (vec![1, 0, 0, 0], vec![1, 2, 0, 0])]
-        );
+        // Defaults, then the IPv4 table's prefix lengths longest first (/16, /0), zeros after.
+        let value = |verdict: u8| {
+            let mut v = vec![verdict, 2, 2, 0, 16, 0];
+            v.resize(40, 0);
+            v
+        };
+        assert_eq!(config, &vec![(vec![0, 0, 0, 0], value(2)), (vec![1, 0, 0, 0], value(1))]);
         // Sorted by key bytes.
         for entries in enc.maps.values() {
             assert!(entries.windows(2).all(|w| w[0].0 < w[1].0));
@@ -676,8 +885,147 @@ mod tests {
             with(maps::CONFIG, &|e| e.truncate(1)),
             Err(DecodeError::MissingConfig { map: maps::CONFIG, direction: "egress" })
         );
+        // The prefix length list must be exactly the table's lengths, longest first.
+        assert_eq!(
+            with(maps::CONFIG, &|e| e[0].1[2] = 1),
+            Err(DecodeError::LengthList { map: maps::CONFIG, index: 0 })
+        );
+        assert_eq!(
+            with(maps::CONFIG, &|e| e[1].1[4..6].copy_from_slice(&[0, 16])),
+            Err(DecodeError::LengthList { map: maps::CONFIG, index: 1 })
+        );
+        assert_eq!(
+            with(maps::CONFIG, &|e| e[0].1[6] = 8),
+            Err(DecodeError::LengthList { map: maps::CONFIG, index: 0 })
+        );
+        assert_eq!(
+            with(maps::CONFIG, &|e| e[0].1[3] = 1),
+            Err(DecodeError::Padding { map: maps::CONFIG })
+        );
+        // A listed length without entries is allowed (a probe that finds nothing).
+        assert!(
+            with(maps::CONFIG, &|e| {
+                e[0].1[2] = 3;
+                e[0].1[4..7].copy_from_slice(&[16, 8, 0]);
+            })
+            .is_ok()
+        );
         let mut missing = good.clone();
         missing.maps.remove(maps::EGRESS_L4);
         assert_eq!(decode(&missing), Err(DecodeError::MissingMap(maps::EGRESS_L4)));
+    }
+}
+
+#[cfg(test)]
+mod dir_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What the ingress program does with `FW_IN_V4_DIR` and `FW_IN_V4` (main.rs,
+    /// `v4_classes`), over the encoded entries.
+    fn dir_lookup(enc: &Encoded, addr: u32) -> Option<(u32, u32)> {
+        let chunk = |key: u32| {
+            enc.get(maps::INGRESS_V4_DIR)
+                .unwrap()
+                .iter()
+                .find(|(k, _)| k.as_slice() == key.to_le_bytes())
+                .map(|(_, v)| V4DirChunk::from_bytes(v).unwrap())
+        };
+        let probe = |above: u8| {
+            let table = enc.get(maps::INGRESS_V4).unwrap();
+            (above + 1..=32).rev().find_map(|len| {
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                let key =
+                    Ipv4LpmKey { prefix_len: u32::from(len), addr: (addr & mask).to_be_bytes() };
+                table
+                    .iter()
+                    .find(|(k, _)| *k == key.to_bytes())
+                    .map(|(_, v)| ClassValue::from_bytes(v).unwrap())
+            })
+        };
+        let found = |c: V4DirSlot| (c.wide_class != 0).then_some((c.wide_class, c.narrow_class));
+        let (k1, s1, b1) = fw_common::v4_dir_l1(addr);
+        let e1 = chunk(k1).unwrap().slots[s1];
+        if e1.deeper & b1 == 0 {
+            return found(e1);
+        }
+        let (k2, s2, b2) = fw_common::v4_dir_l2(addr);
+        let Some(l2) = chunk(k2) else {
+            return probe(16).map_or(found(e1), |c| Some((c.wide_class, c.narrow_class)));
+        };
+        let e2 = l2.slots[s2];
+        if e2.deeper & b2 == 0 {
+            return found(e2);
+        }
+        probe(24).map_or(found(e2), |c| Some((c.wide_class, c.narrow_class)))
+    }
+
+    fn lpm(table: &BTreeMap<Ipv4Net, Classes>, addr: u32) -> Option<(u32, u32)> {
+        table
+            .iter()
+            .filter(|(n, _)| n.contains(&Ipv4Addr::from(addr)))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map(|(_, c)| (c.wide.0, c.narrow.0))
+    }
+
+    fn net_strategy() -> impl Strategy<Value = Ipv4Net> {
+        // Addresses in a few /8s and /16s so prefixes nest and share chunks.
+        (0u32..4, 0u32..4, any::<u16>(), 0u8..=32).prop_map(|(a, b, low, len)| {
+            let addr = (10 + a) << 24 | b << 16 | u32::from(low);
+            Ipv4Net::new(Ipv4Addr::from(addr), len).unwrap().trunc()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn dir_lookup_is_the_longest_prefix_match(
+            nets in proptest::collection::vec((net_strategy(), 1u32..50, 1u32..50), 0..40),
+            with_default in any::<bool>(),
+            budget in 0u32..4,
+            probes in proptest::collection::vec((0u32..4, 0u32..4, any::<u16>()), 64),
+        ) {
+            let mut table = BTreeMap::new();
+            if with_default {
+                table.insert("0.0.0.0/0".parse().unwrap(), Classes { wide: ClassId(99), narrow: ClassId(98) });
+            }
+            for (net, w, n) in nets {
+                table.insert(net, Classes { wide: ClassId(w), narrow: ClassId(n) });
+            }
+            let dir = DirectionMaps {
+                defaults: Defaults { verdict: Action::Deny, audit: Action::Deny },
+                v4: table.clone(),
+                v6: BTreeMap::new(),
+                l4: BTreeMap::new(),
+            };
+            let state = MapState {
+                host: crate::model::HostIdentity::default(),
+                ingress: dir.clone(),
+                egress: dir,
+                workloads: BTreeMap::new(),
+                rules: BTreeMap::new(),
+            };
+            for budget in [budget, u32::MAX] {
+                let enc = encode_with(&state, &EncodeOptions { v4_dir_l2_budget: budget });
+                decode(&enc).unwrap();
+                let l2 = enc.get(maps::INGRESS_V4_DIR).unwrap().len() - 256;
+                prop_assert!(l2 <= budget as usize);
+                for &(a, b, low) in &probes {
+                    let addr = (10 + a) << 24 | b << 16 | u32::from(low);
+                    prop_assert_eq!(dir_lookup(&enc, addr), lpm(&table, addr), "{}", Ipv4Addr::from(addr));
+                }
+                // Each prefix's first and last address and their neighbours.
+                for net in table.keys() {
+                    let (lo, hi) = (u32::from(net.network()), u32::from(net.broadcast()));
+                    for addr in [lo, hi, lo.wrapping_sub(1), hi.wrapping_add(1), lo | 5] {
+                        prop_assert_eq!(dir_lookup(&enc, addr), lpm(&table, addr), "{}", Ipv4Addr::from(addr));
+                    }
+                }
+                // Addresses outside the populated /8s, and the ends of the space.
+                for addr in [0, u32::MAX, 9 << 24, 200 << 24 | 5] {
+                    prop_assert_eq!(dir_lookup(&enc, addr), lpm(&table, addr));
+                }
+            }
+        }
     }
 }

@@ -9,12 +9,14 @@
 //! The crate is pure: it reads only what it is given and never touches the kernel.
 
 pub mod ast;
+pub mod cache;
 pub mod compile;
 pub mod diag;
 pub mod diff;
 pub mod encode;
 pub mod eval;
 pub mod ids;
+pub mod incremental;
 pub mod load;
 pub mod lookup;
 pub mod lower;

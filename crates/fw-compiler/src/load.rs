@@ -68,10 +68,18 @@ pub fn load_with_threads(
     threads: usize,
 ) -> Loaded {
     let inputs: Vec<Input> = inputs.into_iter().collect();
+    let numbered = inputs.into_iter().enumerate().map(|(i, input)| (file_id(i), input)).collect();
+    assemble(load_files(numbered, limits, threads))
+}
+
+/// The files' sources, documents and diagnostics, in file order, and the policy set resolved
+/// from them: the last step of [`load_with_threads`], shared with `cache`, which loads some
+/// files and takes the others from earlier loads. `files` must be every file, in order.
+pub(crate) fn assemble(files: impl IntoIterator<Item = (FileId, LoadedFile)>) -> Loaded {
     let mut sources = SourceMap::new();
     let mut documents = Vec::new();
     let mut diagnostics = Diagnostics::default();
-    for (id, file) in load_files(inputs, limits, threads) {
+    for (id, file) in files {
         let added = sources.add(file.source);
         debug_assert_eq!(added, id, "files are added in input order");
         documents.extend(file.documents);
@@ -83,22 +91,24 @@ pub fn load_with_threads(
     Loaded { sources, documents, policy_set, diagnostics: diagnostics.into_sorted() }
 }
 
-/// One file, parsed and lowered.
-struct LoadedFile {
-    source: SourceFile,
-    documents: Vec<Document>,
-    diagnostics: Vec<Diagnostic>,
+/// One file, parsed and lowered: a function of its id (the spans carry it), its name, its
+/// bytes and the parse limits only.
+#[derive(Clone, Debug)]
+pub(crate) struct LoadedFile {
+    pub(crate) source: SourceFile,
+    pub(crate) documents: Vec<Document>,
+    pub(crate) diagnostics: Vec<Diagnostic>,
 }
 
 /// Every input through [`load_file`], in input order, on up to `threads` threads.
-fn load_files(
-    inputs: Vec<Input>,
+pub(crate) fn load_files(
+    numbered: Vec<(FileId, Input)>,
     limits: &ParseLimits,
     threads: usize,
 ) -> Vec<(FileId, LoadedFile)> {
-    let total: usize = inputs.iter().map(|i| i.bytes.len()).sum();
-    let threads = if total < PARALLEL_MIN_BYTES { 1 } else { threads.min(inputs.len()) };
-    let numbered = inputs.into_iter().enumerate().map(|(i, input)| (file_id(i), input));
+    let total: usize = numbered.iter().map(|(_, i)| i.bytes.len()).sum();
+    let threads = if total < PARALLEL_MIN_BYTES { 1 } else { threads.min(numbered.len()) };
+    let numbered = numbered.into_iter();
     if threads <= 1 {
         return numbered.map(|(id, input)| (id, load_file(id, input, limits))).collect();
     }
@@ -144,7 +154,7 @@ fn load_files(
     results
 }
 
-fn file_id(index: usize) -> FileId {
+pub(crate) fn file_id(index: usize) -> FileId {
     FileId(u32::try_from(index).unwrap_or(u32::MAX))
 }
 

@@ -7,10 +7,17 @@
 //! `fwctl diff` prints and what the loader writes.
 //!
 //! Lookup, per direction (the precedence the kernel programs follow, and `lookup` models):
-//! 1. always-allowed traffic (loopback, replies, related ICMP errors, ARP, ND) passes;
+//! 1. always-allowed traffic (loopback, replies, related ICMP errors, ARP, ND) passes (the
+//!    XDP program asks connection tracking only when steps 2-6 would not simply allow the
+//!    packet: the verdict is the same, a reply the policy allows is counted as allowed);
 //! 2. the peer address is looked up in the direction's LPM table: the longest prefix gives
 //!    the address's two classes, one per layer ([`Classes`]: `wide` and `narrow`; a `/0`
-//!    entry is always present, so every address has both);
+//!    entry is always present, so every address has both). How the kernel holds a table is
+//!    the data plane's choice as long as it returns this longest match: the ingress IPv4
+//!    table is a hash of the prefixes behind direct-indexed chunks (a slot per /16 and, for
+//!    the /16s holding longer prefixes, per /24; `encode` derives them) that answer most
+//!    addresses alone, the hash being probed at the config's longer lengths only under a
+//!    slot block that longer prefixes intersect; the others are LPM tries;
 //! 3. egress only: the process's cgroup and its ancestors are looked up in `workloads`,
 //!    deepest first; the first hit is the workload class, none is 0;
 //! 4. three L4 entries are looked up (longest prefix over the L4 bits each): the shared

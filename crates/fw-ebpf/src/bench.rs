@@ -71,9 +71,9 @@ fn draw(d: &Desc) -> [u8; 4] {
 /// The benchmark build's hook in `try_ingress`: a random source address as the frame's
 /// descriptor says; frames without one are left alone.
 #[inline(always)]
-pub fn randomise(ctx: &XdpContext, mut ip: IpPacket) -> IpPacket {
+pub fn randomise(ctx: &XdpContext, ip: &mut IpPacket) {
     let Some(d) = desc(ctx, DESC_OFF) else {
-        return ip;
+        return;
     };
     let v = draw(&d);
     // Constant offsets only: each arm writes a fixed part of the address.
@@ -84,7 +84,6 @@ pub fn randomise(ctx: &XdpContext, mut ip: IpPacket) -> IpPacket {
         8 => (s[8], s[9], s[10], s[11]) = (v[0], v[1], v[2], v[3]),
         _ => (s[12], s[13], s[14], s[15]) = (v[0], v[1], v[2], v[3]),
     }
-    ip
 }
 
 /// The randomisation alone: read the descriptor, draw, pass.

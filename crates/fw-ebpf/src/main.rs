@@ -39,7 +39,8 @@ use aya_ebpf::programs::XdpContext;
 use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, ActiveGeneration, CONFIG_ENTRIES, CONFIG_INGRESS,
     ClassValue, Counters, DIRECTION_INGRESS, DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT,
-    GENERATIONS, L4_KEY_FIXED_BITS, L4Value, SHARED_CLASS, STAT_ALWAYS_ARP, STAT_ALWAYS_LOOPBACK,
+    GENERATIONS, Ipv4LpmKey, L4_KEY_FIXED_BITS, L4Value, SHARED_CLASS, STAT_ALWAYS_ARP,
+    STAT_ALWAYS_LOOPBACK, V4DirChunk, V4DirSlot, v4_dir_l1, v4_dir_l2,
     STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY, STAT_AUDIT_DEFAULT_DENY,
     STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_INTERNAL_ERROR, STAT_MALFORMED,
     STAT_NOT_IP, STATS_ENTRIES, WorkloadKey, WorkloadValue, stat_index,
@@ -55,13 +56,33 @@ const TEMPLATE_ENTRIES: usize = 1;
 const RULE_COUNTER_ENTRIES: usize = 1 << 18;
 /// Outer map slots.
 const GENERATION_SLOTS: usize = GENERATIONS as usize;
-/// LPM trie flags: the kernel requires `BPF_F_NO_PREALLOC` for LPM tries.
+/// LPM trie flags: the kernel requires `BPF_F_NO_PREALLOC` for LPM tries. The ingress IPv4
+/// hash uses the same flag (entries are allocated as they are inserted).
 const LPM_FLAGS: usize = BPF_F_NO_PREALLOC as usize;
 
-/// Source address -> address class, IPv4, ingress. Generational.
+/// Source prefix -> address class, IPv4, ingress: a hash keyed by (prefix length, address
+/// with the bits past it zero), the same keys and values an LPM trie of the table would hold,
+/// matched exactly. The longest match is found by probing the lengths the generation's
+/// ingress config lists (`DirectionConfig::v4_lengths`), longest first: a few hash lookups
+/// that cost about the same at any table size, where the LPM trie's walk grows with the
+/// table and misses the cache at every level for random sources. `BPF_F_NO_PREALLOC`: memory
+/// follows the entries, not the capacity. Generational.
 #[btf_map]
 static FW_IN_V4: ArrayOfMaps<
-    LpmTrie<[u8; 4], ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    HashMap<Ipv4LpmKey, ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    GENERATION_SLOTS,
+> = ArrayOfMaps::new();
+
+/// The ingress IPv4 table's direct-indexed levels (DIR-16-8, see
+/// `fw_common::maps::INGRESS_V4_DIR`): chunk key -> 256 slots of classes. The first level
+/// (keys 0..=255, one slot per /16) is always complete; a /16 with longer prefixes has a
+/// second-level chunk (one slot per /24) unless the compiler's budget ran out. Each slot has
+/// a mask of the /21s (/29s) longer prefixes intersect, so an address outside them needs no
+/// further lookup, and `FW_IN_V4` is probed only inside them. `BPF_F_NO_PREALLOC`: memory
+/// follows the chunks. Generational.
+#[btf_map]
+static FW_IN_V4_DIR: ArrayOfMaps<
+    HashMap<u32, V4DirChunk, TEMPLATE_ENTRIES, LPM_FLAGS>,
     GENERATION_SLOTS,
 > = ArrayOfMaps::new();
 
@@ -81,6 +102,19 @@ type L4Trie = LpmTrie<[u8; 12], L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>;
 /// Generational.
 #[btf_map]
 static FW_IN_L4: ArrayOfMaps<L4Trie, GENERATION_SLOTS> = ArrayOfMaps::new();
+
+/// The ingress L4 entries whose L4 prefix is the whole word, matched exactly: same key and
+/// value as `FW_IN_L4` (the prefix length is always `L4_KEY_FIXED_BITS + 32`). Such an entry
+/// is the longest match for its word, so the trie (holding the other entries) is asked only
+/// on a miss; a hash lookup does not walk a trie's levels. Generational.
+#[btf_map]
+static FW_IN_L4X: ArrayOfMaps<
+    HashMap<Key<[u8; 12]>, L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    GENERATION_SLOTS,
+> = ArrayOfMaps::new();
+
+/// An ingress L4 exact table (inner map).
+type L4Exact = HashMap<Key<[u8; 12]>, L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>;
 
 /// Destination address -> address class, IPv4, egress. Generational. Read by `egress`.
 #[btf_map]
@@ -189,7 +223,11 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, InternalError> {
     };
     // The benchmark build only (feature `bench`): a random source address; see `bench`.
     #[cfg(feature = "bench")]
-    let ip = bench::randomise(ctx, ip);
+    let ip = {
+        let mut ip = ip;
+        bench::randomise(ctx, &mut ip);
+        ip
+    };
 
     // Step 1 of the precedence: always-allowed traffic (fw-compiler `model::always_allowed`,
     // in its order) never reaches the policy maps. ARP passed above.
@@ -201,33 +239,62 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, InternalError> {
         count_stat(STAT_ALWAYS_ND, len);
         return Ok(xdp_action::XDP_PASS);
     }
-    match flow_state(ctx, &ip) {
-        FlowState::New => {}
-        FlowState::Reply => {
-            count_stat(STAT_ALWAYS_REPLY, len);
+    // Replies and related ICMP errors are always allowed, but the conntrack lookup that finds
+    // them is a hash lookup of its own, so it is made only where it can change what happens
+    // to the packet: after the policy, when the policy denies the packet, would deny it in
+    // audit or wants an event, or the policy state is broken. A packet the policy simply
+    // allows passes either way, and is counted under the rule (or default) that allowed it.
+    //
+    // The outcome is parked in a per-CPU map value across the lookup: the verifier does not
+    // track values in map memory, so the many paths through `decide` meet again before the
+    // conntrack code instead of each being verified through it.
+    let parked = FW_PARKED.get_ptr_mut(0).ok_or(InternalError)?;
+    let decided = decide(&ip);
+    // SAFETY: a per-CPU map value of this CPU, valid for the whole run; volatile so the
+    // values are really stored and read back rather than kept in registers.
+    unsafe { Parked::park(parked, &decided) };
+    if unsafe { Parked::read(parked, core::ptr::addr_of!((*parked).check_flow)) } != 0 {
+        if let Some(stat) = always_allowed_flow(ctx, &ip) {
+            count_stat(stat, len);
             return Ok(xdp_action::XDP_PASS);
         }
-        // Only ICMP errors about a flow are allowed as related; anything else the feeder might
-        // call related is decided by the policy like a new packet.
-        FlowState::Related if is_icmp_error(&ip) => {
-            count_stat(STAT_ALWAYS_RELATED, len);
-            return Ok(xdp_action::XDP_PASS);
-        }
-        FlowState::Related => {}
     }
-
-    let outcome = match decide(&ip) {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            count_stat(STAT_INTERNAL_ERROR, len);
-            return Err(e);
-        }
+    // SAFETY: as above.
+    let outcome = unsafe { Parked::outcome(parked) };
+    let Some(outcome) = outcome else {
+        count_stat(STAT_INTERNAL_ERROR, len);
+        return Err(InternalError);
     };
     count_outcome(&outcome, len);
     if events::wanted(&outcome) {
         events::ingress(ctx, &ip, &outcome);
     }
     Ok(if outcome.deny { xdp_action::XDP_DROP } else { xdp_action::XDP_PASS })
+}
+
+/// The stat of a packet connection tracking always allows (a reply, or an ICMP error about a
+/// flow the host started), `None` for anything else. A BPF function of its own, so its
+/// stack (the flow key, the embedded header of an ICMP error) is not part of the ingress
+/// program's frame.
+#[inline(always)]
+fn always_allowed_flow(ctx: &XdpContext, ip: &IpPacket) -> Option<u32> {
+    match flow_stat(ctx, ip) {
+        0 => None,
+        stat => Some(stat),
+    }
+}
+
+/// [`always_allowed_flow`] as a plain scalar (0: not always allowed), for a BPF call.
+#[inline(never)]
+fn flow_stat(ctx: &XdpContext, ip: &IpPacket) -> u32 {
+    match flow_state(ctx, ip) {
+        FlowState::New => 0,
+        FlowState::Reply => STAT_ALWAYS_REPLY,
+        // Only ICMP errors about a flow are allowed as related; anything else the feeder might
+        // call related is decided by the policy like a new packet.
+        FlowState::Related if is_icmp_error(ip) => STAT_ALWAYS_RELATED,
+        FlowState::Related => 0,
+    }
 }
 
 /// Connection-tracking state of a packet, as in fw-compiler's `model::FlowState`.
@@ -258,6 +325,101 @@ fn is_icmp_error(ip: &IpPacket) -> bool {
     }
 }
 
+/// An outcome (or a broken state) as parked in [`FW_PARKED`]: plain `u32`s.
+#[repr(C)]
+struct Parked {
+    /// The policy state was broken (`decide` failed).
+    error: u32,
+    /// The packet's flow must be looked up in conntrack (see `try_ingress`).
+    check_flow: u32,
+    deny: u32,
+    verdict_rule: u32,
+    /// 1: `audit_deny` is `Some(audit_rule)`.
+    audit_deny: u32,
+    audit_rule: u32,
+    flags: u32,
+    /// The key the ingress L4 lookups build (kept here, not on the 512-byte stack).
+    l4_key: Key<[u8; 12]>,
+    /// The entries the ingress L4 lookups found (shared, wide, narrow), copied here from
+    /// whichever table had them.
+    l4_values: [L4Value; 3],
+    /// Which of `l4_values` were found (bit `i`: entry `i`), see `l4_find_ingress`.
+    l4_found: u32,
+}
+
+impl Parked {
+    /// Writes `decided` into `p`, field by field (no copy of the struct on the stack).
+    ///
+    /// # Safety
+    /// `p` points at a `Parked` this program run may write (a per-CPU map value).
+    #[inline(always)]
+    unsafe fn park(p: *mut Parked, decided: &Result<Outcome, InternalError>) {
+        use core::ptr::{addr_of_mut, write_volatile};
+        let (error, check, deny, rule, audit, audit_rule, flags) = match decided {
+            Ok(o) => (
+                0,
+                u32::from(o.deny || o.audit_deny.is_some() || events::wanted(o)),
+                u32::from(o.deny),
+                o.verdict_rule,
+                u32::from(o.audit_deny.is_some()),
+                o.audit_deny.unwrap_or(0),
+                u32::from(o.flags),
+            ),
+            Err(InternalError) => (1, 1, 1, 0, 0, 0, 0),
+        };
+        // SAFETY: the caller's contract.
+        unsafe {
+            write_volatile(addr_of_mut!((*p).error), error);
+            write_volatile(addr_of_mut!((*p).check_flow), check);
+            write_volatile(addr_of_mut!((*p).deny), deny);
+            write_volatile(addr_of_mut!((*p).verdict_rule), rule);
+            write_volatile(addr_of_mut!((*p).audit_deny), audit);
+            write_volatile(addr_of_mut!((*p).audit_rule), audit_rule);
+            write_volatile(addr_of_mut!((*p).flags), flags);
+        }
+    }
+
+    /// One field of `p`, read from memory.
+    ///
+    /// # Safety
+    /// `field` points into a live `Parked`.
+    #[inline(always)]
+    unsafe fn read(_p: *mut Parked, field: *const u32) -> u32 {
+        // SAFETY: the caller's contract.
+        unsafe { core::ptr::read_volatile(field) }
+    }
+
+    /// The parked outcome, `None` for a broken state.
+    ///
+    /// # Safety
+    /// `p` points at a live `Parked` written by [`Parked::park`].
+    #[inline(always)]
+    unsafe fn outcome(p: *mut Parked) -> Option<Outcome> {
+        use core::ptr::addr_of;
+        // SAFETY: the caller's contract.
+        unsafe {
+            if Self::read(p, addr_of!((*p).error)) != 0 {
+                return None;
+            }
+            let audit = Self::read(p, addr_of!((*p).audit_deny)) != 0;
+            let audit_rule = Self::read(p, addr_of!((*p).audit_rule));
+            Some(Outcome {
+                deny: Self::read(p, addr_of!((*p).deny)) != 0,
+                verdict_rule: Self::read(p, addr_of!((*p).verdict_rule)),
+                audit_deny: if audit { Some(audit_rule) } else { None },
+                flags: Self::read(p, addr_of!((*p).flags)) as u8,
+            })
+        }
+    }
+}
+
+/// Per CPU, one element: the outcome of the packet being processed, parked across the
+/// conntrack lookup (see `try_ingress`), and the L4 lookups' key and results. Not
+/// generational; nothing in it outlives the packet (only the ingress program uses it, and a
+/// run of it is not interrupted by another on the same CPU).
+#[btf_map]
+static FW_PARKED: PerCpuArray<Parked, 1> = PerCpuArray::new();
+
 /// The result of the policy lookup for one packet.
 pub(crate) struct Outcome {
     /// The verdict is deny (else allow).
@@ -279,8 +441,11 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
     // model; eval.rs the reference the tests hold both against).
     //  1. Always-allowed traffic has already passed (try_ingress).
     //  2. Read the active generation ONCE; every map below is that generation's. The source
-    //     address's longest prefix in the v4/v6 trie gives the address's two classes, one per
-    //     layer (wide: rules matching through short prefixes; narrow: through long ones). The
+    //     address's longest prefix gives the address's two classes, one per layer (wide:
+    //     rules matching through short prefixes; narrow: through long ones): IPv6 from the
+    //     LPM trie, IPv4 from the direct-indexed chunks (one slot per /16, then per /24) and,
+    //     only under a /24 (or /16) holding longer prefixes, the hash probed at those lengths,
+    //     longest first (what the trie would return; `v4_classes`). The
     //     compiler always puts a /0 there; on a miss anyway there is no class and step 4 finds
     //     nothing for the two layers.
     //  3. Egress only (the workload class). Ingress always uses workload 0.
@@ -297,8 +462,10 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
     //     passes and is counted as what audit-mode policies would have denied.
     // ------------------------------------------------------------------------------------
 
-    // Step 2.
+    // Step 2. The config is read first: its IPv4 prefix lengths drive the address lookup.
     let generation = FW_GEN.get(0).ok_or(InternalError)?.index;
+    let config =
+        FW_CONFIG.get(generation).ok_or(InternalError)?.get(CONFIG_INGRESS).ok_or(InternalError)?;
     // (found, wide, narrow) rather than an `Option`: a `None`'s undefined payload can end up
     // spilled to the stack, which the verifier rejects as a read of an uninitialised register.
     let (has_class, wide, narrow) = if ip.v6 {
@@ -306,25 +473,112 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
         trie.get(&Key::new(128, ip.src))
             .map_or((false, 0, 0), |c| (true, c.wide_class, c.narrow_class))
     } else {
-        let trie = FW_IN_V4.get(generation).ok_or(InternalError)?;
-        let addr = [ip.src[0], ip.src[1], ip.src[2], ip.src[3]];
-        trie.get(&Key::new(32, addr))
-            .map_or((false, 0, 0), |c| (true, c.wide_class, c.narrow_class))
+        let table = FW_IN_V4.get(generation).ok_or(InternalError)?;
+        let dir = FW_IN_V4_DIR.get(generation).ok_or(InternalError)?;
+        v4_classes(dir, table, config, [ip.src[0], ip.src[1], ip.src[2], ip.src[3]])?
     };
 
     // Step 4 (step 3: ingress has no workload, so the keys' workload is 0): the shared
     // table's entry and the entries of the two classes.
-    let l4_trie = FW_IN_L4.get(generation).ok_or(InternalError)?;
-    let word = l4_word(ip.proto, ip.port).to_be_bytes();
     // Step 5, as the entries are read: the best decision of the three, for the verdict and
-    // for audit (in the order shared, wide, narrow; a tie keeps the earlier one).
-    let classes = if has_class { Some((wide, narrow)) } else { None };
-    let combined = l4_decide(l4_trie, classes, 0, word)?;
+    // for audit (in the order shared, wide, narrow; a tie keeps the earlier one). Class ids
+    // are never 0, so (0, 0) is "no class".
+    let (wide, narrow) = if has_class { (wide, narrow) } else { (0, 0) };
+    if l4_find_ingress(generation, wide, narrow, l4_word(ip.proto, ip.port)) != 0 {
+        return Err(InternalError);
+    }
+    let parked = FW_PARKED.get_ptr_mut(0).ok_or(InternalError)?;
+    // SAFETY: a per-CPU map value of this CPU, valid for the whole run, written by
+    // `l4_find_ingress` for the bits it set; read from memory, so the verifier continues
+    // from one state here rather than one per path through the lookups.
+    let found = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*parked).l4_found)) };
+    // SAFETY: as above.
+    let values = unsafe { &(*parked).l4_values };
+    let mut best = Best::NONE;
+    if found & 1 != 0 {
+        best.add(Some(&values[0]))?;
+    }
+    if found & 2 != 0 {
+        best.add(Some(&values[1]))?;
+    }
+    if found & 4 != 0 {
+        best.add(Some(&values[2]))?;
+    }
+    let combined = best.combined();
 
     // Step 6.
-    let config =
-        FW_CONFIG.get(generation).ok_or(InternalError)?.get(CONFIG_INGRESS).ok_or(InternalError)?;
     outcome(combined, config)
+}
+
+/// Step 2 for IPv4: the longest prefix of `addr` in the ingress IPv4 table, as an LPM trie
+/// holding the same entries would return it. The first-level slot of the /16 (always present)
+/// answers unless a longer prefix intersects the address's /21; then the second-level slot of
+/// the /24 answers unless a longer prefix intersects the address's /29; only then is the hash
+/// probed, at the lengths `config` lists that are longer than the level (/25-/32, or /17-/32
+/// for a /16 the compiler built no chunk for), longest first, the slot's classes being the
+/// answer when no probe hits. `(found, wide class, narrow class)`.
+#[inline(always)]
+fn v4_classes(
+    dir: &HashMap<u32, V4DirChunk, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    table: &HashMap<Ipv4LpmKey, ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    config: &DirectionConfig,
+    addr: [u8; 4],
+) -> Result<(bool, u32, u32), InternalError> {
+    let a = u32::from_be_bytes(addr);
+    let (k1, s1, b1) = v4_dir_l1(a);
+    let c1 = dir.get_ptr(&k1).ok_or(InternalError)?;
+    // SAFETY: a pointer from a map lookup, valid for the whole run (RCU); the slot index is
+    // below 256 (`v4_dir_l1` masks it).
+    let e1 = unsafe { *(*c1).slots.as_ptr().add(s1 & 0xff) };
+    if e1.deeper & b1 == 0 {
+        return Ok(slot_classes(&e1));
+    }
+    let (k2, s2, b2) = v4_dir_l2(a);
+    let (above, fallback) = match dir.get_ptr(&k2) {
+        Some(c2) => {
+            // SAFETY: as above.
+            let e2 = unsafe { *(*c2).slots.as_ptr().add(s2 & 0xff) };
+            if e2.deeper & b2 == 0 {
+                return Ok(slot_classes(&e2));
+            }
+            (24, e2)
+        }
+        None => (16, e1),
+    };
+    let count = usize::from(config.v4_length_count);
+    let mut key = Ipv4LpmKey { prefix_len: 0, addr: [0; 4] };
+    // The lengths longer than /16 are at most 16 (/17-/32) and come first in the list
+    // (longest first), so 16 slots hold them all: a constant trip count for the verifier,
+    // which `count` and the level end early.
+    for i in 0..V4_PROBE_SLOTS {
+        if i >= count {
+            break;
+        }
+        let len = u32::from(config.v4_lengths[i]);
+        if len <= above {
+            break;
+        }
+        // `len` is 17..=32 here: the shift is 0..=15.
+        let mask = u32::MAX.wrapping_shl(32u32.wrapping_sub(len));
+        key.prefix_len = len;
+        key.addr = (a & mask).to_be_bytes();
+        if let Some(c) = table.get_ptr(&key) {
+            // SAFETY: a pointer from a map lookup, valid for the whole run (RCU); a
+            // concurrent update of the standby generation never touches this one.
+            let c = unsafe { &*c };
+            return Ok((true, c.wide_class, c.narrow_class));
+        }
+    }
+    Ok(slot_classes(&fallback))
+}
+
+/// The slots of `DirectionConfig::v4_lengths` that can hold a length longer than /16.
+const V4_PROBE_SLOTS: usize = 16;
+
+/// A chunk slot's own classes; `0, 0` is no class.
+#[inline(always)]
+fn slot_classes(c: &V4DirSlot) -> (bool, u32, u32) {
+    (c.wide_class != 0, c.wide_class, c.narrow_class)
 }
 
 /// Step 6 of the precedence, for either direction: a decision gives allow or deny, none gives
@@ -375,6 +629,105 @@ pub(crate) fn l4_decide(
         best.add(l4_lookup(trie, &mut key, narrow, workload, word))?;
     }
     Ok(best.combined())
+}
+
+
+/// Step 4 for ingress (workload 0): the entries of the shared table and, when `wide` is not
+/// 0 (class ids never are), of the two classes, each from the exact hash or, on a miss, from
+/// the trie, copied into `FW_PARKED`'s `l4_values` (0 shared, 1 wide, 2 narrow); bit `i` of
+/// its `l4_found` says entry `i` was found. Not 0 when the maps are missing. A BPF
+/// function of its own with a small frame: the verifier walks its hit/miss paths per call
+/// and the caller continues from a plain mask, and inlined its spills overflow the
+/// program's 512-byte stack.
+#[inline(never)]
+fn l4_find_ingress(generation: u32, wide: u32, narrow: u32, word: u32) -> u32 {
+    let (Some(trie), Some(exact), Some(parked)) = (
+        FW_IN_L4.get(generation),
+        FW_IN_L4X.get(generation),
+        FW_PARKED.get_ptr_mut(0),
+    ) else {
+        return 1;
+    };
+    // SAFETY: a per-CPU map value of this CPU, valid for the whole run; the key and the
+    // values are distinct fields.
+    let (key, values, out) =
+        unsafe { (&mut (*parked).l4_key, &mut (*parked).l4_values, &mut (*parked).l4_found) };
+    key.prefix_len = L4_KEY_FIXED_BITS + 32;
+    let word = word.to_be_bytes();
+    let [v0, v1, v2] = values;
+    let mut found = 0;
+    if l4_lookup_ingress(exact, trie, key, SHARED_CLASS, word, v0) {
+        found |= 1;
+    }
+    if wide != 0 {
+        if l4_lookup_ingress(exact, trie, key, wide, word, v1) {
+            found |= 2;
+        }
+        if l4_lookup_ingress(exact, trie, key, narrow, word, v2) {
+            found |= 4;
+        }
+    }
+    // SAFETY: a field of the per-CPU map value above.
+    unsafe { core::ptr::write_volatile(out, found) };
+    0
+}
+
+/// One table's ingress entry: (table, 0, word) in the exact hash, else in the trie, copied
+/// into `found`; false on a miss.
+#[inline(always)]
+fn l4_lookup_ingress(
+    exact: &L4Exact,
+    trie: &L4Trie,
+    key: &mut Key<[u8; 12]>,
+    table: u32,
+    word: [u8; 4],
+    found: &mut L4Value,
+) -> bool {
+    let d = &mut key.data;
+    let c = table.to_be_bytes();
+    d[0] = c[0];
+    d[1] = c[1];
+    d[2] = c[2];
+    d[3] = c[3];
+    d[4] = 0;
+    d[5] = 0;
+    d[6] = 0;
+    d[7] = 0;
+    d[8] = word[0];
+    d[9] = word[1];
+    d[10] = word[2];
+    d[11] = word[3];
+    if let Some(v) = exact.get_ptr(&*key) {
+        // SAFETY: a pointer from a map lookup, valid for the whole run (RCU).
+        copy_l4(unsafe { &*v }, found);
+        return true;
+    }
+    match trie.get(key) {
+        Some(v) => {
+            copy_l4(v, found);
+            true
+        }
+        None => false,
+    }
+}
+
+/// `*to = *from`, as seven word moves (a plain assignment becomes a byte-by-byte `memcpy`
+/// loop, which the verifier walks on every path).
+#[inline(always)]
+fn copy_l4(from: &L4Value, to: &mut L4Value) {
+    let src = (from as *const L4Value).cast::<u32>();
+    let dst = (to as *mut L4Value).cast::<u32>();
+    // SAFETY: `L4Value` is 28 bytes of `u32`-aligned plain data (fw-common checks the layout),
+    // so both are seven readable / writable words.
+    unsafe {
+        dst.write_volatile(src.read_volatile());
+        dst.add(1).write_volatile(src.add(1).read_volatile());
+        dst.add(2).write_volatile(src.add(2).read_volatile());
+        dst.add(3).write_volatile(src.add(3).read_volatile());
+        dst.add(4).write_volatile(src.add(4).read_volatile());
+        dst.add(5).write_volatile(src.add(5).read_volatile());
+        dst.add(6).write_volatile(src.add(6).read_volatile());
+    }
 }
 
 /// One table's entry for `l4_decide`, through the caller's `key`: (table, workload, word),

@@ -163,10 +163,14 @@ fn to_check(encoded: &Encoded, deltas: &BTreeMap<&'static str, MapDelta>, sorted
     Encoded { maps }
 }
 
+/// The maps whose values name rules (the L4 tables).
+const L4_MAPS: [&str; 3] =
+    [fw_common::maps::INGRESS_L4, fw_common::maps::INGRESS_L4_EXACT, fw_common::maps::EGRESS_L4];
+
 /// The rule ids the L4 values of `encoded` name: the only rules a program can count for.
 fn referenced_rules(encoded: &Encoded) -> BTreeSet<u32> {
     let mut out = BTreeSet::new();
-    for name in [fw_common::maps::INGRESS_L4, fw_common::maps::EGRESS_L4] {
+    for name in L4_MAPS {
         for (_, v) in encoded.maps.get(name).into_iter().flatten() {
             if let Some(v) = <fw_common::L4Value as fw_common::Bytes>::from_bytes(v) {
                 out.extend([v.verdict_rule, v.audit_rule].into_iter().filter(|&r| r != 0));
@@ -257,7 +261,9 @@ fn check_changes(
         let cap = match name {
             fw_common::maps::INGRESS_V4 | fw_common::maps::EGRESS_V4 => caps.v4_prefixes,
             fw_common::maps::INGRESS_V6 | fw_common::maps::EGRESS_V6 => caps.v6_prefixes,
-            fw_common::maps::INGRESS_L4 | fw_common::maps::EGRESS_L4 => caps.l4_entries,
+            fw_common::maps::INGRESS_L4
+            | fw_common::maps::INGRESS_L4_EXACT
+            | fw_common::maps::EGRESS_L4 => caps.l4_entries,
             _ => continue,
         };
         if held + new - d.remove.len().min(held + new) > cap as usize {
@@ -375,9 +381,9 @@ impl Dataplane {
                     fw_common::maps::INGRESS_V6 | fw_common::maps::EGRESS_V6 => {
                         caps.v6_prefixes = grow(caps.v6_prefixes, n)
                     }
-                    fw_common::maps::INGRESS_L4 | fw_common::maps::EGRESS_L4 => {
-                        caps.l4_entries = grow(caps.l4_entries, n)
-                    }
+                    fw_common::maps::INGRESS_L4
+                    | fw_common::maps::INGRESS_L4_EXACT
+                    | fw_common::maps::EGRESS_L4 => caps.l4_entries = grow(caps.l4_entries, n),
                     _ => {}
                 }
             }
@@ -594,8 +600,7 @@ impl Dataplane {
         }
         lap(&mut report, "replay");
 
-        let l4 = [fw_common::maps::INGRESS_L4, fw_common::maps::EGRESS_L4];
-        if deltas.keys().chain(replay.keys()).any(|n| l4.contains(n)) {
+        if deltas.keys().chain(replay.keys()).any(|n| L4_MAPS.contains(n)) {
             report.counters_removed = self.remove_counters_except(&referenced_rules(encoded))?;
         }
         if let Some(pins) = self.pins() {
@@ -713,9 +718,7 @@ impl Dataplane {
         let write = write_id()?;
         let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
         self.record(standby, revision, digest, &write, saved_ref)?;
-        let l4_rules = deltas
-            .keys()
-            .any(|n| [fw_common::maps::INGRESS_L4, fw_common::maps::EGRESS_L4].contains(n));
+        let l4_rules = deltas.keys().any(|n| L4_MAPS.contains(n));
         if let Some(slot) = self.held.get_mut(Self::slot(standby)?) {
             *slot = Some(Held { write: write.clone(), state: held });
         }

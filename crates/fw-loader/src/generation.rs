@@ -21,7 +21,7 @@ use aya::maps::{Array, ArrayOfMaps, HashMap, InnerMap, IterableMap as _, Map, Ma
 use aya_obj::generated::bpf_map_type;
 use fw_common::{
     Bytes, CONFIG_ENTRIES, ClassValue, DirectionConfig, Ipv4LpmKey, Ipv6LpmKey, L4LpmKey, L4Value,
-    WorkloadKey, WorkloadValue, maps,
+    V4_DIR_MAX_CHUNKS, V4DirChunk, WorkloadKey, WorkloadValue, maps,
 };
 use fw_compiler::encode::{Encoded, Entries};
 use fw_compiler::mapstate::Capacities;
@@ -33,9 +33,14 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// The inner maps of one generation.
 pub(crate) struct GenerationMaps {
-    pub in_v4: LpmTrie<MapData, [u8; 4], ClassValue>,
+    /// A hash, not an LPM trie: see `fw_common::maps::INGRESS_V4`.
+    pub in_v4: HashMap<MapData, Ipv4LpmKey, ClassValue>,
+    /// The ingress IPv4 table's direct-indexed chunks: see `fw_common::maps::INGRESS_V4_DIR`.
+    pub in_v4_dir: HashMap<MapData, u32, V4DirChunk>,
     pub in_v6: LpmTrie<MapData, [u8; 16], ClassValue>,
     pub in_l4: LpmTrie<MapData, [u8; 12], L4Value>,
+    /// The ingress L4 entries of whole-word prefixes: see `fw_common::maps::INGRESS_L4_EXACT`.
+    pub in_l4x: HashMap<MapData, L4LpmKey, L4Value>,
     pub eg_v4: LpmTrie<MapData, [u8; 4], ClassValue>,
     pub eg_v6: LpmTrie<MapData, [u8; 16], ClassValue>,
     pub eg_l4: LpmTrie<MapData, [u8; 12], L4Value>,
@@ -93,6 +98,50 @@ fn lpm<K: Pod, V: Pod>(name: &str, max_entries: u32) -> Result<LpmTrie<MapData, 
     LpmTrie::try_from(map).map_err(Error::map(name))
 }
 
+/// The ingress IPv4 table: a hash of (prefix length, masked address) -> classes, with the
+/// flags of the kernel object's template (`BPF_F_NO_PREALLOC`: memory follows the entries).
+fn prefix_hash(
+    name: &str,
+    max_entries: u32,
+) -> Result<HashMap<MapData, Ipv4LpmKey, ClassValue>, Error> {
+    let map = create(
+        name,
+        bpf_map_type::BPF_MAP_TYPE_HASH,
+        size_of::<Ipv4LpmKey>(),
+        size_of::<ClassValue>(),
+        max_entries,
+        BPF_F_NO_PREALLOC,
+    )?;
+    HashMap::try_from(map).map_err(Error::map(name))
+}
+
+/// The ingress IPv4 table's chunks: a hash of chunk key -> 256 slots, room for every chunk
+/// there can be (`BPF_F_NO_PREALLOC`: memory follows the chunks written).
+fn dir_hash(name: &str) -> Result<HashMap<MapData, u32, V4DirChunk>, Error> {
+    let map = create(
+        name,
+        bpf_map_type::BPF_MAP_TYPE_HASH,
+        size_of::<u32>(),
+        size_of::<V4DirChunk>(),
+        V4_DIR_MAX_CHUNKS,
+        BPF_F_NO_PREALLOC,
+    )?;
+    HashMap::try_from(map).map_err(Error::map(name))
+}
+
+/// The ingress L4 exact table: a hash of `L4LpmKey` -> `L4Value` (`BPF_F_NO_PREALLOC`).
+fn l4_hash(name: &str, max_entries: u32) -> Result<HashMap<MapData, L4LpmKey, L4Value>, Error> {
+    let map = create(
+        name,
+        bpf_map_type::BPF_MAP_TYPE_HASH,
+        size_of::<L4LpmKey>(),
+        size_of::<L4Value>(),
+        max_entries,
+        BPF_F_NO_PREALLOC,
+    )?;
+    HashMap::try_from(map).map_err(Error::map(name))
+}
+
 impl GenerationMaps {
     /// Creates the empty inner maps of generation `generation`.
     pub fn create(generation: u32, caps: &Capacities) -> Result<Self, Error> {
@@ -116,9 +165,11 @@ impl GenerationMaps {
             0,
         )?;
         Ok(Self {
-            in_v4: lpm(&name(maps::INGRESS_V4), caps.v4_prefixes)?,
+            in_v4: prefix_hash(&name(maps::INGRESS_V4), caps.v4_prefixes)?,
+            in_v4_dir: dir_hash(&name(maps::INGRESS_V4_DIR))?,
             in_v6: lpm(&name(maps::INGRESS_V6), caps.v6_prefixes)?,
             in_l4: lpm(&name(maps::INGRESS_L4), caps.l4_entries)?,
+            in_l4x: l4_hash(&name(maps::INGRESS_L4_EXACT), caps.l4_entries)?,
             eg_v4: lpm(&name(maps::EGRESS_V4), caps.v4_prefixes)?,
             eg_v6: lpm(&name(maps::EGRESS_V6), caps.v6_prefixes)?,
             eg_l4: lpm(&name(maps::EGRESS_L4), caps.l4_entries)?,
@@ -134,9 +185,11 @@ impl GenerationMaps {
         let mut stats = WriteStats::default();
         for (&name, entries) in &encoded.maps {
             stats += match name {
-                maps::INGRESS_V4 => sync_lpm(&mut self.in_v4, name, v4_entries(name, entries)?)?,
+                maps::INGRESS_V4 => sync_hash(&mut self.in_v4, name, v4_entries(name, entries)?)?,
+                maps::INGRESS_V4_DIR => sync_dir(&mut self.in_v4_dir, name, entries)?,
                 maps::INGRESS_V6 => sync_lpm(&mut self.in_v6, name, v6_entries(name, entries)?)?,
                 maps::INGRESS_L4 => sync_lpm(&mut self.in_l4, name, l4_entries(name, entries)?)?,
+                maps::INGRESS_L4_EXACT => sync_l4x(&mut self.in_l4x, name, entries)?,
                 maps::EGRESS_V4 => sync_lpm(&mut self.eg_v4, name, v4_entries(name, entries)?)?,
                 maps::EGRESS_V6 => sync_lpm(&mut self.eg_v6, name, v6_entries(name, entries)?)?,
                 maps::EGRESS_L4 => sync_lpm(&mut self.eg_l4, name, l4_entries(name, entries)?)?,
@@ -192,9 +245,11 @@ impl GenerationMaps {
     /// bytes), so a write can be verified by comparing with what was written.
     pub fn read(&self) -> Result<Encoded, Error> {
         let mut out = BTreeMap::new();
-        out.insert(maps::INGRESS_V4, read_lpm(&self.in_v4, maps::INGRESS_V4, v4_key_bytes)?);
+        out.insert(maps::INGRESS_V4, read_hash(&self.in_v4, maps::INGRESS_V4)?);
+        out.insert(maps::INGRESS_V4_DIR, read_dir(&self.in_v4_dir, maps::INGRESS_V4_DIR)?);
         out.insert(maps::INGRESS_V6, read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes)?);
         out.insert(maps::INGRESS_L4, read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes)?);
+        out.insert(maps::INGRESS_L4_EXACT, read_l4x(&self.in_l4x, maps::INGRESS_L4_EXACT)?);
         out.insert(maps::EGRESS_V4, read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes)?);
         out.insert(maps::EGRESS_V6, read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes)?);
         out.insert(maps::EGRESS_L4, read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes)?);
@@ -226,6 +281,192 @@ fn sync_lpm<K: Pod + Ord, V: Pod>(
     }
     for ((prefix_len, data), value) in desired {
         map.insert(&Key::new(prefix_len, data), value, 0).map_err(Error::map(name))?;
+        stats.written += 1;
+    }
+    Ok(stats)
+}
+
+/// [`sync_lpm`] for the ingress IPv4 hash (the same keys, matched exactly).
+fn sync_hash(
+    map: &mut HashMap<MapData, Ipv4LpmKey, ClassValue>,
+    name: &'static str,
+    desired: Vec<((u32, [u8; 4]), ClassValue)>,
+) -> Result<WriteStats, Error> {
+    let wanted: BTreeSet<(u32, [u8; 4])> = desired.iter().map(|(k, _)| *k).collect();
+    let present: Vec<Ipv4LpmKey> =
+        map.keys().collect::<Result<_, _>>().map_err(Error::map(name))?;
+    let mut stats = WriteStats::default();
+    for key in present {
+        if !wanted.contains(&(key.prefix_len, key.addr)) {
+            map.remove(&key).map_err(Error::map(name))?;
+            stats.deleted += 1;
+        }
+    }
+    for ((prefix_len, addr), value) in desired {
+        map.insert(Ipv4LpmKey { prefix_len, addr }, value, 0).map_err(Error::map(name))?;
+        stats.written += 1;
+    }
+    Ok(stats)
+}
+
+/// Makes the L4 exact hash hold exactly `entries`.
+fn sync_l4x(
+    map: &mut HashMap<MapData, L4LpmKey, L4Value>,
+    name: &'static str,
+    entries: &Entries,
+) -> Result<WriteStats, Error> {
+    let desired: Vec<(L4LpmKey, L4Value)> = parse_entries(name, entries, |k: L4LpmKey| (0, k))?
+        .into_iter()
+        .map(|((_, k), v)| (k, v))
+        .collect();
+    let wanted: BTreeSet<[u8; 16]> = desired.iter().map(|(k, _)| k.to_bytes()).collect();
+    let present: Vec<L4LpmKey> = map.keys().collect::<Result<_, _>>().map_err(Error::map(name))?;
+    let mut stats = WriteStats::default();
+    for key in present.into_iter().filter(|k| !wanted.contains(&k.to_bytes())) {
+        map.remove(&key).map_err(Error::map(name))?;
+        stats.deleted += 1;
+    }
+    for (key, value) in desired {
+        map.insert(key, value, 0).map_err(Error::map(name))?;
+        stats.written += 1;
+    }
+    Ok(stats)
+}
+
+/// Writes only `d` into the L4 exact hash.
+fn l4x_delta(
+    map: &mut HashMap<MapData, L4LpmKey, L4Value>,
+    name: &'static str,
+    d: &MapDelta,
+) -> Result<WriteStats, Error> {
+    let mut stats = WriteStats::default();
+    for k in &d.remove {
+        let key = L4LpmKey::from_bytes(k).ok_or(Error::Entry { map: name, reason: "key size" })?;
+        map.remove(&key).map_err(Error::map(name))?;
+        stats.deleted += 1;
+    }
+    for ((_, key), value) in
+        parse_entries::<L4LpmKey, L4LpmKey, L4Value>(name, &d.upsert, |k| (0, k))?
+    {
+        map.insert(key, value, 0).map_err(Error::map(name))?;
+        stats.written += 1;
+    }
+    Ok(stats)
+}
+
+/// Reads the L4 exact hash back (`encode`'s format, sorted by key bytes).
+fn read_l4x(
+    map: &HashMap<MapData, L4LpmKey, L4Value>,
+    name: &'static str,
+) -> Result<Entries, Error> {
+    let mut entries = Vec::new();
+    for item in map.iter() {
+        let (key, value) = item.map_err(Error::map(name))?;
+        entries.push((key.to_bytes().to_vec(), value.to_bytes().to_vec()));
+    }
+    entries.sort_unstable();
+    Ok(entries)
+}
+
+/// The chunk key and chunk of each entry.
+fn dir_entries(name: &'static str, e: &Entries) -> Result<Vec<(u32, V4DirChunk)>, Error> {
+    e.iter()
+        .map(|(k, v)| {
+            let key = <[u8; 4]>::try_from(k.as_slice())
+                .map(u32::from_le_bytes)
+                .map_err(|_| Error::Entry { map: name, reason: "key size" })?;
+            let value = V4DirChunk::from_bytes(v)
+                .ok_or(Error::Entry { map: name, reason: "value size" })?;
+            Ok((key, value))
+        })
+        .collect()
+}
+
+/// Makes the chunk hash hold exactly `entries`.
+fn sync_dir(
+    map: &mut HashMap<MapData, u32, V4DirChunk>,
+    name: &'static str,
+    entries: &Entries,
+) -> Result<WriteStats, Error> {
+    let desired = dir_entries(name, entries)?;
+    let wanted: BTreeSet<u32> = desired.iter().map(|(k, _)| *k).collect();
+    let present: Vec<u32> = map.keys().collect::<Result<_, _>>().map_err(Error::map(name))?;
+    let mut stats = WriteStats::default();
+    for key in present.into_iter().filter(|k| !wanted.contains(k)) {
+        map.remove(&key).map_err(Error::map(name))?;
+        stats.deleted += 1;
+    }
+    for (key, value) in desired {
+        map.insert(key, value, 0).map_err(Error::map(name))?;
+        stats.written += 1;
+    }
+    Ok(stats)
+}
+
+/// Writes only `d` into the chunk hash.
+fn dir_delta(
+    map: &mut HashMap<MapData, u32, V4DirChunk>,
+    name: &'static str,
+    d: &MapDelta,
+) -> Result<WriteStats, Error> {
+    let mut stats = WriteStats::default();
+    for k in &d.remove {
+        let key = <[u8; 4]>::try_from(k.as_slice())
+            .map(u32::from_le_bytes)
+            .map_err(|_| Error::Entry { map: name, reason: "key size" })?;
+        map.remove(&key).map_err(Error::map(name))?;
+        stats.deleted += 1;
+    }
+    for (key, value) in dir_entries(name, &d.upsert)? {
+        map.insert(key, value, 0).map_err(Error::map(name))?;
+        stats.written += 1;
+    }
+    Ok(stats)
+}
+
+/// Reads the chunk hash back (`encode`'s format, sorted by key bytes).
+fn read_dir(map: &HashMap<MapData, u32, V4DirChunk>, name: &'static str) -> Result<Entries, Error> {
+    let mut entries = Vec::new();
+    for item in map.iter() {
+        let (key, value) = item.map_err(Error::map(name))?;
+        entries.push((key.to_le_bytes().to_vec(), value.to_bytes().to_vec()));
+    }
+    entries.sort_unstable();
+    Ok(entries)
+}
+
+/// [`read_lpm`] for the ingress IPv4 hash.
+fn read_hash(
+    map: &HashMap<MapData, Ipv4LpmKey, ClassValue>,
+    name: &'static str,
+) -> Result<Entries, Error> {
+    let mut entries = Vec::new();
+    for item in map.iter() {
+        let (key, value) = item.map_err(Error::map(name))?;
+        entries.push((key.to_bytes().to_vec(), value.to_bytes().to_vec()));
+    }
+    entries.sort_unstable();
+    Ok(entries)
+}
+
+/// [`lpm_delta`] for the ingress IPv4 hash.
+fn hash_delta(
+    map: &mut HashMap<MapData, Ipv4LpmKey, ClassValue>,
+    name: &'static str,
+    d: &MapDelta,
+    split: fn(Ipv4LpmKey) -> (u32, [u8; 4]),
+) -> Result<WriteStats, Error> {
+    let mut stats = WriteStats::default();
+    for k in &d.remove {
+        let key =
+            Ipv4LpmKey::from_bytes(k).ok_or(Error::Entry { map: name, reason: "key size" })?;
+        map.remove(&key).map_err(Error::map(name))?;
+        stats.deleted += 1;
+    }
+    for ((prefix_len, addr), value) in
+        parse_entries::<Ipv4LpmKey, [u8; 4], ClassValue>(name, &d.upsert, split)?
+    {
+        map.insert(Ipv4LpmKey { prefix_len, addr }, value, 0).map_err(Error::map(name))?;
         stats.written += 1;
     }
     Ok(stats)
@@ -599,11 +840,13 @@ fn inner_pinned(root: &std::path::Path, name: &'static str, generation: u32) -> 
 
 impl GenerationMaps {
     /// Every inner map with its outer map's name.
-    fn named(&self) -> [(&'static str, &MapData); 8] {
+    fn named(&self) -> [(&'static str, &MapData); 10] {
         [
             (maps::INGRESS_V4, self.in_v4.map()),
+            (maps::INGRESS_V4_DIR, self.in_v4_dir.map()),
             (maps::INGRESS_V6, self.in_v6.map()),
             (maps::INGRESS_L4, self.in_l4.map()),
+            (maps::INGRESS_L4_EXACT, self.in_l4x.map()),
             (maps::EGRESS_V4, self.eg_v4.map()),
             (maps::EGRESS_V6, self.eg_v6.map()),
             (maps::EGRESS_L4, self.eg_l4.map()),
@@ -665,8 +908,10 @@ impl GenerationMaps {
             inner_of(outer, name, g)
         };
         let (in_v4, v4) = get(maps::INGRESS_V4)?;
+        let (in_v4_dir, _) = get(maps::INGRESS_V4_DIR)?;
         let (in_v6, v6) = get(maps::INGRESS_V6)?;
         let (in_l4, l4) = get(maps::INGRESS_L4)?;
+        let (in_l4x, _) = get(maps::INGRESS_L4_EXACT)?;
         let (eg_v4, _) = get(maps::EGRESS_V4)?;
         let (eg_v6, _) = get(maps::EGRESS_V6)?;
         let (eg_l4, _) = get(maps::EGRESS_L4)?;
@@ -674,9 +919,11 @@ impl GenerationMaps {
         let (workloads, w) = get(maps::WORKLOADS)?;
         let m = |name: &'static str| Error::map(name);
         let maps = Self {
-            in_v4: LpmTrie::try_from(in_v4).map_err(m(maps::INGRESS_V4))?,
+            in_v4: HashMap::try_from(in_v4).map_err(m(maps::INGRESS_V4))?,
+            in_v4_dir: HashMap::try_from(in_v4_dir).map_err(m(maps::INGRESS_V4_DIR))?,
             in_v6: LpmTrie::try_from(in_v6).map_err(m(maps::INGRESS_V6))?,
             in_l4: LpmTrie::try_from(in_l4).map_err(m(maps::INGRESS_L4))?,
+            in_l4x: HashMap::try_from(in_l4x).map_err(m(maps::INGRESS_L4_EXACT))?,
             eg_v4: LpmTrie::try_from(eg_v4).map_err(m(maps::EGRESS_V4))?,
             eg_v6: LpmTrie::try_from(eg_v6).map_err(m(maps::EGRESS_V6))?,
             eg_l4: LpmTrie::try_from(eg_l4).map_err(m(maps::EGRESS_L4))?,
@@ -701,8 +948,10 @@ impl GenerationMaps {
     ) -> Result<(), Error> {
         let g = generation;
         set_slot(outer, maps::INGRESS_V4, g, &self.in_v4)?;
+        set_slot(outer, maps::INGRESS_V4_DIR, g, &self.in_v4_dir)?;
         set_slot(outer, maps::INGRESS_V6, g, &self.in_v6)?;
         set_slot(outer, maps::INGRESS_L4, g, &self.in_l4)?;
+        set_slot(outer, maps::INGRESS_L4_EXACT, g, &self.in_l4x)?;
         set_slot(outer, maps::EGRESS_V4, g, &self.eg_v4)?;
         set_slot(outer, maps::EGRESS_V6, g, &self.eg_v6)?;
         set_slot(outer, maps::EGRESS_L4, g, &self.eg_l4)?;
@@ -728,7 +977,7 @@ impl GenerationMaps {
             let cap = match name {
                 maps::INGRESS_V4 | maps::EGRESS_V4 => c.v4_prefixes,
                 maps::INGRESS_V6 | maps::EGRESS_V6 => c.v6_prefixes,
-                maps::INGRESS_L4 | maps::EGRESS_L4 => c.l4_entries,
+                maps::INGRESS_L4 | maps::INGRESS_L4_EXACT | maps::EGRESS_L4 => c.l4_entries,
                 _ => continue,
             };
             if entries.len() > cap as usize {
@@ -746,9 +995,11 @@ impl GenerationMaps {
         let mut stats = WriteStats::default();
         for (&name, d) in deltas {
             stats += match name {
-                maps::INGRESS_V4 => lpm_delta(&mut self.in_v4, name, d, split_v4)?,
+                maps::INGRESS_V4 => hash_delta(&mut self.in_v4, name, d, split_v4)?,
+                maps::INGRESS_V4_DIR => dir_delta(&mut self.in_v4_dir, name, d)?,
                 maps::INGRESS_V6 => lpm_delta(&mut self.in_v6, name, d, split_v6)?,
                 maps::INGRESS_L4 => lpm_delta(&mut self.in_l4, name, d, split_l4)?,
+                maps::INGRESS_L4_EXACT => l4x_delta(&mut self.in_l4x, name, d)?,
                 maps::EGRESS_V4 => lpm_delta(&mut self.eg_v4, name, d, split_v4)?,
                 maps::EGRESS_V6 => lpm_delta(&mut self.eg_v6, name, d, split_v6)?,
                 maps::EGRESS_L4 => lpm_delta(&mut self.eg_l4, name, d, split_l4)?,
@@ -784,9 +1035,11 @@ impl GenerationMaps {
     /// Reads one map back (`encode`'s format, sorted by key).
     pub fn read_map(&self, name: &str) -> Result<Entries, Error> {
         match name {
-            maps::INGRESS_V4 => read_lpm(&self.in_v4, maps::INGRESS_V4, v4_key_bytes),
+            maps::INGRESS_V4 => read_hash(&self.in_v4, maps::INGRESS_V4),
+            maps::INGRESS_V4_DIR => read_dir(&self.in_v4_dir, maps::INGRESS_V4_DIR),
             maps::INGRESS_V6 => read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes),
             maps::INGRESS_L4 => read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes),
+            maps::INGRESS_L4_EXACT => read_l4x(&self.in_l4x, maps::INGRESS_L4_EXACT),
             maps::EGRESS_V4 => read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes),
             maps::EGRESS_V6 => read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes),
             maps::EGRESS_L4 => read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes),
@@ -865,12 +1118,16 @@ impl GenerationMaps {
             maps::INGRESS_V4 | maps::EGRESS_V4 => lpm(4, size_of::<ClassValue>()),
             maps::INGRESS_V6 | maps::EGRESS_V6 => lpm(16, size_of::<ClassValue>()),
             maps::INGRESS_L4 | maps::EGRESS_L4 => lpm(12, size_of::<L4Value>()),
+            maps::INGRESS_L4_EXACT => (size_of::<L4LpmKey>(), size_of::<L4Value>()),
+            maps::INGRESS_V4_DIR => (size_of::<u32>(), size_of::<V4DirChunk>()),
             _ => (size_of::<u32>(), size_of::<DirectionConfig>()),
         };
         let data = match name {
             maps::INGRESS_V4 => self.in_v4.map(),
+            maps::INGRESS_V4_DIR => self.in_v4_dir.map(),
             maps::INGRESS_V6 => self.in_v6.map(),
             maps::INGRESS_L4 => self.in_l4.map(),
+            maps::INGRESS_L4_EXACT => self.in_l4x.map(),
             maps::EGRESS_V4 => self.eg_v4.map(),
             maps::EGRESS_V6 => self.eg_v6.map(),
             maps::EGRESS_L4 => self.eg_l4.map(),
@@ -891,6 +1148,8 @@ impl GenerationMaps {
     /// the trie's order (or ENOENT for the last one), for any other key the first key of the
     /// trie. So a key is present exactly when its "next" is not the first key, or is ENOENT
     /// in a non-empty trie. For a present key, the lookup's longest match is the key itself.
+    /// The ingress IPv4 hash answers `BPF_MAP_GET_NEXT_KEY` the same way (an absent key gives
+    /// the first key, the last key ENOENT) and its lookup is exact, so one check serves both.
     pub fn verify_delta(&self, deltas: &BTreeMap<&'static str, MapDelta>) -> Result<(), Error> {
         for (&name, d) in deltas {
             let failed = || Error::VerifyFailed(name);

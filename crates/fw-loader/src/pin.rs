@@ -622,8 +622,9 @@ impl Dataplane {
             let capacity = match name {
                 maps::INGRESS_V4 | maps::EGRESS_V4 => gm.caps.v4_prefixes,
                 maps::INGRESS_V6 | maps::EGRESS_V6 => gm.caps.v6_prefixes,
-                maps::INGRESS_L4 | maps::EGRESS_L4 => gm.caps.l4_entries,
+                maps::INGRESS_L4 | maps::INGRESS_L4_EXACT | maps::EGRESS_L4 => gm.caps.l4_entries,
                 maps::CONFIG => fw_common::CONFIG_ENTRIES,
+                maps::INGRESS_V4_DIR => fw_common::V4_DIR_MAX_CHUNKS,
                 maps::WORKLOADS => gm.caps.workloads,
                 _ => 0,
             };

@@ -82,8 +82,10 @@ pub fn render(doc: &Value) -> String {
             if let Some(ms) = a["commit_to_enforced_ms"].as_f64() {
                 let _ = writeln!(
                     out,
-                    "  commit to enforced {ms:.0} ms (seen to enforced {:.1} ms)",
-                    a["detect_to_enforced_ms"].as_f64().unwrap_or(0.0)
+                    "  seen to enforced {:.1} ms; commit to enforced {:.1} s (from the commit's \
+                     time, which git keeps in whole seconds)",
+                    a["detect_to_enforced_ms"].as_f64().unwrap_or(0.0),
+                    ms / 1000.0
                 );
             }
         }
@@ -209,7 +211,7 @@ mod tests {
         let text = render(&doc);
         for want in [
             "applied aaa \"open ssh\" digest d1",
-            "commit to enforced 900 ms",
+            "commit to enforced 0.9 s (from the commit's time",
             "last reconcile bbb rejected: compile 1.5 ms\n  + ingress allow tcp/80 from any (base/web, policies/a.yaml:8)\n",
             "  policies/a.yaml:7:5: unknown proto [E0101]",
             "3 corrected since start",

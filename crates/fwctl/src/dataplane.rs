@@ -270,7 +270,9 @@ fn render_entry_counts(deltas: &BTreeMap<&'static str, fw_loader::MapDelta>) -> 
         ("ingress", maps::INGRESS_V4, maps::INGRESS_V6, maps::INGRESS_L4),
         ("egress", maps::EGRESS_V4, maps::EGRESS_V6, maps::EGRESS_L4),
     ] {
-        let (prefixes, ports) = (n(v4) + n(v6), n(l4));
+        // Ingress also has the exact L4 table, and the IPv4 chunks are derived, not entries.
+        let exact = if dir == "ingress" { n(maps::INGRESS_L4_EXACT) } else { 0 };
+        let (prefixes, ports) = (n(v4) + n(v6), n(l4) + exact);
         if prefixes + ports > 0 {
             let _ = writeln!(out, "  {dir}: {prefixes} prefix and {ports} port entries change");
         }

@@ -20,7 +20,7 @@
 //!   idle CPU is utime+stime from /proc/PID/stat over a window in which nothing talks to fwd
 //!   (the status socket is not read during it, since every read makes fwd read the counters).
 //!
-//! `cargo bench -p fwd --bench reconcile [-- --only local|remote|prefixes|rules]
+//! `cargo bench -p fwd --bench reconcile [-- --only local|remote|prefixes|prefixes-onefile|rules]
 //! [--commits N] [--remote-commits N] [--idle-secs N]`
 
 use std::io::Read as _;
@@ -306,6 +306,44 @@ fn prefix_policy(n: u32, port: u16) -> Vec<(String, String)> {
     files
 }
 
+/// The single-file layout: `n` IPv4 prefixes written inline in allow rules of 100 (the /24s
+/// and the /32 inside each on different ports, so the compiler keeps every prefix) and 1,000
+/// port rules, all in one Policy (1.7 MB of YAML at 100k); `shift` moves port rule 0 (a
+/// one-rule change inside the big file).
+fn big_policy(n: usize, shift: u16) -> String {
+    use std::fmt::Write as _;
+    let prefix = |i: usize| {
+        let k = u32::try_from(i / 2).expect("small");
+        let base = std::net::Ipv4Addr::from(0x0a00_0000 + (k << 9));
+        if i.is_multiple_of(2) {
+            format!("{base}/24")
+        } else {
+            format!("{}/32", std::net::Ipv4Addr::from(u32::from(base) + 7))
+        }
+    };
+    let mut out = String::from(
+        "apiVersion: fw/v1\nkind: Policy\nmetadata: {name: big}\nspec:\n  defaults: {ingress: deny}\n  ingress:\n",
+    );
+    for parity in [0, 1] {
+        let members: Vec<usize> = (0..n).filter(|i| i % 2 == parity).collect();
+        for (r, chunk) in members.chunks(100).enumerate() {
+            let port = if parity == 0 { 443 } else { 8443 };
+            let from: Vec<String> = chunk.iter().map(|&i| prefix(i)).collect();
+            let _ = writeln!(
+                out,
+                "    - {{name: p{parity}-{r}, action: allow, proto: tcp, ports: [{port}], from: [{}]}}",
+                from.join(", ")
+            );
+        }
+    }
+    for p in 0..1000u16 {
+        let port = 20000 + p + if p == 0 { shift } else { 0 };
+        let _ =
+            writeln!(out, "    - {{name: port{p}, action: allow, proto: tcp, ports: [{port}]}}");
+    }
+    out
+}
+
 /// `n` rules in files of 5,000, half ingress, half egress; each rule names its own /32 and
 /// one port.
 fn rule_policy(n: u32) -> Vec<(String, String)> {
@@ -549,14 +587,27 @@ fn remote(lab: &mut Lab, o: &Options) {
     let _ = daemon.wait();
 }
 
-/// One-rule changes next to a 100k-prefix blocklist.
-fn prefixes(lab: &mut Lab, o: &Options) {
+/// One-rule changes against a 100k-prefix policy, in one of two layouts: `sets` (the
+/// prefixes in AddressSet files of their own, the changed rule in `base.yaml`: how a block
+/// list is usually kept) or `onefile` (the prefixes inline in one Policy file, which is also
+/// the file that changes).
+fn prefixes(lab: &mut Lab, o: &Options, layout: &str) {
     let n = 100_000;
-    println!("\n## {n}-prefix policy: one-rule changes");
-    let work = lab.repo("prefixes", &prefix_policy(n, 8000));
+    println!("\n## {n}-prefix policy ({layout} layout): one-rule changes");
+    let (files, changed): (Vec<(String, String)>, &str) = match layout {
+        "sets" => (prefix_policy(n, 8000), "base.yaml"),
+        _ => (vec![("big.yaml".into(), big_policy(n as usize, 0))], "big.yaml"),
+    };
+    let bytes: usize = files.iter().map(|(_, t)| t.len()).sum();
+    println!(
+        "{} files, {:.1} MB of YAML; the change is in {changed}",
+        files.len(),
+        bytes as f64 / 1e6
+    );
+    let work = lab.repo(&format!("prefixes-{layout}"), &files);
     let seed = git(&work, &["rev-parse", "HEAD"]);
     let t0 = Instant::now();
-    let mut fwd = lab.fwd("prefixes", work.to_str().expect("utf-8"), "30s");
+    let mut fwd = lab.fwd(&format!("prefixes-{layout}"), work.to_str().expect("utf-8"), "30s");
     let (at, s) = fwd.wait_applied(&seed, Duration::from_secs(600));
     println!(
         "first apply (fwd start to enforced): {:.0} ms; steps (ms): {}",
@@ -566,16 +617,27 @@ fn prefixes(lab: &mut Lab, o: &Options) {
     println!("maps: {}", map_fill(&s));
     let (rss, hwm) = memory(fwd.pid());
     println!("{n} prefixes, after the first apply: VmRSS {rss:.1} MiB, VmHWM {hwm:.1} MiB");
-    let (mut outside, mut inside, mut enforce) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..o.commits.min(10) {
+    let (mut outside, mut inside, mut flip) = (Vec::new(), Vec::new(), Vec::new());
+    let mut by_step: Vec<(String, Vec<f64>)> = Vec::new();
+    for i in 0..o.commits.min(20) {
         std::thread::sleep(Duration::from_millis(500));
+        let text = match layout {
+            "sets" => small_policy(8001 + i as u16),
+            _ => big_policy(n as usize, 1 + i as u16),
+        };
         let t0 = Instant::now();
-        let c = commit(&work, "base.yaml", &small_policy(8001 + i as u16), &format!("svc {i}"));
+        let c = commit(&work, changed, &text, &format!("one rule {i}"));
         let (at, s) = fwd.wait_applied(&c, Duration::from_secs(120));
         outside.push(ms(at - t0));
         inside.push(seen_to_enforced(&s));
         let r = s.last_reconcile.as_ref().expect("reconcile");
-        enforce.push(r.steps.iter().find(|st| st.step == "enforce").map_or(f64::NAN, |st| st.ms));
+        flip.push(r.seen_to_flip_ms.unwrap_or(f64::NAN));
+        for st in &r.steps {
+            match by_step.iter_mut().find(|(name, _)| *name == st.step) {
+                Some((_, v)) => v.push(st.ms),
+                None => by_step.push((st.step.clone(), vec![st.ms])),
+            }
+        }
         if i == 0 {
             println!(
                 "one-rule change: steps (ms): {}; written {} deleted {} delta {}",
@@ -587,8 +649,20 @@ fn prefixes(lab: &mut Lab, o: &Options) {
         }
     }
     println!("{}", summary("commit to enforced (from before `git commit`)", &outside));
-    println!("{}", summary("fwd: seen to enforced (reconcile)", &inside));
-    println!("{}", summary("fwd: enforce step (diff and apply)", &enforce));
+    println!("{}", summary("fwd: seen to flip (the change enforced)", &flip));
+    println!(
+        "{}",
+        summary("fwd: seen to apply done (grace period, replay, attachments included)", &inside)
+    );
+    let medians: Vec<String> = by_step
+        .iter()
+        .map(|(name, v)| {
+            let mut v = v.clone();
+            v.sort_by(f64::total_cmp);
+            format!("{name} {:.1}", pct(&v, 50.0))
+        })
+        .collect();
+    println!("median steps (ms): {}", medians.join(", "));
     let (rss, hwm) = memory(fwd.pid());
     println!("{n} prefixes, after the changes: VmRSS {rss:.1} MiB, VmHWM {hwm:.1} MiB");
 }
@@ -671,7 +745,10 @@ fn main() {
         remote(&mut lab, &o);
     }
     if run("prefixes") {
-        prefixes(&mut lab, &o);
+        prefixes(&mut lab, &o, "sets");
+    }
+    if run("prefixes-onefile") {
+        prefixes(&mut lab, &o, "onefile");
     }
     if run("rules") {
         rules(&mut lab, &o);

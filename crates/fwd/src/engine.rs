@@ -75,6 +75,8 @@ pub struct Engine {
     /// successful fetch resets).
     apply_backoff: Backoff,
     dp: Option<Dataplane>,
+    /// Compiles each commit, reusing what did not change since the last one.
+    compiler: policy::Compiler,
     applied: Option<Applied>,
     /// The last commit refused, so it is not compiled again on every poll.
     rejected: Option<String>,
@@ -125,6 +127,7 @@ impl Engine {
             source: None,
             watch: None,
             dp: None,
+            compiler: policy::Compiler::default(),
             applied: None,
             rejected: None,
             cgroups: None,
@@ -228,13 +231,14 @@ impl Engine {
             debug!(revision = %rec.revision, "the recorded revision is not a commit of the mirror");
             return;
         };
-        match policy::desired(&snapshot.files, &self.host, &self.caps) {
+        match self.compiler.desired(&snapshot.files, &self.host, &self.caps, None, &mut Vec::new())
+        {
             Ok(desired) if desired.digest == rec.digest => {
                 info!(commit = %rec.revision, digest = %rec.digest, "adopted the enforced state");
                 let workloads =
                     fw_loader::workloads::resolve(&self.cgroup, &desired.state.workloads);
-                let mut desired = desired;
-                desired.shrink();
+                // The loader holds the rule table saved with the generation.
+                let desired = Desired { saved: Vec::new(), ..desired };
                 self.applied = Some(Applied { commit: rec.revision, desired, workloads });
                 self.after_apply(&snapshot, Instant::now(), true);
             }
@@ -324,31 +328,49 @@ impl Engine {
     fn reconcile(&mut self, commit: &str, seen: Option<Instant>) {
         let t0 = seen.unwrap_or_else(Instant::now);
         let mut steps = Vec::new();
+        if seen.is_some() {
+            // The fetch that found the commit (into fwd's mirror).
+            steps.push(Step { step: "fetch".into(), ms: ms(t0.elapsed()) });
+        }
         let mut lap = Instant::now();
         let mut step = |steps: &mut Vec<Step>, name: &str| {
             steps.push(Step { step: name.into(), ms: ms(lap.elapsed()) });
             lap = Instant::now();
         };
         let Some(source) = self.source.as_ref() else { return };
-        let snapshot = match source.snapshot(commit) {
-            Ok(s) => s,
-            Err(e) => {
-                error!(%commit, "cannot read the commit's policy files: {e}");
-                self.record_error(Some(commit), "source", &e.to_string(), Vec::new());
-                self.metrics.outcome("failed");
-                return;
-            }
-        };
+        let compiler = &self.compiler;
+        let snapshot =
+            match source.snapshot_reusing(commit, &|path, blob| compiler.bytes_of(path, blob)) {
+                Ok(s) => s,
+                Err(e) => {
+                    error!(%commit, "cannot read the commit's policy files: {e}");
+                    self.record_error(Some(commit), "source", &e.to_string(), Vec::new());
+                    self.metrics.outcome("failed");
+                    return;
+                }
+            };
         step(&mut steps, "snapshot");
-        let desired = match policy::desired(&snapshot.files, &self.host, &self.caps) {
+        let mut parts = Vec::new();
+        let prev = self.applied.as_mut().map(|a| &mut a.desired);
+        let compiled =
+            self.compiler.desired(&snapshot.files, &self.host, &self.caps, prev, &mut parts);
+        let timed: Duration = parts.iter().map(|(_, d)| *d).sum();
+        steps.extend(parts.into_iter().map(|(name, d)| Step { step: name.into(), ms: ms(d) }));
+        // What the compiler's steps do not cover (handing the files over, dropping what the
+        // load no longer needs); resets the lap.
+        let mut rest = Vec::new();
+        step(&mut rest, "compile: rest");
+        if let Some(r) = rest.pop() {
+            steps.push(Step { ms: (r.ms - ms(timed)).max(0.0), ..r });
+        }
+        let mut desired = match compiled {
             Ok(d) => d,
             Err(rejected) => {
-                step(&mut steps, "compile");
+                self.compiler.release();
                 self.reject(commit, &rejected, steps);
                 return;
             }
         };
-        step(&mut steps, "compile");
 
         // Already enforced (a restart): keep it, check it for drift, apply nothing.
         if self.applied.is_none()
@@ -359,9 +381,9 @@ impl Engine {
             && rec.revision == commit
         {
             info!(%commit, digest = %desired.digest, "the pinned data plane already enforces this commit");
+            self.compiler.release();
             let workloads = fw_loader::workloads::resolve(&self.cgroup, &desired.state.workloads);
-            let mut desired = desired;
-            desired.shrink();
+            desired.saved = Vec::new();
             self.applied = Some(Applied { commit: commit.into(), desired, workloads });
             self.rejected = None;
             self.after_apply(&snapshot, t0, true);
@@ -373,15 +395,18 @@ impl Engine {
         let workloads = fw_loader::workloads::resolve(&self.cgroup, &desired.state.workloads);
         let deltas = self.applied.as_ref().map(|a| {
             // The kernel's workload table is keyed by cgroup id: written from `workloads`.
-            let mut d = fw_loader::entry_delta(&a.desired.encoded, &desired.encoded);
+            // (The maps `desired` took from the applied encoding are equal: left out.)
+            let mut d = desired.delta_from(&a.desired);
             d.remove(fw_common::maps::WORKLOADS);
             d
         });
         let base = self.applied.as_ref().map(|a| a.desired.digest.clone());
         step(&mut steps, "diff");
+        let enforce_at = t0.elapsed();
         let result =
             self.enforce(&desired, &workloads, commit, base.as_deref().zip(deltas.as_ref()));
         step(&mut steps, "enforce");
+        self.compiler.release();
         match result {
             Ok(done) => {
                 let enforced_after = t0.elapsed();
@@ -397,8 +422,6 @@ impl Engine {
                 );
                 self.metrics.reconcile_seconds.observe(enforced_after.as_secs_f64());
                 self.apply_backoff.reset();
-                let mut desired = desired;
-                desired.shrink();
                 let changes = match &self.applied {
                     Some(a) => policy::rule_changes(&a.desired.state, &desired.state),
                     None => vec!["(first state: every rule)".to_string()],
@@ -406,6 +429,8 @@ impl Engine {
                 for c in &changes {
                     info!(%commit, "{c}");
                 }
+                // The loader saved the rule table; tens of MB at 100k rules.
+                desired.saved = Vec::new();
                 self.applied = Some(Applied { commit: commit.into(), desired, workloads });
                 self.rejected = None;
                 lock(&self.status).last_error = None;
@@ -414,11 +439,16 @@ impl Engine {
                 self.set_reconcile(commit, "applied", steps, Some(&done));
                 if let Some(r) = lock(&self.status).last_reconcile.as_mut() {
                     r.changes = changes;
+                    r.seen_to_flip_ms = seen_to_flip(enforce_at, &done);
                 }
                 self.metrics.outcome("applied");
             }
             Err(e) => {
                 error!(%commit, "applying failed; the kernel keeps enforcing what it did: {e}");
+                // The applied state stays: it gets back the maps `desired` took from it.
+                if let Some(a) = self.applied.as_mut() {
+                    desired.give_back(&mut a.desired);
+                }
                 // The handle may name pins that are gone (an unload): reopen next time.
                 self.dp = None;
                 self.next_fetch = Instant::now() + self.apply_backoff.next_delay();
@@ -436,12 +466,21 @@ impl Engine {
         revision: &str,
         delta: Option<(&str, &BTreeMap<&'static str, fw_loader::MapDelta>)>,
     ) -> Result<Enforced, LoaderError> {
+        // The rule table is kept only until its state is applied (`Applied`); a later apply
+        // of the same state (drift, workloads) writes it again from the state.
+        let table;
+        let saved_state = if desired.saved.is_empty() {
+            table = policy::saved_table(&desired.state);
+            &table
+        } else {
+            &desired.saved
+        };
         let d = LoaderDesired {
             encoded: &desired.encoded,
             workloads: Some(workloads),
             revision,
             digest: &desired.digest,
-            saved_state: &desired.saved,
+            saved_state,
         };
         let change = match delta {
             Some((base_digest, changes)) => Change::Delta { base_digest, changes },
@@ -516,6 +555,7 @@ impl Engine {
             written,
             deleted,
             delta,
+            seen_to_flip_ms: None,
             changes: Vec::new(),
         });
     }
@@ -742,6 +782,17 @@ impl Engine {
         s.maps = maps;
         s.drops = drops;
     }
+}
+
+/// From seeing the commit to the flip: `enforce_at` (when `enforce` was called, from the
+/// moment the commit was seen) plus the loader's steps up to and including the flip. The
+/// time `enforce` spends before the loader's first step (taking the root's lock) is not in
+/// the loader's steps; it is a few system calls. `None` when the apply had no flip step.
+fn seen_to_flip(enforce_at: Duration, done: &Enforced) -> Option<f64> {
+    let t = &done.apply.timings;
+    let flip = t.iter().position(|(name, _)| *name == "flip")?;
+    let loader: Duration = t.iter().take(flip + 1).map(|(_, d)| *d).sum();
+    Some(ms(enforce_at + loader))
 }
 
 /// Hands memory freed after a compile back to the system: the compiler's intermediate

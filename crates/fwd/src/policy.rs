@@ -15,10 +15,15 @@
 //!   prefix and port entries), the same bytes `fwctl apply` saves, so `fwctl status` and
 //!   `fwctl diff` name rules of a state fwd applied.
 
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use fw_compiler::cache::LoadCache;
 use fw_compiler::compile::compile;
-use fw_compiler::encode::{Encoded, encode};
-use fw_compiler::load::{Input, load};
-use fw_compiler::mapstate::{Capacities, MapState};
+use fw_compiler::encode::Encoded;
+use fw_compiler::incremental::{DigestMarks, digest_reusing, encode_reusing};
+use fw_compiler::load::{Input, Loaded, load};
+use fw_compiler::mapstate::{Capacities, DirectionMaps, MapState};
 use fw_compiler::model::HostIdentity;
 use fw_compiler::yaml::ParseLimits;
 use serde::Serialize;
@@ -28,13 +33,21 @@ use crate::source::PolicyFile;
 /// The state to enforce, compiled from one commit.
 #[derive(Clone, Debug)]
 pub struct Desired {
-    /// The compiled state (after [`Desired::shrink`], without its entries).
+    /// The compiled state, with its entries: the next commit's encoding and digest reuse
+    /// what depends only on its parts that did not change (`fw_compiler::incremental`).
     pub state: MapState,
     /// `encode(state)`; its workload table (keyed by cgroup path) is what the loader checks,
     /// the kernel's is keyed by cgroup id and written from the resolved paths.
     pub encoded: Encoded,
     pub digest: String,
-    /// The rule table, as JSON (see the module docs).
+    /// The digest's hash after each part of the state, to resume it from next time.
+    pub marks: DigestMarks,
+    /// The maps of `encoded` moved from the previous state's encoding (equal to its by
+    /// construction, `fw_compiler::incremental::encode_reusing`); that encoding lacks them
+    /// until [`Desired::give_back`].
+    pub reused: Vec<&'static str>,
+    /// The rule table, as JSON (see the module docs; [`saved_table`]). fwd empties it once
+    /// the state is applied and writes it again from `state` when it applies the state again.
     pub saved: Vec<u8>,
 }
 
@@ -93,11 +106,26 @@ impl std::fmt::Display for Rejected {
     }
 }
 
+/// The rule table as saved with an applied generation (see the module docs), as JSON.
+pub fn saved_table(state: &MapState) -> Vec<u8> {
+    serde_json::to_vec(&rule_table(state)).unwrap_or_default()
+}
+
 /// The state without its prefix and L4 entries: O(rules) rather than O(policy size).
 pub fn rule_table(state: &MapState) -> MapState {
-    let mut t = state.clone();
-    strip_entries(&mut t);
-    t
+    let rules_of = |d: &DirectionMaps| DirectionMaps {
+        defaults: d.defaults,
+        v4: BTreeMap::new(),
+        v6: BTreeMap::new(),
+        l4: BTreeMap::new(),
+    };
+    MapState {
+        host: state.host.clone(),
+        ingress: rules_of(&state.ingress),
+        egress: rules_of(&state.egress),
+        workloads: state.workloads.clone(),
+        rules: state.rules.clone(),
+    }
 }
 
 fn strip_entries(state: &mut MapState) {
@@ -109,6 +137,29 @@ fn strip_entries(state: &mut MapState) {
 }
 
 impl Desired {
+    /// Moves the maps this state took from `prev`'s encoding back to it, when this state is
+    /// not applied after all and `prev` stays (this state's encoding then lacks them).
+    pub fn give_back(&mut self, prev: &mut Desired) {
+        for name in self.reused.drain(..) {
+            if let Some(entries) = self.encoded.maps.remove(name) {
+                prev.encoded.maps.insert(name, entries);
+            }
+        }
+    }
+
+    /// The entry deltas from `prev` (whose encoding lacks the maps this one took from it:
+    /// those are equal by construction) to this state, per map that differs.
+    pub fn delta_from(&mut self, prev: &Desired) -> BTreeMap<&'static str, fw_loader::MapDelta> {
+        let aside: Vec<_> = self
+            .reused
+            .iter()
+            .filter_map(|name| self.encoded.maps.remove(name).map(|e| (*name, e)))
+            .collect();
+        let d = fw_loader::entry_delta(&prev.encoded, &self.encoded);
+        self.encoded.maps.extend(aside);
+        d
+    }
+
     /// Drops the state's prefix and port entries, keeping what a daemon needs after the apply
     /// (rules, workloads, host; the entries stay in `encoded`): about half the memory of a
     /// large policy.
@@ -123,8 +174,83 @@ pub fn desired(
     host: &HostIdentity,
     caps: &Capacities,
 ) -> Result<Desired, Rejected> {
+    if let Some(r) = no_files(files) {
+        return Err(r);
+    }
+    let limits = ParseLimits::default();
+    let inputs = files.iter().map(|f| Input::new(f.path.clone(), f.bytes.clone()));
+    let loaded = load(inputs, &limits);
+    finish(&loaded, host, caps, None, &mut |_| {})
+}
+
+/// Compiles commit after commit as [`desired`] does, with the same result for the same
+/// files, but parses and lowers only the files that changed since the last compile
+/// (`fw_compiler::cache`: a file is reused only when its position, path and bytes are the
+/// same), and reads from git only the blobs it does not hold yet ([`Compiler::bytes_of`]).
+#[derive(Debug)]
+pub struct Compiler {
+    cache: LoadCache,
+    /// The blob id of each file of the last compile, by path: the cache's bytes for that path
+    /// are that blob's.
+    blobs: BTreeMap<String, String>,
+    spent: Option<Loaded>,
+}
+
+impl Default for Compiler {
+    fn default() -> Self {
+        Self { cache: LoadCache::new(ParseLimits::default()), blobs: BTreeMap::new(), spent: None }
+    }
+}
+
+impl Compiler {
+    /// The bytes of the file at `path` when the last compile read it from blob `blob`.
+    pub fn bytes_of(&self, path: &str, blob: &str) -> Option<Vec<u8>> {
+        if self.blobs.get(path).map(String::as_str) != Some(blob) {
+            return None;
+        }
+        self.cache.bytes_of(path).map(<[u8]>::to_vec)
+    }
+
+    /// [`desired`], timing its steps into `steps` (`parse`: the files that changed, `resolve`,
+    /// `select`, `compile`, `encode`, `digest`, `rule table`). `prev`, the state compiled
+    /// last (for this host and capacities), lets the encoding and the digest reuse what
+    /// depends only on parts of the state that did not change.
+    pub fn desired(
+        &mut self,
+        files: &[PolicyFile],
+        host: &HostIdentity,
+        caps: &Capacities,
+        prev: Option<&mut Desired>,
+        steps: &mut Vec<(&'static str, Duration)>,
+    ) -> Result<Desired, Rejected> {
+        if let Some(r) = no_files(files) {
+            return Err(r);
+        }
+        let inputs = files.iter().map(|f| Input::new(f.path.clone(), f.bytes.clone()));
+        let (loaded, stats) = self.cache.load(inputs);
+        self.blobs = files.iter().map(|f| (f.path.clone(), f.blob.clone())).collect();
+        steps.push(("parse", stats.parse));
+        steps.push(("resolve", stats.resolve));
+        let mut lap = Instant::now();
+        let out = finish(&loaded, host, caps, prev, &mut |name| {
+            steps.push((name, lap.elapsed()));
+            lap = Instant::now();
+        });
+        // Dropped by `release`, after the apply.
+        self.spent = Some(loaded);
+        out
+    }
+
+    /// Frees what the last compile left (its documents and policy set: at 100k prefixes,
+    /// milliseconds of work that need not delay the apply).
+    pub fn release(&mut self) {
+        self.spent = None;
+    }
+}
+
+fn no_files(files: &[PolicyFile]) -> Option<Rejected> {
     if files.is_empty() {
-        return Err(Rejected {
+        return Some(Rejected {
             stage: Stage::Validate,
             problems: vec![Problem {
                 file: None,
@@ -135,9 +261,18 @@ pub fn desired(
             }],
         });
     }
-    let limits = ParseLimits::default();
-    let inputs = files.iter().map(|f| Input::new(f.path.clone(), f.bytes.clone()));
-    let loaded = load(inputs, &limits);
+    None
+}
+
+/// From the loaded files to the state: select this host's policy, compile, encode, digest;
+/// `step` is called after each of those steps with its name.
+fn finish(
+    loaded: &Loaded,
+    host: &HostIdentity,
+    caps: &Capacities,
+    prev: Option<&mut Desired>,
+    step: &mut dyn FnMut(&'static str),
+) -> Result<Desired, Rejected> {
     let problems = |diags: &[fw_compiler::diag::Diagnostic]| -> Vec<Problem> {
         diags
             .iter()
@@ -170,11 +305,21 @@ pub fn desired(
             return Err(Rejected { stage: Stage::Validate, problems: p });
         }
     };
-    let state = compile(&set.for_host(host), caps)
+    let policy = set.for_host(host);
+    step("select");
+    let mut state = compile(&policy, caps)
         .map_err(|errors| Rejected { stage: Stage::Compile, problems: problems(&errors) })?;
-    let encoded = encode(&state);
-    let saved = serde_json::to_vec(&rule_table(&state)).unwrap_or_default();
-    Ok(Desired { digest: state.digest(), encoded, saved, state })
+    drop(policy);
+    step("compile");
+    let mut prev = prev;
+    let (encoded, reused) =
+        encode_reusing(&mut state, prev.as_deref_mut().map(|p| (&p.state, &mut p.encoded)));
+    step("encode");
+    let (digest, marks) = digest_reusing(&state, prev.map(|p| (&p.state, &p.marks)));
+    step("digest");
+    let saved = saved_table(&state);
+    step("rule table");
+    Ok(Desired { digest, marks, reused, encoded, saved, state })
 }
 
 /// At most this many lines of [`rule_changes`]; the rest is counted in a last line.
@@ -182,8 +327,7 @@ const MAX_CHANGE_LINES: usize = 100;
 
 /// What changes between two states, as rules (`MapState::diff`, the diff `fwctl diff` shows):
 /// one line per rule added, removed or changed, per changed default and per workload path.
-/// Meant for states without their entries ([`Desired::shrink`]): prefix and port entries are
-/// not listed.
+/// Prefix and port entries are not listed (the rule tables are compared, [`rule_table`]).
 pub fn rule_changes(old: &MapState, new: &MapState) -> Vec<String> {
     use fw_compiler::ast::{Action, Direction};
     use fw_compiler::mapstate::RuleInfo;
@@ -209,7 +353,7 @@ pub fn rule_changes(old: &MapState, new: &MapState) -> Vec<String> {
             r.location.line
         )
     };
-    let d = old.diff(new);
+    let d = rule_table(old).diff(&rule_table(new));
     let mut out = Vec::new();
     for (_, r) in &d.rules.removed {
         out.push(line('-', r));
@@ -246,10 +390,12 @@ pub fn rule_changes(old: &MapState, new: &MapState) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use fw_compiler::encode::encode;
+
     use super::*;
 
     fn file(path: &str, text: &str) -> PolicyFile {
-        PolicyFile { path: path.into(), bytes: text.as_bytes().to_vec() }
+        PolicyFile { path: path.into(), blob: String::new(), bytes: text.as_bytes().to_vec() }
     }
 
     fn host() -> HostIdentity {
@@ -309,6 +455,127 @@ spec:
         assert!(rule_changes(&a.state, &a.state).is_empty());
     }
 
+    fn blob(path: &str, text: &str) -> PolicyFile {
+        // Any id that names the bytes does (git's is a hash of them).
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(text, &mut h);
+        let id = format!("{:016x}{}", std::hash::Hasher::finish(&h), text.len());
+        PolicyFile { path: path.into(), blob: id, bytes: text.as_bytes().to_vec() }
+    }
+
+    /// A sequence of commits compiled by one [`Compiler`] (cached parses, reused encodings and
+    /// digests, the previous state's maps moved and given back) gives what a fresh [`desired`]
+    /// gives for every commit: files changed, removed, renamed, changed back, a refused commit
+    /// in between, and an apply that failed (the previous state gets its maps back).
+    #[test]
+    fn a_cached_compile_equals_a_fresh_compile_across_commits() {
+        let set = |n: u32| {
+            let addrs: Vec<String> = (0..n)
+                .map(|k| format!("{}/32", std::net::Ipv4Addr::from((30u32 << 24) + k * 7)))
+                .collect();
+            format!(
+                "apiVersion: fw/v1\nkind: AddressSet\nmetadata: {{name: block}}\nspec:\n  addresses: [{}]\n",
+                addrs.join(", ")
+            )
+        };
+        let deny = "apiVersion: fw/v1\nkind: Policy\nmetadata: {name: blocklist}\nspec:\n  ingress:\n    - {name: blocked, action: deny, from: [{set: block}]}\n";
+        let base = |port: u16| GOOD.replace("ports: [22]", &format!("ports: [{port}]"));
+        let commits: Vec<Vec<PolicyFile>> = vec![
+            vec![
+                blob("p/base.yaml", &base(22)),
+                blob("p/block.yaml", &set(500)),
+                blob("p/deny.yaml", deny),
+            ],
+            vec![
+                blob("p/base.yaml", &base(23)),
+                blob("p/block.yaml", &set(500)),
+                blob("p/deny.yaml", deny),
+            ],
+            // Refused: the next commit compiles against the state applied before it.
+            vec![
+                blob("p/base.yaml", &base(23).replace("tcp", "tcpp")),
+                blob("p/block.yaml", &set(500)),
+                blob("p/deny.yaml", deny),
+            ],
+            vec![
+                blob("p/base.yaml", &base(22)),
+                blob("p/block.yaml", &set(500)),
+                blob("p/deny.yaml", deny),
+            ],
+            // The set file removed (its rule now inline), then back under another name.
+            vec![
+                blob("p/base.yaml", &base(22)),
+                blob("p/deny.yaml", &deny.replace("{set: block}", "10.9.0.0/16")),
+            ],
+            vec![
+                blob("p/base.yaml", &base(22)),
+                blob("p/deny.yaml", deny),
+                blob("p/z-block.yaml", &set(500)),
+            ],
+            // More prefixes, then changed back.
+            vec![
+                blob("p/base.yaml", &base(22)),
+                blob("p/deny.yaml", deny),
+                blob("p/z-block.yaml", &set(501)),
+            ],
+            vec![
+                blob("p/base.yaml", &base(22)),
+                blob("p/deny.yaml", deny),
+                blob("p/z-block.yaml", &set(500)),
+            ],
+            vec![
+                blob("p/base.yaml", &base(24)),
+                blob("p/deny.yaml", deny),
+                blob("p/z-block.yaml", &set(500)),
+            ],
+        ];
+        let caps = Capacities::default();
+        let mut compiler = Compiler::default();
+        let mut applied: Option<Desired> = None;
+        let mut reused_any = false;
+        for (i, files) in commits.iter().enumerate() {
+            // What a snapshot would take from the compiler instead of reading the blob.
+            for f in files {
+                if let Some(bytes) = compiler.bytes_of(&f.path, &f.blob) {
+                    assert_eq!(bytes, f.bytes, "commit {i}: {}", f.path);
+                }
+            }
+            let fresh = desired(files, &host(), &caps);
+            let cached = compiler.desired(files, &host(), &caps, applied.as_mut(), &mut Vec::new());
+            compiler.release();
+            match (fresh, cached) {
+                (Ok(f), Ok(mut c)) => {
+                    assert_eq!(c.state, f.state, "commit {i}");
+                    assert_eq!(c.encoded, f.encoded, "commit {i}");
+                    assert_eq!(c.digest, f.digest, "commit {i}");
+                    assert_eq!(c.saved, f.saved, "commit {i}");
+                    reused_any |= !c.reused.is_empty();
+                    if let Some(prev) = applied.as_mut() {
+                        let before = prev.clone();
+                        let delta = c.delta_from(prev);
+                        let mut want = fw_loader::entry_delta(&encode(&prev.state), &f.encoded);
+                        want.remove(fw_common::maps::WORKLOADS);
+                        let mut got = delta;
+                        got.remove(fw_common::maps::WORKLOADS);
+                        assert_eq!(got, want, "commit {i}: the delta");
+                        if i == 6 {
+                            // This apply fails: the applied state gets its maps back.
+                            let mut c = c;
+                            c.give_back(prev);
+                            assert_eq!(prev.encoded, encode(&prev.state), "commit {i}");
+                            assert_eq!(prev.state, before.state);
+                            continue;
+                        }
+                    }
+                    applied = Some(c);
+                }
+                (Err(f), Err(c)) => assert_eq!(c, f, "commit {i}"),
+                (f, c) => panic!("commit {i}: fresh {:?}, cached {:?}", f.is_ok(), c.is_ok()),
+            }
+        }
+        assert!(reused_any, "the encodings were reused");
+    }
+
     #[test]
     fn a_state_that_does_not_fit_is_rejected_at_compile() {
         let caps = Capacities { l4_entries: 1, ..Capacities::default() };
@@ -323,7 +590,8 @@ spec:
         let r = desired(&[], &host(), &Capacities::default()).expect_err("empty");
         assert_eq!(r.problems[0].code, "no-policy");
         for junk in [&b"\xff\xfe\x00"[..], b"[[[[", b"apiVersion: 7\nkind: [", b"- - - -"] {
-            let f = PolicyFile { path: "p/j.yaml".into(), bytes: junk.to_vec() };
+            let f =
+                PolicyFile { path: "p/j.yaml".into(), blob: String::new(), bytes: junk.to_vec() };
             assert!(desired(&[f], &host(), &Capacities::default()).is_err());
         }
     }

@@ -70,6 +70,8 @@ impl fmt::Debug for SourceSpec {
 pub struct PolicyFile {
     /// Repo-relative, '/'-separated, e.g. "policies/web.yaml".
     pub path: String,
+    /// The blob's id, hex: the same id means the same bytes.
+    pub blob: String,
     pub bytes: Vec<u8>,
 }
 
@@ -231,7 +233,24 @@ impl Source {
             base: &self.base,
             limits: &self.limits,
         }
-        .snapshot(commit)
+        .snapshot(commit, &|_, _| None)
+    }
+
+    /// [`Source::snapshot`], taking the bytes of a file from `reuse(path, blob id)` when it
+    /// has them instead of reading the blob (which inflates it). `reuse` must answer only with
+    /// the bytes of that blob (e.g. kept from an earlier snapshot's file of the same blob id).
+    pub fn snapshot_reusing(
+        &self,
+        commit: &str,
+        reuse: &dyn Fn(&str, &str) -> Option<Vec<u8>>,
+    ) -> Result<Snapshot, SourceError> {
+        tree::Reader {
+            repo: &self.repo,
+            url: self.location.display(),
+            base: &self.base,
+            limits: &self.limits,
+        }
+        .snapshot(commit, reuse)
     }
 
     /// The commit of the last successful fetch of this reference, also from an earlier run of

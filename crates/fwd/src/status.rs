@@ -78,14 +78,24 @@ pub struct Reconcile {
     /// `applied`, `unchanged`, `rejected` or `failed`.
     pub outcome: String,
     pub at_ms: u64,
-    /// fwd's steps (`snapshot`, `compile`, `diff`: the entry deltas against the state applied
-    /// last, `enforce`: lock, apply and attachments) and then the loader's apply steps.
+    /// fwd's steps (`fetch`: the fetch that found the commit, when one did; `snapshot`: the
+    /// commit's files; `parse`: parse and lower the files that changed since the last
+    /// compile; `resolve`; `select`: this host's policy; `compile`; `encode` and `digest`
+    /// (reusing what depends only on unchanged parts of the state); `rule table`; `diff`: the
+    /// entry deltas against the state applied last; `enforce`: lock, apply and attachments)
+    /// and then the loader's apply steps.
     pub steps: Vec<Step>,
     /// Entries written before the flip and replayed after it.
     pub written: usize,
     pub deleted: usize,
     /// Whether the change went in as entry deltas (false: a full diff).
     pub delta: bool,
+    /// From fwd seeing the commit to the loader's flip, the moment the kernel enforces the new
+    /// state (fwd's steps before `enforce`, the time `enforce` took to start the apply, and the
+    /// loader's steps up to and including `flip`); the grace period, the replay onto the old
+    /// generation and the attachments check come after it. Only for an applied change.
+    #[serde(default)]
+    pub seen_to_flip_ms: Option<f64>,
     /// What changed, as rules (`+`/`-`/`~` lines naming each rule and its file:line).
     #[serde(default)]
     pub changes: Vec<String>,

@@ -121,3 +121,49 @@ fn replies_and_related_errors_match_live_flows_only() {
     assert_eq!(stat(STAT_ALWAYS_RELATED), 1);
     assert_eq!(stat(STAT_DEFAULT_DENY), 7);
 }
+
+const ALLOW_5353: &str = "\
+apiVersion: fw/v1
+kind: Policy
+metadata: {name: mdns}
+spec:
+  defaults: {ingress: deny}
+  ingress:
+    - {name: mdns, action: allow, from: [0.0.0.0/0], proto: udp, ports: [5353]}
+";
+
+/// The conntrack lookup is made only where it can change the verdict: a reply the policy
+/// allows passes as the policy's allow (counted under the rule, not as a reply); a reply the
+/// policy denies passes as a reply.
+#[test]
+fn replies_the_policy_allows_are_counted_under_the_rule() {
+    if !privileged("replies_the_policy_allows_are_counted_under_the_rule") {
+        return;
+    }
+    let loaded = load([Input::new("t.yaml", ALLOW_5353)], &ParseLimits::default());
+    let set = loaded.policy_set.expect("policy");
+    let host = HostIdentity { name: "h".into(), labels: BTreeMap::new() };
+    let state = compile(&set.for_host(&host), &Capacities::default()).expect("compile");
+    let mut dp = Dataplane::load(&Capacities::default()).expect("load");
+    dp.write_generation(0, &encode(&state)).unwrap();
+    dp.set_active_generation(0).unwrap();
+    let now = monotonic_ns();
+    let fresh = ConntrackValue { last_seen_ns: now, state: CT_STATE_OTHER, _pad: 0 };
+    for port in [5353, 5400] {
+        dp.conntrack_insert(&key(17, LOCAL, port, REMOTE_PORT), &fresh).unwrap();
+    }
+    let stat = |dp: &Dataplane, s| dp.stat(DIRECTION_INGRESS, s).unwrap().packets;
+    let ruled =
+        |dp: &Dataplane| dp.rule_counters().unwrap().values().map(|c| c.packets).sum::<u64>();
+
+    let pass = fw_loader::XdpAction::Pass;
+    assert_eq!(dp.test_run_ingress(&v4(17, &udp(5353, 0))).unwrap().action, pass);
+    assert_eq!((stat(&dp, STAT_ALWAYS_REPLY), ruled(&dp)), (0, 1), "allowed: the rule counts it");
+    assert_eq!(dp.test_run_ingress(&v4(17, &udp(5400, 0))).unwrap().action, pass);
+    assert_eq!((stat(&dp, STAT_ALWAYS_REPLY), ruled(&dp)), (1, 1), "denied: passes as a reply");
+    assert_eq!(
+        dp.test_run_ingress(&v4(17, &udp(5401, 0))).unwrap().action,
+        fw_loader::XdpAction::Drop
+    );
+    assert_eq!(stat(&dp, STAT_DEFAULT_DENY), 1);
+}

@@ -7,13 +7,18 @@
 //! against `eval::evaluate` and the counters against the deciding rules (see
 //! `fw_dataplane_tests::probe` for the exact contract). The program is loaded once; each case
 //! rewrites its maps. `PROPTEST_CASES` sets the number of policies (default 256).
+//!
+//! The ingress IPv4 table has two layouts (`EncodeOptions::v4_dir_l2_budget`): second-level
+//! chunks for the /16s holding longer prefixes (the default), and none, so the hash is probed
+//! per length under every such /16. Cases alternate between them, so each generation is
+//! rewritten from one layout to the other.
 
 use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
 use fw_common::maps;
 use fw_compiler::compile::compile;
-use fw_compiler::encode::encode;
+use fw_compiler::encode::{EncodeOptions, encode_with};
 use fw_compiler::mapstate::Capacities;
 use fw_dataplane_tests::harness::{Harness, privileged};
 use fw_dataplane_tests::policygen::{enforcing_only, policy_and_flows};
@@ -51,7 +56,17 @@ fn xdp_ingress_agrees_with_the_evaluator() {
     let result = runner.run(&strategy, |((policy, flows), shapes)| {
         let mut h = harness.borrow_mut();
         let state = compile(&policy, &Capacities::default()).map_err(|d| fail(format!("{d:?}")))?;
-        let encoded = encode(&state);
+        // Cases 0, 1 | 2, 3 | ...: both layouts in each generation, in turn.
+        let budget = if (case.get() / 2).is_multiple_of(2) {
+            EncodeOptions::default().v4_dir_l2_budget
+        } else {
+            0
+        };
+        let encoded = encode_with(&state, &EncodeOptions { v4_dir_l2_budget: budget });
+        prop_assert!(
+            budget > 0 || encoded.maps[maps::INGRESS_V4_DIR].len() == 256,
+            "budget 0 builds no second-level chunk"
+        );
 
         // Write the standby generation, verify it, flip.
         let generation = case.get() % fw_common::GENERATIONS;

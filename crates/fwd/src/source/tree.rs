@@ -40,7 +40,11 @@ pub(crate) fn is_policy_name(name: &str) -> bool {
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn snapshot(&self, commit: &str) -> Result<Snapshot, SourceError> {
+    pub(crate) fn snapshot(
+        &self,
+        commit: &str,
+        reuse: &dyn Fn(&str, &str) -> Option<Vec<u8>>,
+    ) -> Result<Snapshot, SourceError> {
         let oid = parse_commit(commit).ok_or_else(|| SourceError::InvalidCommit {
             url: self.url.to_owned(),
             commit: commit.to_owned(),
@@ -58,7 +62,7 @@ impl<'a> Reader<'a> {
         };
         let root = commit.tree().map_err(|e| read_err("", &e))?;
         let folder = self.folder(&id, root)?;
-        let files = self.collect(&id, &folder)?;
+        let files = self.collect(&id, &folder, reuse)?;
         Ok(Snapshot {
             commit: id,
             summary: String::from_utf8_lossy(commit.summary_bytes().unwrap_or_default())
@@ -132,6 +136,7 @@ impl<'a> Reader<'a> {
         &self,
         commit: &str,
         folder: &git2::Tree<'_>,
+        reuse: &dyn Fn(&str, &str) -> Option<Vec<u8>>,
     ) -> Result<Vec<PolicyFile>, SourceError> {
         let limits = self.limits;
         let url = || self.url.to_owned();
@@ -223,8 +228,17 @@ impl<'a> Reader<'a> {
                                 limit: limits.max_total_bytes,
                             });
                         }
-                        let blob = self.repo.find_blob(entry.id()).map_err(|e| read_err(&e))?;
-                        files.push(PolicyFile { path, bytes: blob.content().to_vec() });
+                        let blob = entry.id().to_string();
+                        let bytes = match reuse(&path, &blob) {
+                            Some(bytes) => bytes,
+                            None => self
+                                .repo
+                                .find_blob(entry.id())
+                                .map_err(|e| read_err(&e))?
+                                .content()
+                                .to_vec(),
+                        };
+                        files.push(PolicyFile { path, blob, bytes });
                     }
                     _ => {}
                 }
