@@ -136,34 +136,34 @@ pub fn run(
     }
     let mut planes = Vec::new();
     for &(family, n) in &sizes {
-      for &(compare, object) in &objects {
-        let st = states::compile_state(family, n, Direction::Ingress, 0);
-        let enc = encode(&st);
-        let mut dp = Dataplane::load_object(object, &states::capacities(n))
-            .context("load the benchmark build of the data plane")?;
-        dp.write_generation(0, &enc).context("write generation 0")?;
-        dp.set_active_generation(0)?;
-        let hit = states::test_frame(family, WIDE_PORT, Some(Draw::new(family, n, true)));
-        let miss = states::test_frame(family, WIDE_PORT, Some(Draw::new(family, n, false)));
-        // The draws land where they should: a hit is allowed, a miss denied (not checked for
-        // the compared objects, which may be experiments that skip steps).
-        for _ in 0..if compare == 0 { 8 } else { 0 } {
-            let h = dp.test_run_ingress(&hit)?.action;
-            let m = dp.test_run_ingress(&miss)?.action;
+        for &(compare, object) in &objects {
+            let st = states::compile_state(family, n, Direction::Ingress, 0);
+            let enc = encode(&st);
+            let mut dp = Dataplane::load_object(object, &states::capacities(n))
+                .context("load the benchmark build of the data plane")?;
+            dp.write_generation(0, &enc).context("write generation 0")?;
+            dp.set_active_generation(0)?;
+            let hit = states::test_frame(family, WIDE_PORT, Some(Draw::new(family, n, true)));
+            let miss = states::test_frame(family, WIDE_PORT, Some(Draw::new(family, n, false)));
+            // The draws land where they should: a hit is allowed, a miss denied (not checked for
+            // the compared objects, which may be experiments that skip steps).
+            for _ in 0..if compare == 0 { 8 } else { 0 } {
+                let h = dp.test_run_ingress(&hit)?.action;
+                let m = dp.test_run_ingress(&miss)?.action;
+                anyhow::ensure!(
+                    h == XdpAction::Pass && m == XdpAction::Drop,
+                    "{}: hit-heavy gave {h:?}, miss-heavy {m:?}",
+                    label(family, n)
+                );
+            }
+            let fixed = states::test_frame(family, WIDE_PORT, None);
             anyhow::ensure!(
-                h == XdpAction::Pass && m == XdpAction::Drop,
-                "{}: hit-heavy gave {h:?}, miss-heavy {m:?}",
-                label(family, n)
+                compare != 0 || dp.test_run_ingress(&fixed)?.action == XdpAction::Pass,
+                "fixed frame"
             );
+            eprintln!("per-packet: loaded {}", label(family, n));
+            planes.push(Plane { compare, family, n, dp, hit, miss, fixed });
         }
-        let fixed = states::test_frame(family, WIDE_PORT, None);
-        anyhow::ensure!(
-            compare != 0 || dp.test_run_ingress(&fixed)?.action == XdpAction::Pass,
-            "fixed frame"
-        );
-        eprintln!("per-packet: loaded {}", label(family, n));
-        planes.push(Plane { compare, family, n, dp, hit, miss, fixed });
-      }
     }
     let base_frame =
         states::test_frame(Family::V4, WIDE_PORT, Some(Draw::new(Family::V4, 1000, true)));
