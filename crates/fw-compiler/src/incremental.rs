@@ -158,8 +158,13 @@ pub fn encode_reusing(
     prev: Option<(&MapState, &mut Encoded)>,
 ) -> (Encoded, Vec<&'static str>) {
     let Some((prev, prev_encoded)) = prev else { return (encode(state), Vec::new()) };
+    // Only tables that feed one map alone can be set aside: `encode` derives more than their
+    // own map from the IPv4 tables (the ingress chunks `FW_IN_V4_DIR` and both directions'
+    // prefix lengths in `FW_CONFIG`) and from the ingress L4 table (the exact entries of
+    // `FW_IN_L4X`); set aside, those would be encoded from an empty table.
     let reuse: Vec<&'static str> = reusable(state, prev)
         .into_iter()
+        .filter(|name| !DERIVES_MORE.contains(name))
         .filter(|name| prev_encoded.maps.contains_key(name))
         .collect();
     // The tables of the reused maps are set aside while the rest is encoded, then put back.
@@ -190,6 +195,9 @@ pub fn encode_reusing(
     }
     (out, reuse)
 }
+
+/// The tables `encode` derives other maps from (see `encode_reusing`).
+const DERIVES_MORE: [&str; 3] = [maps::INGRESS_V4, maps::EGRESS_V4, maps::INGRESS_L4];
 
 fn is_ingress(name: &str) -> bool {
     [maps::INGRESS_V4, maps::INGRESS_V6, maps::INGRESS_L4].contains(&name)
@@ -276,7 +284,10 @@ mod tests {
             assert_eq!(digest, s.digest(), "digest at step {i}");
             reused_any |= !reused.is_empty();
             if i == 1 {
-                assert!(reused.contains(&maps::INGRESS_V4), "{reused:?}");
+                // The address tables did not change; the IPv4 ones feed other maps too, so
+                // they are encoded again (`DERIVES_MORE`), the IPv6 ones are taken.
+                assert!(reused.contains(&maps::INGRESS_V6), "{reused:?}");
+                assert!(!reused.contains(&maps::INGRESS_V4), "{reused:?}");
                 assert!(!reused.contains(&maps::INGRESS_L4), "{reused:?}");
             }
             prev = Some((s, encoded, marks));
