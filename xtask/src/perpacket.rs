@@ -8,6 +8,12 @@
 //! only draws the random address. A cell's *net* cost is `ours - base + bare`: the draw is
 //! taken out, the test-run loop's own cost (which the bare program also pays) stays in, so
 //! `net / bare` is "our program over a bare XDP_PASS". The thread is pinned to one CPU.
+//!
+//! Diagnostics (not used by the modes): `FW_BENCH_PP_SIZES=v4:1000,v4:100000` replaces the
+//! mode's sizes, and `FW_BENCH_PP_COMPARE=PATH` loads every state a second time from another
+//! benchmark object (say, a build of another commit; several paths separated by commas) and
+//! measures it in the same rounds, interleaved, in rows marked "(compare N)" that the targets
+//! ignore.
 
 use std::collections::BTreeMap;
 
@@ -57,6 +63,8 @@ impl Aux {
 }
 
 struct Plane {
+    /// Loaded from `FW_BENCH_PP_COMPARE`'s object of this number (from 1); 0: the bench's own.
+    compare: usize,
     family: Family,
     n: usize,
     dp: Dataplane,
@@ -100,30 +108,62 @@ pub fn run(
     )];
     crate::sys::pin(0, s.bench_cpu)?;
 
+    let sizes = match std::env::var("FW_BENCH_PP_SIZES") {
+        Ok(v) => v
+            .split(',')
+            .map(|c| -> anyhow::Result<(Family, usize)> {
+                let (f, n) = c.split_once(':').context("FW_BENCH_PP_SIZES: family:count")?;
+                let f = match f {
+                    "v4" => Family::V4,
+                    "v6" => Family::V6,
+                    _ => anyhow::bail!("FW_BENCH_PP_SIZES: v4 or v6, not {f}"),
+                };
+                Ok((f, n.parse()?))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        Err(_) => s.pp_sizes.clone(),
+    };
+    let compare_objects = match std::env::var("FW_BENCH_PP_COMPARE") {
+        Ok(p) => p
+            .split(',')
+            .map(|p| std::fs::read(p).with_context(|| format!("read FW_BENCH_PP_COMPARE {p}")))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        Err(_) => Vec::new(),
+    };
+    let mut objects: Vec<(usize, &[u8])> = vec![(0, object)];
+    for (i, o) in compare_objects.iter().enumerate() {
+        objects.push((i + 1, o));
+    }
     let mut planes = Vec::new();
-    for &(family, n) in &s.pp_sizes {
-        let st = states::compile_state(family, n, Direction::Ingress, 0);
-        let enc = encode(&st);
-        let mut dp = Dataplane::load_object(object, &states::capacities(n))
-            .context("load the benchmark build of the data plane")?;
-        dp.write_generation(0, &enc).context("write generation 0")?;
-        dp.set_active_generation(0)?;
-        let hit = states::test_frame(family, WIDE_PORT, Some(Draw::new(family, n, true)));
-        let miss = states::test_frame(family, WIDE_PORT, Some(Draw::new(family, n, false)));
-        // The draws land where they should: a hit is allowed, a miss denied.
-        for _ in 0..8 {
-            let h = dp.test_run_ingress(&hit)?.action;
-            let m = dp.test_run_ingress(&miss)?.action;
+    for &(family, n) in &sizes {
+        for &(compare, object) in &objects {
+            let st = states::compile_state(family, n, Direction::Ingress, 0);
+            let enc = encode(&st);
+            let mut dp = Dataplane::load_object(object, &states::capacities(n))
+                .context("load the benchmark build of the data plane")?;
+            dp.write_generation(0, &enc).context("write generation 0")?;
+            dp.set_active_generation(0)?;
+            let hit = states::test_frame(family, WIDE_PORT, Some(Draw::new(family, n, true)));
+            let miss = states::test_frame(family, WIDE_PORT, Some(Draw::new(family, n, false)));
+            // The draws land where they should: a hit is allowed, a miss denied (not checked for
+            // the compared objects, which may be experiments that skip steps).
+            for _ in 0..if compare == 0 { 8 } else { 0 } {
+                let h = dp.test_run_ingress(&hit)?.action;
+                let m = dp.test_run_ingress(&miss)?.action;
+                anyhow::ensure!(
+                    h == XdpAction::Pass && m == XdpAction::Drop,
+                    "{}: hit-heavy gave {h:?}, miss-heavy {m:?}",
+                    label(family, n)
+                );
+            }
+            let fixed = states::test_frame(family, WIDE_PORT, None);
             anyhow::ensure!(
-                h == XdpAction::Pass && m == XdpAction::Drop,
-                "{}: hit-heavy gave {h:?}, miss-heavy {m:?}",
-                label(family, n)
+                compare != 0 || dp.test_run_ingress(&fixed)?.action == XdpAction::Pass,
+                "fixed frame"
             );
+            eprintln!("per-packet: loaded {}", label(family, n));
+            planes.push(Plane { compare, family, n, dp, hit, miss, fixed });
         }
-        let fixed = states::test_frame(family, WIDE_PORT, None);
-        anyhow::ensure!(dp.test_run_ingress(&fixed)?.action == XdpAction::Pass, "fixed frame");
-        eprintln!("per-packet: loaded {}", label(family, n));
-        planes.push(Plane { family, n, dp, hit, miss, fixed });
     }
     let base_frame =
         states::test_frame(Family::V4, WIDE_PORT, Some(Draw::new(Family::V4, 1000, true)));
@@ -171,7 +211,11 @@ pub fn run(
             let n = if what == "fixed" { raw.clone() } else { net(raw) };
             let over: Vec<f64> = n.iter().zip(&bare).map(|(n, b)| n / b).collect();
             t.row(vec![
-                label(p.family, p.n),
+                if p.compare != 0 {
+                    format!("{} (compare {})", label(p.family, p.n), p.compare)
+                } else {
+                    label(p.family, p.n)
+                },
                 if what == "fixed" {
                     "one source, every repetition".into()
                 } else {
@@ -181,6 +225,9 @@ pub fn run(
                 Summary::of(&n).cell(1),
                 Summary::of(&over).cell(1),
             ]);
+            if p.compare != 0 {
+                continue;
+            }
             data.push(json!({
                 "family": p.family.label(), "prefixes": p.n, "traffic": what,
                 "ours_ns": raw, "net_ns": n, "over_bare": over,
@@ -201,8 +248,8 @@ pub fn run(
         Bound::AtMost,
         6.0,
     );
-    let big = s.pp_sizes.iter().any(|&(f, n)| f == Family::V4 && n == 100_000);
-    let small = s.pp_sizes.iter().any(|&(f, n)| f == Family::V4 && n == 1000);
+    let big = sizes.iter().any(|&(f, n)| f == Family::V4 && n == 100_000);
+    let small = sizes.iter().any(|&(f, n)| f == Family::V4 && n == 1000);
     if big {
         let hit = Summary::of(&per_round(&nets[&(Family::V4, 100_000, "hit")], &bare));
         let miss = Summary::of(&per_round(&nets[&(Family::V4, 100_000, "miss")], &bare));

@@ -40,10 +40,10 @@ use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, ActiveGeneration, CONFIG_ENTRIES, CONFIG_INGRESS,
     ClassValue, Counters, DIRECTION_INGRESS, DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT,
     GENERATIONS, Ipv4LpmKey, L4_KEY_FIXED_BITS, L4Value, SHARED_CLASS, STAT_ALWAYS_ARP,
-    STAT_ALWAYS_LOOPBACK, V4DirChunk, V4DirSlot, v4_dir_l1, v4_dir_l2,
-    STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY, STAT_AUDIT_DEFAULT_DENY,
-    STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_INTERNAL_ERROR, STAT_MALFORMED,
-    STAT_NOT_IP, STATS_ENTRIES, WorkloadKey, WorkloadValue, stat_index,
+    STAT_ALWAYS_LOOPBACK, STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY,
+    STAT_AUDIT_DEFAULT_DENY, STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY,
+    STAT_INTERNAL_ERROR, STAT_MALFORMED, STAT_NOT_IP, STATS_ENTRIES, V4_DIR_L2_BASE, V4DirChunk,
+    V4DirSlot, WorkloadKey, WorkloadValue, stat_index, v4_dir_l1, v4_dir_l2,
 };
 
 use crate::parse::{Frame, IpPacket, PROTO_ICMP, PROTO_ICMPV6};
@@ -85,6 +85,15 @@ static FW_IN_V4_DIR: ArrayOfMaps<
     HashMap<u32, V4DirChunk, TEMPLATE_ENTRIES, LPM_FLAGS>,
     GENERATION_SLOTS,
 > = ArrayOfMaps::new();
+
+/// The first level of `FW_IN_V4_DIR` (its keys 0..=255) as an array (see
+/// `fw_common::maps::INGRESS_V4_DIR1`): the verifier inlines an array lookup (inner maps of
+/// arrays included, since every inner array has the template's size), where a hash lookup is
+/// a call that hashes the key and walks a bucket. The loader writes the same chunks into both
+/// maps. Generational.
+#[btf_map]
+static FW_IN_V4_D1: ArrayOfMaps<Array<V4DirChunk, { V4_DIR_L2_BASE as usize }>, GENERATION_SLOTS> =
+    ArrayOfMaps::new();
 
 /// Source address -> address class, IPv6, ingress. Generational.
 #[btf_map]
@@ -475,7 +484,8 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
     } else {
         let table = FW_IN_V4.get(generation).ok_or(InternalError)?;
         let dir = FW_IN_V4_DIR.get(generation).ok_or(InternalError)?;
-        v4_classes(dir, table, config, [ip.src[0], ip.src[1], ip.src[2], ip.src[3]])?
+        let dir1 = FW_IN_V4_D1.get(generation).ok_or(InternalError)?;
+        v4_classes(dir1, dir, table, config, [ip.src[0], ip.src[1], ip.src[2], ip.src[3]])?
     };
 
     // Step 4 (step 3: ingress has no workload, so the keys' workload is 0): the shared
@@ -519,6 +529,7 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
 /// answer when no probe hits. `(found, wide class, narrow class)`.
 #[inline(always)]
 fn v4_classes(
+    dir1: &Array<V4DirChunk, { V4_DIR_L2_BASE as usize }>,
     dir: &HashMap<u32, V4DirChunk, TEMPLATE_ENTRIES, LPM_FLAGS>,
     table: &HashMap<Ipv4LpmKey, ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
     config: &DirectionConfig,
@@ -526,7 +537,7 @@ fn v4_classes(
 ) -> Result<(bool, u32, u32), InternalError> {
     let a = u32::from_be_bytes(addr);
     let (k1, s1, b1) = v4_dir_l1(a);
-    let c1 = dir.get_ptr(&k1).ok_or(InternalError)?;
+    let c1 = dir1.get_ptr(k1).ok_or(InternalError)?;
     // SAFETY: a pointer from a map lookup, valid for the whole run (RCU); the slot index is
     // below 256 (`v4_dir_l1` masks it).
     let e1 = unsafe { *(*c1).slots.as_ptr().add(s1 & 0xff) };
@@ -631,7 +642,6 @@ pub(crate) fn l4_decide(
     Ok(best.combined())
 }
 
-
 /// Step 4 for ingress (workload 0): the entries of the shared table and, when `wide` is not
 /// 0 (class ids never are), of the two classes, each from the exact hash or, on a miss, from
 /// the trie, copied into `FW_PARKED`'s `l4_values` (0 shared, 1 wide, 2 narrow); bit `i` of
@@ -641,11 +651,9 @@ pub(crate) fn l4_decide(
 /// program's 512-byte stack.
 #[inline(never)]
 fn l4_find_ingress(generation: u32, wide: u32, narrow: u32, word: u32) -> u32 {
-    let (Some(trie), Some(exact), Some(parked)) = (
-        FW_IN_L4.get(generation),
-        FW_IN_L4X.get(generation),
-        FW_PARKED.get_ptr_mut(0),
-    ) else {
+    let (Some(trie), Some(exact), Some(parked)) =
+        (FW_IN_L4.get(generation), FW_IN_L4X.get(generation), FW_PARKED.get_ptr_mut(0))
+    else {
         return 1;
     };
     // SAFETY: a per-CPU map value of this CPU, valid for the whole run; the key and the

@@ -21,7 +21,7 @@ use aya::maps::{Array, ArrayOfMaps, HashMap, InnerMap, IterableMap as _, Map, Ma
 use aya_obj::generated::bpf_map_type;
 use fw_common::{
     Bytes, CONFIG_ENTRIES, ClassValue, DirectionConfig, Ipv4LpmKey, Ipv6LpmKey, L4LpmKey, L4Value,
-    V4_DIR_MAX_CHUNKS, V4DirChunk, WorkloadKey, WorkloadValue, maps,
+    V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS, V4DirChunk, WorkloadKey, WorkloadValue, maps,
 };
 use fw_compiler::encode::{Encoded, Entries};
 use fw_compiler::mapstate::Capacities;
@@ -37,6 +37,9 @@ pub(crate) struct GenerationMaps {
     pub in_v4: HashMap<MapData, Ipv4LpmKey, ClassValue>,
     /// The ingress IPv4 table's direct-indexed chunks: see `fw_common::maps::INGRESS_V4_DIR`.
     pub in_v4_dir: HashMap<MapData, u32, V4DirChunk>,
+    /// `in_v4_dir`'s first level (keys 0..=255) as an array the program reads: see
+    /// `fw_common::maps::INGRESS_V4_DIR1`. Written with `in_v4_dir`, never on its own.
+    pub in_v4_dir1: Array<MapData, V4DirChunk>,
     pub in_v6: LpmTrie<MapData, [u8; 16], ClassValue>,
     pub in_l4: LpmTrie<MapData, [u8; 12], L4Value>,
     /// The ingress L4 entries of whole-word prefixes: see `fw_common::maps::INGRESS_L4_EXACT`.
@@ -129,6 +132,20 @@ fn dir_hash(name: &str) -> Result<HashMap<MapData, u32, V4DirChunk>, Error> {
     HashMap::try_from(map).map_err(Error::map(name))
 }
 
+/// The first level of the chunks as an array of `V4_DIR_L2_BASE` chunks (the kernel object's
+/// template has that size; an inner array must have its template's).
+fn dir_array(name: &str) -> Result<Array<MapData, V4DirChunk>, Error> {
+    let map = create(
+        name,
+        bpf_map_type::BPF_MAP_TYPE_ARRAY,
+        size_of::<u32>(),
+        size_of::<V4DirChunk>(),
+        V4_DIR_L2_BASE,
+        0,
+    )?;
+    Array::try_from(map).map_err(Error::map(name))
+}
+
 /// The ingress L4 exact table: a hash of `L4LpmKey` -> `L4Value` (`BPF_F_NO_PREALLOC`).
 fn l4_hash(name: &str, max_entries: u32) -> Result<HashMap<MapData, L4LpmKey, L4Value>, Error> {
     let map = create(
@@ -167,6 +184,7 @@ impl GenerationMaps {
         Ok(Self {
             in_v4: prefix_hash(&name(maps::INGRESS_V4), caps.v4_prefixes)?,
             in_v4_dir: dir_hash(&name(maps::INGRESS_V4_DIR))?,
+            in_v4_dir1: dir_array(&name(maps::INGRESS_V4_DIR1))?,
             in_v6: lpm(&name(maps::INGRESS_V6), caps.v6_prefixes)?,
             in_l4: lpm(&name(maps::INGRESS_L4), caps.l4_entries)?,
             in_l4x: l4_hash(&name(maps::INGRESS_L4_EXACT), caps.l4_entries)?,
@@ -186,7 +204,9 @@ impl GenerationMaps {
         for (&name, entries) in &encoded.maps {
             stats += match name {
                 maps::INGRESS_V4 => sync_hash(&mut self.in_v4, name, v4_entries(name, entries)?)?,
-                maps::INGRESS_V4_DIR => sync_dir(&mut self.in_v4_dir, name, entries)?,
+                maps::INGRESS_V4_DIR => {
+                    sync_dir(&mut self.in_v4_dir, &mut self.in_v4_dir1, name, entries)?
+                }
                 maps::INGRESS_V6 => sync_lpm(&mut self.in_v6, name, v6_entries(name, entries)?)?,
                 maps::INGRESS_L4 => sync_lpm(&mut self.in_l4, name, l4_entries(name, entries)?)?,
                 maps::INGRESS_L4_EXACT => sync_l4x(&mut self.in_l4x, name, entries)?,
@@ -246,7 +266,10 @@ impl GenerationMaps {
     pub fn read(&self) -> Result<Encoded, Error> {
         let mut out = BTreeMap::new();
         out.insert(maps::INGRESS_V4, read_hash(&self.in_v4, maps::INGRESS_V4)?);
-        out.insert(maps::INGRESS_V4_DIR, read_dir(&self.in_v4_dir, maps::INGRESS_V4_DIR)?);
+        out.insert(
+            maps::INGRESS_V4_DIR,
+            read_dir(&self.in_v4_dir, &self.in_v4_dir1, maps::INGRESS_V4_DIR)?,
+        );
         out.insert(maps::INGRESS_V6, read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes)?);
         out.insert(maps::INGRESS_L4, read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes)?);
         out.insert(maps::INGRESS_L4_EXACT, read_l4x(&self.in_l4x, maps::INGRESS_L4_EXACT)?);
@@ -385,6 +408,7 @@ fn dir_entries(name: &'static str, e: &Entries) -> Result<Vec<(u32, V4DirChunk)>
 /// Makes the chunk hash hold exactly `entries`.
 fn sync_dir(
     map: &mut HashMap<MapData, u32, V4DirChunk>,
+    level1: &mut Array<MapData, V4DirChunk>,
     name: &'static str,
     entries: &Entries,
 ) -> Result<WriteStats, Error> {
@@ -394,10 +418,12 @@ fn sync_dir(
     let mut stats = WriteStats::default();
     for key in present.into_iter().filter(|k| !wanted.contains(k)) {
         map.remove(&key).map_err(Error::map(name))?;
+        mirror_remove(level1, key)?;
         stats.deleted += 1;
     }
     for (key, value) in desired {
         map.insert(key, value, 0).map_err(Error::map(name))?;
+        mirror_insert(level1, key, &value)?;
         stats.written += 1;
     }
     Ok(stats)
@@ -406,6 +432,7 @@ fn sync_dir(
 /// Writes only `d` into the chunk hash.
 fn dir_delta(
     map: &mut HashMap<MapData, u32, V4DirChunk>,
+    level1: &mut Array<MapData, V4DirChunk>,
     name: &'static str,
     d: &MapDelta,
 ) -> Result<WriteStats, Error> {
@@ -415,21 +442,60 @@ fn dir_delta(
             .map(u32::from_le_bytes)
             .map_err(|_| Error::Entry { map: name, reason: "key size" })?;
         map.remove(&key).map_err(Error::map(name))?;
+        mirror_remove(level1, key)?;
         stats.deleted += 1;
     }
     for (key, value) in dir_entries(name, &d.upsert)? {
         map.insert(key, value, 0).map_err(Error::map(name))?;
+        mirror_insert(level1, key, &value)?;
         stats.written += 1;
     }
     Ok(stats)
 }
 
-/// Reads the chunk hash back (`encode`'s format, sorted by key bytes).
-fn read_dir(map: &HashMap<MapData, u32, V4DirChunk>, name: &'static str) -> Result<Entries, Error> {
+/// A first-level chunk written into the hash goes into the array too.
+fn mirror_insert(
+    level1: &mut Array<MapData, V4DirChunk>,
+    key: u32,
+    value: &V4DirChunk,
+) -> Result<(), Error> {
+    if key < V4_DIR_L2_BASE {
+        level1.set(key, value, 0).map_err(Error::map(maps::INGRESS_V4_DIR1))?;
+    }
+    Ok(())
+}
+
+/// A first-level chunk removed from the hash becomes zeros in the array (`encode` always
+/// writes all 256, so only a state written by hand gets here).
+fn mirror_remove(level1: &mut Array<MapData, V4DirChunk>, key: u32) -> Result<(), Error> {
+    mirror_insert(level1, key, &V4DirChunk::default())
+}
+
+/// Reads the chunk hash back (`encode`'s format, sorted by key bytes), checking that the
+/// first-level array holds the same chunks as the hash (zeros where the hash has none).
+fn read_dir(
+    map: &HashMap<MapData, u32, V4DirChunk>,
+    level1: &Array<MapData, V4DirChunk>,
+    name: &'static str,
+) -> Result<Entries, Error> {
     let mut entries = Vec::new();
+    let mut seen = [false; V4_DIR_L2_BASE as usize];
     for item in map.iter() {
         let (key, value) = item.map_err(Error::map(name))?;
+        if key < V4_DIR_L2_BASE {
+            seen[key as usize] = true;
+            let mirrored = level1.get(&key, 0).map_err(Error::map(maps::INGRESS_V4_DIR1))?;
+            if mirrored != value {
+                return Err(Error::VerifyFailed(maps::INGRESS_V4_DIR1));
+            }
+        }
         entries.push((key.to_le_bytes().to_vec(), value.to_bytes().to_vec()));
+    }
+    for key in (0..V4_DIR_L2_BASE).filter(|&k| !seen[k as usize]) {
+        let mirrored = level1.get(&key, 0).map_err(Error::map(maps::INGRESS_V4_DIR1))?;
+        if mirrored != V4DirChunk::default() {
+            return Err(Error::VerifyFailed(maps::INGRESS_V4_DIR1));
+        }
     }
     entries.sort_unstable();
     Ok(entries)
@@ -840,10 +906,11 @@ fn inner_pinned(root: &std::path::Path, name: &'static str, generation: u32) -> 
 
 impl GenerationMaps {
     /// Every inner map with its outer map's name.
-    fn named(&self) -> [(&'static str, &MapData); 10] {
+    fn named(&self) -> [(&'static str, &MapData); 11] {
         [
             (maps::INGRESS_V4, self.in_v4.map()),
             (maps::INGRESS_V4_DIR, self.in_v4_dir.map()),
+            (maps::INGRESS_V4_DIR1, self.in_v4_dir1.map()),
             (maps::INGRESS_V6, self.in_v6.map()),
             (maps::INGRESS_L4, self.in_l4.map()),
             (maps::INGRESS_L4_EXACT, self.in_l4x.map()),
@@ -909,6 +976,7 @@ impl GenerationMaps {
         };
         let (in_v4, v4) = get(maps::INGRESS_V4)?;
         let (in_v4_dir, _) = get(maps::INGRESS_V4_DIR)?;
+        let (in_v4_dir1, _) = get(maps::INGRESS_V4_DIR1)?;
         let (in_v6, v6) = get(maps::INGRESS_V6)?;
         let (in_l4, l4) = get(maps::INGRESS_L4)?;
         let (in_l4x, _) = get(maps::INGRESS_L4_EXACT)?;
@@ -921,6 +989,7 @@ impl GenerationMaps {
         let maps = Self {
             in_v4: HashMap::try_from(in_v4).map_err(m(maps::INGRESS_V4))?,
             in_v4_dir: HashMap::try_from(in_v4_dir).map_err(m(maps::INGRESS_V4_DIR))?,
+            in_v4_dir1: Array::try_from(in_v4_dir1).map_err(m(maps::INGRESS_V4_DIR1))?,
             in_v6: LpmTrie::try_from(in_v6).map_err(m(maps::INGRESS_V6))?,
             in_l4: LpmTrie::try_from(in_l4).map_err(m(maps::INGRESS_L4))?,
             in_l4x: HashMap::try_from(in_l4x).map_err(m(maps::INGRESS_L4_EXACT))?,
@@ -949,6 +1018,7 @@ impl GenerationMaps {
         let g = generation;
         set_slot(outer, maps::INGRESS_V4, g, &self.in_v4)?;
         set_slot(outer, maps::INGRESS_V4_DIR, g, &self.in_v4_dir)?;
+        set_slot(outer, maps::INGRESS_V4_DIR1, g, &self.in_v4_dir1)?;
         set_slot(outer, maps::INGRESS_V6, g, &self.in_v6)?;
         set_slot(outer, maps::INGRESS_L4, g, &self.in_l4)?;
         set_slot(outer, maps::INGRESS_L4_EXACT, g, &self.in_l4x)?;
@@ -996,7 +1066,9 @@ impl GenerationMaps {
         for (&name, d) in deltas {
             stats += match name {
                 maps::INGRESS_V4 => hash_delta(&mut self.in_v4, name, d, split_v4)?,
-                maps::INGRESS_V4_DIR => dir_delta(&mut self.in_v4_dir, name, d)?,
+                maps::INGRESS_V4_DIR => {
+                    dir_delta(&mut self.in_v4_dir, &mut self.in_v4_dir1, name, d)?
+                }
                 maps::INGRESS_V6 => lpm_delta(&mut self.in_v6, name, d, split_v6)?,
                 maps::INGRESS_L4 => lpm_delta(&mut self.in_l4, name, d, split_l4)?,
                 maps::INGRESS_L4_EXACT => l4x_delta(&mut self.in_l4x, name, d)?,
@@ -1036,7 +1108,9 @@ impl GenerationMaps {
     pub fn read_map(&self, name: &str) -> Result<Entries, Error> {
         match name {
             maps::INGRESS_V4 => read_hash(&self.in_v4, maps::INGRESS_V4),
-            maps::INGRESS_V4_DIR => read_dir(&self.in_v4_dir, maps::INGRESS_V4_DIR),
+            maps::INGRESS_V4_DIR => {
+                read_dir(&self.in_v4_dir, &self.in_v4_dir1, maps::INGRESS_V4_DIR)
+            }
             maps::INGRESS_V6 => read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes),
             maps::INGRESS_L4 => read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes),
             maps::INGRESS_L4_EXACT => read_l4x(&self.in_l4x, maps::INGRESS_L4_EXACT),
@@ -1197,6 +1271,30 @@ impl GenerationMaps {
                 if !present(k)? || !holds(k, v)? {
                     return Err(failed());
                 }
+            }
+            if name == maps::INGRESS_V4_DIR {
+                self.verify_level1(d)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`verify_delta`](Self::verify_delta) for the first-level array mirrored from the chunk
+    /// delta `d`: each first-level chunk upserted is there, each removed one is zeros.
+    fn verify_level1(&self, d: &MapDelta) -> Result<(), Error> {
+        let name = maps::INGRESS_V4_DIR1;
+        let zero = V4DirChunk::default().to_bytes().to_vec();
+        let upserts = d.upsert.iter().map(|(k, v)| (k, v));
+        for (k, v) in upserts.chain(d.remove.iter().map(|k| (k, &zero))) {
+            let key = <[u8; 4]>::try_from(k.as_slice())
+                .map(u32::from_le_bytes)
+                .map_err(|_| Error::Entry { map: name, reason: "key size" })?;
+            if key >= V4_DIR_L2_BASE {
+                continue;
+            }
+            let held = self.in_v4_dir1.get(&key, 0).map_err(Error::map(name))?;
+            if held.to_bytes() != v.as_slice() {
+                return Err(Error::VerifyFailed(name));
             }
         }
         Ok(())

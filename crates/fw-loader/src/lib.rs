@@ -181,6 +181,7 @@ impl Dataplane {
         let o = &mut outer;
         fill(e, o, maps::INGRESS_V4, g.iter().map(|m| &m.in_v4))?;
         fill(e, o, maps::INGRESS_V4_DIR, g.iter().map(|m| &m.in_v4_dir))?;
+        fill(e, o, maps::INGRESS_V4_DIR1, g.iter().map(|m| &m.in_v4_dir1))?;
         fill(e, o, maps::INGRESS_V6, g.iter().map(|m| &m.in_v6))?;
         fill(e, o, maps::INGRESS_L4, g.iter().map(|m| &m.in_l4))?;
         fill(e, o, maps::INGRESS_L4_EXACT, g.iter().map(|m| &m.in_l4x))?;

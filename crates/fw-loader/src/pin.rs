@@ -449,7 +449,7 @@ impl Dataplane {
         let program = Xdp::from_pin(root.join(name), XdpAttachType::Interface)
             .map_err(Error::program(name))?;
         let mut outer = BTreeMap::new();
-        for name in maps::GENERATIONAL {
+        for name in maps::GENERATIONAL.into_iter().chain(maps::DERIVED) {
             outer.insert(name, open_pinned_map(root, name)?);
         }
         let generation = Array::try_from(open_pinned_map(root, maps::GENERATION)?)
