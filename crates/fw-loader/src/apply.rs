@@ -946,6 +946,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_fingerprint_tells_saved_states_apart() {
+        let a = br#"{"rules":{"1":"a"}}"#.to_vec();
+        assert_eq!(Fingerprint::of(&a), Fingerprint::of(&a.clone()));
+        let mut b = a.clone();
+        b[12] = b'2';
+        assert_ne!(Fingerprint::of(&a), Fingerprint::of(&b));
+        assert_ne!(Fingerprint::of(&a), Fingerprint::of(&a[..a.len() - 1]));
+        assert_ne!(Fingerprint::of(b""), Fingerprint::of(b"\0"));
+    }
+
+    #[test]
+    fn an_unshared_state_is_moved_out_of_its_arc_and_a_shared_one_copied() {
+        let mut e = Encoded::default();
+        e.maps.insert("FW_IN_V4", vec![(vec![1], vec![2])]);
+        let one = Arc::new(e.clone());
+        assert_eq!(owned(one), e);
+        let shared = Arc::new(e.clone());
+        let other = Arc::clone(&shared);
+        assert_eq!(owned(shared), e);
+        assert_eq!(*other, e);
+    }
+
+    #[test]
     fn growth_rounds_up_to_a_power_of_two_and_never_shrinks() {
         assert_eq!(grow(16, 17), 32);
         assert_eq!(grow(64, 17), 64);
