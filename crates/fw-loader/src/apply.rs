@@ -502,7 +502,12 @@ impl Dataplane {
 
     /// The id of a pinned saved state holding `bytes`: the one saved last when its bytes are
     /// equal (by `Fingerprint`; read back once in a fresh process), else a new pin.
-    fn save_state(&mut self, bytes: &[u8], write_new: bool) -> Result<Option<String>, Error> {
+    fn save_state(
+        &mut self,
+        bytes: &[u8],
+        print: &Fingerprint,
+        write_new: bool,
+    ) -> Result<Option<String>, Error> {
         if self.pins().is_none() {
             return Ok(None);
         }
@@ -515,7 +520,7 @@ impl Dataplane {
                 .map(|(id, saved)| (id, Fingerprint::of(&saved)));
         }
         if let Some((id, saved)) = &self.saved
-            && *saved == Fingerprint::of(bytes)
+            && saved == print
         {
             return Ok(Some(id.clone()));
         }
@@ -526,7 +531,7 @@ impl Dataplane {
         if let Some(pins) = self.pins() {
             pins.write_state(&id, bytes)?;
         }
-        self.saved = Some((id.clone(), Fingerprint::of(bytes)));
+        self.saved = Some((id.clone(), print.clone()));
         Ok(Some(id))
     }
 
@@ -636,7 +641,9 @@ impl Dataplane {
         if let Some(w) = workloads {
             report.standby += self.write_workloads(standby, w)?;
         }
-        let saved = self.save_state(saved_state, false)?;
+        // Hashed once (tens of MB at 100k rules), compared before and after the flip.
+        let print = Fingerprint::of(saved_state);
+        let saved = self.save_state(saved_state, &print, false)?;
         let write = write_id()?;
         let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
         self.record(standby, revision, digest, &write, saved_ref)?;
@@ -653,7 +660,7 @@ impl Dataplane {
         let saved = match saved {
             Some(id) => Some(id),
             None => {
-                let id = self.save_state(saved_state, true)?;
+                let id = self.save_state(saved_state, &print, true)?;
                 let saved_ref = id.as_deref().map(|id| (id, saved_state.len()));
                 self.record(standby, revision, digest, &write, saved_ref)?;
                 id
@@ -820,7 +827,9 @@ impl Dataplane {
         if let Some(w) = workloads {
             report.standby += self.write_workloads(standby, w)?;
         }
-        let saved = self.save_state(saved_state, false)?;
+        // Hashed once (tens of MB at 100k rules), compared before and after the flip.
+        let print = Fingerprint::of(saved_state);
+        let saved = self.save_state(saved_state, &print, false)?;
         let write = write_id()?;
         let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
         self.record(standby, revision, digest, &write, saved_ref)?;
@@ -838,7 +847,7 @@ impl Dataplane {
         let saved = match saved {
             Some(id) => Some(id),
             None => {
-                let id = self.save_state(saved_state, true)?;
+                let id = self.save_state(saved_state, &print, true)?;
                 let saved_ref = id.as_deref().map(|id| (id, saved_state.len()));
                 self.record(standby, revision, digest, &write, saved_ref)?;
                 id
