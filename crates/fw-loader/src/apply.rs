@@ -53,6 +53,7 @@
 //! returns [`Error::HookAbort`]. This is the one place the library writes to stderr.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fw_common::GENERATIONS;
@@ -121,11 +122,39 @@ fn grow(old: u32, n: usize) -> u32 {
 }
 
 /// What this process last wrote into one generation and verified, with the write id of that
-/// write (the generation's record carries the same id while nothing else wrote it).
+/// write (the generation's record carries the same id while nothing else wrote it). After a
+/// complete apply both generations hold the same state: their entries share one `state`
+/// (tens of MB at 100k rules), and an apply that finds them shared takes both, patches the
+/// one copy for the standby and replays the same deltas onto the old generation.
 #[derive(Debug)]
 pub(crate) struct Held {
     write: String,
-    state: Encoded,
+    state: Arc<Encoded>,
+}
+
+/// The state out of its `Arc`: moved when this is the only reference, else copied.
+fn owned(state: Arc<Encoded>) -> Encoded {
+    Arc::try_unwrap(state).unwrap_or_else(|shared| (*shared).clone())
+}
+
+/// The length of a saved state and two keyed hashes of it (SipHash with keys random per
+/// process, as `std`'s `RandomState` draws them): tells whether bytes are those pinned last
+/// without keeping them. Two different byte strings of one length match with probability
+/// about 2^-128, and without the process's keys no one can choose bytes that match.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Fingerprint {
+    len: usize,
+    hashes: [u64; 2],
+}
+
+impl Fingerprint {
+    fn of(bytes: &[u8]) -> Self {
+        use std::hash::BuildHasher;
+        static KEYS: std::sync::OnceLock<[std::collections::hash_map::RandomState; 2]> =
+            std::sync::OnceLock::new();
+        let keys = KEYS.get_or_init(Default::default);
+        Self { len: bytes.len(), hashes: [keys[0].hash_one(bytes), keys[1].hash_one(bytes)] }
+    }
 }
 
 /// A fresh write id: 64 random bits in hex.
@@ -343,7 +372,7 @@ impl Dataplane {
     /// state when the record still carries the write id it was cached with, else read from
     /// the kernel in full. Either way the cache entry is taken out: it is put back only after
     /// the next verified write.
-    fn held_state(&mut self, generation: u32) -> Result<Encoded, Error> {
+    fn held_state(&mut self, generation: u32) -> Result<Arc<Encoded>, Error> {
         let g = Self::slot(generation)?;
         let cached = self.held.get_mut(g).and_then(Option::take);
         if let (Some(c), Some(pins)) = (cached, self.pins()) {
@@ -352,7 +381,50 @@ impl Dataplane {
                 return Ok(c.state);
             }
         }
-        self.generations.get(g).ok_or(Error::NoSuchGeneration(generation))?.read()
+        Ok(Arc::new(self.generations.get(g).ok_or(Error::NoSuchGeneration(generation))?.read()?))
+    }
+
+    /// Takes `generation`'s cache entry out when it shares `state`; returns its write id.
+    fn take_sharer(&mut self, generation: u32, state: &Arc<Encoded>) -> Option<String> {
+        let slot = self.held.get_mut(Self::slot(generation).ok()?)?;
+        if slot.as_ref().is_some_and(|h| Arc::ptr_eq(&h.state, state)) {
+            slot.take().map(|h| h.write)
+        } else {
+            None
+        }
+    }
+
+    /// Whether `generation`'s record still carries write id `write` (and names `digest`, when
+    /// given): then it holds what it held when that write was cached.
+    fn record_carries(
+        &self,
+        generation: u32,
+        write: &str,
+        digest: Option<&str>,
+    ) -> Result<bool, Error> {
+        let Some(pins) = self.pins() else { return Ok(false) };
+        let Some(fields) = pins.read(generation)? else { return Ok(false) };
+        Ok(fields.get("write").map(String::as_str) == Some(write)
+            && digest.is_none_or(|d| fields.get("digest").map(String::as_str) == Some(d)))
+    }
+
+    /// What a replay leaves the old generation holding, as a cache entry: `held` when the
+    /// write patched a copy, shared with `standby`'s entry when equal to it (a generation read
+    /// from the kernel, as on the first apply); `None` (the same deltas written onto the same
+    /// state) is the standby's entry.
+    fn share_with(&self, standby: u32, held: Option<Encoded>) -> Result<Arc<Encoded>, Error> {
+        let new = self.cached(standby);
+        match (held, new) {
+            (Some(h), Some(new)) if *new == h => Ok(new),
+            (Some(h), _) => Ok(Arc::new(h)),
+            (None, new) => new.ok_or(Error::StaleBase),
+        }
+    }
+
+    /// The cached state of `generation` (shared, not taken out), if any.
+    fn cached(&self, generation: u32) -> Option<Arc<Encoded>> {
+        let g = Self::slot(generation).ok()?;
+        self.held.get(g).and_then(Option::as_ref).map(|h| Arc::clone(&h.state))
     }
 
     /// Makes generation `generation` hold exactly `encoded`, given what it holds (`current`)
@@ -363,10 +435,10 @@ impl Dataplane {
         &mut self,
         generation: u32,
         encoded: &Encoded,
-        current: Encoded,
+        current: Option<Encoded>,
         deltas: &BTreeMap<&'static str, MapDelta>,
         grown: &mut Vec<u32>,
-    ) -> Result<(WriteStats, Encoded), Error> {
+    ) -> Result<(WriteStats, Option<Encoded>), Error> {
         let g = Self::slot(generation)?;
         let root = self.pin_root().map(std::path::Path::to_path_buf);
         let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
@@ -401,7 +473,7 @@ impl Dataplane {
             }
             *gm = fresh;
             grown.push(generation);
-            return Ok((stats, back));
+            return Ok((stats, Some(back)));
         }
         self.write_delta(generation, current, deltas)
     }
@@ -429,17 +501,26 @@ impl Dataplane {
     }
 
     /// The id of a pinned saved state holding `bytes`: the one saved last when its bytes are
-    /// equal (compared in memory, or read back once in a fresh process), else a new pin.
-    fn save_state(&mut self, bytes: &[u8], write_new: bool) -> Result<Option<String>, Error> {
+    /// equal (by `Fingerprint`; read back once in a fresh process), else a new pin.
+    fn save_state(
+        &mut self,
+        bytes: &[u8],
+        print: &Fingerprint,
+        write_new: bool,
+    ) -> Result<Option<String>, Error> {
         if self.pins().is_none() {
             return Ok(None);
         }
         if self.saved.is_none() {
             let active = self.active_generation()?;
-            self.saved = self.saved_with_id(active).ok().flatten();
+            self.saved = self
+                .saved_with_id(active)
+                .ok()
+                .flatten()
+                .map(|(id, saved)| (id, Fingerprint::of(&saved)));
         }
         if let Some((id, saved)) = &self.saved
-            && saved == bytes
+            && saved == print
         {
             return Ok(Some(id.clone()));
         }
@@ -450,7 +531,7 @@ impl Dataplane {
         if let Some(pins) = self.pins() {
             pins.write_state(&id, bytes)?;
         }
-        self.saved = Some((id.clone(), bytes.to_vec()));
+        self.saved = Some((id.clone(), print.clone()));
         Ok(Some(id))
     }
 
@@ -479,8 +560,14 @@ impl Dataplane {
                 recorded: write.is_some(),
                 maps: generation::delta(&held, desired),
             });
+            // Equal generations (the usual case) share one copy.
+            let shared = generation
+                .checked_sub(1)
+                .and_then(|p| self.cached(p))
+                .filter(|prev| **prev == held);
+            let state = shared.unwrap_or_else(|| Arc::new(held));
             if let Some(slot) = self.held.get_mut(g) {
-                *slot = write.map(|write| Held { write, state: held });
+                *slot = write.map(|write| Held { write, state });
             }
         }
         Ok(report)
@@ -534,21 +621,29 @@ impl Dataplane {
         report.to = standby;
 
         let current = self.held_state(standby)?;
+        // The old generation's cache entry, when it shares the standby's: taken out too, so
+        // the one copy is patched rather than copied; it holds what the standby held.
+        let sharer = self.take_sharer(active, &current);
+        let current = owned(current);
         let (deltas, sorted) = generation::delta_checked(&current, encoded);
         // Nothing is written unless what is written decodes (see the module docs, step 2).
         decode(&to_check(encoded, &deltas, sorted)).map_err(Error::InvalidState)?;
+        let l4_rules = deltas.keys().any(|n| L4_MAPS.contains(n));
         lap(&mut report, "diff");
 
         if let Some(pins) = self.pins_mut() {
             pins.write(standby, &[])?;
         }
         let (stats, held) =
-            self.sync_generation(standby, encoded, current, &deltas, &mut report.grown)?;
+            self.sync_generation(standby, encoded, Some(current), &deltas, &mut report.grown)?;
+        let held = Arc::new(held.ok_or(Error::StaleBase)?);
         report.standby = stats;
         if let Some(w) = workloads {
             report.standby += self.write_workloads(standby, w)?;
         }
-        let saved = self.save_state(saved_state, false)?;
+        // Hashed once (tens of MB at 100k rules), compared before and after the flip.
+        let print = Fingerprint::of(saved_state);
+        let saved = self.save_state(saved_state, &print, false)?;
         let write = write_id()?;
         let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
         self.record(standby, revision, digest, &write, saved_ref)?;
@@ -565,7 +660,7 @@ impl Dataplane {
         let saved = match saved {
             Some(id) => Some(id),
             None => {
-                let id = self.save_state(saved_state, true)?;
+                let id = self.save_state(saved_state, &print, true)?;
                 let saved_ref = id.as_deref().map(|id| (id, saved_state.len()));
                 self.record(standby, revision, digest, &write, saved_ref)?;
                 id
@@ -581,13 +676,21 @@ impl Dataplane {
         lap(&mut report, "grace period");
         hook("before-replay")?;
 
-        let current = self.held_state(active)?;
-        let replay = generation::delta(&current, encoded);
+        // Known to hold what the standby held: the same deltas, and then the same state.
+        let (current, replay) = match sharer {
+            Some(w) if self.record_carries(active, &w, None)? => (None, deltas),
+            _ => {
+                let current = owned(self.held_state(active)?);
+                let replay = generation::delta(&current, encoded);
+                (Some(current), replay)
+            }
+        };
         if let Some(pins) = self.pins_mut() {
             pins.write(active, &[])?;
         }
         let (stats, held) =
             self.sync_generation(active, encoded, current, &replay, &mut report.grown)?;
+        let held = self.share_with(standby, held)?;
         report.replay = stats;
         if let Some(w) = workloads {
             report.replay += self.write_workloads(active, w)?;
@@ -600,7 +703,7 @@ impl Dataplane {
         }
         lap(&mut report, "replay");
 
-        if deltas.keys().chain(replay.keys()).any(|n| L4_MAPS.contains(n)) {
+        if l4_rules || replay.keys().any(|n| L4_MAPS.contains(n)) {
             report.counters_removed = self.remove_counters_except(&referenced_rules(encoded))?;
         }
         if let Some(pins) = self.pins() {
@@ -613,7 +716,7 @@ impl Dataplane {
     /// The cached state of `generation`, taken out of the cache, when the record still carries
     /// its write id and names `digest` as what the generation holds; else `None` (and the
     /// cache entry, if any, stays).
-    fn held_as(&mut self, generation: u32, digest: &str) -> Result<Option<Encoded>, Error> {
+    fn held_as(&mut self, generation: u32, digest: &str) -> Result<Option<Arc<Encoded>>, Error> {
         let g = Self::slot(generation)?;
         let Some(pins) = self.pins() else { return Ok(None) };
         let Some(fields) = pins.read(generation)? else { return Ok(None) };
@@ -684,6 +787,9 @@ impl Dataplane {
         let Some(current) = self.held_as(standby, base_digest)? else {
             return Err(Error::StaleBase);
         };
+        // As in `apply_with_workloads`: the old generation's entry when it shares this one.
+        let sharer = self.take_sharer(active, &current);
+        let current = owned(current);
         let checked = effective_changes(&current, changes).and_then(|deltas| {
             let gm = self.generations.get(Self::slot(standby)?);
             let caps = gm.ok_or(Error::NoSuchGeneration(standby))?.caps;
@@ -696,10 +802,16 @@ impl Dataplane {
                 // Nothing was written: what the standby holds is still known.
                 let g = Self::slot(standby)?;
                 let write = self.pins().and_then(|p| p.read(standby).ok().flatten());
+                let state = Arc::new(current);
                 if let (Some(slot), Some(write)) =
                     (self.held.get_mut(g), write.and_then(|mut f| f.remove("write")))
                 {
-                    *slot = Some(Held { write, state: current });
+                    *slot = Some(Held { write, state: Arc::clone(&state) });
+                }
+                if let (Some(write), Ok(a)) = (sharer, Self::slot(active))
+                    && let Some(slot) = self.held.get_mut(a)
+                {
+                    *slot = Some(Held { write, state });
                 }
                 return Err(e);
             }
@@ -709,12 +821,15 @@ impl Dataplane {
         if let Some(pins) = self.pins_mut() {
             pins.write(standby, &[])?;
         }
-        let (stats, held) = self.write_delta(standby, current, &deltas)?;
+        let (stats, held) = self.write_delta(standby, Some(current), &deltas)?;
+        let held = Arc::new(held.ok_or(Error::StaleBase)?);
         report.standby = stats;
         if let Some(w) = workloads {
             report.standby += self.write_workloads(standby, w)?;
         }
-        let saved = self.save_state(saved_state, false)?;
+        // Hashed once (tens of MB at 100k rules), compared before and after the flip.
+        let print = Fingerprint::of(saved_state);
+        let saved = self.save_state(saved_state, &print, false)?;
         let write = write_id()?;
         let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
         self.record(standby, revision, digest, &write, saved_ref)?;
@@ -732,7 +847,7 @@ impl Dataplane {
         let saved = match saved {
             Some(id) => Some(id),
             None => {
-                let id = self.save_state(saved_state, true)?;
+                let id = self.save_state(saved_state, &print, true)?;
                 let saved_ref = id.as_deref().map(|id| (id, saved_state.len()));
                 self.record(standby, revision, digest, &write, saved_ref)?;
                 id
@@ -750,19 +865,26 @@ impl Dataplane {
 
         // The old generation: the same deltas when it is known to hold the base, else a diff
         // against what the standby now holds.
+        // When it shared the base with the standby, the same deltas give the same state.
+        let shared = match &sharer {
+            Some(w) => self.record_carries(active, w, Some(base_digest))?,
+            None => false,
+        };
         let (current, replay) = match self.held_as(active, base_digest)? {
-            Some(current) => (current, deltas),
+            _ if shared => (None, deltas),
+            Some(current) => (Some(owned(current)), deltas),
             None => {
-                let current = self.held_state(active)?;
+                let current = owned(self.held_state(active)?);
                 let new = self.held.get(g).and_then(Option::as_ref).map(|h| &h.state);
                 let replay = generation::delta(&current, new.ok_or(Error::StaleBase)?);
-                (current, replay)
+                (Some(current), replay)
             }
         };
         if let Some(pins) = self.pins_mut() {
             pins.write(active, &[])?;
         }
         let (stats, held) = self.write_delta(active, current, &replay)?;
+        let held = self.share_with(standby, held)?;
         report.replay = stats;
         if let Some(w) = workloads {
             report.replay += self.write_workloads(active, w)?;
@@ -776,7 +898,7 @@ impl Dataplane {
         lap(&mut report, "replay");
 
         if l4_rules {
-            let held = self.held.get(g).and_then(Option::as_ref).map(|h| &h.state);
+            let held = self.held.get(g).and_then(Option::as_ref).map(|h| &*h.state);
             let keep = held.map(referenced_rules).unwrap_or_default();
             if held.is_some() {
                 report.counters_removed = self.remove_counters_except(&keep)?;
@@ -794,17 +916,20 @@ impl Dataplane {
     fn write_delta(
         &mut self,
         generation: u32,
-        mut current: Encoded,
+        current: Option<Encoded>,
         deltas: &BTreeMap<&'static str, MapDelta>,
-    ) -> Result<(WriteStats, Encoded), Error> {
+    ) -> Result<(WriteStats, Option<Encoded>), Error> {
         let g = Self::slot(generation)?;
         let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
         let stats = gm.apply_delta(deltas)?;
         gm.verify_delta(deltas)?;
-        for (&name, d) in deltas {
-            generation::patch(current.maps.entry(name).or_default(), d);
-        }
-        Ok((stats, current))
+        let patched = current.map(|mut current| {
+            for (&name, d) in deltas {
+                generation::patch(current.maps.entry(name).or_default(), d);
+            }
+            current
+        });
+        Ok((stats, patched))
     }
 
     /// Deletes the per-rule counters of every rule not in `keep`; returns how many.
@@ -828,6 +953,29 @@ impl Dataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fingerprint_tells_saved_states_apart() {
+        let a = br#"{"rules":{"1":"a"}}"#.to_vec();
+        assert_eq!(Fingerprint::of(&a), Fingerprint::of(&a.clone()));
+        let mut b = a.clone();
+        b[12] = b'2';
+        assert_ne!(Fingerprint::of(&a), Fingerprint::of(&b));
+        assert_ne!(Fingerprint::of(&a), Fingerprint::of(&a[..a.len() - 1]));
+        assert_ne!(Fingerprint::of(b""), Fingerprint::of(b"\0"));
+    }
+
+    #[test]
+    fn an_unshared_state_is_moved_out_of_its_arc_and_a_shared_one_copied() {
+        let mut e = Encoded::default();
+        e.maps.insert("FW_IN_V4", vec![(vec![1], vec![2])]);
+        let one = Arc::new(e.clone());
+        assert_eq!(owned(one), e);
+        let shared = Arc::new(e.clone());
+        let other = Arc::clone(&shared);
+        assert_eq!(owned(shared), e);
+        assert_eq!(*other, e);
+    }
 
     #[test]
     fn growth_rounds_up_to_a_power_of_two_and_never_shrinks() {

@@ -123,8 +123,9 @@ pub struct Dataplane {
     /// Per generation, what this process last wrote there and verified, with its write id
     /// (trusted only while the pinned record carries the same id; see `apply`).
     held: Vec<Option<apply::Held>>,
-    /// The saved state pinned last: its id and bytes.
-    saved: Option<(String, Vec<u8>)>,
+    /// The saved state pinned last: its id and a fingerprint of its bytes (the bytes are the
+    /// caller's rule table, tens of MB at 100k rules: not kept).
+    saved: Option<(String, apply::Fingerprint)>,
 }
 
 impl std::fmt::Debug for Dataplane {

@@ -617,6 +617,9 @@ impl Engine {
         let detached = self.cfg.interfaces.iter().any(|i| !interfaces.contains(i))
             || egress < fw_common::programs::EGRESS.len() + 1;
         let entries = report.entries();
+        // The check read both generations in full (tens of MB at 100k rules) and replaced
+        // the loader's cached states with them: hand the old copies back to the system.
+        release_freed_memory();
         {
             let mut s = lock(&self.status);
             s.drift.checked_at_ms = Some(now_ms());
