@@ -311,9 +311,13 @@ impl Engine {
             let mut s = lock(&self.status);
             s.source.error = None;
             s.source.failures = 0;
+            // `forced` describes how the head was reached, so it changes with the head only: a
+            // fetch that finds nothing new must not clear it.
+            if s.source.head.as_deref() != Some(fetched.commit.as_str()) {
+                s.source.forced = fetched.forced;
+            }
             s.source.head = Some(fetched.commit.clone());
             s.source.last_fetch_ms = Some(now_ms());
-            s.source.forced = fetched.forced;
         }
         let current = self.applied.as_ref().map(|a| a.commit.as_str());
         if current == Some(fetched.commit.as_str())

@@ -50,7 +50,8 @@ pub struct SourceStatus {
     pub error: Option<String>,
     /// Consecutive failed fetches.
     pub failures: u32,
-    /// Whether the last fetch followed a rewritten history (a force-push).
+    /// Whether the head was reached through a rewritten history (a force-push); kept until
+    /// the head changes again.
     pub forced: bool,
 }
 
