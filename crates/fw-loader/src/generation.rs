@@ -272,7 +272,7 @@ impl GenerationMaps {
         );
         out.insert(maps::INGRESS_V6, read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes)?);
         out.insert(maps::INGRESS_L4, read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes)?);
-        out.insert(maps::INGRESS_L4_EXACT, read_l4x(&self.in_l4x, maps::INGRESS_L4_EXACT)?);
+        out.insert(maps::INGRESS_L4_EXACT, read_hash(&self.in_l4x, maps::INGRESS_L4_EXACT)?);
         out.insert(maps::EGRESS_V4, read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes)?);
         out.insert(maps::EGRESS_V6, read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes)?);
         out.insert(maps::EGRESS_L4, read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes)?);
@@ -375,20 +375,6 @@ fn l4x_delta(
         stats.written += 1;
     }
     Ok(stats)
-}
-
-/// Reads the L4 exact hash back (`encode`'s format, sorted by key bytes).
-fn read_l4x(
-    map: &HashMap<MapData, L4LpmKey, L4Value>,
-    name: &'static str,
-) -> Result<Entries, Error> {
-    let mut entries = Vec::new();
-    for item in map.iter() {
-        let (key, value) = item.map_err(Error::map(name))?;
-        entries.push((key.to_bytes().to_vec(), value.to_bytes().to_vec()));
-    }
-    entries.sort_unstable();
-    Ok(entries)
 }
 
 /// The chunk key and chunk of each entry.
@@ -501,15 +487,16 @@ fn read_dir(
     Ok(entries)
 }
 
-/// [`read_lpm`] for the ingress IPv4 hash.
-fn read_hash(
-    map: &HashMap<MapData, Ipv4LpmKey, ClassValue>,
+/// Reads a hash map back in `encode`'s format, sorted by key bytes ([`read_lpm`] for the
+/// hashes: the ingress IPv4 prefix hash and the ingress exact L4 hash).
+fn read_hash<K: Pod + Bytes, V: Pod + Bytes>(
+    map: &HashMap<MapData, K, V>,
     name: &'static str,
 ) -> Result<Entries, Error> {
     let mut entries = Vec::new();
     for item in map.iter() {
         let (key, value) = item.map_err(Error::map(name))?;
-        entries.push((key.to_bytes().to_vec(), value.to_bytes().to_vec()));
+        entries.push((key.to_bytes().as_ref().to_vec(), value.to_bytes().as_ref().to_vec()));
     }
     entries.sort_unstable();
     Ok(entries)
@@ -1113,7 +1100,7 @@ impl GenerationMaps {
             }
             maps::INGRESS_V6 => read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes),
             maps::INGRESS_L4 => read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes),
-            maps::INGRESS_L4_EXACT => read_l4x(&self.in_l4x, maps::INGRESS_L4_EXACT),
+            maps::INGRESS_L4_EXACT => read_hash(&self.in_l4x, maps::INGRESS_L4_EXACT),
             maps::EGRESS_V4 => read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes),
             maps::EGRESS_V6 => read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes),
             maps::EGRESS_L4 => read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes),
