@@ -587,6 +587,12 @@ fn check_empty_sets(
         let (Some(resolved), Some(doc)) = (linked.sets.get(name), sets.get(name)) else {
             continue;
         };
+        // A set without excepts that lists an address or `any` is not empty, without
+        // expanding it into ranges (a block list of 100k prefixes, on every commit).
+        let lists_an_address = resolved.addresses.iter().any(|t| !matches!(t, AddrTerm::Set(_)));
+        if resolved.except.is_empty() && lists_an_address {
+            continue;
+        }
         if !memo.set(resolved).is_empty() {
             continue;
         }
