@@ -37,6 +37,12 @@ mod events;
 mod generation;
 mod pin;
 mod upgrade;
+/// For the tests of crates that use the loader (the `testing` feature): states a pinned root
+/// is left in by other builds, made by writing its pins the way those builds would.
+#[cfg(feature = "testing")]
+pub mod testing {
+    pub use crate::pin::rewrite_recorded_abi;
+}
 pub mod workloads;
 
 use std::collections::BTreeMap;

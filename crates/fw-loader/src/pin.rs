@@ -804,6 +804,20 @@ pub(crate) fn unload_locked(root: &Path) -> Result<Vec<PathBuf>, Error> {
     Ok(removed)
 }
 
+/// Makes the record under `root` name ABI `abi`, as a root pinned by another build would;
+/// the ABI it named before. See [`crate::testing`].
+#[cfg(feature = "testing")]
+pub fn rewrite_recorded_abi(root: &Path, abi: &str) -> Result<String, Error> {
+    let record = Array::try_from(open_pinned_map(root, RECORD)?).map_err(Error::map(RECORD))?;
+    let mut pins = Pins { root: root.to_path_buf(), record };
+    let meta = pins.read(META)?.ok_or(Error::Record("no metadata entry"))?;
+    let before = meta.get("abi").cloned().unwrap_or_default();
+    let fields: Vec<(&str, &str)> =
+        meta.iter().map(|(k, v)| (k.as_str(), if k == "abi" { abi } else { v.as_str() })).collect();
+    pins.write(META, &fields)?;
+    Ok(before)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -295,24 +295,11 @@ fn an_apply_that_fails_before_the_flip_changes_nothing() {
     assert_eq!(net.observe(), (true, true, false), "the old policy still enforces");
 }
 
-/// Makes the record under `root` name another ABI, as a root pinned by an older build would.
+/// Makes the record under `root` name another ABI, as a root pinned by an older build would
+/// (checking that it named this build's ABI before).
 fn rewrite_recorded_abi(root: &Path, abi: &str) {
-    use aya::maps::{Array, Map, MapData};
-    let data = MapData::from_pin(root.join("FW_RECORD")).expect("open the record");
-    let mut record: Array<MapData, [u8; 1024]> =
-        Array::try_from(Map::from_map_data(data).expect("map")).expect("array");
-    let meta_index = fw_common::GENERATIONS;
-    let raw = record.get(&meta_index, 0).expect("meta");
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    let text = String::from_utf8(raw[..end].to_vec()).expect("utf-8");
-    assert!(text.contains(&format!("abi={}\n", fw_loader::abi_version())), "{text}");
-    let text: String = text
-        .lines()
-        .map(|l| if l.starts_with("abi=") { format!("abi={abi}\n") } else { format!("{l}\n") })
-        .collect();
-    let mut out = [0u8; 1024];
-    out[..text.len()].copy_from_slice(text.as_bytes());
-    record.set(meta_index, out, 0).expect("write the record");
+    let before = fw_loader::testing::rewrite_recorded_abi(root, abi).expect("rewrite the record");
+    assert_eq!(before, fw_loader::abi_version());
 }
 
 #[test]
