@@ -28,8 +28,8 @@ use crate::mapstate::{
 };
 use crate::model::RuleId;
 
-/// Key/value byte pairs of one map, sorted by key.
-pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+/// Key/value byte pairs of one map, sorted by key: packed and shared ([`crate::entries`]).
+pub use crate::entries::Entries;
 
 /// The encoded maps, by name (`fw_common::maps`):
 /// - `FW_IN_V4`, `FW_EG_V4`: `Ipv4LpmKey` -> `ClassValue` (the kernel holds `FW_IN_V4` in a
@@ -108,7 +108,7 @@ fn class_value(c: &Classes) -> ClassValue {
 }
 
 fn sorted(mut entries: Entries) -> Entries {
-    entries.sort_unstable();
+    entries.sort();
     entries
 }
 
@@ -239,7 +239,7 @@ pub(crate) fn config_entries(state: &MapState) -> Entries {
                 _pad: 0,
                 v4_lengths,
             };
-            (index.to_le_bytes().to_vec(), value.to_bytes().to_vec())
+            (index.to_le_bytes(), value.to_bytes())
         })
         .collect();
     sorted(config)
@@ -255,7 +255,7 @@ pub fn encode_with(state: &MapState, options: &EncodeOptions) -> Encoded {
     let mut out = BTreeMap::new();
     let dir = v4_dir_chunks(&state.ingress.v4, options.v4_dir_l2_budget)
         .into_iter()
-        .map(|(k, chunk)| (k.to_le_bytes().to_vec(), chunk.to_bytes().to_vec()))
+        .map(|(k, chunk)| (k.to_le_bytes(), chunk.to_bytes()))
         .collect();
     out.insert(maps::INGRESS_V4_DIR, sorted(dir));
     for direction in Direction::ALL {
@@ -268,7 +268,7 @@ pub fn encode_with(state: &MapState, options: &EncodeOptions) -> Encoded {
                         prefix_len: u32::from(net.prefix_len()),
                         addr: net.network().octets(),
                     };
-                    (key.to_bytes().to_vec(), class_value(class).to_bytes().to_vec())
+                    (key.to_bytes(), class_value(class).to_bytes())
                 })
                 .collect();
         let v6 =
@@ -278,7 +278,7 @@ pub fn encode_with(state: &MapState, options: &EncodeOptions) -> Encoded {
                         prefix_len: u32::from(net.prefix_len()),
                         addr: net.network().octets(),
                     };
-                    (key.to_bytes().to_vec(), class_value(class).to_bytes().to_vec())
+                    (key.to_bytes(), class_value(class).to_bytes())
                 })
                 .collect();
         let l4: Entries =
@@ -306,7 +306,7 @@ pub fn encode_with(state: &MapState, options: &EncodeOptions) -> Encoded {
                         audit_rank_hi: (audit_rank >> 32) as u32,
                         audit_rank_lo: audit_rank as u32,
                     };
-                    (key.to_bytes().to_vec(), value.to_bytes().to_vec())
+                    (key.to_bytes(), value.to_bytes())
                 })
                 .collect();
         out.insert(n4, sorted(v4));
@@ -314,8 +314,10 @@ pub fn encode_with(state: &MapState, options: &EncodeOptions) -> Encoded {
         if direction == Direction::Ingress {
             // Whole-word entries go to the exact hash, the rest stay in the trie.
             let exact_len = (L4_KEY_FIXED_BITS + 32).to_le_bytes();
-            let (exact, trie): (Entries, Entries) =
-                l4.into_iter().partition(|(k, _): &(Vec<u8>, Vec<u8>)| k[..4] == exact_len);
+            let (mut exact, mut trie) = (Entries::new(), Entries::new());
+            for (k, v) in &l4 {
+                if k.get(..4) == Some(&exact_len[..]) { exact.push(k, v) } else { trie.push(k, v) }
+            }
             out.insert(maps::INGRESS_L4_EXACT, sorted(exact));
             out.insert(nl4, sorted(trie));
         } else {
@@ -326,9 +328,7 @@ pub fn encode_with(state: &MapState, options: &EncodeOptions) -> Encoded {
     let workloads = state
         .workloads
         .iter()
-        .map(|(path, id)| {
-            (path.as_bytes().to_vec(), WorkloadValue { workload: id.0 }.to_bytes().to_vec())
-        })
+        .map(|(path, id)| (path.as_bytes(), WorkloadValue { workload: id.0 }.to_bytes()))
         .collect();
     out.insert(maps::WORKLOADS, sorted(workloads));
     Encoded { maps: out }
@@ -517,9 +517,10 @@ fn decode_direction(
     }
     let mut l4 = BTreeMap::new();
     // Ingress: the exact hash's entries (whole-word prefixes only) and the trie's, one table.
-    let exact: &[(Vec<u8>, Vec<u8>)] = match direction {
+    let none = Entries::new();
+    let exact = match direction {
         Direction::Ingress => entries(enc, maps::INGRESS_L4_EXACT)?,
-        Direction::Egress => &[],
+        Direction::Egress => &none,
     };
     let tagged = exact.iter().map(|e| (maps::INGRESS_L4_EXACT, e));
     for (nl4, (k, v)) in tagged.chain(entries(enc, nl4)?.iter().map(|e| (nl4, e))) {
@@ -573,7 +574,7 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
     let mut config: BTreeMap<u32, Defaults> = BTreeMap::new();
     let mut lengths = BTreeMap::new();
     for (k, v) in entries(enc, map)? {
-        let index = match <[u8; 4]>::try_from(k.as_slice()) {
+        let index = match <[u8; 4]>::try_from(k) {
             Ok(b) => u32::from_le_bytes(b),
             Err(_) => {
                 return Err(DecodeError::KeyLength { map, expected: 4, got: k.len() });
@@ -598,7 +599,7 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
     // in range, and slots that are a class pair or none.
     let dir = maps::INGRESS_V4_DIR;
     for (k, v) in entries(enc, dir)? {
-        let key = <[u8; 4]>::try_from(k.as_slice())
+        let key = <[u8; 4]>::try_from(k)
             .map(u32::from_le_bytes)
             .map_err(|_| DecodeError::KeyLength { map: dir, expected: 4, got: k.len() })?;
         if key >= V4_DIR_MAX_CHUNKS {
@@ -643,7 +644,7 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
     let map = maps::WORKLOADS;
     let mut workloads = BTreeMap::new();
     for (k, v) in entries(enc, map)? {
-        let path = String::from_utf8(k.clone()).map_err(|_| DecodeError::WorkloadPath { map })?;
+        let path = String::from_utf8(k.to_vec()).map_err(|_| DecodeError::WorkloadPath { map })?;
         let value: WorkloadValue = parse(map, v, false)?;
         if value.workload == 0 {
             return Err(DecodeError::ZeroId { map });
@@ -722,19 +723,20 @@ mod tests {
     #[test]
     fn encoding_uses_little_endian_numbers_and_big_endian_lpm_data() {
         let enc = encode(&state());
-        let v4 = enc.get(maps::INGRESS_V4).unwrap();
+        let v4 = enc.get(maps::INGRESS_V4).unwrap().to_vec();
         // The value: wide class 5, then narrow class 0x01020304, each little-endian.
         assert!(v4.contains(&(vec![16, 0, 0, 0, 10, 1, 0, 0], vec![5, 0, 0, 0, 4, 3, 2, 1])));
         // Egress keeps every L4 entry in the trie; ingress puts the whole-word ones (the TCP
         // 443 entry) into the exact hash and leaves the rest (the ICMP prefix) in the trie.
-        let l4 = enc.get(maps::EGRESS_L4).unwrap();
-        let (trie, exact) = (&enc.maps[maps::INGRESS_L4], &enc.maps[maps::INGRESS_L4_EXACT]);
+        let l4 = enc.get(maps::EGRESS_L4).unwrap().to_vec();
+        let (trie, exact) =
+            (enc.maps[maps::INGRESS_L4].to_vec(), enc.maps[maps::INGRESS_L4_EXACT].to_vec());
         assert_eq!((trie.len(), exact.len()), (1, 1));
         assert_eq!(trie[0], l4[0]);
         assert_eq!(exact[0], l4[1]);
         assert_eq!(
             l4,
-            &vec![
+            vec![
                 (
                     // Wide class 5, icmp.
                     vec![72, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 1, 0, 0, 0],
@@ -806,17 +808,17 @@ mod tests {
                 )
             ]
         );
-        let config = enc.get(maps::CONFIG).unwrap();
+        let config = enc.get(maps::CONFIG).unwrap().to_vec();
         // Defaults, then the IPv4 table's prefix lengths longest first (/16, /0), zeros after.
         let value = |verdict: u8| {
             let mut v = vec![verdict, 2, 2, 0, 16, 0];
             v.resize(40, 0);
             v
         };
-        assert_eq!(config, &vec![(vec![0, 0, 0, 0], value(2)), (vec![1, 0, 0, 0], value(1))]);
+        assert_eq!(config, vec![(vec![0, 0, 0, 0], value(2)), (vec![1, 0, 0, 0], value(1))]);
         // Sorted by key bytes.
         for entries in enc.maps.values() {
-            assert!(entries.windows(2).all(|w| w[0].0 < w[1].0));
+            assert!(entries.to_vec().windows(2).all(|w| w[0].0 < w[1].0));
         }
     }
 
@@ -829,9 +831,13 @@ mod tests {
     #[test]
     fn decode_rejects_what_the_kernel_could_not_use() {
         let good = encode(&state());
-        let with = |map: &'static str, f: &dyn Fn(&mut Entries)| {
+        type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+        let with = |map: &'static str, f: &dyn Fn(&mut Pairs)| {
             let mut e = good.clone();
-            f(e.maps.get_mut(map).unwrap());
+            let entries = e.maps.get_mut(map).unwrap();
+            let mut pairs = entries.to_vec();
+            f(&mut pairs);
+            *entries = pairs.into();
             decode(&e)
         };
         assert_eq!(
@@ -928,7 +934,7 @@ mod dir_tests {
             enc.get(maps::INGRESS_V4_DIR)
                 .unwrap()
                 .iter()
-                .find(|(k, _)| k.as_slice() == key.to_le_bytes())
+                .find(|(k, _)| *k == key.to_le_bytes())
                 .map(|(_, v)| V4DirChunk::from_bytes(v).unwrap())
         };
         let probe = |above: u8| {

@@ -152,13 +152,13 @@ fn reusable(state: &MapState, prev: &MapState) -> Vec<&'static str> {
 }
 
 /// `encode(state)`, taking from `prev_encoded` (the encoding of `prev`) the maps whose parts
-/// of the state are equal to `prev`'s; the names of the maps taken. They are moved, not
-/// copied (a copy of a large map costs about what encoding it does): `prev_encoded` lacks
-/// them afterwards, and a caller that still needs it whole moves them back (they are equal
-/// by construction).
+/// of the state are equal to `prev`'s; the names of the maps taken. They are shared, not
+/// copied (`Entries` clones are reference counts): both encodings stay whole and hold the
+/// same buffers for those maps, which also lets the loader's cache and a later diff tell
+/// them equal without reading them.
 pub fn encode_reusing(
     state: &mut MapState,
-    prev: Option<(&MapState, &mut Encoded)>,
+    prev: Option<(&MapState, &Encoded)>,
 ) -> (Encoded, Vec<&'static str>) {
     let Some((prev, prev_encoded)) = prev else { return (encode(state), Vec::new()) };
     let reuse: Vec<&'static str> = reusable(state, prev)
@@ -188,8 +188,8 @@ pub fn encode_reusing(
             Aside::L4(t) => d.l4 = t,
         }
         for &c in companions(name) {
-            if let Some(entries) = prev_encoded.maps.remove(c) {
-                out.maps.insert(c, entries);
+            if let Some(entries) = prev_encoded.maps.get(c) {
+                out.maps.insert(c, entries.clone());
             }
         }
     }
@@ -282,17 +282,14 @@ mod tests {
         let mut reused_any = false;
         for (i, s) in states.iter().enumerate() {
             let mut s = s.clone();
-            let (encoded, reused) =
-                encode_reusing(&mut s, prev.as_mut().map(|(st, e, _)| (&*st, e)));
+            let (encoded, reused) = encode_reusing(&mut s, prev.as_ref().map(|(st, e, _)| (st, e)));
             assert_eq!(s, states[i], "the state is left as it was");
             assert_eq!(encoded, encode(&s), "encoding at step {i}");
             if let Some((p, e, _)) = &prev {
-                let mut whole = e.clone();
                 for name in &reused {
-                    assert!(!whole.maps.contains_key(name), "{name} was moved");
-                    whole.maps.insert(name, encoded.maps[name].clone());
+                    assert!(encoded.maps[name].shares(&e.maps[name]), "{name} is shared");
                 }
-                assert_eq!(whole, encode(p), "moved back, the previous encoding is whole");
+                assert_eq!(*e, encode(p), "the previous encoding is whole");
             }
             let (digest, marks) = digest_reusing(&s, prev.as_ref().map(|(st, _, m)| (st, m)));
             assert_eq!(digest, s.digest(), "digest at step {i}");

@@ -14,6 +14,7 @@ pub mod compile;
 pub mod diag;
 pub mod diff;
 pub mod encode;
+pub mod entries;
 pub mod eval;
 pub mod ids;
 pub mod incremental;

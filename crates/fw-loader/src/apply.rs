@@ -57,7 +57,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fw_common::GENERATIONS;
-use fw_compiler::encode::{Encoded, decode};
+use fw_compiler::encode::{Encoded, Entries, decode};
 
 use crate::generation::{self, GenerationMaps, MapDelta};
 use crate::{Dataplane, Error, WriteStats};
@@ -183,7 +183,7 @@ fn to_check(encoded: &Encoded, deltas: &BTreeMap<&'static str, MapDelta>, sorted
                 match deltas.get(name) {
                     Some(d) if sorted => d.upsert.clone(),
                     Some(_) => entries.clone(),
-                    None => Vec::new(),
+                    None => Entries::new(),
                 }
             };
             (name, entries)
@@ -216,25 +216,24 @@ fn effective_changes(
     current: &Encoded,
     changes: &BTreeMap<&'static str, MapDelta>,
 ) -> Result<BTreeMap<&'static str, MapDelta>, Error> {
-    let empty = Vec::new();
+    let empty = Entries::new();
     let mut out = BTreeMap::new();
     for (&name, change) in changes {
         if !fw_common::maps::GENERATIONAL.contains(&name) || name == fw_common::maps::WORKLOADS {
             return Err(Error::UnknownMap(name.to_string()));
         }
         let held = current.maps.get(name).unwrap_or(&empty);
-        let find = |k: &[u8]| held.binary_search_by(|e| e.0.as_slice().cmp(k)).ok();
         let mut d = MapDelta::default();
         let mut keys: Vec<&[u8]> = Vec::new();
         for (k, v) in &change.upsert {
             keys.push(k);
-            if find(k).and_then(|i| held.get(i)).is_none_or(|e| &e.1 != v) {
-                d.upsert.push((k.clone(), v.clone()));
+            if held.value_of(k) != Some(v) {
+                d.upsert.push(k, v);
             }
         }
         for k in &change.remove {
             keys.push(k);
-            if find(k).is_some() {
+            if held.binary_search(k).is_ok() {
                 d.remove.push(k.clone());
             }
         }
@@ -244,7 +243,7 @@ fn effective_changes(
                 map: name,
             }));
         }
-        d.upsert.sort_unstable();
+        d.upsert.sort();
         d.remove.sort_unstable();
         if !d.is_empty() {
             out.insert(name, d);
@@ -276,16 +275,11 @@ fn check_changes(
     }
     decode(&check).map_err(Error::InvalidState)?;
     for (&name, d) in deltas {
-        let held = current.maps.get(name).map_or(0, Vec::len);
+        let held = current.maps.get(name).map_or(0, Entries::len);
         let new = d
             .upsert
             .iter()
-            .filter(|(k, _)| {
-                current
-                    .maps
-                    .get(name)
-                    .is_none_or(|h| h.binary_search_by(|e| e.0.as_slice().cmp(k)).is_err())
-            })
+            .filter(|(k, _)| current.maps.get(name).is_none_or(|h| h.binary_search(k).is_err()))
             .count();
         let cap = match name {
             fw_common::maps::INGRESS_V4 | fw_common::maps::EGRESS_V4 => caps.v4_prefixes,
@@ -425,6 +419,38 @@ impl Dataplane {
     fn cached(&self, generation: u32) -> Option<Arc<Encoded>> {
         let g = Self::slot(generation).ok()?;
         self.held.get(g).and_then(Option::as_ref).map(|h| Arc::clone(&h.state))
+    }
+
+    /// Makes the cache entries hold `desired`'s own buffers for every map whose content is
+    /// the same (a pointer comparison when they already do, else a byte comparison of the two
+    /// packed buffers), and drops the copies they replace. What an entry says a generation
+    /// holds does not change, nor the write id it is trusted with; only where the bytes live.
+    /// After an apply of `desired` both generations hold it (but the workload table), so the
+    /// caller's encoding and both cache entries are then one copy in memory rather than
+    /// three. Equal entries of the two generations stay one `Arc`.
+    pub fn share_cached_maps(&mut self, desired: &Encoded) {
+        let mut replaced: Vec<(Arc<Encoded>, Arc<Encoded>)> = Vec::new();
+        for held in self.held.iter_mut().flatten() {
+            if let Some((_, new)) = replaced.iter().find(|(old, _)| Arc::ptr_eq(old, &held.state)) {
+                held.state = Arc::clone(new);
+                continue;
+            }
+            let mut state = (*held.state).clone();
+            let mut changed = false;
+            for (name, entries) in &mut state.maps {
+                if let Some(want) = desired.maps.get(name)
+                    && !entries.shares(want)
+                    && entries == want
+                {
+                    *entries = want.clone();
+                    changed = true;
+                }
+            }
+            if changed {
+                let new = Arc::new(state);
+                replaced.push((std::mem::replace(&mut held.state, Arc::clone(&new)), new));
+            }
+        }
     }
 
     /// Makes generation `generation` hold exactly `encoded`, given what it holds (`current`)
@@ -570,6 +596,8 @@ impl Dataplane {
                 *slot = write.map(|write| Held { write, state });
             }
         }
+        // What was read equal to `desired` is kept as `desired`'s buffers, not as a copy.
+        self.share_cached_maps(desired);
         Ok(report)
     }
 
@@ -709,6 +737,7 @@ impl Dataplane {
         if let Some(pins) = self.pins() {
             pins.remove_unreferenced_states()?;
         }
+        self.share_cached_maps(encoded);
         lap(&mut report, "clean up");
         Ok(report)
     }
@@ -968,7 +997,7 @@ mod tests {
     #[test]
     fn an_unshared_state_is_moved_out_of_its_arc_and_a_shared_one_copied() {
         let mut e = Encoded::default();
-        e.maps.insert("FW_IN_V4", vec![(vec![1], vec![2])]);
+        e.maps.insert("FW_IN_V4", vec![(vec![1], vec![2])].into());
         let one = Arc::new(e.clone());
         assert_eq!(owned(one), e);
         let shared = Arc::new(e.clone());
@@ -988,11 +1017,18 @@ mod tests {
     fn an_entry_diff_lists_only_what_changed() {
         let mut a = Encoded::default();
         let mut b = Encoded::default();
-        a.maps.insert("FW_IN_V4", vec![(vec![1], vec![1]), (vec![2], vec![2]), (vec![3], vec![3])]);
-        b.maps.insert("FW_IN_V4", vec![(vec![1], vec![1]), (vec![2], vec![9]), (vec![4], vec![4])]);
+        let e = |pairs: Vec<(Vec<u8>, Vec<u8>)>| Entries::from(pairs);
+        a.maps.insert(
+            "FW_IN_V4",
+            e(vec![(vec![1], vec![1]), (vec![2], vec![2]), (vec![3], vec![3])]),
+        );
+        b.maps.insert(
+            "FW_IN_V4",
+            e(vec![(vec![1], vec![1]), (vec![2], vec![9]), (vec![4], vec![4])]),
+        );
         let d = generation::delta(&a, &b);
         let m = d.get("FW_IN_V4").expect("a diff for FW_IN_V4");
-        assert_eq!(m.upsert, vec![(vec![2], vec![9]), (vec![4], vec![4])]);
+        assert_eq!(m.upsert, e(vec![(vec![2], vec![9]), (vec![4], vec![4])]));
         assert_eq!(m.remove, vec![vec![3]]);
         assert!(generation::delta(&a, &a).is_empty());
     }
@@ -1003,12 +1039,13 @@ mod tests {
         let want = vec![(vec![4], vec![4]), (vec![2], vec![9]), (vec![1], vec![1])];
         let mut want_sorted = want.clone();
         want_sorted.sort();
-        let enc = |e: &Vec<(Vec<u8>, Vec<u8>)>| Encoded { maps: [("FW_IN_V4", e.clone())].into() };
+        let enc =
+            |e: &Vec<(Vec<u8>, Vec<u8>)>| Encoded { maps: [("FW_IN_V4", e.clone().into())].into() };
         let a = generation::delta(&enc(&sorted), &enc(&want));
         let b = generation::delta(&enc(&sorted), &enc(&want_sorted));
         assert_eq!(a, b);
         let d = a.get("FW_IN_V4").expect("a diff");
-        assert_eq!(d.upsert, vec![(vec![2], vec![9]), (vec![4], vec![4])]);
+        assert_eq!(d.upsert.to_vec(), vec![(vec![2], vec![9]), (vec![4], vec![4])]);
         assert_eq!(d.remove, vec![vec![3]]);
         // The same with shared entries before and after (skipped before the middle is diffed).
         let wrap = |e: &Vec<(Vec<u8>, Vec<u8>)>| {
@@ -1030,18 +1067,20 @@ mod tests {
                 keys.iter().map(|&k| (vec![k], vec![k.wrapping_add(v)])).collect()
             };
             // Key 5 changes its value, the others keep theirs.
-            let mut current = entries(have, 0);
+            let current = entries(have, 0);
             let mut desired = entries(want, 0);
             for e in desired.iter_mut().filter(|e| e.0 == [5]) {
                 e.1 = vec![99];
             }
-            let enc =
-                |e: &Vec<(Vec<u8>, Vec<u8>)>| Encoded { maps: [("FW_IN_L4", e.clone())].into() };
+            let enc = |e: &Vec<(Vec<u8>, Vec<u8>)>| Encoded {
+                maps: [("FW_IN_L4", e.clone().into())].into(),
+            };
             let d = generation::delta(&enc(&current), &enc(&desired));
+            let mut patched = Entries::from(current.clone());
             if let Some(d) = d.get("FW_IN_L4") {
-                generation::patch(&mut current, d);
+                generation::patch(&mut patched, d);
             }
-            assert_eq!(current, desired, "{have:?} -> {want:?}");
+            assert_eq!(patched.to_vec(), desired, "{have:?} -> {want:?}");
         }
     }
 
@@ -1058,9 +1097,12 @@ mod tests {
             fw_common::Bytes::to_bytes(&v).as_ref().to_vec()
         };
         let mut e = Encoded::default();
-        e.maps.insert("FW_IN_L4", vec![(vec![0; 16], value(7, 0)), (vec![1; 16], value(0, 9))]);
-        e.maps.insert("FW_EG_L4", vec![(vec![0; 16], value(3, 3))]);
-        e.maps.insert("FW_IN_V4", vec![(vec![0; 8], vec![5, 0, 0, 0])]);
+        e.maps.insert(
+            "FW_IN_L4",
+            vec![(vec![0; 16], value(7, 0)), (vec![1; 16], value(0, 9))].into(),
+        );
+        e.maps.insert("FW_EG_L4", vec![(vec![0; 16], value(3, 3))].into());
+        e.maps.insert("FW_IN_V4", vec![(vec![0; 8], vec![5, 0, 0, 0])].into());
         assert_eq!(referenced_rules(&e), [3, 7, 9].into());
     }
 }

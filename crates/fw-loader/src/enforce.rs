@@ -148,14 +148,20 @@ impl Dataplane {
                 d.digest,
                 d.saved_state,
             ),
-            Change::Delta { base_digest, changes } => self.apply_changes_with_workloads(
-                base_digest,
-                changes,
-                d.workloads,
-                d.revision,
-                d.digest,
-                d.saved_state,
-            ),
+            Change::Delta { base_digest, changes } => {
+                let report = self.apply_changes_with_workloads(
+                    base_digest,
+                    changes,
+                    d.workloads,
+                    d.revision,
+                    d.digest,
+                    d.saved_state,
+                )?;
+                // Both generations now hold `d.encoded` (but the workload table): their cache
+                // entries keep its buffers rather than the copies the deltas were patched into.
+                self.share_cached_maps(d.encoded);
+                Ok(report)
+            }
         }
     }
 

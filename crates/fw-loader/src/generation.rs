@@ -13,6 +13,7 @@
 //! so it is not atomic: write only a generation packets are not using, then flip.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
 use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
 
 use aya::Pod;
@@ -229,7 +230,7 @@ impl GenerationMaps {
         let name = maps::CONFIG;
         let mut given = BTreeMap::new();
         for (k, v) in entries {
-            let index = <[u8; 4]>::try_from(k.as_slice())
+            let index = <[u8; 4]>::try_from(k)
                 .map(u32::from_le_bytes)
                 .map_err(|_| Error::Entry { map: name, reason: "config key is not 4 bytes" })?;
             let value = DirectionConfig::from_bytes(v)
@@ -276,12 +277,7 @@ impl GenerationMaps {
         out.insert(maps::EGRESS_V4, read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes)?);
         out.insert(maps::EGRESS_V6, read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes)?);
         out.insert(maps::EGRESS_L4, read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes)?);
-        let mut config = Vec::new();
-        for index in 0..CONFIG_ENTRIES {
-            let value = self.config.get(&index, 0).map_err(Error::map(maps::CONFIG))?;
-            config.push((index.to_le_bytes().to_vec(), value.to_bytes().to_vec()));
-        }
-        out.insert(maps::CONFIG, config);
+        out.insert(maps::CONFIG, self.read_map(maps::CONFIG)?);
         Ok(Encoded { maps: out })
     }
 }
@@ -381,7 +377,7 @@ fn l4x_delta(
 fn dir_entries(name: &'static str, e: &Entries) -> Result<Vec<(u32, V4DirChunk)>, Error> {
     e.iter()
         .map(|(k, v)| {
-            let key = <[u8; 4]>::try_from(k.as_slice())
+            let key = <[u8; 4]>::try_from(k)
                 .map(u32::from_le_bytes)
                 .map_err(|_| Error::Entry { map: name, reason: "key size" })?;
             let value = V4DirChunk::from_bytes(v)
@@ -464,7 +460,7 @@ fn read_dir(
     level1: &Array<MapData, V4DirChunk>,
     name: &'static str,
 ) -> Result<Entries, Error> {
-    let mut entries = Vec::new();
+    let mut entries = Entries::new();
     let mut seen = [false; V4_DIR_L2_BASE as usize];
     for item in map.iter() {
         let (key, value) = item.map_err(Error::map(name))?;
@@ -475,7 +471,7 @@ fn read_dir(
                 return Err(Error::VerifyFailed(maps::INGRESS_V4_DIR1));
             }
         }
-        entries.push((key.to_le_bytes().to_vec(), value.to_bytes().to_vec()));
+        entries.push(&key.to_le_bytes(), &value.to_bytes());
     }
     for key in (0..V4_DIR_L2_BASE).filter(|&k| !seen[k as usize]) {
         let mirrored = level1.get(&key, 0).map_err(Error::map(maps::INGRESS_V4_DIR1))?;
@@ -483,7 +479,7 @@ fn read_dir(
             return Err(Error::VerifyFailed(maps::INGRESS_V4_DIR1));
         }
     }
-    entries.sort_unstable();
+    entries.sort();
     Ok(entries)
 }
 
@@ -493,12 +489,12 @@ fn read_hash<K: Pod + Bytes, V: Pod + Bytes>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
 ) -> Result<Entries, Error> {
-    let mut entries = Vec::new();
+    let mut entries = Entries::new();
     for item in map.iter() {
         let (key, value) = item.map_err(Error::map(name))?;
-        entries.push((key.to_bytes().as_ref().to_vec(), value.to_bytes().as_ref().to_vec()));
+        entries.push(key.to_bytes().as_ref(), value.to_bytes().as_ref());
     }
-    entries.sort_unstable();
+    entries.sort();
     Ok(entries)
 }
 
@@ -530,12 +526,12 @@ fn read_lpm<K: Pod, V: Pod + Bytes>(
     name: &'static str,
     key_bytes: fn(u32, K) -> Vec<u8>,
 ) -> Result<Entries, Error> {
-    let mut entries = Vec::new();
+    let mut entries = Entries::new();
     for item in map.iter() {
         let (key, value) = item.map_err(Error::map(name))?;
-        entries.push((key_bytes(key.prefix_len(), key.data()), value.to_bytes().as_ref().to_vec()));
+        entries.push(&key_bytes(key.prefix_len(), key.data()), value.to_bytes().as_ref());
     }
-    entries.sort_unstable();
+    entries.sort();
     Ok(entries)
 }
 
@@ -640,33 +636,41 @@ pub(crate) fn delta_checked(
     let names: BTreeSet<&'static str> =
         current.maps.keys().chain(desired.maps.keys()).copied().collect();
     for name in names.into_iter().filter(|&n| n != maps::WORKLOADS) {
-        let have_all = current.maps.get(name).unwrap_or(&empty).as_slice();
-        let want_all = desired.maps.get(name).unwrap_or(&empty).as_slice();
-        let head = have_all.iter().zip(want_all).take_while(|(a, b)| same(a, b)).count();
-        if head == have_all.len() && head == want_all.len() {
+        let have_all = current.maps.get(name).unwrap_or(&empty);
+        let want_all = desired.maps.get(name).unwrap_or(&empty);
+        // One shared buffer (an unchanged map of the daemon's encodings, a cache entry that
+        // is the desired encoding): equal without reading it.
+        if have_all.shares(want_all) {
             continue;
         }
-        let (have, want) =
-            (have_all.get(head..).unwrap_or_default(), want_all.get(head..).unwrap_or_default());
-        let tail = have.iter().rev().zip(want.iter().rev()).take_while(|(a, b)| same(a, b)).count();
-        let have = have.get(..have.len() - tail).unwrap_or_default();
-        let want = want.get(..want.len() - tail).unwrap_or_default();
+        let (hn, wn) = (have_all.len(), want_all.len());
+        let head = (0..hn.min(wn)).take_while(|&i| same(have_all.get(i), want_all.get(i))).count();
+        if head == hn && head == wn {
+            continue;
+        }
+        let tail = (1..=(hn - head).min(wn - head))
+            .take_while(|&t| same(have_all.get(hn - t), want_all.get(wn - t)))
+            .count();
+        let (have, want) = (head..hn - tail, head..wn - tail);
         // The shared ends equal `current`'s, which is sorted; the middle must also sort after
         // the head and before the tail.
         let before = head.checked_sub(1).and_then(|i| want_all.get(i));
-        let after =
-            want_all.len().checked_sub(tail).and_then(|i| want_all.get(i)).filter(|_| tail > 0);
-        let joins = match (want.first(), want.last()) {
+        let after = want_all.get(wn - tail).filter(|_| tail > 0);
+        let first = want_all.get(want.start).filter(|_| !want.is_empty());
+        let last =
+            want.end.checked_sub(1).and_then(|i| want_all.get(i)).filter(|_| !want.is_empty());
+        let joins = match (first, last) {
             (Some(first), Some(last)) => {
                 before.is_none_or(|b| b.0 < first.0) && after.is_none_or(|a| last.0 < a.0)
             }
             _ => true,
         };
-        let d = match merge_delta(have, want).filter(|_| joins) {
+        let d = match merge_delta(have_all, have.clone(), want_all, want.clone()).filter(|_| joins)
+        {
             Some(d) => d,
             None => {
                 sorted = false;
-                map_delta(have, want)
+                map_delta(have_all, have, want_all, want)
             }
         };
         if !d.is_empty() {
@@ -679,7 +683,7 @@ pub(crate) fn delta_checked(
 /// Entry equality without a `memcmp` call per byte slice: the slices are a few bytes long and
 /// the head and tail comparison of [`delta_checked`] runs over every entry of every map.
 #[inline]
-fn same(a: &Entry, b: &Entry) -> bool {
+fn same(a: Option<Entry<'_>>, b: Option<Entry<'_>>) -> bool {
     #[inline]
     fn eq(a: &[u8], b: &[u8]) -> bool {
         if a.len() != b.len() {
@@ -692,40 +696,53 @@ fn same(a: &Entry, b: &Entry) -> bool {
             word(x) == word(y)
         }) && ra.iter().zip(rb).all(|(x, y)| x == y)
     }
-    eq(&a.0, &b.0) && eq(&a.1, &b.1)
+    match (a, b) {
+        (Some(a), Some(b)) => eq(a.0, b.0) && eq(a.1, b.1),
+        _ => false,
+    }
 }
 
 /// One entry: key and value bytes.
-type Entry = (Vec<u8>, Vec<u8>);
+type Entry<'a> = (&'a [u8], &'a [u8]);
 
-/// One merge walk over two key-sorted entry lists; `None` when either is not strictly sorted.
-fn merge_delta(have: &[Entry], want: &[Entry]) -> Option<MapDelta> {
+/// One merge walk over the entries `hr` of `have` and `wr` of `want`, both key-sorted; `None`
+/// when either is not strictly sorted.
+fn merge_delta(
+    have: &Entries,
+    hr: Range<usize>,
+    want: &Entries,
+    wr: Range<usize>,
+) -> Option<MapDelta> {
     use std::cmp::Ordering;
     let mut d = MapDelta::default();
-    let (mut i, mut j) = (0, 0);
-    let sorted_at =
-        |e: &[Entry], i: usize| match (i.checked_sub(1).and_then(|p| e.get(p)), e.get(i)) {
+    let (mut i, mut j) = (hr.start, wr.start);
+    fn at<'a>(e: &'a Entries, r: &Range<usize>, i: usize) -> Option<Entry<'a>> {
+        if r.contains(&i) { e.get(i) } else { None }
+    }
+    fn sorted_at(e: &Entries, r: &Range<usize>, i: usize) -> bool {
+        match (i.checked_sub(1).filter(|&p| p >= r.start).and_then(|p| e.get(p)), at(e, r, i)) {
             (Some(a), Some(b)) => a.0 < b.0,
             _ => true,
-        };
+        }
+    }
     loop {
-        match (have.get(i), want.get(j)) {
+        match (at(have, &hr, i), at(want, &wr, j)) {
             (Some(h), Some(w)) => {
-                if !sorted_at(have, i) || !sorted_at(want, j) {
+                if !sorted_at(have, &hr, i) || !sorted_at(want, &wr, j) {
                     return None;
                 }
-                match h.0.cmp(&w.0) {
+                match h.0.cmp(w.0) {
                     Ordering::Less => {
-                        d.remove.push(h.0.clone());
+                        d.remove.push(h.0.to_vec());
                         i += 1;
                     }
                     Ordering::Greater => {
-                        d.upsert.push(w.clone());
+                        d.upsert.push(w.0, w.1);
                         j += 1;
                     }
                     Ordering::Equal => {
                         if h.1 != w.1 {
-                            d.upsert.push(w.clone());
+                            d.upsert.push(w.0, w.1);
                         }
                         i += 1;
                         j += 1;
@@ -733,17 +750,17 @@ fn merge_delta(have: &[Entry], want: &[Entry]) -> Option<MapDelta> {
                 }
             }
             (Some(h), None) => {
-                if !sorted_at(have, i) {
+                if !sorted_at(have, &hr, i) {
                     return None;
                 }
-                d.remove.push(h.0.clone());
+                d.remove.push(h.0.to_vec());
                 i += 1;
             }
             (None, Some(w)) => {
-                if !sorted_at(want, j) {
+                if !sorted_at(want, &wr, j) {
                     return None;
                 }
-                d.upsert.push(w.clone());
+                d.upsert.push(w.0, w.1);
                 j += 1;
             }
             (None, None) => return Some(d),
@@ -753,15 +770,13 @@ fn merge_delta(have: &[Entry], want: &[Entry]) -> Option<MapDelta> {
 
 /// The same as [`merge_delta`] for entry lists in any order (a duplicate key counts once, the
 /// last value winning, as it would in the kernel).
-fn map_delta(have: &[Entry], want: &[Entry]) -> MapDelta {
-    let have: BTreeMap<&[u8], &[u8]> =
-        have.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
-    let want: BTreeMap<&[u8], &[u8]> =
-        want.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+fn map_delta(have: &Entries, hr: Range<usize>, want: &Entries, wr: Range<usize>) -> MapDelta {
+    let have: BTreeMap<&[u8], &[u8]> = hr.filter_map(|i| have.get(i)).collect();
+    let want: BTreeMap<&[u8], &[u8]> = wr.filter_map(|i| want.get(i)).collect();
     let mut d = MapDelta::default();
     for (k, v) in &want {
         if have.get(k) != Some(v) {
-            d.upsert.push((k.to_vec(), v.to_vec()));
+            d.upsert.push(k, v);
         }
     }
     for k in have.keys().filter(|k| !want.contains_key(*k)) {
@@ -770,9 +785,9 @@ fn map_delta(have: &[Entry], want: &[Entry]) -> MapDelta {
     d
 }
 
-/// Applies `d` to a key-sorted entry list in place (the result stays sorted): what a map that
-/// held `entries` holds once `d` is written. Moves the unchanged entries, so it allocates only
-/// for the changed ones.
+/// Applies `d` to a key-sorted entry list (the result stays sorted): what a map that held
+/// `entries` holds once `d` is written. Builds the new list in one pass into a buffer of the
+/// final size; an unchanged list keeps its (possibly shared) buffer.
 pub(crate) fn patch(entries: &mut Entries, d: &MapDelta) {
     if d.is_empty() {
         return;
@@ -781,20 +796,23 @@ pub(crate) fn patch(entries: &mut Entries, d: &MapDelta) {
     let mut out = Entries::with_capacity(old.len() + d.upsert.len());
     let mut up = d.upsert.iter().peekable();
     let mut rm = d.remove.iter().peekable();
-    for (k, v) in old {
+    for (k, v) in &old {
         while let Some(u) = up.next_if(|u| u.0 < k) {
-            out.push(u.clone());
+            out.push(u.0, u.1);
         }
-        while rm.next_if(|r| **r < k).is_some() {}
-        if rm.next_if(|r| **r == k).is_some() {
+        while rm.next_if(|r| r.as_slice() < k).is_some() {}
+        if rm.next_if(|r| r.as_slice() == k).is_some() {
             continue;
         }
         match up.next_if(|u| u.0 == k) {
-            Some(u) => out.push(u.clone()),
-            None => out.push((k, v)),
+            Some(u) => out.push(u.0, u.1),
+            None => out.push(k, v),
         }
     }
-    out.extend(up.cloned());
+    for u in up {
+        out.push(u.0, u.1);
+    }
+    out.shrink_to_fit();
     *entries = out;
 }
 
@@ -1065,18 +1083,15 @@ impl GenerationMaps {
                 maps::CONFIG => {
                     // An array cannot delete: a removed index goes back to all zeros.
                     let mut s = WriteStats::default();
-                    let zero = DirectionConfig::default().to_bytes().to_vec();
-                    let entries = d
-                        .upsert
-                        .iter()
-                        .cloned()
-                        .chain(d.remove.iter().map(|k| (k.clone(), zero.clone())));
+                    let zero = DirectionConfig::default().to_bytes();
+                    let entries =
+                        d.upsert.iter().chain(d.remove.iter().map(|k| (k.as_slice(), &zero[..])));
                     for (k, v) in entries {
                         let index =
-                            <[u8; 4]>::try_from(k.as_slice()).map(u32::from_le_bytes).map_err(
-                                |_| Error::Entry { map: name, reason: "config key is not 4 bytes" },
-                            )?;
-                        let value = DirectionConfig::from_bytes(&v).ok_or(Error::Entry {
+                            <[u8; 4]>::try_from(k).map(u32::from_le_bytes).map_err(|_| {
+                                Error::Entry { map: name, reason: "config key is not 4 bytes" }
+                            })?;
+                        let value = DirectionConfig::from_bytes(v).ok_or(Error::Entry {
                             map: name,
                             reason: "config value of the wrong size",
                         })?;
@@ -1105,10 +1120,10 @@ impl GenerationMaps {
             maps::EGRESS_V6 => read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes),
             maps::EGRESS_L4 => read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes),
             maps::CONFIG => {
-                let mut config = Vec::new();
+                let mut config = Entries::with_capacity(CONFIG_ENTRIES as usize);
                 for index in 0..CONFIG_ENTRIES {
                     let value = self.config.get(&index, 0).map_err(Error::map(maps::CONFIG))?;
-                    config.push((index.to_le_bytes().to_vec(), value.to_bytes().to_vec()));
+                    config.push(&index.to_le_bytes(), &value.to_bytes());
                 }
                 Ok(config)
             }
@@ -1226,9 +1241,9 @@ impl GenerationMaps {
                     && value == v)
             };
             if name == maps::CONFIG {
-                let zero = DirectionConfig::default().to_bytes().to_vec();
-                let upserts = d.upsert.iter().map(|(k, v)| (k, v));
-                for (k, v) in upserts.chain(d.remove.iter().map(|k| (k, &zero))) {
+                let zero = DirectionConfig::default().to_bytes();
+                let upserts = d.upsert.iter();
+                for (k, v) in upserts.chain(d.remove.iter().map(|k| (k.as_slice(), &zero[..]))) {
                     if !holds(k, v)? {
                         return Err(failed());
                     }
@@ -1270,17 +1285,17 @@ impl GenerationMaps {
     /// delta `d`: each first-level chunk upserted is there, each removed one is zeros.
     fn verify_level1(&self, d: &MapDelta) -> Result<(), Error> {
         let name = maps::INGRESS_V4_DIR1;
-        let zero = V4DirChunk::default().to_bytes().to_vec();
-        let upserts = d.upsert.iter().map(|(k, v)| (k, v));
-        for (k, v) in upserts.chain(d.remove.iter().map(|k| (k, &zero))) {
-            let key = <[u8; 4]>::try_from(k.as_slice())
+        let zero = V4DirChunk::default().to_bytes();
+        let upserts = d.upsert.iter();
+        for (k, v) in upserts.chain(d.remove.iter().map(|k| (k.as_slice(), &zero[..]))) {
+            let key = <[u8; 4]>::try_from(k)
                 .map(u32::from_le_bytes)
                 .map_err(|_| Error::Entry { map: name, reason: "key size" })?;
             if key >= V4_DIR_L2_BASE {
                 continue;
             }
             let held = self.in_v4_dir1.get(&key, 0).map_err(Error::map(name))?;
-            if held.to_bytes() != v.as_slice() {
+            if held.to_bytes() != v {
                 return Err(Error::VerifyFailed(name));
             }
         }

@@ -355,7 +355,7 @@ impl Engine {
             };
         step(&mut steps, "snapshot");
         let mut parts = Vec::new();
-        let prev = self.applied.as_mut().map(|a| &mut a.desired);
+        let prev = self.applied.as_ref().map(|a| &a.desired);
         let compiled =
             self.compiler.desired(&snapshot.files, &self.host, &self.caps, prev, &mut parts);
         let timed: Duration = parts.iter().map(|(_, d)| *d).sum();
@@ -399,7 +399,7 @@ impl Engine {
         let workloads = fw_loader::workloads::resolve(&self.cgroup, &desired.state.workloads);
         let deltas = self.applied.as_ref().map(|a| {
             // The kernel's workload table is keyed by cgroup id: written from `workloads`.
-            // (The maps `desired` took from the applied encoding are equal: left out.)
+            // (The maps `desired` shares with the applied encoding are skipped unread.)
             let mut d = desired.delta_from(&a.desired);
             d.remove(fw_common::maps::WORKLOADS);
             d
@@ -449,10 +449,7 @@ impl Engine {
             }
             Err(e) => {
                 error!(%commit, "applying failed; the kernel keeps enforcing what it did: {e}");
-                // The applied state stays: it gets back the maps `desired` took from it.
-                if let Some(a) = self.applied.as_mut() {
-                    desired.give_back(&mut a.desired);
-                }
+                // The applied state stays as it was (`desired` only shared its maps).
                 // The handle may name pins that are gone (an unload): reopen next time.
                 self.dp = None;
                 self.next_fetch = Instant::now() + self.apply_backoff.next_delay();
@@ -621,8 +618,8 @@ impl Engine {
         let detached = self.cfg.interfaces.iter().any(|i| !interfaces.contains(i))
             || egress < fw_common::programs::EGRESS.len() + 1;
         let entries = report.entries();
-        // The check read both generations in full (tens of MB at 100k rules) and replaced
-        // the loader's cached states with them: hand the old copies back to the system.
+        // The check read both generations in full (tens of MB at 100k rules; the loader keeps
+        // the applied encoding's buffers for what matched): hand the copies back to the system.
         release_freed_memory();
         {
             let mut s = lock(&self.status);

@@ -42,9 +42,9 @@ pub struct Desired {
     pub digest: String,
     /// The digest's hash after each part of the state, to resume it from next time.
     pub marks: DigestMarks,
-    /// The maps of `encoded` moved from the previous state's encoding (equal to its by
-    /// construction, `fw_compiler::incremental::encode_reusing`); that encoding lacks them
-    /// until [`Desired::give_back`].
+    /// The maps of `encoded` taken from the previous state's encoding
+    /// (`fw_compiler::incremental::encode_reusing`): the same buffers, shared, so they cost
+    /// no memory of their own and diff as equal without being read.
     pub reused: Vec<&'static str>,
     /// The rule table, as JSON (see the module docs; [`saved_table`]). fwd empties it once
     /// the state is applied and writes it again from `state` when it applies the state again.
@@ -137,27 +137,10 @@ fn strip_entries(state: &mut MapState) {
 }
 
 impl Desired {
-    /// Moves the maps this state took from `prev`'s encoding back to it, when this state is
-    /// not applied after all and `prev` stays (this state's encoding then lacks them).
-    pub fn give_back(&mut self, prev: &mut Desired) {
-        for name in self.reused.drain(..) {
-            if let Some(entries) = self.encoded.maps.remove(name) {
-                prev.encoded.maps.insert(name, entries);
-            }
-        }
-    }
-
-    /// The entry deltas from `prev` (whose encoding lacks the maps this one took from it:
-    /// those are equal by construction) to this state, per map that differs.
-    pub fn delta_from(&mut self, prev: &Desired) -> BTreeMap<&'static str, fw_loader::MapDelta> {
-        let aside: Vec<_> = self
-            .reused
-            .iter()
-            .filter_map(|name| self.encoded.maps.remove(name).map(|e| (*name, e)))
-            .collect();
-        let d = fw_loader::entry_delta(&prev.encoded, &self.encoded);
-        self.encoded.maps.extend(aside);
-        d
+    /// The entry deltas from `prev` to this state, per map that differs (the maps this state
+    /// shares with `prev`'s encoding are skipped without being read).
+    pub fn delta_from(&self, prev: &Desired) -> BTreeMap<&'static str, fw_loader::MapDelta> {
+        fw_loader::entry_delta(&prev.encoded, &self.encoded)
     }
 
     /// Drops the state's prefix and port entries, keeping what a daemon needs after the apply
@@ -220,7 +203,7 @@ impl Compiler {
         files: &[PolicyFile],
         host: &HostIdentity,
         caps: &Capacities,
-        prev: Option<&mut Desired>,
+        prev: Option<&Desired>,
         steps: &mut Vec<(&'static str, Duration)>,
     ) -> Result<Desired, Rejected> {
         if let Some(r) = no_files(files) {
@@ -270,7 +253,7 @@ fn finish(
     loaded: &Loaded,
     host: &HostIdentity,
     caps: &Capacities,
-    prev: Option<&mut Desired>,
+    prev: Option<&Desired>,
     step: &mut dyn FnMut(&'static str),
 ) -> Result<Desired, Rejected> {
     let problems = |diags: &[fw_compiler::diag::Diagnostic]| -> Vec<Problem> {
@@ -311,9 +294,7 @@ fn finish(
         .map_err(|errors| Rejected { stage: Stage::Compile, problems: problems(&errors) })?;
     drop(policy);
     step("compile");
-    let mut prev = prev;
-    let (encoded, reused) =
-        encode_reusing(&mut state, prev.as_deref_mut().map(|p| (&p.state, &mut p.encoded)));
+    let (encoded, reused) = encode_reusing(&mut state, prev.map(|p| (&p.state, &p.encoded)));
     step("encode");
     let (digest, marks) = digest_reusing(&state, prev.map(|p| (&p.state, &p.marks)));
     step("digest");
@@ -464,9 +445,9 @@ spec:
     }
 
     /// A sequence of commits compiled by one [`Compiler`] (cached parses, reused encodings and
-    /// digests, the previous state's maps moved and given back) gives what a fresh [`desired`]
-    /// gives for every commit: files changed, removed, renamed, changed back, a refused commit
-    /// in between, and an apply that failed (the previous state gets its maps back).
+    /// digests, the previous state's maps shared) gives what a fresh [`desired`] gives for
+    /// every commit: files changed, removed, renamed, changed back, a refused commit in
+    /// between, and an apply that failed (the previous state stays whole).
     #[test]
     fn a_cached_compile_equals_a_fresh_compile_across_commits() {
         let set = |n: u32| {
@@ -541,17 +522,20 @@ spec:
                 }
             }
             let fresh = desired(files, &host(), &caps);
-            let cached = compiler.desired(files, &host(), &caps, applied.as_mut(), &mut Vec::new());
+            let cached = compiler.desired(files, &host(), &caps, applied.as_ref(), &mut Vec::new());
             compiler.release();
             match (fresh, cached) {
-                (Ok(f), Ok(mut c)) => {
+                (Ok(f), Ok(c)) => {
                     assert_eq!(c.state, f.state, "commit {i}");
                     assert_eq!(c.encoded, f.encoded, "commit {i}");
                     assert_eq!(c.digest, f.digest, "commit {i}");
                     assert_eq!(c.saved, f.saved, "commit {i}");
                     reused_any |= !c.reused.is_empty();
-                    if let Some(prev) = applied.as_mut() {
+                    if let Some(prev) = applied.as_ref() {
                         let before = prev.clone();
+                        for name in &c.reused {
+                            assert!(c.encoded.maps[name].shares(&prev.encoded.maps[name]));
+                        }
                         let delta = c.delta_from(prev);
                         let mut want = fw_loader::entry_delta(&encode(&prev.state), &f.encoded);
                         want.remove(fw_common::maps::WORKLOADS);
@@ -559,9 +543,8 @@ spec:
                         got.remove(fw_common::maps::WORKLOADS);
                         assert_eq!(got, want, "commit {i}: the delta");
                         if i == 6 {
-                            // This apply fails: the applied state gets its maps back.
-                            let mut c = c;
-                            c.give_back(prev);
+                            // This apply fails: the applied state stays, whole.
+                            drop(c);
                             assert_eq!(prev.encoded, encode(&prev.state), "commit {i}");
                             assert_eq!(prev.state, before.state);
                             continue;

@@ -208,13 +208,15 @@ fn an_apply_whose_written_entries_do_not_decode_changes_nothing() {
     // A /24 with host bits set: only the new entry is bad, the rest is what is loaded.
     let mut host_bits = good.clone();
     let v4 = host_bits.maps.get_mut(maps::INGRESS_V4).expect("v4");
-    v4.push((vec![24, 0, 0, 0, 203, 0, 113, 7], vec![1, 0, 0, 0]));
+    v4.push(&[24, 0, 0, 0, 203, 0, 113, 7], &[1, 0, 0, 0]);
     v4.sort();
     // A key given twice with two values (sorted, so only the duplicate is wrong).
     let mut twice = good.clone();
     let v4 = twice.maps.get_mut(maps::INGRESS_V4).expect("v4");
-    let first = v4.first().cloned().expect("an entry");
-    v4.insert(1, (first.0, vec![0x7f, 0, 0, 0]));
+    let mut pairs = v4.to_vec();
+    let first = pairs.first().cloned().expect("an entry");
+    pairs.insert(1, (first.0, vec![0x7f, 0, 0, 0]));
+    *v4 = pairs.into();
     for bad in [host_bits, twice] {
         let err = dp.apply(&bad, "r2", "d2", b"t").expect_err("refused");
         assert!(matches!(err, fw_loader::Error::InvalidState(_)), "{err:?}");
@@ -256,7 +258,7 @@ fn a_change_given_as_deltas_applies_on_top_of_the_state_applied_last_only() {
     let mut twice = changes.clone();
     let d = twice.get_mut(maps::INGRESS_V4).expect("a v4 change");
     let e = d.remove.first().cloned().expect("a removed prefix");
-    d.upsert.push((e.clone(), vec![1, 0, 0, 0]));
+    d.upsert.push(&e, &[1, 0, 0, 0]);
     let err = dp.apply_changes(&with.digest(), &twice, "r2", &without.digest(), b"two");
     assert!(matches!(err, Err(fw_loader::Error::InvalidState(_))), "{err:?}");
     assert_holds(&dp, &enc_with);

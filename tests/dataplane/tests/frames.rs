@@ -345,8 +345,12 @@ fn invalid_state_is_rejected_before_anything_is_written() {
     let strict = encode(&state(POLICY));
     h.dp.write_generation(0, &strict).expect("write");
     let mut broken = encode(&state(ALLOW_ALL));
-    if let Some((_, value)) = broken.maps.get_mut(maps::INGRESS_L4).and_then(|e| e.first_mut()) {
-        value[0] = 9; // not an action byte
+    if let Some(e) = broken.maps.get_mut(maps::INGRESS_L4) {
+        let mut pairs = e.to_vec();
+        if let Some((_, value)) = pairs.first_mut() {
+            value[0] = 9; // not an action byte
+        }
+        *e = pairs.into();
     }
     assert!(matches!(h.dp.write_generation(0, &broken), Err(Error::InvalidState(_))));
     assert_eq!(h.dp.read_generation(0).expect("read"), without_workloads(&strict));
