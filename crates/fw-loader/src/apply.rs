@@ -421,6 +421,12 @@ impl Dataplane {
         self.held.get(g).and_then(Option::as_ref).map(|h| Arc::clone(&h.state))
     }
 
+    /// For tests: what this `Dataplane` caches as held by `generation` (a cheap clone).
+    #[cfg(feature = "testing")]
+    pub fn cached_state(&self, generation: u32) -> Option<Encoded> {
+        self.cached(generation).map(|state| (*state).clone())
+    }
+
     /// Makes the cache entries hold `desired`'s own buffers for every map whose content is
     /// the same (a pointer comparison when they already do, else a byte comparison of the two
     /// packed buffers), and drops the copies they replace. What an entry says a generation

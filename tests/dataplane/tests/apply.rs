@@ -226,6 +226,19 @@ fn an_apply_whose_written_entries_do_not_decode_changes_nothing() {
     }
 }
 
+/// Both generations' cache entries hold `want` (but the workload table) in `want`'s own
+/// buffers, not in copies.
+fn assert_cache_shares(dp: &Dataplane, want: &Encoded) {
+    for g in 0..fw_common::GENERATIONS {
+        let cached = dp.cached_state(g).expect("a cache entry");
+        assert_eq!(cached, kernel_view(want), "generation {g}");
+        for (name, entries) in &cached.maps {
+            let shared = want.maps.get(name).is_some_and(|w| w.shares(entries));
+            assert!(shared, "generation {g}: {name} is a copy");
+        }
+    }
+}
+
 #[test]
 fn a_change_given_as_deltas_applies_on_top_of_the_state_applied_last_only() {
     if !privileged("a_change_given_as_deltas_applies_on_top_of_the_state_applied_last_only") {
@@ -237,6 +250,7 @@ fn a_change_given_as_deltas_applies_on_top_of_the_state_applied_last_only() {
     let (enc_with, enc_without) = (encode(&with), encode(&without));
     let gone = rule_id(&with, "gone");
     dp.apply(&enc_with, "r1", &with.digest(), b"one").expect("apply");
+    assert_cache_shares(&dp, &enc_with);
     assert_eq!(
         dp.test_run_ingress(&frame([10, 2, 0, 9].into(), 80)).expect("run").action,
         XdpAction::Pass
@@ -269,6 +283,9 @@ fn a_change_given_as_deltas_applies_on_top_of_the_state_applied_last_only() {
     assert_eq!(r.standby.written + r.standby.deleted, n, "{r:?}");
     assert_eq!(r.standby, r.replay);
     assert_holds(&dp, &enc_without);
+    // Given the desired encoding, the cache keeps its buffers instead of the patched copies.
+    dp.share_cached_maps(&enc_without);
+    assert_cache_shares(&dp, &enc_without);
     assert_eq!(
         dp.test_run_ingress(&frame([10, 2, 0, 9].into(), 80)).expect("run").action,
         XdpAction::Drop
@@ -297,4 +314,6 @@ fn a_change_given_as_deltas_applies_on_top_of_the_state_applied_last_only() {
     let table = status.maps.iter().find(|m| m.name == maps::WORKLOADS).expect("FW_WORKLOADS");
     assert_eq!(table.entries, 1);
     assert!(dp.drift(&enc_with).expect("drift").is_clean());
+    // The drift check read both generations; what it keeps is `enc_with`'s buffers.
+    assert_cache_shares(&dp, &enc_with);
 }
