@@ -195,8 +195,8 @@ pub fn encode_reusing(
     }
     // The config lists the IPv4 tables' prefix lengths: encoded again with the tables back.
     out.maps.insert(maps::CONFIG, crate::encode::config_entries(state));
-    let moved = reuse.iter().flat_map(|name| companions(name).iter().copied()).collect();
-    (out, moved)
+    let shared = reuse.iter().flat_map(|name| companions(name).iter().copied()).collect();
+    (out, shared)
 }
 
 /// The kernel maps encoded from the same table as `name`: the ingress IPv4 table is also
