@@ -104,16 +104,15 @@ impl Entries {
             self.shrink_to_fit();
             return;
         }
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_unstable_by(|&a, &b| self.get(a).cmp(&self.get(b)));
+        // The entries as slices (a short-lived list of pointers), sorted, then copied in order.
+        let mut order: Vec<(&[u8], &[u8])> = self.iter().collect();
+        order.sort_unstable();
         let mut fresh = Entries(Arc::new(Packed {
             bytes: Vec::with_capacity(self.0.bytes.len()),
             ends: Vec::with_capacity(self.0.ends.len()),
         }));
-        for i in order {
-            if let Some((k, v)) = self.get(i) {
-                fresh.push(k, v);
-            }
+        for (k, v) in order {
+            fresh.push(k, v);
         }
         *self = fresh;
     }
