@@ -25,13 +25,13 @@
 //! the cgroup v2 root to cover the whole host.
 
 use aya_ebpf::bindings::BPF_ANY;
-use aya_ebpf::btf_maps::LruHashMap;
+use aya_ebpf::btf_maps::{Array, LruHashMap};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::{btf_map, cgroup_skb};
 use aya_ebpf::programs::{SkBuffContext, XdpContext};
 use fw_common::conntrack::{
-    CT_ENTRIES, CT_FAMILY_V4, CT_FAMILY_V6, CT_STATE_ESTABLISHED, CT_STATE_OTHER, ConntrackKey,
-    ConntrackValue, timeout_ns,
+    CT_ENTRIES, CT_FAMILY_V4, CT_FAMILY_V6, CT_SEEN_SLOTS, CT_STATE_ESTABLISHED, CT_STATE_OTHER,
+    ConntrackKey, ConntrackValue, ct_seen_epoch, ct_seen_may_live, ct_seen_slot, timeout_ns,
 };
 
 use crate::parse::{IpPacket, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, load};
@@ -41,6 +41,12 @@ use crate::{FlowState, egress};
 #[btf_map]
 static FW_CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue, { CT_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// The table's seen filter (`fw_common::conntrack`): per slot of a key hash, the coarse time
+/// of the last write of a key hashing there. Written before the table, read before it: a
+/// clear or old slot means no live entry, and the table is not asked. Not generational.
+#[btf_map]
+static FW_CT_SEEN: Array<u32, { CT_SEEN_SLOTS as usize }> = Array::new();
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -127,6 +133,19 @@ fn record(ctx: &SkBuffContext) -> Option<bool> {
     }
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    // The seen filter first (see `fw_common::conntrack`), so an ingress reader that finds the
+    // entry finds the slot written too; written only when it changes (about once a second per
+    // slot), so busy flows do not bounce its cache line between CPUs.
+    if let Some(slot) = FW_CT_SEEN.get_ptr_mut(ct_seen_slot(&key)) {
+        let epoch = ct_seen_epoch(now);
+        // SAFETY: a pointer from an array lookup, valid for the whole run. Another CPU may
+        // write the slot at the same instant with its own (equally recent) time.
+        unsafe {
+            if core::ptr::read_volatile(slot) != epoch {
+                core::ptr::write_volatile(slot, epoch);
+            }
+        }
+    }
     if let Some(v) = FW_CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: a pointer from a map lookup, valid for the whole run. Concurrent writers
         // (other CPUs sending on the same flow) write the same kind of values; a torn pair of
@@ -143,13 +162,24 @@ fn record(ctx: &SkBuffContext) -> Option<bool> {
     Some(true)
 }
 
-/// The recorded flow `key` exists and has not expired.
+/// The recorded flow `key` exists and has not expired. The seen filter is read first: a
+/// slot never written (the common case for traffic nobody here asked for) needs neither the
+/// clock nor the table, and an old one only the clock.
 #[inline(always)]
 fn live(key: &ConntrackKey) -> bool {
+    let Some(slot) = FW_CT_SEEN.get(ct_seen_slot(key)) else { return false };
+    let slot = *slot;
+    if slot == 0 {
+        return false;
+    }
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !ct_seen_may_live(slot, now) {
+        return false;
+    }
     let Some(v) = FW_CONNTRACK.get_ptr(key) else { return false };
-    // SAFETY: a pointer from a map lookup, valid for the whole run; a helper without
-    // preconditions.
-    let (seen, state, now) = unsafe { ((*v).last_seen_ns, (*v).state, bpf_ktime_get_ns()) };
+    // SAFETY: a pointer from a map lookup, valid for the whole run.
+    let (seen, state) = unsafe { ((*v).last_seen_ns, (*v).state) };
     now.saturating_sub(seen) <= timeout_ns(key.proto, state)
 }
 
