@@ -164,23 +164,25 @@ fn record(ctx: &SkBuffContext) -> Option<bool> {
 
 /// The recorded flow `key` exists and has not expired. The seen filter is read first: a
 /// slot never written (the common case for traffic nobody here asked for) needs neither the
-/// clock nor the table, and an old one only the clock.
-#[inline(always)]
-fn live(key: &ConntrackKey) -> bool {
-    let Some(slot) = FW_CT_SEEN.get(ct_seen_slot(key)) else { return false };
+/// clock nor the table, and an old one only the clock. A BPF function of its own (called from
+/// one place, with the key on the caller's stack): its paths are walked once per caller path
+/// rather than multiplying those of the caller.
+#[inline(never)]
+fn live(key: &ConntrackKey) -> u32 {
+    let Some(slot) = FW_CT_SEEN.get(ct_seen_slot(key)) else { return 0 };
     let slot = *slot;
     if slot == 0 {
-        return false;
+        return 0;
     }
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if !ct_seen_may_live(slot, now) {
-        return false;
+        return 0;
     }
-    let Some(v) = FW_CONNTRACK.get_ptr(key) else { return false };
+    let Some(v) = FW_CONNTRACK.get_ptr(key) else { return 0 };
     // SAFETY: a pointer from a map lookup, valid for the whole run.
     let (seen, state) = unsafe { ((*v).last_seen_ns, (*v).state) };
-    now.saturating_sub(seen) <= timeout_ns(key.proto, state)
+    u32::from(now.saturating_sub(seen) <= timeout_ns(key.proto, state))
 }
 
 /// Connection-tracking state of an ingress packet (see the module doc).
@@ -197,30 +199,37 @@ pub fn flow_state(ctx: &XdpContext, ip: &IpPacket) -> FlowState {
         remote: ip.src,
         ..ConntrackKey::default()
     };
-    match (ip.proto, l4[0]) {
+    // One `live` for replies and related errors, so the verifier walks it once per path.
+    let related = match (ip.proto, l4[0]) {
         (PROTO_TCP | PROTO_UDP, _) => {
             key.local_port = be16(l4[2], l4[3]);
             key.remote_port = be16(l4[0], l4[1]);
+            false
         }
         (PROTO_ICMP, ICMP_ECHO_REPLY) | (PROTO_ICMPV6, ICMPV6_ECHO_REPLY) => {
             key.local_port = be16(l4[4], l4[5]);
+            false
         }
         (PROTO_ICMP, 3 | 11 | 12) | (PROTO_ICMPV6, 1..=4) => {
-            return if related(ctx, ip, ip.l4_off + 8) {
-                FlowState::Related
-            } else {
-                FlowState::New
-            };
+            if !related_key(ctx, ip, ip.l4_off + 8, &mut key) {
+                return FlowState::New;
+            }
+            true
         }
         _ => return FlowState::New,
+    };
+    match (live(&key), related) {
+        (0, _) => FlowState::New,
+        (_, false) => FlowState::Reply,
+        (_, true) => FlowState::Related,
     }
-    if live(&key) { FlowState::Reply } else { FlowState::New }
 }
 
-/// Whether the packet embedded in an ICMP error at `off` is a live flow the host sent.
+/// The key of the packet embedded in an ICMP error at `off` into `key`, when it is a flow
+/// the host could have sent (false: it is not, or cannot be read).
 #[inline(always)]
-fn related(ctx: &XdpContext, ip: &IpPacket, off: usize) -> bool {
-    let mut key = ConntrackKey::default();
+fn related_key(ctx: &XdpContext, ip: &IpPacket, off: usize, key: &mut ConntrackKey) -> bool {
+    *key = ConntrackKey::default();
     let l4_off = if ip.v6 {
         let Ok(h) = load::<40>(ctx, off) else { return false };
         if h[0] >> 4 != 6 {
@@ -257,5 +266,5 @@ fn related(ctx: &XdpContext, ip: &IpPacket, off: usize) -> bool {
         }
         _ => return false,
     }
-    live(&key)
+    true
 }
