@@ -48,6 +48,17 @@ enum Engine {
 }
 
 impl Engine {
+    /// The engine's name in `FW_BENCH_RATE_ENGINES`.
+    fn key(self) -> &'static str {
+        match self {
+            Engine::Ours => "ours",
+            Engine::NftInterval => "nft-interval",
+            Engine::NftHash => "nft-hash",
+            Engine::Iptables => "iptables",
+            Engine::XdpDrop => "drop",
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Engine::Ours => "ours (XDP)",
@@ -212,6 +223,14 @@ pub fn run(s: &Settings, aux: &mut Aux, targets: &mut Vec<Target>) -> anyhow::Re
                 .push(format!("{n} prefixes: iptables not measured (above this mode's size)."));
         }
         engines.push(Engine::XdpDrop);
+        // Diagnostics (not used by the modes): `FW_BENCH_RATE_ENGINES=ours,drop` keeps only
+        // the engines named (ours, nft-interval, nft-hash, iptables, drop), e.g. to profile
+        // one engine's receiver alone.
+        if let Ok(only) = std::env::var("FW_BENCH_RATE_ENGINES") {
+            let keep: Vec<&str> = only.split(',').map(str::trim).collect();
+            engines.retain(|e| keep.contains(&e.key()));
+            anyhow::ensure!(!engines.is_empty(), "FW_BENCH_RATE_ENGINES: no engine left");
+        }
         // Engines' state, loaded once per size (the previous size's removed first).
         let _ = nft(&ns, &format!("delete table netdev {}\n", netfilter::TABLE));
         for flag in ["-F", "-X"] {

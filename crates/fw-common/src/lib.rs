@@ -104,6 +104,10 @@ pub mod maps {
     /// [`ConntrackValue`](crate::conntrack::ConntrackValue), flows local processes sent on.
     /// Not generational (it is traffic state, not policy).
     pub const CONNTRACK: &str = "FW_CONNTRACK";
+    /// Array of [`CT_SEEN_SLOTS`](crate::conntrack::CT_SEEN_SLOTS) `u32`: the conntrack
+    /// table's seen filter (see [`crate::conntrack`]), written with every table entry. Not
+    /// generational.
+    pub const CONNTRACK_SEEN: &str = "FW_CT_SEEN";
     /// Ring buffer of [`Event`](crate::events::Event)s.
     pub const EVENTS: &str = "FW_EVENTS";
     /// Per-CPU array (one element) of [`EventLimiter`](crate::events::EventLimiter): the
@@ -792,6 +796,7 @@ mod tests {
             maps::RULE_COUNTERS,
             maps::STATS,
             maps::CONNTRACK,
+            maps::CONNTRACK_SEEN,
             maps::EVENTS,
             maps::EVENT_LIMIT,
             programs::INGRESS,

@@ -76,13 +76,25 @@ pub fn randomise(ctx: &XdpContext, ip: &mut IpPacket) {
         return;
     };
     let v = draw(&d);
-    // Constant offsets only: each arm writes a fixed part of the address.
+    // One path, not one per offset: the word is written at a variable index (0..=3; offsets
+    // past 12 write the last word), so the verifier continues from a single state here
+    // instead of walking the rest of the program once per arm.
+    let idx = core::cmp::min(usize::from(d.off) / 4, 3);
     let s = &mut ip.src;
-    match d.off {
-        0 => (s[0], s[1], s[2], s[3]) = (v[0], v[1], v[2], v[3]),
-        4 => (s[4], s[5], s[6], s[7]) = (v[0], v[1], v[2], v[3]),
-        8 => (s[8], s[9], s[10], s[11]) = (v[0], v[1], v[2], v[3]),
-        _ => (s[12], s[13], s[14], s[15]) = (v[0], v[1], v[2], v[3]),
+    let mut words = [[s[0], s[1], s[2], s[3]], [s[4], s[5], s[6], s[7]], [
+        s[8], s[9], s[10], s[11],
+    ], [s[12], s[13], s[14], s[15]]];
+    if let Some(w) = words.get_mut(idx) {
+        *w = v;
+    }
+    let mut i = 0;
+    while i < 4 {
+        let w = words[i];
+        s[i * 4] = w[0];
+        s[i * 4 + 1] = w[1];
+        s[i * 4 + 2] = w[2];
+        s[i * 4 + 3] = w[3];
+        i += 1;
     }
 }
 

@@ -25,13 +25,13 @@
 //! the cgroup v2 root to cover the whole host.
 
 use aya_ebpf::bindings::BPF_ANY;
-use aya_ebpf::btf_maps::LruHashMap;
+use aya_ebpf::btf_maps::{Array, LruHashMap};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::{btf_map, cgroup_skb};
 use aya_ebpf::programs::{SkBuffContext, XdpContext};
 use fw_common::conntrack::{
-    CT_ENTRIES, CT_FAMILY_V4, CT_FAMILY_V6, CT_STATE_ESTABLISHED, CT_STATE_OTHER, ConntrackKey,
-    ConntrackValue, timeout_ns,
+    CT_ENTRIES, CT_FAMILY_V4, CT_FAMILY_V6, CT_SEEN_SLOTS, CT_STATE_ESTABLISHED, CT_STATE_OTHER,
+    ConntrackKey, ConntrackValue, ct_seen_epoch, ct_seen_may_live, ct_seen_slot, timeout_ns,
 };
 
 use crate::parse::{IpPacket, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, load};
@@ -41,6 +41,12 @@ use crate::{FlowState, egress};
 #[btf_map]
 static FW_CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue, { CT_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// The table's seen filter (`fw_common::conntrack`): per slot of a key hash, the coarse time
+/// of the last write of a key hashing there. Written before the table, read before it: a
+/// clear or old slot means no live entry, and the table is not asked. Not generational.
+#[btf_map]
+static FW_CT_SEEN: Array<u32, { CT_SEEN_SLOTS as usize }> = Array::new();
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -127,6 +133,19 @@ fn record(ctx: &SkBuffContext) -> Option<bool> {
     }
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    // The seen filter first (see `fw_common::conntrack`), so an ingress reader that finds the
+    // entry finds the slot written too; written only when it changes (about once a second per
+    // slot), so busy flows do not bounce its cache line between CPUs.
+    if let Some(slot) = FW_CT_SEEN.get_ptr_mut(ct_seen_slot(&key)) {
+        let epoch = ct_seen_epoch(now);
+        // SAFETY: a pointer from an array lookup, valid for the whole run. Another CPU may
+        // write the slot at the same instant with its own (equally recent) time.
+        unsafe {
+            if core::ptr::read_volatile(slot) != epoch {
+                core::ptr::write_volatile(slot, epoch);
+            }
+        }
+    }
     if let Some(v) = FW_CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: a pointer from a map lookup, valid for the whole run. Concurrent writers
         // (other CPUs sending on the same flow) write the same kind of values; a torn pair of
@@ -143,14 +162,27 @@ fn record(ctx: &SkBuffContext) -> Option<bool> {
     Some(true)
 }
 
-/// The recorded flow `key` exists and has not expired.
-#[inline(always)]
-fn live(key: &ConntrackKey) -> bool {
-    let Some(v) = FW_CONNTRACK.get_ptr(key) else { return false };
-    // SAFETY: a pointer from a map lookup, valid for the whole run; a helper without
-    // preconditions.
-    let (seen, state, now) = unsafe { ((*v).last_seen_ns, (*v).state, bpf_ktime_get_ns()) };
-    now.saturating_sub(seen) <= timeout_ns(key.proto, state)
+/// The recorded flow `key` exists and has not expired. The seen filter is read first: a
+/// slot never written (the common case for traffic nobody here asked for) needs neither the
+/// clock nor the table, and an old one only the clock. A BPF function of its own (called from
+/// one place, with the key on the caller's stack): its paths are walked once per caller path
+/// rather than multiplying those of the caller.
+#[inline(never)]
+fn live(key: &ConntrackKey) -> u32 {
+    let Some(slot) = FW_CT_SEEN.get(ct_seen_slot(key)) else { return 0 };
+    let slot = *slot;
+    if slot == 0 {
+        return 0;
+    }
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !ct_seen_may_live(slot, now) {
+        return 0;
+    }
+    let Some(v) = FW_CONNTRACK.get_ptr(key) else { return 0 };
+    // SAFETY: a pointer from a map lookup, valid for the whole run.
+    let (seen, state) = unsafe { ((*v).last_seen_ns, (*v).state) };
+    u32::from(now.saturating_sub(seen) <= timeout_ns(key.proto, state))
 }
 
 /// Connection-tracking state of an ingress packet (see the module doc).
@@ -167,30 +199,37 @@ pub fn flow_state(ctx: &XdpContext, ip: &IpPacket) -> FlowState {
         remote: ip.src,
         ..ConntrackKey::default()
     };
-    match (ip.proto, l4[0]) {
+    // One `live` for replies and related errors, so the verifier walks it once per path.
+    let related = match (ip.proto, l4[0]) {
         (PROTO_TCP | PROTO_UDP, _) => {
             key.local_port = be16(l4[2], l4[3]);
             key.remote_port = be16(l4[0], l4[1]);
+            false
         }
         (PROTO_ICMP, ICMP_ECHO_REPLY) | (PROTO_ICMPV6, ICMPV6_ECHO_REPLY) => {
             key.local_port = be16(l4[4], l4[5]);
+            false
         }
         (PROTO_ICMP, 3 | 11 | 12) | (PROTO_ICMPV6, 1..=4) => {
-            return if related(ctx, ip, ip.l4_off + 8) {
-                FlowState::Related
-            } else {
-                FlowState::New
-            };
+            if !related_key(ctx, ip, ip.l4_off + 8, &mut key) {
+                return FlowState::New;
+            }
+            true
         }
         _ => return FlowState::New,
+    };
+    match (live(&key), related) {
+        (0, _) => FlowState::New,
+        (_, false) => FlowState::Reply,
+        (_, true) => FlowState::Related,
     }
-    if live(&key) { FlowState::Reply } else { FlowState::New }
 }
 
-/// Whether the packet embedded in an ICMP error at `off` is a live flow the host sent.
+/// The key of the packet embedded in an ICMP error at `off` into `key`, when it is a flow
+/// the host could have sent (false: it is not, or cannot be read).
 #[inline(always)]
-fn related(ctx: &XdpContext, ip: &IpPacket, off: usize) -> bool {
-    let mut key = ConntrackKey::default();
+fn related_key(ctx: &XdpContext, ip: &IpPacket, off: usize, key: &mut ConntrackKey) -> bool {
+    *key = ConntrackKey::default();
     let l4_off = if ip.v6 {
         let Ok(h) = load::<40>(ctx, off) else { return false };
         if h[0] >> 4 != 6 {
@@ -227,5 +266,5 @@ fn related(ctx: &XdpContext, ip: &IpPacket, off: usize) -> bool {
         }
         _ => return false,
     }
-    live(&key)
+    true
 }

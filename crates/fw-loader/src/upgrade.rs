@@ -381,14 +381,19 @@ impl Dataplane {
         let name = maps::CONNTRACK;
         let old: HashMap<MapData, ConntrackKey, ConntrackValue> =
             HashMap::try_from(open_pinned_map(root, name)?).map_err(Error::map(name))?;
+        // Every old entry's seen-filter slot before the entries themselves (see
+        // `fw_common::conntrack`): the new program skips the table where its filter is clear,
+        // and the old program's filter (if it had one) is not this one.
+        // An entry can be evicted or expire while the table is walked: skip what vanished.
+        let entries: Vec<(ConntrackKey, ConntrackValue)> =
+            old.iter().filter_map(Result::ok).collect();
+        self.conntrack_mark_seen(&entries)?;
         let map =
             self.ebpf.as_mut().and_then(|e| e.map_mut(name)).ok_or(Error::MissingMap(name))?;
         let mut table: HashMap<_, ConntrackKey, ConntrackValue> =
             HashMap::try_from(map).map_err(Error::map(name))?;
         let mut copied = 0;
-        for item in old.iter() {
-            // An entry can be evicted or expire while the table is walked: skip what vanished.
-            let Ok((k, v)) = item else { continue };
+        for (k, v) in entries {
             if table.get(&k, 0).is_ok() {
                 continue;
             }
