@@ -1636,12 +1636,18 @@ fn rules_table(policy: &HostPolicy) -> BTreeMap<RuleId, RuleInfo> {
     // sorting the (large) `RuleInfo` values themselves.
     let mut by_id: Vec<(&ResolvedRule, u64)> = policy.rules.iter().zip(ranks).collect();
     by_id.sort_unstable_by_key(|(r, _)| r.id);
+    // One copy of each policy's name, shared by its rules: the table is kept for as long as
+    // the state is enforced.
+    let mut names: HashMap<&str, Arc<str>> = HashMap::new();
     by_id
         .into_iter()
         .map(|(r, rank)| {
+            let policy = Arc::clone(
+                names.entry(r.policy.as_str()).or_insert_with(|| Arc::from(r.policy.as_str())),
+            );
             let info = RuleInfo {
                 direction: r.direction,
-                policy: r.policy.clone(),
+                policy,
                 index: r.index,
                 name: r.name.clone(),
                 action: r.action,

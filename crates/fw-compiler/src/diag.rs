@@ -141,7 +141,7 @@ impl Diagnostic {
     pub fn to_record(&self, sources: &SourceMap) -> DiagnosticRecord {
         let location = self.primary.as_ref().map(|l| sources.location(l.span));
         DiagnosticRecord {
-            file: location.as_ref().map(|l| l.file.clone()),
+            file: location.as_ref().map(|l| l.file.to_string()),
             line: location.as_ref().map(|l| l.line),
             column: location.as_ref().map(|l| l.column),
             end: self.primary.as_ref().map(|l| {

@@ -184,7 +184,8 @@ pub struct DirectionMaps {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RuleInfo {
     pub direction: Direction,
-    pub policy: String,
+    /// Shared by the rules of one policy (a large policy has thousands).
+    pub policy: std::sync::Arc<str>,
     pub index: u32,
     pub name: Option<String>,
     pub action: Action,

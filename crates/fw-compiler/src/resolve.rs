@@ -1117,7 +1117,7 @@ mod tests {
         assert_eq!(p.rules.len(), 1);
         assert_eq!(p.rules[0].peers, vec![AddrTerm::Set(office.clone())]);
         assert_eq!(p.rules[0].location, sources().location(p.rules[0].span));
-        assert_eq!(p.rules[0].location.file, "p.yaml");
+        assert_eq!(&*p.rules[0].location.file, "p.yaml");
     }
 
     #[test]

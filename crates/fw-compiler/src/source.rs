@@ -5,6 +5,7 @@
 //! line/column only when something is shown to a person, the way ruff and taplo do.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// Index of a file in a [`SourceMap`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -64,6 +65,8 @@ pub struct SourceFile {
     pub text: String,
     /// Byte offset of the start of every line, for line/column lookups.
     line_starts: Vec<u32>,
+    /// `name`, shared by every [`Location`] in this file (a large policy has one per rule).
+    shared_name: Arc<str>,
 }
 
 impl SourceFile {
@@ -76,7 +79,9 @@ impl SourceFile {
                 .filter(|&(_, b)| b == b'\n')
                 .map(|(i, _)| u32::try_from(i + 1).unwrap_or(u32::MAX)),
         );
-        Self { name: name.into(), text, line_starts }
+        let name = name.into();
+        let shared_name = Arc::from(name.as_str());
+        Self { name, text, line_starts, shared_name }
     }
 
     /// 1-based line and column (column counted in characters) of a byte offset.
@@ -117,7 +122,7 @@ impl SourceMap {
     pub fn location(&self, span: Span) -> Location {
         let file = self.get(span.file);
         let (line, column) = file.line_col(span.start);
-        Location { file: file.name.clone(), line, column }
+        Location { file: Arc::clone(&file.shared_name), line, column }
     }
 }
 
@@ -126,7 +131,8 @@ impl SourceMap {
     Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 pub struct Location {
-    pub file: String,
+    /// Shared with the file's other locations.
+    pub file: Arc<str>,
     pub line: u32,
     pub column: u32,
 }

@@ -132,7 +132,7 @@ fn the_documented_example_passes_its_own_tests() {
     let Decider::Rule(id) = outcome.decided_by else { panic!("{outcome:?}") };
     let rule = policy.rule(id).unwrap();
     assert_eq!((rule.policy.as_str(), rule.label().as_str()), ("audit-ssh", "no-ssh"));
-    assert_eq!(rule.location.file, "example.yaml");
+    assert_eq!(&*rule.location.file, "example.yaml");
 
     // A host the web policy does not select gets only the audit policy.
     let other = set.for_host(&fw_compiler::model::HostIdentity {
@@ -182,7 +182,7 @@ spec:
     let dup = loaded.diagnostics.iter().find(|d| d.code == Code::DuplicateName).unwrap();
     let record = dup.to_record(&loaded.sources);
     assert_eq!(record.file.as_deref(), Some("b.yaml"));
-    assert_eq!(record.related[0].location.file, "a.yaml");
+    assert_eq!(&*record.related[0].location.file, "a.yaml");
     let unknown = loaded.diagnostics.iter().find(|d| d.code == Code::UnknownSet).unwrap();
     assert_eq!(unknown.hint.as_deref(), Some("did you mean `dup`?"));
 }

@@ -415,6 +415,13 @@ fn steps(s: &Status) -> String {
 
 /// (VmRSS, VmHWM) in MiB.
 fn memory(pid: u32) -> (f64, f64) {
+    let (rss, hwm, _, _) = memory_split(pid);
+    (rss, hwm)
+}
+
+/// (VmRSS, VmHWM, RssAnon, RssFile) in MiB: the anonymous part is the heap (and stacks); the
+/// file part is the binary's and the libraries' pages.
+fn memory_split(pid: u32) -> (f64, f64, f64, f64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let kb = |key: &str| -> f64 {
         text.lines()
@@ -422,7 +429,7 @@ fn memory(pid: u32) -> (f64, f64) {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
             .unwrap_or(f64::NAN)
     };
-    (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
+    (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0, kb("RssAnon:") / 1024.0, kb("RssFile:") / 1024.0)
 }
 
 /// utime + stime in seconds, from a /proc/.../stat file (a process's: all its threads).
@@ -681,8 +688,10 @@ fn rules(lab: &mut Lab, o: &Options) {
         ms(at - t0),
         steps(&s)
     );
-    let (rss, hwm) = memory(fwd.pid());
-    println!("{n} rules, after the first apply: VmRSS {rss:.1} MiB, VmHWM {hwm:.1} MiB");
+    let (rss, hwm, anon, file) = memory_split(fwd.pid());
+    println!(
+        "{n} rules, after the first apply: VmRSS {rss:.1} MiB (anonymous {anon:.1}, files {file:.1}), VmHWM {hwm:.1} MiB"
+    );
     let (used, checks, after) = idle(&mut fwd, o.idle_secs);
     // Read after the idle window: the read right after the apply may come back before fwd
     // finished counting the entries (the status server waits for that only so long).
@@ -718,8 +727,10 @@ fn rules(lab: &mut Lab, o: &Options) {
         seen_to_enforced(&s),
         steps(&s)
     );
-    let (rss, hwm) = memory(fwd.pid());
-    println!("{n} rules, after the change: VmRSS {rss:.1} MiB, VmHWM {hwm:.1} MiB");
+    let (rss, hwm, anon, file) = memory_split(fwd.pid());
+    println!(
+        "{n} rules, after the change: VmRSS {rss:.1} MiB (anonymous {anon:.1}, files {file:.1}), VmHWM {hwm:.1} MiB"
+    );
 }
 
 fn main() {

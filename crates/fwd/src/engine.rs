@@ -732,7 +732,7 @@ impl Engine {
                         },
                         r.direction,
                         r.action,
-                        r.location.file.clone(),
+                        r.location.file.to_string(),
                         r.location.line,
                     ),
                     None => {

@@ -188,7 +188,7 @@ fn build(
                 workloads: s.workloads.iter().map(|w| w.to_string()).collect(),
                 span: Span::default(),
                 location: Location {
-                    file: format!("{}.yaml", POLICIES[s.policy]),
+                    file: format!("{}.yaml", POLICIES[s.policy]).into(),
                     line: index + 1,
                     column: 5,
                 },
