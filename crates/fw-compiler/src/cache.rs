@@ -14,10 +14,18 @@
 //!   `load`'s last step, `load::assemble`); only per-file work is reused.
 //! - The cache keeps the files of the last load only: a file removed or renamed leaves it at
 //!   the next load, so its size follows the policy set's.
+//! - It keeps what is costly to parse and cheap to hold, and no more: address sets, however
+//!   large (a prefix takes about as much memory parsed as it takes text, and is what makes a
+//!   large policy slow to parse), and rules and test cases up to a budget
+//!   ([`DEFAULT_RULE_BUDGET`]). A parsed rule takes several times its text in memory (spans,
+//!   names, peer and port lists), so a policy set with 100k rules would hold tens of MB in the
+//!   cache to save a few hundred milliseconds a commit; past the budget its files are parsed
+//!   again at each load. Cached or not, a file's result is the same.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::ast::Document;
 use crate::load::{Input, Loaded, LoadedFile, assemble, file_id, load_files};
 use crate::source::FileId;
 use crate::yaml::ParseLimits;
@@ -37,11 +45,17 @@ pub struct LoadStats {
     pub resolve: Duration,
 }
 
+/// The rules and test cases [`LoadCache::new`] keeps parsed, over all its files (see the module
+/// docs): about 4 MB of documents, and 30 ms or so of parsing saved per load.
+pub const DEFAULT_RULE_BUDGET: usize = 10_000;
+
 /// The parsed and lowered files of the last load, by position and name.
 #[derive(Debug)]
 pub struct LoadCache {
     limits: ParseLimits,
     threads: usize,
+    /// At most this many rules and test cases in `files`.
+    rule_budget: usize,
     files: HashMap<(FileId, String), LoadedFile>,
     /// Where each name of the last load is in `files`.
     names: HashMap<String, FileId>,
@@ -56,7 +70,21 @@ impl LoadCache {
 
     /// [`LoadCache::new`] with at most `threads` threads parsing.
     pub fn with_threads(limits: ParseLimits, threads: usize) -> Self {
-        Self { limits, threads, files: HashMap::new(), names: HashMap::new() }
+        Self {
+            limits,
+            threads,
+            rule_budget: DEFAULT_RULE_BUDGET,
+            files: HashMap::new(),
+            names: HashMap::new(),
+        }
+    }
+
+    /// Keeps at most `rules` rules and test cases parsed (see the module docs); 0 keeps only
+    /// files without any.
+    #[must_use]
+    pub fn with_rule_budget(mut self, rules: usize) -> Self {
+        self.rule_budget = rules;
+        self
     }
 
     pub fn limits(&self) -> &ParseLimits {
@@ -77,6 +105,9 @@ impl LoadCache {
         let mut old = std::mem::take(&mut self.files);
         let mut slots: Vec<Option<LoadedFile>> = Vec::new();
         let mut misses = Vec::new();
+        // Rules and test cases in `self.files` so far: files kept from the last load first,
+        // then new ones, each while it fits.
+        let mut held = 0;
         for (i, input) in inputs.into_iter().enumerate() {
             let id = file_id(i);
             let key = (id, input.name);
@@ -86,8 +117,14 @@ impl LoadCache {
             match old.remove(&key) {
                 Some(file) if file.source.text.as_bytes() == input.bytes.as_slice() => {
                     stats.reused += 1;
-                    slots.push(Some(file.clone()));
-                    self.files.insert(key, file);
+                    held += rule_count(&file);
+                    if held <= self.rule_budget {
+                        slots.push(Some(file.clone()));
+                        self.files.insert(key, file);
+                    } else {
+                        held -= rule_count(&file);
+                        slots.push(Some(file));
+                    }
                 }
                 _ => {
                     stats.parsed += 1;
@@ -108,7 +145,9 @@ impl LoadCache {
             .collect();
         let loaded = load_files(misses, &self.limits, self.threads);
         for ((id, file), cache) in loaded.into_iter().zip(cacheable) {
-            if cache {
+            let rules = rule_count(&file);
+            if cache && held + rules <= self.rule_budget {
+                held += rules;
                 self.files.insert((id, file.source.name.clone()), file.clone());
             }
             if let Some(slot) = slots.get_mut(id.0 as usize) {
@@ -123,6 +162,18 @@ impl LoadCache {
         stats.resolve = t1.elapsed();
         (loaded, stats)
     }
+}
+
+/// The rules and test cases of `file`'s documents: what [`LoadCache`]'s budget counts.
+fn rule_count(file: &LoadedFile) -> usize {
+    file.documents
+        .iter()
+        .map(|d| match d {
+            Document::Policy(p) => p.ingress.len() + p.egress.len(),
+            Document::PolicyTest(t) => t.cases.len(),
+            Document::AddressSet(_) => 0,
+        })
+        .sum()
 }
 
 #[cfg(test)]
@@ -282,6 +333,39 @@ mod tests {
             if round > 0 {
                 assert_eq!(stats.parsed, usize::from(round == 1));
             }
+        }
+    }
+
+    /// Files past the rule budget are not kept: they are parsed at every load, with the same
+    /// result; address sets are kept whatever the budget.
+    #[test]
+    fn files_past_the_rule_budget_are_parsed_again_with_the_same_result() {
+        let inputs: Vec<Input> = vec![
+            Input::new("p/a.yaml", policy("a", 80, "{set: clients}")),
+            Input::new("p/b.yaml", policy("b", 81, "{set: clients}")),
+            Input::new("p/c.yaml", policy("c", 82, "{set: clients}")),
+            Input::new("p/clients.yaml", set("clients", "10.20.0.0/16, 10.30.0.0/16")),
+        ];
+        let limits = ParseLimits::default();
+        let mut cache = LoadCache::with_threads(limits, 1).with_rule_budget(2);
+        let fresh = load_with_threads(inputs.clone(), &limits, 1);
+        for round in 0..3 {
+            let (cached, stats) = cache.load(inputs.clone());
+            assert!(!cached.has_errors(), "{:?}", cached.diagnostics.first());
+            assert_eq!(render(&cached), render(&fresh), "round {round}");
+            let mut kept: Vec<&str> = cache.names.keys().map(String::as_str).collect();
+            kept.sort_unstable();
+            assert_eq!(kept, ["p/a.yaml", "p/b.yaml", "p/clients.yaml"], "round {round}");
+            assert_eq!(cache.bytes_of("p/c.yaml"), None);
+            let want = if round == 0 { (0, 4) } else { (3, 1) };
+            assert_eq!((stats.reused, stats.parsed), want, "round {round}");
+        }
+        // A budget of 0 keeps the address set only.
+        let mut cache = LoadCache::with_threads(limits, 1).with_rule_budget(0);
+        for _ in 0..2 {
+            let (cached, _) = cache.load(inputs.clone());
+            assert_eq!(render(&cached), render(&fresh));
+            assert_eq!(cache.names.keys().collect::<Vec<_>>(), ["p/clients.yaml"]);
         }
     }
 }
