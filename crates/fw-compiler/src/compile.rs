@@ -1639,6 +1639,7 @@ fn rules_table(policy: &HostPolicy) -> BTreeMap<RuleId, RuleInfo> {
     // One copy of each policy's name, shared by its rules: the table is kept for as long as
     // the state is enforced.
     let mut names: HashMap<&str, Arc<str>> = HashMap::new();
+    let mut scratch = String::new();
     by_id
         .into_iter()
         .map(|(r, rank)| {
@@ -1654,7 +1655,11 @@ fn rules_table(policy: &HostPolicy) -> BTreeMap<RuleId, RuleInfo> {
                 audit: !r.enforcing(),
                 log: r.log,
                 location: r.location.clone(),
-                summary: summary(r),
+                summary: {
+                    scratch.clear();
+                    write_summary(r, &mut scratch);
+                    scratch.as_str().to_owned()
+                },
                 rank,
             };
             (r.id, info)
@@ -1883,25 +1888,20 @@ fn l4_overflow(direction: Direction, n: usize, cap: usize) -> Diagnostic {
     )
 }
 
-/// "allow tcp/80,443,8000-8100 from 0.0.0.0/0", "deny udp to set:office". Written into one
-/// string without intermediate lists or `write!` for the numbers and IPv4 networks: it runs
-/// once per rule, and at 100k rules the formatting was a noticeable part of the compile.
+/// "allow tcp/80,443,8000-8100 from 0.0.0.0/0", "deny udp to set:office".
+#[cfg(test)]
 fn summary(rule: &ResolvedRule) -> String {
+    let mut s = String::new();
+    write_summary(rule, &mut s);
+    s
+}
+
+/// Appends the rule's one-line description to `s` ("allow tcp/80,443 from 0.0.0.0/0"), without intermediate lists or `write!` for the numbers
+/// and IPv4 networks: it runs once per rule, and at 100k rules the formatting was a noticeable
+/// part of the compile. The rule table copies it out of one reused buffer, so each kept
+/// summary takes only its length (the table lives as long as the state is enforced).
+fn write_summary(rule: &ResolvedRule, s: &mut String) {
     const SHOWN: usize = 3;
-    // Room for everything below, so the string is allocated once.
-    let peers: usize = rule
-        .peers
-        .iter()
-        .take(SHOWN)
-        .map(|t| match t {
-            AddrTerm::Any => 4,
-            AddrTerm::Net(_) => 44,
-            AddrTerm::Set(set) => 5 + set.name.len(),
-        })
-        .sum();
-    let workloads: usize = rule.workloads.iter().map(|w| w.len() + 5).sum();
-    let mut s =
-        String::with_capacity(32 + 12 * rule.ports.len() + 4 * rule.icmp.len() + peers + workloads);
     s.push_str(rule.action.as_str());
     s.push(' ');
     s.push_str(rule.proto.as_str());
@@ -1909,16 +1909,16 @@ fn summary(rule: &ResolvedRule) -> String {
     for p in &rule.ports {
         s.push(sep);
         sep = ',';
-        ids::push_decimal(&mut s, u64::from(p.start));
+        ids::push_decimal(s, u64::from(p.start));
         if p.start != p.end {
             s.push('-');
-            ids::push_decimal(&mut s, u64::from(p.end));
+            ids::push_decimal(s, u64::from(p.end));
         }
     }
     for t in &rule.icmp {
         s.push(sep);
         sep = ',';
-        ids::push_decimal(&mut s, u64::from(*t));
+        ids::push_decimal(s, u64::from(*t));
     }
     s.push_str(match rule.direction {
         Direction::Ingress => " from ",
@@ -1938,10 +1938,10 @@ fn summary(rule: &ResolvedRule) -> String {
                     if i > 0 {
                         s.push('.');
                     }
-                    ids::push_decimal(&mut s, u64::from(octet));
+                    ids::push_decimal(s, u64::from(octet));
                 }
                 s.push('/');
-                ids::push_decimal(&mut s, u64::from(n.prefix_len()));
+                ids::push_decimal(s, u64::from(n.prefix_len()));
             }
             AddrTerm::Net(n) => {
                 let _ = write!(s, "{n}");
@@ -1959,7 +1959,6 @@ fn summary(rule: &ResolvedRule) -> String {
         s.push_str(if i == 0 { " for " } else { "," });
         s.push_str(w);
     }
-    s
 }
 
 #[cfg(test)]
