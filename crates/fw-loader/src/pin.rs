@@ -630,7 +630,7 @@ impl Dataplane {
             };
             let entries = match name {
                 maps::WORKLOADS => gm.workloads.keys().count(),
-                _ => gm.read_map(name)?.len(),
+                _ => gm.count_map(name)?,
             };
             map_status.push(MapStatus { name, entries, capacity });
         }

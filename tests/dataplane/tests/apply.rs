@@ -313,6 +313,12 @@ fn a_change_given_as_deltas_applies_on_top_of_the_state_applied_last_only() {
     let status = dp.status().expect("status");
     let table = status.maps.iter().find(|m| m.name == maps::WORKLOADS).expect("FW_WORKLOADS");
     assert_eq!(table.entries, 1);
+    // Every other map's count (walked key by key) is its encoded entries'.
+    for m in status.maps.iter().filter(|m| m.name != maps::WORKLOADS) {
+        let want = enc_with.maps.get(m.name).map_or(0, |e| e.len());
+        assert_eq!(m.entries, want, "{}", m.name);
+    }
+    assert!(status.maps.iter().any(|m| m.name == maps::INGRESS_V4 && m.entries > 0));
     assert!(dp.drift(&enc_with).expect("drift").is_clean());
     // The drift check read both generations; what it keeps is `enc_with`'s buffers.
     assert_cache_shares(&dp, &enc_with);
