@@ -343,7 +343,7 @@ impl Engine {
         };
         let Some(source) = self.source.as_ref() else { return };
         let compiler = &self.compiler;
-        let snapshot =
+        let mut snapshot =
             match source.snapshot_reusing(commit, &|path, blob| compiler.bytes_of(path, blob)) {
                 Ok(s) => s,
                 Err(e) => {
@@ -358,6 +358,9 @@ impl Engine {
         let prev = self.applied.as_ref().map(|a| &a.desired);
         let compiled =
             self.compiler.desired(&snapshot.files, &self.host, &self.caps, prev, &mut parts);
+        // The files' bytes (megabytes at 100k rules; the cache keeps what it needs) are freed
+        // now, so that the memory released after the apply includes them.
+        snapshot.files = Vec::new();
         let timed: Duration = parts.iter().map(|(_, d)| *d).sum();
         steps.extend(parts.into_iter().map(|(name, d)| Step { step: name.into(), ms: ms(d) }));
         // What the compiler's steps do not cover (handing the files over, dropping what the
