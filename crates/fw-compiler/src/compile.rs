@@ -435,7 +435,7 @@ fn splitmix64(x: u64) -> u64 {
 /// Rules that enter the LPM walk together (those with the same prefix list), by group index:
 /// their positions (sorted) and the fingerprint of their ids.
 struct Groups {
-    members: Vec<Rc<[u32]>>,
+    members: Vec<Arc<[u32]>>,
     fps: Vec<Fingerprint>,
 }
 
@@ -445,12 +445,13 @@ struct Groups {
 /// The sum of fingerprints is only right for disjoint unions, and these are: a rule's prefixes
 /// of one family are disjoint (minimal cover of a range set), so a rule never marks both a
 /// prefix and one inside it, and a rule is in exactly one group per family.
+#[derive(Clone, Debug)]
 struct RuleSets {
     fps: Vec<Fingerprint>,
     by_fp: FastMap<Fingerprint, SetIdx>,
     /// `(parent, own rules)`; `None` for the empty set. A parent always has a smaller index
     /// than its child.
-    derivation: Vec<Option<(SetIdx, Rc<[u32]>)>>,
+    derivation: Vec<Option<(SetIdx, Arc<[u32]>)>>,
 }
 
 impl RuleSets {
@@ -466,7 +467,7 @@ impl RuleSets {
         self.fps.len()
     }
 
-    fn derivation(&self, i: SetIdx) -> Option<&(SetIdx, Rc<[u32]>)> {
+    fn derivation(&self, i: SetIdx) -> Option<&(SetIdx, Arc<[u32]>)> {
         self.derivation.get(i).and_then(Option::as_ref)
     }
 
@@ -487,8 +488,8 @@ impl RuleSets {
         if let Some(&i) = self.by_fp.get(&fp) {
             return i;
         }
-        let rules: Rc<[u32]> = match own {
-            [g] => groups.members.get(*g as usize).cloned().unwrap_or_else(|| Rc::from([])),
+        let rules: Arc<[u32]> = match own {
+            [g] => groups.members.get(*g as usize).cloned().unwrap_or_else(|| Arc::from([])),
             many => {
                 let mut all: Vec<u32> = many
                     .iter()
@@ -1422,7 +1423,7 @@ fn build_direction_lpm(
                 .fold(Fingerprint::default(), |acc, r| acc.add(Fingerprint::of_rule(r.id.0)))
         })
         .collect();
-    let groups = Groups { members: groups.into_iter().map(Rc::from).collect(), fps };
+    let groups = Groups { members: groups.into_iter().map(Arc::from).collect(), fps };
     let mut layers = |pairs: Vec<(u128, u8, u32)>, family: Family| {
         let cut = split.of(family);
         let (wide, narrow): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|p| p.1 <= cut);
@@ -1498,6 +1499,49 @@ pub fn compile(policy: &HostPolicy, caps: &Capacities) -> Result<MapState, Vec<D
     compile_with(policy, caps, Split::DEFAULT)
 }
 
+/// What [`compile_reusing`] keeps between compiles: per direction, the address half of the
+/// last compile (its rule sets, classes and prefix tables) and what it depended on, for a
+/// direction of at most `rule_budget` rules. Like the parse cache (`crate::cache`), it keeps
+/// what is cheap to hold: the tables of a few rules over large address sets are a few bytes
+/// per prefix, while those of 100k rules each with an address of its own are about 250 bytes
+/// per rule (a rule set and a class each), tens of MB to save less than their build time.
+#[derive(Debug)]
+pub struct CompileMemo {
+    rule_budget: usize,
+    ingress: Option<AddressTables>,
+    egress: Option<AddressTables>,
+}
+
+impl Default for CompileMemo {
+    fn default() -> Self {
+        Self::with_rule_budget(crate::cache::DEFAULT_RULE_BUDGET)
+    }
+}
+
+impl CompileMemo {
+    /// A memo that keeps a direction's tables when it has at most `rules` rules.
+    pub fn with_rule_budget(rules: usize) -> Self {
+        Self { rule_budget: rules, ingress: None, egress: None }
+    }
+}
+
+/// [`compile`], for a caller that compiles state after state (a daemon following a
+/// repository): a direction whose rules have the same positions, ids and peers as in the last
+/// compile through `memo` takes its prefix tables and classes from there instead of
+/// flattening and walking its prefixes again (tens of milliseconds at 100k prefixes, for a
+/// change that only touches ports). The result is [`compile`]'s: the tables are a function of
+/// exactly what is compared (`AddressKey`), and the tests hold the two equal over sequences of
+/// changes.
+pub fn compile_reusing(
+    policy: &HostPolicy,
+    caps: &Capacities,
+    memo: &mut CompileMemo,
+) -> Result<MapState, Vec<Diagnostic>> {
+    let parallel = policy.rules.len() >= PARALLEL_MIN_RULES
+        && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+    compile_on(policy, caps, Split::DEFAULT, parallel, memo)
+}
+
 /// [`compile`] with a given layer split (benchmarks and tests compare splits; every split
 /// gives the same verdicts, only the tables' sizes differ).
 pub fn compile_with(
@@ -1510,7 +1554,7 @@ pub fn compile_with(
     // thread, where a thread would cost more than it saves.
     let parallel = policy.rules.len() >= PARALLEL_MIN_RULES
         && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
-    compile_on(policy, caps, split, parallel)
+    compile_on(policy, caps, split, parallel, &mut CompileMemo::default())
 }
 
 /// [`compile_with`] on one thread or three; the result is the same either way.
@@ -1519,11 +1563,20 @@ fn compile_on(
     caps: &Capacities,
     split: Split,
     parallel: bool,
+    memo: &mut CompileMemo,
 ) -> Result<MapState, Vec<Diagnostic>> {
     let (workloads, applies) = workload_tables(policy);
-    let direction = |d, flattener: &mut Flattener| {
-        compile_direction(policy, d, caps, split, &applies, flattener)
+    let budget = memo.rule_budget;
+    let direction = |d, flattener: &mut Flattener, memo: &mut Option<AddressTables>| {
+        compile_direction(policy, d, caps, split, &applies, flattener, (memo, budget))
     };
+    // Egress may run on a thread of its own or here: its memo goes to whichever does.
+    let egress_memo = std::sync::Mutex::new(memo.egress.take());
+    let egress_direction = |flattener: &mut Flattener| {
+        let mut m = egress_memo.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        direction(Direction::Egress, flattener, &mut m)
+    };
+    let ingress_memo = &mut memo.ingress;
     let ((ingress, mut diagnostics), (egress, egress_diagnostics), rules) =
         std::thread::scope(|scope| {
             // Egress and the rules table on threads of their own, ingress here. On the
@@ -1536,9 +1589,7 @@ fn compile_on(
             let egress = parallel
                 .then(|| {
                     std::thread::Builder::new()
-                        .spawn_scoped(scope, || {
-                            direction(Direction::Egress, &mut Flattener::default())
-                        })
+                        .spawn_scoped(scope, || egress_direction(&mut Flattener::default()))
                         .ok()
                 })
                 .flatten();
@@ -1551,12 +1602,13 @@ fn compile_on(
             // both use is flattened once (the prefix benchmark's million-prefix sets, used
             // on both, were flattened twice). A thread of its own has its own.
             let mut flattener = Flattener::default();
-            let ingress = direction(Direction::Ingress, &mut flattener);
-            let egress = join_or(egress, || direction(Direction::Egress, &mut flattener));
+            let ingress = direction(Direction::Ingress, &mut flattener, ingress_memo);
+            let egress = join_or(egress, || egress_direction(&mut flattener));
             let rules = join_or(rules, || rules_table(policy));
             (ingress, egress, rules)
         });
     diagnostics.extend(egress_diagnostics);
+    memo.egress = egress_memo.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
 
     let overflow = |what: &str, n: usize, cap: u32| {
         Diagnostic::error(
@@ -1667,6 +1719,100 @@ fn rules_table(policy: &HostPolicy) -> BTreeMap<RuleId, RuleInfo> {
         .collect()
 }
 
+/// What the address half of one direction's compile depends on: the layer split and, for
+/// each of the direction's rules, its position, its id and its peers (set contents compared in
+/// full). Flattening, the prefix walks and the class numbering read nothing else, so equal keys
+/// give equal tables. The peers of all rules are in one list (`peers`, each rule's ending at
+/// its `rules` entry's offset): two allocations, not one per rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct AddressKey {
+    split: Split,
+    rules: Vec<(u32, RuleId, u32)>,
+    peers: Vec<AddrTerm>,
+}
+
+impl AddressKey {
+    fn of(policy: &HostPolicy, direction: Direction, split: Split) -> Self {
+        let mut rules = Vec::new();
+        let mut peers = Vec::new();
+        for (pos, rule) in policy.rules.iter().enumerate() {
+            if rule.direction == direction {
+                peers.extend(rule.peers.iter().cloned());
+                rules.push((pos as u32, rule.id, peers.len() as u32));
+            }
+        }
+        Self { split, rules, peers }
+    }
+}
+
+/// The address half of one direction's compile (see [`AddressKey`]): the rule sets, the
+/// classes in class-id order, and the prefix tables.
+#[derive(Clone, Debug)]
+struct AddressTables {
+    key: AddressKey,
+    sets: RuleSets,
+    /// Per rule position: how many prefixes it contributed (for capacity diagnostics).
+    contributed: Vec<(u32, usize, usize)>,
+    /// Positions of the rules without an address restriction (the shared L4 table's).
+    shared: Vec<u32>,
+    classes: Vec<(ClassId, SetIdx)>,
+    v4: BTreeMap<Ipv4Net, Classes>,
+    v6: BTreeMap<Ipv6Net, Classes>,
+}
+
+impl AddressTables {
+    /// The address half of a direction's compile: flatten the rules' peers, walk the prefixes
+    /// into rule sets, number the classes and build the prefix tables.
+    fn build(
+        policy: &HostPolicy,
+        direction: Direction,
+        split: Split,
+        flattener: &mut Flattener,
+        key: AddressKey,
+    ) -> Self {
+        let mut sets = RuleSets::new();
+        let lpm = build_direction_lpm(policy, direction, split, flattener, &mut sets);
+
+        // Class ids: a hash of the fingerprint of each used set's rule ids, so a class keeps
+        // its id while its rule set is unchanged. A set used in both layers is one class.
+        let used: BTreeSet<SetIdx> =
+            lpm.v4.iter().chain(&lpm.v6).flat_map(|&(_, (w, n))| [w, n]).collect();
+        let keyed: Vec<(SetIdx, [u8; 16])> =
+            used.iter().map(|&s| (s, sets.fingerprint(s).bytes())).collect();
+        let assigned = ids::assign(keyed.iter().map(|(_, k)| *k));
+        // In class-id order: the L4 entries are emitted in this order, already sorted.
+        let mut classes: Vec<(ClassId, SetIdx)> = keyed
+            .iter()
+            .filter_map(|(s, k)| assigned.get(k).map(|&id| (ClassId(id), *s)))
+            .collect();
+        classes.sort_unstable();
+        let class_of: FastMap<SetIdx, ClassId> = classes.iter().map(|&(c, s)| (s, c)).collect();
+        let classes_of = |(w, n): (SetIdx, SetIdx)| {
+            Some(Classes { wide: *class_of.get(&w)?, narrow: *class_of.get(&n)? })
+        };
+
+        // Maps are collected from vectors: `BTreeMap`'s `FromIterator` sorts and bulk-builds,
+        // much faster than inserting entry by entry.
+        let v4: BTreeMap<Ipv4Net, Classes> = lpm
+            .v4
+            .iter()
+            .filter_map(|&((addr, len), s)| {
+                let net = Ipv4Net::new(Ipv4Addr::from(addr as u32), len).ok()?;
+                Some((net, classes_of(s)?))
+            })
+            .collect();
+        let v6: BTreeMap<Ipv6Net, Classes> = lpm
+            .v6
+            .iter()
+            .filter_map(|&((addr, len), s)| {
+                let net = Ipv6Net::new(Ipv6Addr::from(addr), len).ok()?;
+                Some((net, classes_of(s)?))
+            })
+            .collect();
+        Self { key, sets, contributed: lpm.contributed, shared: lpm.shared, classes, v4, v6 }
+    }
+}
+
 /// The maps of one direction, with the diagnostics of its capacities. Directions share
 /// nothing but their read-only inputs, so `compile_with` may build the two at once.
 fn compile_direction(
@@ -1676,6 +1822,7 @@ fn compile_direction(
     split: Split,
     applies: &[Vec<WorkloadId>],
     flattener: &mut Flattener,
+    (memo, budget): (&mut Option<AddressTables>, usize),
 ) -> (DirectionMaps, Vec<Diagnostic>) {
     let mut diagnostics = Vec::new();
     // Per rule position: its L4 ranges and their prefixes (only the direction's rules).
@@ -1688,44 +1835,24 @@ fn compile_direction(
         .iter()
         .map(|r| r.to_prefixes(32).into_iter().map(|(bits, len)| (bits as u32, len)).collect())
         .collect();
-    let mut sets = RuleSets::new();
-    let lpm = build_direction_lpm(policy, direction, split, flattener, &mut sets);
-
-    // Class ids: a hash of the fingerprint of each used set's rule ids, so a class keeps
-    // its id while its rule set is unchanged. A set used in both layers is one class.
-    let used: BTreeSet<SetIdx> =
-        lpm.v4.iter().chain(&lpm.v6).flat_map(|&(_, (w, n))| [w, n]).collect();
-    let keyed: Vec<(SetIdx, [u8; 16])> =
-        used.iter().map(|&s| (s, sets.fingerprint(s).bytes())).collect();
-    let assigned = ids::assign(keyed.iter().map(|(_, k)| *k));
-    // In class-id order: the L4 entries are emitted in this order, already sorted.
-    let mut classes: Vec<(ClassId, SetIdx)> =
-        keyed.iter().filter_map(|(s, k)| assigned.get(k).map(|&id| (ClassId(id), *s))).collect();
-    classes.sort_unstable();
-    let class_of: FastMap<SetIdx, ClassId> = classes.iter().map(|&(c, s)| (s, c)).collect();
-    let classes_of = |(w, n): (SetIdx, SetIdx)| {
-        Some(Classes { wide: *class_of.get(&w)?, narrow: *class_of.get(&n)? })
+    // The address half: taken from the last compile when this direction's rules have the
+    // same positions, ids and peers (`CompileMemo`), built otherwise.
+    let key = AddressKey::of(policy, direction, split);
+    let tables = match memo.take() {
+        Some(t) if t.key == key => t,
+        _ => AddressTables::build(policy, direction, split, flattener, key),
     };
-
-    // Maps are collected from vectors: `BTreeMap`'s `FromIterator` sorts and bulk-builds,
-    // much faster than inserting entry by entry.
-    let v4: BTreeMap<Ipv4Net, Classes> = lpm
-        .v4
-        .iter()
-        .filter_map(|&((addr, len), s)| {
-            let net = Ipv4Net::new(Ipv4Addr::from(addr as u32), len).ok()?;
-            Some((net, classes_of(s)?))
-        })
-        .collect();
-    let v6: BTreeMap<Ipv6Net, Classes> = lpm
-        .v6
-        .iter()
-        .filter_map(|&((addr, len), s)| {
-            let net = Ipv6Net::new(Ipv6Addr::from(addr), len).ok()?;
-            Some((net, classes_of(s)?))
-        })
-        .collect();
-    check_prefixes(policy, direction, v4.len(), v6.len(), &lpm, caps, &mut diagnostics);
+    let (sets, classes) = (&tables.sets, &tables.classes);
+    let (v4, v6) = (tables.v4.clone(), tables.v6.clone());
+    check_prefixes(
+        policy,
+        direction,
+        v4.len(),
+        v6.len(),
+        &tables.contributed,
+        caps,
+        &mut diagnostics,
+    );
 
     // L4 entries, counted while they are emitted: past the capacity the compile stops
     // (FW019 with "at least"), so an oversized or hostile policy cannot make the compiler
@@ -1736,18 +1863,18 @@ fn compile_direction(
     let mut scratch = Vec::new();
     let (mut entries, mut table) = (Vec::new(), Vec::new());
     let egress_applies = (direction == Direction::Egress).then_some(applies);
-    let mut builder = L4Builder::new(policy, &l4_ranges, &l4_prefixes, &sets, egress_applies);
+    let mut builder = L4Builder::new(policy, &l4_ranges, &l4_prefixes, sets, egress_applies);
     // The shared table first: class 0 sorts before every address class. It is a rule set
     // of its own (one derivation step from the empty set), so the workload deltas are
     // built exactly as for a class.
     let mut overflow = {
         let mut shared_sets = RuleSets::new();
-        let fp = lpm
+        let fp = tables
             .shared
             .iter()
             .filter_map(|&pos| policy.rules.get(pos as usize))
             .fold(Fingerprint::default(), |acc, r| acc.add(Fingerprint::of_rule(r.id.0)));
-        let groups = Groups { members: vec![Rc::from(lpm.shared.as_slice())], fps: vec![fp] };
+        let groups = Groups { members: vec![Arc::from(tables.shared.as_slice())], fps: vec![fp] };
         let s = shared_sets.extend(RuleSets::EMPTY, &[0], &groups);
         let mut shared_builder =
             L4Builder::new(policy, &l4_ranges, &l4_prefixes, &shared_sets, egress_applies);
@@ -1760,18 +1887,18 @@ fn compile_direction(
         }
         l4.len() > cap
     };
-    'classes: for &(class, s) in &classes {
+    'classes: for &(class, s) in classes {
         if overflow {
             break;
         }
-        let base = builder.base(&sets, s);
+        let base = builder.base(sets, s);
         builder.emit(&base, class, WorkloadId::NONE, &mut scratch, &mut l4);
         if l4.len() > cap {
             overflow = true;
             break;
         }
         // In workload-id order, which is key order.
-        for (w, better) in builder.workload_list(&sets, s).iter() {
+        for (w, better) in builder.workload_list(sets, s).iter() {
             table.clear();
             workload_table(&base, better, &mut prefixes, &mut entries, &mut table);
             builder.emit(&table, class, *w, &mut scratch, &mut l4);
@@ -1797,6 +1924,7 @@ fn compile_direction(
         v6,
         l4,
     };
+    *memo = (tables.key.rules.len() <= budget).then_some(tables);
     (maps, diagnostics)
 }
 
@@ -1843,7 +1971,7 @@ fn check_prefixes(
     direction: Direction,
     v4: usize,
     v6: usize,
-    lpm: &DirectionLpm,
+    contributed: &[(u32, usize, usize)],
     caps: &Capacities,
     out: &mut Vec<Diagnostic>,
 ) {
@@ -1858,8 +1986,7 @@ fn check_prefixes(
             Code::CapacityExceeded,
             format!("{dir} {what}: {n} entries, capacity {cap}"),
         );
-        let biggest = lpm
-            .contributed
+        let biggest = contributed
             .iter()
             .map(|&(pos, n4, n6)| (if family == 0 { n4 } else { n6 }, std::cmp::Reverse(pos)))
             .max();
@@ -2457,16 +2584,62 @@ mod tests {
         }
         let policy = host(rules);
         let caps = Capacities::default();
-        let one = compile_on(&policy, &caps, Split::DEFAULT, false).unwrap();
-        let three = compile_on(&policy, &caps, Split::DEFAULT, true).unwrap();
+        let one =
+            compile_on(&policy, &caps, Split::DEFAULT, false, &mut CompileMemo::default()).unwrap();
+        let three =
+            compile_on(&policy, &caps, Split::DEFAULT, true, &mut CompileMemo::default()).unwrap();
         assert_eq!(one, three);
         assert!(!one.egress.l4.is_empty() && !one.ingress.l4.is_empty());
         let small = Capacities { l4_entries: 10, rules: 10, ..caps };
-        let one = compile_on(&policy, &small, Split::DEFAULT, false).unwrap_err();
-        let three = compile_on(&policy, &small, Split::DEFAULT, true).unwrap_err();
+        let one = compile_on(&policy, &small, Split::DEFAULT, false, &mut CompileMemo::default())
+            .unwrap_err();
+        let three = compile_on(&policy, &small, Split::DEFAULT, true, &mut CompileMemo::default())
+            .unwrap_err();
         let messages = |d: &[Diagnostic]| d.iter().map(|d| d.message.clone()).collect::<Vec<_>>();
         assert_eq!(messages(&one), messages(&three));
         assert_eq!(one.len(), 3);
+    }
+
+    /// The memo is used when a direction's rules keep their positions, ids and peers, and
+    /// not otherwise; either way the state is `compile`'s.
+    #[test]
+    fn the_address_tables_are_reused_exactly_when_positions_ids_and_peers_are_unchanged() {
+        let policy = |action: Action, second: &str| {
+            let mut a = rule(1, 0, action, vec![net("10.0.0.0/8"), net("192.0.2.7/32")]);
+            a.ports = vec![PortRange { start: 443, end: 443 }];
+            let b = rule(2, 1, Action::Allow, vec![net(second)]);
+            host(vec![a, b])
+        };
+        let caps = Capacities::default();
+        let mut memo = CompileMemo::default();
+        let first = policy(Action::Allow, "10.1.0.0/16");
+        assert_eq!(compile_reusing(&first, &caps, &mut memo), compile(&first, &caps));
+        let key = |p: &HostPolicy| AddressKey::of(p, Direction::Ingress, Split::DEFAULT);
+        let kept = |m: &CompileMemo| m.ingress.as_ref().map(|t| t.key.clone());
+        assert_eq!(kept(&memo), Some(key(&first)));
+        // The action changes: same key, the tables are taken from the memo.
+        let denied = policy(Action::Deny, "10.1.0.0/16");
+        assert_eq!(key(&denied), key(&first));
+        assert_eq!(compile_reusing(&denied, &caps, &mut memo), compile(&denied, &caps));
+        // A peer changes: another key, the tables are built again and kept.
+        let moved = policy(Action::Deny, "10.2.0.0/16");
+        assert_ne!(key(&moved), key(&first));
+        let state = compile_reusing(&moved, &caps, &mut memo);
+        assert_eq!(state, compile(&moved, &caps));
+        assert_eq!(kept(&memo), Some(key(&moved)));
+        assert!(state.expect("compiles").ingress.v4.keys().any(|n| n.to_string() == "10.2.0.0/16"));
+        // A rule id changes (a rename): another key as well.
+        let mut renamed = moved.clone();
+        renamed.rules[1].id = RuleId(9);
+        assert_ne!(key(&renamed), key(&moved));
+        assert_eq!(compile_reusing(&renamed, &caps, &mut memo), compile(&renamed, &caps));
+        // A direction over the budget keeps nothing; the state is the same.
+        let mut small = CompileMemo::with_rule_budget(1);
+        assert_eq!(compile_reusing(&renamed, &caps, &mut small), compile(&renamed, &caps));
+        assert!(small.ingress.is_none(), "two ingress rules, budget 1");
+        let mut two = CompileMemo::with_rule_budget(2);
+        assert_eq!(compile_reusing(&renamed, &caps, &mut two), compile(&renamed, &caps));
+        assert_eq!(kept(&two), Some(key(&renamed)));
     }
 
     #[test]

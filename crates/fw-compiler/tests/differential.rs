@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use fw_compiler::ast::{Action, Direction, Mode, PortRange, Proto};
-use fw_compiler::compile::compile;
+use fw_compiler::compile::{CompileMemo, compile, compile_reusing};
 use fw_compiler::encode::{DecodedMaps, decode, encode};
 use fw_compiler::eval;
 use fw_compiler::ids;
@@ -434,6 +434,25 @@ proptest! {
         let encoded = encode(&a);
         prop_assert_eq!(&encoded, &encode(&b));
         prop_assert_eq!(decode(&encoded), Ok(DecodedMaps::from_state(&a)));
+    }
+
+    /// A compile that reuses the last one's address tables (`compile_reusing`) equals a fresh
+    /// compile, over a sequence that keeps every peer and changes actions and logging (the
+    /// tables are reused), switches to another policy (rebuilt) and comes back.
+    #[test]
+    fn a_compile_reusing_the_last_equals_a_fresh_one(a in host_policy(), b in host_policy(), cap in 0u32..6) {
+        let mut flipped = a.clone();
+        for r in &mut flipped.rules {
+            r.action = if r.action == Action::Allow { Action::Deny } else { Action::Allow };
+            r.log = !r.log;
+        }
+        let small = Capacities { v4_prefixes: cap, l4_entries: cap * 4, ..Capacities::default() };
+        let mut memo = CompileMemo::default();
+        for (p, caps) in [(&a, Capacities::default()), (&flipped, Capacities::default()), (&a, small), (&b, Capacities::default()), (&a, Capacities::default()), (&a, Capacities::default())] {
+            let fresh = compile(p, &caps);
+            let reused = compile_reusing(p, &caps, &mut memo);
+            prop_assert_eq!(format!("{fresh:?}"), format!("{reused:?}"));
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use fw_compiler::cache::LoadCache;
-use fw_compiler::compile::compile;
+use fw_compiler::compile::{CompileMemo, compile, compile_reusing};
 use fw_compiler::encode::Encoded;
 use fw_compiler::incremental::{DigestMarks, digest_reusing, encode_reusing};
 use fw_compiler::load::{Input, Loaded, load};
@@ -163,25 +163,34 @@ pub fn desired(
     let limits = ParseLimits::default();
     let inputs = files.iter().map(|f| Input::new(f.path.clone(), f.bytes.clone()));
     let loaded = load(inputs, &limits);
-    finish(&loaded, host, caps, None, &mut |_| {})
+    finish(&loaded, host, caps, None, None, &mut |_| {})
 }
 
 /// Compiles commit after commit as [`desired`] does, with the same result for the same
 /// files, but parses and lowers only the files that changed since the last compile
 /// (`fw_compiler::cache`: a file is reused only when its position, path and bytes are the
-/// same), and reads from git only the blobs it does not hold yet ([`Compiler::bytes_of`]).
+/// same), reads from git only the blobs it does not hold yet ([`Compiler::bytes_of`]), and
+/// takes a direction's prefix tables from the last compile when its rules' positions, ids and
+/// peers did not change (`fw_compiler::compile::compile_reusing`).
 #[derive(Debug)]
 pub struct Compiler {
     cache: LoadCache,
     /// The blob id of each file of the last compile, by path: the cache's bytes for that path
     /// are that blob's.
     blobs: BTreeMap<String, String>,
+    /// The last compile's address tables (`fw_compiler::compile::compile_reusing`).
+    memo: CompileMemo,
     spent: Option<Loaded>,
 }
 
 impl Default for Compiler {
     fn default() -> Self {
-        Self { cache: LoadCache::new(ParseLimits::default()), blobs: BTreeMap::new(), spent: None }
+        Self {
+            cache: LoadCache::new(ParseLimits::default()),
+            blobs: BTreeMap::new(),
+            memo: CompileMemo::default(),
+            spent: None,
+        }
     }
 }
 
@@ -215,7 +224,7 @@ impl Compiler {
         steps.push(("parse", stats.parse));
         steps.push(("resolve", stats.resolve));
         let mut lap = Instant::now();
-        let out = finish(&loaded, host, caps, prev, &mut |name| {
+        let out = finish(&loaded, host, caps, prev, Some(&mut self.memo), &mut |name| {
             steps.push((name, lap.elapsed()));
             lap = Instant::now();
         });
@@ -254,6 +263,7 @@ fn finish(
     host: &HostIdentity,
     caps: &Capacities,
     prev: Option<&Desired>,
+    memo: Option<&mut CompileMemo>,
     step: &mut dyn FnMut(&'static str),
 ) -> Result<Desired, Rejected> {
     let problems = |diags: &[fw_compiler::diag::Diagnostic]| -> Vec<Problem> {
@@ -290,7 +300,11 @@ fn finish(
     };
     let policy = set.for_host(host);
     step("select");
-    let mut state = compile(&policy, caps)
+    let compiled = match memo {
+        Some(memo) => compile_reusing(&policy, caps, memo),
+        None => compile(&policy, caps),
+    };
+    let mut state = compiled
         .map_err(|errors| Rejected { stage: Stage::Compile, problems: problems(&errors) })?;
     drop(policy);
     step("compile");
