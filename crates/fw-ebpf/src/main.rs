@@ -39,7 +39,7 @@ use aya_ebpf::programs::XdpContext;
 use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, ActiveGeneration, CONFIG_ENTRIES, CONFIG_INGRESS,
     ClassValue, Counters, DIRECTION_INGRESS, DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT,
-    GENERATIONS, Ipv4LpmKey, L4_KEY_FIXED_BITS, L4Value, SHARED_CLASS, STAT_ALWAYS_ARP,
+    GENERATIONS, Ipv4LpmKey, L4_KEY_FIXED_BITS, L4_PORT_CHUNKS, L4PortChunk, L4Value, SHARED_CLASS, STAT_ALWAYS_ARP,
     STAT_ALWAYS_LOOPBACK, STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY,
     STAT_AUDIT_DEFAULT_DENY, STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY,
     STAT_INTERNAL_ERROR, STAT_MALFORMED, STAT_NOT_IP, STATS_ENTRIES, V4_DIR_L2_BASE, V4DirChunk,
@@ -121,6 +121,14 @@ static FW_IN_L4X: ArrayOfMaps<
     HashMap<Key<[u8; 12]>, L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>,
     GENERATION_SLOTS,
 > = ArrayOfMaps::new();
+
+/// The shared table's TCP and UDP port entries of `FW_IN_L4X` again, as an array of chunks of
+/// 256 ports (see `fw_common::maps::INGRESS_L4_PORTS`, `fw_common::l4_port_index`): the
+/// verifier inlines an array lookup where a hash lookup is a call. A slot of zeros holds no
+/// entry. The loader writes every entry it mirrors into both maps. Generational.
+#[btf_map]
+static FW_IN_L4P: ArrayOfMaps<Array<L4PortChunk, { L4_PORT_CHUNKS as usize }>, GENERATION_SLOTS> =
+    ArrayOfMaps::new();
 
 /// An ingress L4 exact table (inner map).
 type L4Exact = HashMap<Key<[u8; 12]>, L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>;
