@@ -22,8 +22,8 @@ use aya::maps::{Array, ArrayOfMaps, HashMap, InnerMap, IterableMap as _, Map, Ma
 use aya_obj::generated::bpf_map_type;
 use fw_common::{
     ACTION_ALLOW, Bytes, CONFIG_ENTRIES, ClassValue, DirectionConfig, Ipv4LpmKey, Ipv6LpmKey,
-    L4_PORT_CHUNKS, L4LpmKey, L4PortChunk, L4Value, V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS, V4DirChunk,
-    WorkloadKey, WorkloadValue, l4_port_mirror, maps,
+    L4_PORT_CHUNKS, L4_PORT_SLOTS, L4LpmKey, L4PortChunk, L4Value, V4_DIR_L2_BASE,
+    V4_DIR_MAX_CHUNKS, V4DirChunk, WorkloadKey, WorkloadValue, l4_port_mirror, maps,
 };
 use fw_compiler::encode::{Encoded, Entries};
 use fw_compiler::mapstate::Capacities;
@@ -1409,6 +1409,24 @@ impl GenerationMaps {
             }
         }
         Ok(())
+    }
+
+    /// A derived map's fill (`fw_common::maps::DERIVED`): the first-level array's chunks, or
+    /// the port array's non-zero slots (one per mirrored entry), and how many it holds.
+    pub fn derived_fill(&self, name: &str) -> Result<(usize, u32), Error> {
+        match name {
+            maps::INGRESS_V4_DIR1 => Ok((V4_DIR_L2_BASE as usize, V4_DIR_L2_BASE)),
+            maps::INGRESS_L4_PORTS => {
+                let mut used = 0;
+                for index in 0..L4_PORT_CHUNKS {
+                    let chunk =
+                        self.in_l4p.get(&index, 0).map_err(Error::map(maps::INGRESS_L4_PORTS))?;
+                    used += chunk.slots.iter().filter(|v| **v != L4Value::default()).count();
+                }
+                Ok((used, L4_PORT_CHUNKS * L4_PORT_SLOTS as u32))
+            }
+            other => Err(Error::UnknownMap(other.to_string())),
+        }
     }
 
     /// [`verify_delta`](Self::verify_delta) for the port array mirrored from the exact hash's
