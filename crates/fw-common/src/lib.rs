@@ -76,6 +76,21 @@ pub mod maps {
     /// Such an entry is the longest possible match for its word, so the program asks the
     /// [`INGRESS_L4`] trie (which holds the other entries) only when this misses.
     pub const INGRESS_L4_EXACT: &str = "FW_IN_L4X";
+    /// The shared table's TCP and UDP port entries of [`INGRESS_L4_EXACT`] again, as an
+    /// array of [`L4_PORT_CHUNKS`](crate::L4_PORT_CHUNKS) `u32`-indexed
+    /// [`L4PortChunk`](crate::L4PortChunk)s of 256 slots, one slot per protocol and port
+    /// ([`l4_port_index`](crate::l4_port_index)): the program reads the shared table's entry
+    /// for a TCP or UDP packet with a port here, an array lookup the verifier inlines, where
+    /// the hash lookup is a call (about 13 ns a packet). A slot holds the hash's entry when
+    /// [`l4_port_mirror`](crate::l4_port_mirror) places it there, else all zeros (no decision
+    /// in either half: no entry); on a zero slot the program asks the hash and the trie only
+    /// when the config's [`DirectionConfig::l4_flags`](crate::DirectionConfig) say they may
+    /// hold the answer. Like [`INGRESS_V4_DIR1`], not filled by `encode` and not in
+    /// [`GENERATIONAL`]'s encoded state: the loader writes every entry of
+    /// [`INGRESS_L4_EXACT`] that has a slot here as well (full writes and deltas), checks both
+    /// hold the same when it reads the generation back or verifies a delta, and keeps
+    /// [`INGRESS_L4_EXACT`] as the record. Generational.
+    pub const INGRESS_L4_PORTS: &str = "FW_IN_L4P";
     /// Egress IPv4 LPM trie: [`Ipv4LpmKey`](crate::Ipv4LpmKey) -> [`ClassValue`](crate::ClassValue).
     pub const EGRESS_V4: &str = "FW_EG_V4";
     /// Egress IPv6 LPM trie: [`Ipv6LpmKey`](crate::Ipv6LpmKey) -> [`ClassValue`](crate::ClassValue).
@@ -116,7 +131,7 @@ pub mod maps {
 
     /// The generational maps the loader derives from those [`GENERATIONAL`] lists (not in an
     /// encoded state).
-    pub const DERIVED: [&str; 1] = [INGRESS_V4_DIR1];
+    pub const DERIVED: [&str; 2] = [INGRESS_V4_DIR1, INGRESS_L4_PORTS];
 
     /// The maps the compiler's `encode` fills, each an outer array-of-maps with
     /// [`GENERATIONS`](crate::GENERATIONS) slots.
@@ -169,6 +184,21 @@ pub const ACTION_DENY: u8 = 2;
 pub const FLAG_LOG_VERDICT: u8 = 1 << 0;
 /// [`L4Value::flags`] bit: the audit rule has `log: true`.
 pub const FLAG_LOG_AUDIT: u8 = 1 << 1;
+
+/// [`DirectionConfig::l4_flags`] bit (ingress): the L4 trie ([`maps::INGRESS_L4`]) holds an
+/// entry of the shared table ([`SHARED_CLASS`]), so a shared lookup that misses the exact
+/// hash must ask the trie.
+pub const L4F_TRIE_SHARED: u8 = 1 << 0;
+/// [`DirectionConfig::l4_flags`] bit (ingress): the L4 trie holds an entry of an address
+/// class, so a class lookup that misses the exact hash must ask the trie.
+pub const L4F_TRIE_CLASSES: u8 = 1 << 1;
+/// [`DirectionConfig::l4_flags`] bit (ingress): the exact hash ([`maps::INGRESS_L4_EXACT`])
+/// holds a shared TCP or UDP port entry that the port array ([`maps::INGRESS_L4_PORTS`])
+/// does not mirror (one with no decision in either half, which still hides the trie's shorter
+/// entries), so a zero slot must still be looked up in the hash.
+pub const L4F_EXACT_SHARED_PORTS: u8 = 1 << 2;
+/// Every [`DirectionConfig::l4_flags`] bit.
+pub const L4F_ALL: u8 = L4F_TRIE_SHARED | L4F_TRIE_CLASSES | L4F_EXACT_SHARED_PORTS;
 
 /// Index of the ingress entry in the config array.
 pub const CONFIG_INGRESS: u32 = 0;
@@ -376,6 +406,52 @@ impl Default for V4DirChunk {
     }
 }
 
+/// Slots of an [`L4PortChunk`].
+pub const L4_PORT_SLOTS: usize = 256;
+/// Chunks of [`maps::INGRESS_L4_PORTS`]: 256 for the TCP ports, then 256 for the UDP ports.
+pub const L4_PORT_CHUNKS: u32 = 512;
+
+/// Value of [`maps::INGRESS_L4_PORTS`]: the shared table's entries of 256 consecutive ports of
+/// one protocol; a slot of all zeros holds no entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct L4PortChunk {
+    pub slots: [L4Value; L4_PORT_SLOTS],
+}
+
+impl Default for L4PortChunk {
+    fn default() -> Self {
+        Self { slots: [L4Value::default(); L4_PORT_SLOTS] }
+    }
+}
+
+/// The chunk (index of [`maps::INGRESS_L4_PORTS`]) and slot of a TCP or UDP port; `None` for
+/// any other protocol.
+#[inline(always)]
+pub const fn l4_port_index(proto: u8, port: u16) -> Option<(u32, usize)> {
+    let base = match proto {
+        6 => 0,
+        17 => L4_PORT_CHUNKS / 2,
+        _ => return None,
+    };
+    Some((base + (port >> 8) as u32, (port & 0xff) as usize))
+}
+
+/// Where [`maps::INGRESS_L4_PORTS`] mirrors an entry of [`maps::INGRESS_L4_EXACT`]: the chunk
+/// and slot ([`l4_port_index`]) when the entry is the shared table's ([`SHARED_CLASS`],
+/// workload 0) for one TCP or UDP port (the L4 word `proto << 24 | port`, no "no port" bit)
+/// and has a decision in either half (so its slot is not all zeros); `None` for every other
+/// entry, which only the hash holds.
+pub fn l4_port_mirror(key: &L4LpmKey, value: &L4Value) -> Option<(u32, usize)> {
+    let word = u32::from_be_bytes(key.l4);
+    let shared = u32::from_be_bytes(key.class) == SHARED_CLASS && key.workload == [0; 4];
+    let decides = value.verdict_action != ACTION_NONE || value.audit_action != ACTION_NONE;
+    if key.prefix_len != L4_KEY_FIXED_BITS + 32 || !shared || word & 0x00ff_0000 != 0 || !decides {
+        return None;
+    }
+    l4_port_index((word >> 24) as u8, word as u16)
+}
+
 /// Capacity of [`DirectionConfig::v4_lengths`]: every IPv4 prefix length, /0 to /32, plus
 /// padding to a multiple of 4 bytes.
 pub const V4_LENGTH_SLOTS: usize = 36;
@@ -399,8 +475,11 @@ pub struct DirectionConfig {
     pub audit_default: u8,
     /// Number of valid entries at the start of `v4_lengths` (0..=33).
     pub v4_length_count: u8,
-    /// Always 0.
-    pub _pad: u8,
+    /// Ingress: which L4 lookups the program may skip, as `L4F_*` bits; a bit clear promises
+    /// that the table it names holds no entry of that kind, so a lookup there would miss (a
+    /// bit set costs at most a lookup that misses). Written by `encode` from the L4 table,
+    /// generational with it. Egress: always 0 (the egress program asks the trie).
+    pub l4_flags: u8,
     /// The distinct prefix lengths (0..=32) of the direction's IPv4 table, strictly
     /// decreasing; slots from `v4_length_count` on are 0.
     pub v4_lengths: [u8; V4_LENGTH_SLOTS],
@@ -412,7 +491,7 @@ impl Default for DirectionConfig {
             verdict_default: 0,
             audit_default: 0,
             v4_length_count: 0,
-            _pad: 0,
+            l4_flags: 0,
             v4_lengths: [0; V4_LENGTH_SLOTS],
         }
     }
@@ -489,6 +568,9 @@ const _: () = {
     assert!(offset_of!(L4Value, verdict_rule) == 4);
     assert!(offset_of!(L4Value, audit_rule) == 8);
     assert!(size_of::<DirectionConfig>() == 40);
+    assert!(offset_of!(DirectionConfig, l4_flags) == 3);
+    assert!(size_of::<L4PortChunk>() == 7168);
+    assert!(align_of::<L4PortChunk>() == 4);
     assert!(size_of::<V4DirSlot>() == 12);
     assert!(size_of::<V4DirChunk>() == 3072);
     assert!(offset_of!(DirectionConfig, v4_length_count) == 2);
@@ -587,6 +669,28 @@ impl Bytes for V4DirChunk {
     }
 }
 
+impl Bytes for L4PortChunk {
+    const SIZE: usize = size_of::<Self>();
+    type Array = [u8; 7168];
+    fn to_bytes(&self) -> [u8; 7168] {
+        let mut b = [0u8; 7168];
+        for (out, v) in b.chunks_exact_mut(L4Value::SIZE).zip(&self.slots) {
+            out.copy_from_slice(&v.to_bytes());
+        }
+        b
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != Self::SIZE {
+            return None;
+        }
+        let mut out = Self::default();
+        for (slot, v) in out.slots.iter_mut().zip(b.chunks_exact(L4Value::SIZE)) {
+            *slot = L4Value::from_bytes(v)?;
+        }
+        Some(out)
+    }
+}
+
 impl Bytes for ClassValue {
     const SIZE: usize = size_of::<Self>();
     type Array = [u8; 8];
@@ -664,7 +768,7 @@ impl Bytes for DirectionConfig {
         b[0] = self.verdict_default;
         b[1] = self.audit_default;
         b[2] = self.v4_length_count;
-        b[3] = self._pad;
+        b[3] = self.l4_flags;
         b[4..40].copy_from_slice(&self.v4_lengths);
         b
     }
@@ -678,7 +782,7 @@ impl Bytes for DirectionConfig {
             verdict_default: b[0],
             audit_default: b[1],
             v4_length_count: b[2],
-            _pad: b[3],
+            l4_flags: b[3],
             v4_lengths,
         })
     }
@@ -759,6 +863,8 @@ mod pod {
     unsafe impl Pod for ClassValue {}
     // SAFETY: as above (an array of `V4DirSlot`, three `u32`s).
     unsafe impl Pod for V4DirChunk {}
+    // SAFETY: as above (an array of `L4Value`).
+    unsafe impl Pod for L4PortChunk {}
     // SAFETY: as above.
     unsafe impl Pod for L4LpmKey {}
     // SAFETY: as above.
@@ -787,6 +893,8 @@ mod tests {
             maps::INGRESS_V4_DIR1,
             maps::INGRESS_V6,
             maps::INGRESS_L4,
+            maps::INGRESS_L4_EXACT,
+            maps::INGRESS_L4_PORTS,
             maps::EGRESS_V4,
             maps::EGRESS_V6,
             maps::EGRESS_L4,
@@ -898,11 +1006,11 @@ mod tests {
             verdict_default: ACTION_DENY,
             audit_default: ACTION_DENY,
             v4_length_count: 3,
-            _pad: 0,
+            l4_flags: L4F_TRIE_CLASSES,
             v4_lengths,
         };
         let b = c.to_bytes();
-        assert_eq!(b[..8], [2, 2, 3, 0, 32, 24, 0, 0]);
+        assert_eq!(b[..8], [2, 2, 3, 2, 32, 24, 0, 0]);
         assert!(b[8..].iter().all(|&x| x == 0));
         assert_eq!(DirectionConfig::from_bytes(&c.to_bytes()), Some(c));
         let cv = ClassValue { wide_class: 0x0102, narrow_class: 7 };
@@ -911,6 +1019,39 @@ mod tests {
         let w = WorkloadKey { cgroup_id: 0x0102 };
         assert_eq!(w.to_bytes(), [2, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(WorkloadKey::from_bytes(&w.to_bytes()), Some(w));
+    }
+
+    #[test]
+    fn port_slots_mirror_only_shared_tcp_and_udp_port_entries_with_a_decision() {
+        let key = |class: u32, workload: u32, len: u32, word: u32| L4LpmKey {
+            prefix_len: L4_KEY_FIXED_BITS + len,
+            class: class.to_be_bytes(),
+            workload: workload.to_be_bytes(),
+            l4: word.to_be_bytes(),
+        };
+        let allow = L4Value { verdict_action: ACTION_ALLOW, verdict_rule: 9, ..L4Value::default() };
+        let audit = L4Value { audit_action: ACTION_DENY, audit_rule: 9, ..L4Value::default() };
+        let none = L4Value::default();
+        // TCP 443: chunk 1 (ports 256-511), slot 443 - 256; UDP 53: chunk 256, slot 53.
+        assert_eq!(l4_port_mirror(&key(0, 0, 32, 6 << 24 | 443), &allow), Some((1, 187)));
+        assert_eq!(l4_port_mirror(&key(0, 0, 32, 17 << 24 | 53), &audit), Some((256, 53)));
+        assert_eq!(l4_port_mirror(&key(0, 0, 32, 17 << 24 | 65535), &allow), Some((511, 255)));
+        assert_eq!(l4_port_index(6, 0), Some((0, 0)));
+        assert_eq!(l4_port_index(1, 3), None);
+        // Not mirrored: no decision, a class's entry, a workload, a prefix, another protocol,
+        // the "no port" word.
+        assert_eq!(l4_port_mirror(&key(0, 0, 32, 6 << 24 | 443), &none), None);
+        assert_eq!(l4_port_mirror(&key(5, 0, 32, 6 << 24 | 443), &allow), None);
+        assert_eq!(l4_port_mirror(&key(0, 3, 32, 6 << 24 | 443), &allow), None);
+        assert_eq!(l4_port_mirror(&key(0, 0, 24, 6 << 24 | 256), &allow), None);
+        assert_eq!(l4_port_mirror(&key(0, 0, 32, 1 << 24 | 8), &allow), None);
+        assert_eq!(l4_port_mirror(&key(0, 0, 32, 6 << 24 | 1 << 16), &allow), None);
+        let mut chunk = L4PortChunk::default();
+        chunk.slots[187] = allow;
+        let b = chunk.to_bytes();
+        assert_eq!(b[187 * 28..188 * 28], allow.to_bytes());
+        assert_eq!(L4PortChunk::from_bytes(&b), Some(chunk));
+        assert_eq!(L4PortChunk::from_bytes(&b[1..]), None);
     }
 
     #[test]

@@ -17,8 +17,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, Bytes, CONFIG_EGRESS, CONFIG_INGRESS, ClassValue,
     DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT, Ipv4LpmKey, Ipv6LpmKey, L4_KEY_FIXED_BITS,
-    L4LpmKey, V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS, V4_DIR_SLOTS, V4_LENGTH_SLOTS, V4DirChunk,
-    V4DirSlot, WorkloadValue, maps,
+    L4F_ALL, L4F_EXACT_SHARED_PORTS, L4F_TRIE_CLASSES, L4F_TRIE_SHARED, L4LpmKey, SHARED_CLASS,
+    V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS, V4_DIR_SLOTS, V4_LENGTH_SLOTS, V4DirChunk, V4DirSlot,
+    WorkloadValue, l4_port_mirror, maps,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -225,9 +226,70 @@ pub fn v4_dir_chunks(v4: &BTreeMap<Ipv4Net, Classes>, l2_budget: u32) -> BTreeMa
     out
 }
 
+/// The `DirectionConfig::l4_flags` bit one ingress L4 entry needs (0: none), held in the
+/// trie (`in_trie`) or the exact hash: a trie entry makes the shared table's or the classes'
+/// trie fallback necessary, a shared TCP or UDP port entry of the hash that the port array
+/// does not mirror (no decision in either half) makes the hash necessary behind a zero slot.
+fn l4_entry_flag(in_trie: bool, key: &L4LpmKey, value: &fw_common::L4Value) -> u8 {
+    let shared = u32::from_be_bytes(key.class) == SHARED_CLASS;
+    if in_trie {
+        return if shared { L4F_TRIE_SHARED } else { L4F_TRIE_CLASSES };
+    }
+    let decided = fw_common::L4Value { verdict_action: ACTION_ALLOW, ..*value };
+    if l4_port_mirror(key, &decided).is_some() && l4_port_mirror(key, value).is_none() {
+        L4F_EXACT_SHARED_PORTS
+    } else {
+        0
+    }
+}
+
+/// An L4 entry's key and value as the kernel holds them.
+fn l4_encoded(state: &MapState, k: &L4Key, v: &L4Value) -> (L4LpmKey, fw_common::L4Value) {
+    let key = L4LpmKey {
+        prefix_len: L4_KEY_FIXED_BITS + u32::from(k.prefix_len),
+        class: k.class.0.to_be_bytes(),
+        workload: k.workload.0.to_be_bytes(),
+        l4: k.bits.to_be_bytes(),
+    };
+    let (verdict_action, verdict_rule) = decision_bytes(v.verdict);
+    let (audit_action, audit_rule) = decision_bytes(v.audit);
+    let verdict_rank = decision_rank(state, v.verdict);
+    let audit_rank = decision_rank(state, v.audit);
+    let value = fw_common::L4Value {
+        verdict_action,
+        audit_action,
+        flags: log_flags(state, v),
+        _pad: 0,
+        verdict_rule,
+        audit_rule,
+        verdict_rank_hi: (verdict_rank >> 32) as u32,
+        verdict_rank_lo: verdict_rank as u32,
+        audit_rank_hi: (audit_rank >> 32) as u32,
+        audit_rank_lo: audit_rank as u32,
+    };
+    (key, value)
+}
+
+/// Whether an ingress L4 entry goes to the trie (`FW_IN_L4`) rather than the exact hash
+/// (`FW_IN_L4X`, whole-word prefixes only).
+fn in_l4_trie(key: &L4LpmKey) -> bool {
+    key.prefix_len != L4_KEY_FIXED_BITS + 32
+}
+
+/// The ingress config's `l4_flags`: the bits the ingress L4 table's entries need, as `encode`
+/// lays them out (see `fw_common::L4F_TRIE_SHARED` and the others).
+pub fn ingress_l4_flags(state: &MapState) -> u8 {
+    state.ingress.l4.iter().fold(0, |flags, (k, v)| {
+        let (key, value) = l4_encoded(state, k, v);
+        flags | l4_entry_flag(in_l4_trie(&key), &key, &value)
+    })
+}
+
 /// The entries of `FW_CONFIG`: per direction the defaults and the IPv4 table's prefix
-/// lengths (so the config depends on the IPv4 tables as well as on the defaults).
+/// lengths, and for ingress the L4 flags (so the config depends on the IPv4 tables and the
+/// ingress L4 table as well as on the defaults).
 pub(crate) fn config_entries(state: &MapState) -> Entries {
+    let ingress_flags = ingress_l4_flags(state);
     let config: Entries = [(CONFIG_INGRESS, &state.ingress), (CONFIG_EGRESS, &state.egress)]
         .into_iter()
         .map(|(index, m)| {
@@ -236,7 +298,7 @@ pub(crate) fn config_entries(state: &MapState) -> Entries {
                 verdict_default: action_byte(m.defaults.verdict),
                 audit_default: action_byte(m.defaults.audit),
                 v4_length_count,
-                _pad: 0,
+                l4_flags: if index == CONFIG_INGRESS { ingress_flags } else { 0 },
                 v4_lengths,
             };
             (index.to_le_bytes(), value.to_bytes())
@@ -284,28 +346,7 @@ pub fn encode_with(state: &MapState, options: &EncodeOptions) -> Encoded {
         let l4: Entries =
             m.l4.iter()
                 .map(|(k, v)| {
-                    let key = L4LpmKey {
-                        prefix_len: L4_KEY_FIXED_BITS + u32::from(k.prefix_len),
-                        class: k.class.0.to_be_bytes(),
-                        workload: k.workload.0.to_be_bytes(),
-                        l4: k.bits.to_be_bytes(),
-                    };
-                    let (verdict_action, verdict_rule) = decision_bytes(v.verdict);
-                    let (audit_action, audit_rule) = decision_bytes(v.audit);
-                    let verdict_rank = decision_rank(state, v.verdict);
-                    let audit_rank = decision_rank(state, v.audit);
-                    let value = fw_common::L4Value {
-                        verdict_action,
-                        audit_action,
-                        flags: log_flags(state, v),
-                        _pad: 0,
-                        verdict_rule,
-                        audit_rule,
-                        verdict_rank_hi: (verdict_rank >> 32) as u32,
-                        verdict_rank_lo: verdict_rank as u32,
-                        audit_rank_hi: (audit_rank >> 32) as u32,
-                        audit_rank_lo: audit_rank as u32,
-                    };
+                    let (key, value) = l4_encoded(state, k, v);
                     (key.to_bytes(), value.to_bytes())
                 })
                 .collect();
@@ -420,6 +461,10 @@ pub enum DecodeError {
         "map {map}: config index {index} does not list every prefix length of the IPv4 table, longest first, each once"
     )]
     LengthList { map: &'static str, index: u32 },
+    #[error(
+        "map {map}: the ingress config lacks L4 flag bits {missing:#x} that the ingress L4 entries need"
+    )]
+    L4Flags { map: &'static str, missing: u8 },
     #[error("map {map}: chunk key {key} is out of range")]
     ChunkKey { map: &'static str, key: u32 },
     #[error("map {map}: a chunk slot has one class id without the other")]
@@ -481,11 +526,13 @@ fn default_action(map: &'static str, byte: u8) -> Result<Action, DecodeError> {
     }
 }
 
+/// One direction's tables, and the `DirectionConfig::l4_flags` bits its ingress L4 entries
+/// need (0 for egress).
 fn decode_direction(
     enc: &Encoded,
     direction: Direction,
     defaults: Defaults,
-) -> Result<DecodedDirection, DecodeError> {
+) -> Result<(DecodedDirection, u8), DecodeError> {
     let (n4, n6, nl4) = direction_names(direction);
     let mut v4 = BTreeMap::new();
     for (k, v) in entries(enc, n4)? {
@@ -516,6 +563,7 @@ fn decode_direction(
         insert(n6, &mut v6, net, class(n6, v)?)?;
     }
     let mut l4 = BTreeMap::new();
+    let mut needed = 0;
     // Ingress: the exact hash's entries (whole-word prefixes only) and the trie's, one table.
     let none = Entries::new();
     let exact = match direction {
@@ -562,10 +610,13 @@ fn decode_direction(
                 return Err(DecodeError::NoneRank { map: nl4, rank });
             }
         }
+        if direction == Direction::Ingress {
+            needed |= l4_entry_flag(nl4 == maps::INGRESS_L4, &key, &value);
+        }
         let ranks = (value.verdict_rank(), value.audit_rank());
         insert(nl4, &mut l4, typed_key, DecodedL4 { value: typed, flags: value.flags, ranks })?;
     }
-    Ok(DecodedDirection { defaults, v4, v6, l4 })
+    Ok((DecodedDirection { defaults, v4, v6, l4 }, needed))
 }
 
 /// Reads encoded maps back, validating what the kernel relies on.
@@ -573,6 +624,7 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
     let map = maps::CONFIG;
     let mut config: BTreeMap<u32, Defaults> = BTreeMap::new();
     let mut lengths = BTreeMap::new();
+    let mut l4_flags = BTreeMap::new();
     for (k, v) in entries(enc, map)? {
         let index = match <[u8; 4]>::try_from(k) {
             Ok(b) => u32::from_le_bytes(b),
@@ -584,8 +636,9 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
             return Err(DecodeError::ConfigIndex { map, index });
         }
         let value: DirectionConfig = parse(map, v, false)?;
-        if value._pad != 0 {
-            return Err(DecodeError::Padding { map });
+        let known = if index == CONFIG_INGRESS { L4F_ALL } else { 0 };
+        if value.l4_flags & !known != 0 {
+            return Err(DecodeError::Flags { map, flags: value.l4_flags });
         }
         let defaults = Defaults {
             verdict: default_action(map, value.verdict_default)?,
@@ -593,6 +646,7 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
         };
         insert(map, &mut config, index, defaults)?;
         lengths.insert(index, (value.v4_length_count, value.v4_lengths));
+        l4_flags.insert(index, value.l4_flags);
     }
     // The ingress IPv4 chunks: derived from the IPv4 table (by `encode`), so only their form
     // is checked here, entry by entry (the loader decodes only the entries it writes): a key
@@ -618,10 +672,17 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
             .copied()
             .ok_or(DecodeError::MissingConfig { map, direction: direction.as_str() })
     };
-    let ingress =
+    let (ingress, needed) =
         decode_direction(enc, Direction::Ingress, defaults(CONFIG_INGRESS, Direction::Ingress)?)?;
-    let egress =
+    let (egress, _) =
         decode_direction(enc, Direction::Egress, defaults(CONFIG_EGRESS, Direction::Egress)?)?;
+    // A clear L4 flag makes the ingress program skip a lookup: no entry decoded may need it
+    // (a flag set without need costs a lookup, not a verdict, and the loader decodes only the
+    // entries it is about to write, so only this direction is checked).
+    let missing = needed & !l4_flags.get(&CONFIG_INGRESS).copied().unwrap_or(0);
+    if missing != 0 {
+        return Err(DecodeError::L4Flags { map, missing });
+    }
     // The ingress program finds IPv4 prefixes only at the lengths the config lists, longest
     // first: the list must be strictly decreasing (or the first hit would not be the longest
     // match), hold nothing past its count, and name the length of every IPv4 entry decoded.
@@ -810,12 +871,17 @@ mod tests {
         );
         let config = enc.get(maps::CONFIG).unwrap().to_vec();
         // Defaults, then the IPv4 table's prefix lengths longest first (/16, /0), zeros after.
-        let value = |verdict: u8| {
-            let mut v = vec![verdict, 2, 2, 0, 16, 0];
+        // Ingress's L4 flags: the trie holds a class's entry (the ICMP prefix) and nothing of
+        // the shared table; egress's are always 0.
+        let value = |verdict: u8, flags: u8| {
+            let mut v = vec![verdict, 2, 2, flags, 16, 0];
             v.resize(40, 0);
             v
         };
-        assert_eq!(config, vec![(vec![0, 0, 0, 0], value(2)), (vec![1, 0, 0, 0], value(1))]);
+        assert_eq!(
+            config,
+            vec![(vec![0, 0, 0, 0], value(2, L4F_TRIE_CLASSES)), (vec![1, 0, 0, 0], value(1, 0))]
+        );
         // Sorted by key bytes.
         for entries in enc.maps.values() {
             assert!(entries.to_vec().windows(2).all(|w| w[0].0 < w[1].0));
@@ -904,10 +970,22 @@ mod tests {
             with(maps::CONFIG, &|e| e[0].1[6] = 8),
             Err(DecodeError::LengthList { map: maps::CONFIG, index: 0 })
         );
+        // L4 flags: ingress must keep the bits its L4 entries need (the trie's class entry),
+        // knows only the `L4F_*` bits, and egress has none.
         assert_eq!(
-            with(maps::CONFIG, &|e| e[0].1[3] = 1),
-            Err(DecodeError::Padding { map: maps::CONFIG })
+            with(maps::CONFIG, &|e| e[0].1[3] = L4F_TRIE_SHARED),
+            Err(DecodeError::L4Flags { map: maps::CONFIG, missing: L4F_TRIE_CLASSES })
         );
+        assert_eq!(
+            with(maps::CONFIG, &|e| e[0].1[3] = 0x80 | L4F_TRIE_CLASSES),
+            Err(DecodeError::Flags { map: maps::CONFIG, flags: 0x80 | L4F_TRIE_CLASSES })
+        );
+        assert_eq!(
+            with(maps::CONFIG, &|e| e[1].1[3] = 1),
+            Err(DecodeError::Flags { map: maps::CONFIG, flags: 1 })
+        );
+        // A bit set without need costs a lookup, not a verdict.
+        assert!(with(maps::CONFIG, &|e| e[0].1[3] = L4F_ALL).is_ok());
         // A listed length without entries is allowed (a probe that finds nothing).
         assert!(
             with(maps::CONFIG, &|e| {
@@ -1033,5 +1111,195 @@ mod dir_tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod l4_tests {
+    use super::*;
+    use crate::model::RuleId;
+    use fw_common::{L4F_EXACT_SHARED_PORTS, L4PortChunk, l4_port_index};
+    use proptest::prelude::*;
+
+    /// Looks `key` up as an LPM trie over `entries` would (the longest prefix of the word
+    /// among the entries of the same class and workload).
+    fn lpm(
+        entries: &[(L4LpmKey, fw_common::L4Value)],
+        key: &L4LpmKey,
+    ) -> Option<fw_common::L4Value> {
+        let word = u32::from_be_bytes(key.l4);
+        entries
+            .iter()
+            .filter(|(k, _)| k.class == key.class && k.workload == key.workload)
+            .filter(|(k, _)| {
+                let len = k.prefix_len - L4_KEY_FIXED_BITS;
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                word & mask == u32::from_be_bytes(k.l4)
+            })
+            .max_by_key(|(k, _)| k.prefix_len)
+            .map(|(_, v)| *v)
+    }
+
+    fn parse(e: &Entries) -> Vec<(L4LpmKey, fw_common::L4Value)> {
+        e.iter()
+            .map(|(k, v)| {
+                (L4LpmKey::from_bytes(k).unwrap(), fw_common::L4Value::from_bytes(v).unwrap())
+            })
+            .collect()
+    }
+
+    /// The shared table's and a class's entry for a word, as the ingress program finds it
+    /// (main.rs, `l4_find_ingress`): the port array the loader mirrors from the exact hash
+    /// (`l4_port_mirror`) for TCP and UDP ports, then the exact hash and the trie, each only
+    /// when the config's L4 flags say it may hold the answer.
+    fn program_lookup(
+        enc: &Encoded,
+        class: u32,
+        proto: u8,
+        port: u16,
+    ) -> Option<fw_common::L4Value> {
+        let exact = parse(&enc.maps[maps::INGRESS_L4_EXACT]);
+        let trie = parse(&enc.maps[maps::INGRESS_L4]);
+        let config = enc.maps[maps::CONFIG].iter().find(|(k, _)| *k == [0, 0, 0, 0]).unwrap().1;
+        let flags = DirectionConfig::from_bytes(config).unwrap().l4_flags;
+        let mut ports = vec![L4PortChunk::default(); fw_common::L4_PORT_CHUNKS as usize];
+        for (k, v) in &exact {
+            if let Some((chunk, slot)) = l4_port_mirror(k, v) {
+                ports[chunk as usize].slots[slot] = *v;
+            }
+        }
+        let key = L4LpmKey {
+            prefix_len: L4_KEY_FIXED_BITS + 32,
+            class: class.to_be_bytes(),
+            workload: [0; 4],
+            l4: (u32::from(proto) << 24 | u32::from(port)).to_be_bytes(),
+        };
+        let hash = || exact.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        let in_trie = |bit: u8| if flags & bit != 0 { lpm(&trie, &key) } else { None };
+        match l4_port_index(proto, port) {
+            Some((chunk, slot)) if class == SHARED_CLASS => {
+                let v = ports[chunk as usize].slots[slot];
+                if v.verdict_action != ACTION_NONE || v.audit_action != ACTION_NONE {
+                    return Some(v);
+                }
+                let hashed = if flags & L4F_EXACT_SHARED_PORTS != 0 { hash() } else { None };
+                hashed.or_else(|| in_trie(L4F_TRIE_SHARED))
+            }
+            _ => {
+                let bit = if class == SHARED_CLASS { L4F_TRIE_SHARED } else { L4F_TRIE_CLASSES };
+                hash().or_else(|| in_trie(bit))
+            }
+        }
+    }
+
+    fn decision(d: u8) -> Decision {
+        match d {
+            0 => Decision::None,
+            1 => Decision::Allow(RuleId(11)),
+            _ => Decision::Deny(RuleId(12)),
+        }
+    }
+
+    const PROTOS: [u8; 3] = [6, 17, 1];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// The port array and the flags give, for every word, what a longest-prefix match
+        /// over the whole ingress L4 table gives.
+        #[test]
+        fn port_array_and_flags_give_the_longest_match(
+            entries in proptest::collection::vec(
+                (0u32..2, 0usize..3, any::<bool>(), 0u16..6, prop::sample::select(vec![0u8, 8, 16, 28, 31, 32]), 0u8..3, 0u8..3),
+                0..12,
+            ),
+        ) {
+            let mut l4 = BTreeMap::new();
+            for (class, proto, no_port, port, len, verdict, audit) in entries {
+                let word = u32::from(PROTOS[proto]) << 24 | u32::from(no_port) << 16 | u32::from(port);
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                let key = L4Key {
+                    class: ClassId(class * 5),
+                    workload: WorkloadId(0),
+                    prefix_len: len,
+                    bits: word & mask,
+                };
+                l4.insert(key, L4Value { verdict: decision(verdict), audit: decision(audit) });
+            }
+            let dir = DirectionMaps {
+                defaults: Defaults { verdict: Action::Deny, audit: Action::Deny },
+                v4: BTreeMap::new(),
+                v6: BTreeMap::new(),
+                l4,
+            };
+            let state = MapState {
+                host: crate::model::HostIdentity::default(),
+                ingress: dir.clone(),
+                egress: dir,
+                workloads: BTreeMap::new(),
+                rules: BTreeMap::new(),
+            };
+            let enc = encode(&state);
+            prop_assert_eq!(decode(&enc), Ok(DecodedMaps::from_state(&state)));
+            let all: Vec<_> = parse(&enc.maps[maps::INGRESS_L4_EXACT])
+                .into_iter()
+                .chain(parse(&enc.maps[maps::INGRESS_L4]))
+                .collect();
+            for class in [0u32, 5] {
+                for proto in PROTOS {
+                    for port in 0u16..7 {
+                        let key = L4LpmKey {
+                            prefix_len: L4_KEY_FIXED_BITS + 32,
+                            class: class.to_be_bytes(),
+                            workload: [0; 4],
+                            l4: (u32::from(proto) << 24 | u32::from(port)).to_be_bytes(),
+                        };
+                        prop_assert_eq!(
+                            program_lookup(&enc, class, proto, port),
+                            lpm(&all, &key),
+                            "class {} proto {} port {}", class, proto, port
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn flags_say_which_fallbacks_hold_entries() {
+        let key = |class: u32, prefix_len: u8, bits: u32| L4Key {
+            class: ClassId(class),
+            workload: WorkloadId(0),
+            prefix_len,
+            bits,
+        };
+        let allow = L4Value { verdict: Decision::Allow(RuleId(3)), audit: Decision::None };
+        let none = L4Value { verdict: Decision::None, audit: Decision::None };
+        let flags = |entries: &[(L4Key, L4Value)]| {
+            let dir = DirectionMaps {
+                defaults: Defaults { verdict: Action::Deny, audit: Action::Deny },
+                v4: BTreeMap::new(),
+                v6: BTreeMap::new(),
+                l4: entries.iter().copied().collect(),
+            };
+            let state = MapState {
+                host: crate::model::HostIdentity::default(),
+                ingress: dir.clone(),
+                egress: dir,
+                workloads: BTreeMap::new(),
+                rules: BTreeMap::new(),
+            };
+            ingress_l4_flags(&state)
+        };
+        // Whole-word entries only: the port array and the exact hash answer everything.
+        assert_eq!(
+            flags(&[(key(0, 32, 6 << 24 | 443), allow), (key(5, 32, 6 << 24 | 22), allow)]),
+            0
+        );
+        assert_eq!(flags(&[(key(0, 16, 17 << 24), allow)]), L4F_TRIE_SHARED);
+        assert_eq!(flags(&[(key(5, 8, 6 << 24), allow)]), L4F_TRIE_CLASSES);
+        // A shared TCP port entry with no decision stays out of the port array.
+        assert_eq!(flags(&[(key(0, 32, 6 << 24 | 80), none)]), L4F_EXACT_SHARED_PORTS);
+        // ... but an ICMP one or a class's does not concern it.
+        assert_eq!(flags(&[(key(0, 32, 1 << 24 | 8), none), (key(5, 32, 6 << 24 | 80), none)]), 0);
     }
 }

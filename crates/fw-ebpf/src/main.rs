@@ -39,11 +39,12 @@ use aya_ebpf::programs::XdpContext;
 use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, ActiveGeneration, CONFIG_ENTRIES, CONFIG_INGRESS,
     ClassValue, Counters, DIRECTION_INGRESS, DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT,
-    GENERATIONS, Ipv4LpmKey, L4_KEY_FIXED_BITS, L4Value, SHARED_CLASS, STAT_ALWAYS_ARP,
+    GENERATIONS, Ipv4LpmKey, L4_KEY_FIXED_BITS, L4_PORT_CHUNKS, L4F_EXACT_SHARED_PORTS,
+    L4F_TRIE_CLASSES, L4F_TRIE_SHARED, L4PortChunk, L4Value, SHARED_CLASS, STAT_ALWAYS_ARP,
     STAT_ALWAYS_LOOPBACK, STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY,
     STAT_AUDIT_DEFAULT_DENY, STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY,
     STAT_INTERNAL_ERROR, STAT_MALFORMED, STAT_NOT_IP, STATS_ENTRIES, V4_DIR_L2_BASE, V4DirChunk,
-    V4DirSlot, WorkloadKey, WorkloadValue, stat_index, v4_dir_l1, v4_dir_l2,
+    V4DirSlot, WorkloadKey, WorkloadValue, l4_port_index, stat_index, v4_dir_l1, v4_dir_l2,
 };
 
 use crate::parse::{Frame, IpPacket, PROTO_ICMP, PROTO_ICMPV6};
@@ -121,6 +122,14 @@ static FW_IN_L4X: ArrayOfMaps<
     HashMap<Key<[u8; 12]>, L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>,
     GENERATION_SLOTS,
 > = ArrayOfMaps::new();
+
+/// The shared table's TCP and UDP port entries of `FW_IN_L4X` again, as an array of chunks of
+/// 256 ports (see `fw_common::maps::INGRESS_L4_PORTS`, `fw_common::l4_port_index`): the
+/// verifier inlines an array lookup where a hash lookup is a call. A slot of zeros holds no
+/// entry. The loader writes every entry it mirrors into both maps. Generational.
+#[btf_map]
+static FW_IN_L4P: ArrayOfMaps<Array<L4PortChunk, { L4_PORT_CHUNKS as usize }>, GENERATION_SLOTS> =
+    ArrayOfMaps::new();
 
 /// An ingress L4 exact table (inner map).
 type L4Exact = HashMap<Key<[u8; 12]>, L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>;
@@ -462,7 +471,10 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
     //     0, L4 word), the shared table of the rules without an address restriction
     //     (consulted even without a class), then (wide class, 0, L4 word) and (narrow class,
     //     0, L4 word). A miss is an entry with no decisions. A rule is in at most one of the
-    //     three, so together they hold the decisions of exactly the rules that match.
+    //     three, so together they hold the decisions of exactly the rules that match. (The
+    //     maps hold the trie's entries in three places: the port array for the shared table's
+    //     TCP/UDP ports, the exact hash, the trie; `l4_find_ingress` asks them in that order,
+    //     skipping what the config's `l4_flags` say is empty.)
     //  5. Combine the three (`Best`), verdict and audit separately: deny beats allow, then the
     //     lower rank; none loses to anything.
     //  6. Verdict: the combined verdict action deny -> DENY (final), allow -> ALLOW, none ->
@@ -494,7 +506,8 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
     // for audit (in the order shared, wide, narrow; a tie keeps the earlier one). Class ids
     // are never 0, so (0, 0) is "no class".
     let (wide, narrow) = if has_class { (wide, narrow) } else { (0, 0) };
-    if l4_find_ingress(generation, wide, narrow, l4_word(ip.proto, ip.port)) != 0 {
+    let word = l4_word(ip.proto, ip.port);
+    if l4_find_ingress(generation, wide, narrow, word, u32::from(config.l4_flags)) != 0 {
         return Err(InternalError);
     }
     let parked = FW_PARKED.get_ptr_mut(0).ok_or(InternalError)?;
@@ -643,17 +656,23 @@ pub(crate) fn l4_decide(
 }
 
 /// Step 4 for ingress (workload 0): the entries of the shared table and, when `wide` is not
-/// 0 (class ids never are), of the two classes, each from the exact hash or, on a miss, from
-/// the trie, copied into `FW_PARKED`'s `l4_values` (0 shared, 1 wide, 2 narrow); bit `i` of
-/// its `l4_found` says entry `i` was found. Not 0 when the maps are missing. A BPF
-/// function of its own with a small frame: the verifier walks its hit/miss paths per call
-/// and the caller continues from a plain mask, and inlined its spills overflow the
-/// program's 512-byte stack.
+/// 0 (class ids never are), of the two classes, copied into `FW_PARKED`'s `l4_values` (0
+/// shared, 1 wide, 2 narrow); bit `i` of its `l4_found` says entry `i` was found. The shared
+/// table's entry for a TCP or UDP packet with a port comes from the port array `FW_IN_L4P`
+/// (an inlined array read); every other entry, and the shared one behind a zero slot, from
+/// the exact hash or, on a miss, from the trie, each asked only when the generation's
+/// `l4_flags` (`fw_common::L4F_*`) say it can hold the entry. Not 0 when the maps are
+/// missing. A BPF function of its own with a small frame: the verifier walks its hit/miss
+/// paths per call and the caller continues from a plain mask, and inlined its spills
+/// overflow the program's 512-byte stack.
 #[inline(never)]
-fn l4_find_ingress(generation: u32, wide: u32, narrow: u32, word: u32) -> u32 {
-    let (Some(trie), Some(exact), Some(parked)) =
-        (FW_IN_L4.get(generation), FW_IN_L4X.get(generation), FW_PARKED.get_ptr_mut(0))
-    else {
+fn l4_find_ingress(generation: u32, wide: u32, narrow: u32, word: u32, flags: u32) -> u32 {
+    let (Some(trie), Some(exact), Some(ports), Some(parked)) = (
+        FW_IN_L4.get(generation),
+        FW_IN_L4X.get(generation),
+        FW_IN_L4P.get(generation),
+        FW_PARKED.get_ptr_mut(0),
+    ) else {
         return 1;
     };
     // SAFETY: a per-CPU map value of this CPU, valid for the whole run; the key and the
@@ -661,17 +680,50 @@ fn l4_find_ingress(generation: u32, wide: u32, narrow: u32, word: u32) -> u32 {
     let (key, values, out) =
         unsafe { (&mut (*parked).l4_key, &mut (*parked).l4_values, &mut (*parked).l4_found) };
     key.prefix_len = L4_KEY_FIXED_BITS + 32;
-    let word = word.to_be_bytes();
+    let trie_shared = flags & u32::from(L4F_TRIE_SHARED) != 0;
+    let trie_classes = flags & u32::from(L4F_TRIE_CLASSES) != 0;
     let [v0, v1, v2] = values;
     let mut found = 0;
-    if l4_lookup_ingress(exact, trie, key, SHARED_CLASS, word, v0) {
+    // The "no port" bit clear: the word is `proto << 24 | port` (see `l4_word`).
+    let slot =
+        if word & (1 << 16) == 0 { l4_port_index((word >> 24) as u8, word as u16) } else { None };
+    let shared = match slot {
+        Some((chunk, slot)) => match ports.get_ptr(chunk) {
+            Some(c) => {
+                // SAFETY: a pointer from a map lookup, valid for the whole run (RCU); the
+                // slot index is below 256 (`l4_port_index` masks it).
+                let v = unsafe { &*(*c).slots.as_ptr().add(slot & 0xff) };
+                if v.verdict_action != ACTION_NONE || v.audit_action != ACTION_NONE {
+                    copy_l4(v, v0);
+                    true
+                } else {
+                    // No mirrored entry: the hash can still hold one without a decision,
+                    // which hides the trie's shorter entries.
+                    let ask_exact = flags & u32::from(L4F_EXACT_SHARED_PORTS) != 0;
+                    l4_lookup_ingress(
+                        exact,
+                        trie,
+                        key,
+                        SHARED_CLASS,
+                        word,
+                        v0,
+                        ask_exact,
+                        trie_shared,
+                    )
+                }
+            }
+            None => return 1,
+        },
+        None => l4_lookup_ingress(exact, trie, key, SHARED_CLASS, word, v0, true, trie_shared),
+    };
+    if shared {
         found |= 1;
     }
     if wide != 0 {
-        if l4_lookup_ingress(exact, trie, key, wide, word, v1) {
+        if l4_lookup_ingress(exact, trie, key, wide, word, v1, true, trie_classes) {
             found |= 2;
         }
-        if l4_lookup_ingress(exact, trie, key, narrow, word, v2) {
+        if l4_lookup_ingress(exact, trie, key, narrow, word, v2, true, trie_classes) {
             found |= 4;
         }
     }
@@ -680,17 +732,21 @@ fn l4_find_ingress(generation: u32, wide: u32, narrow: u32, word: u32) -> u32 {
     0
 }
 
-/// One table's ingress entry: (table, 0, word) in the exact hash, else in the trie, copied
-/// into `found`; false on a miss.
+/// One table's ingress entry: (table, 0, word) in the exact hash (when `ask_exact`), else in
+/// the trie (when `ask_trie`), copied into `found`; false on a miss.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn l4_lookup_ingress(
     exact: &L4Exact,
     trie: &L4Trie,
     key: &mut Key<[u8; 12]>,
     table: u32,
-    word: [u8; 4],
+    word: u32,
     found: &mut L4Value,
+    ask_exact: bool,
+    ask_trie: bool,
 ) -> bool {
+    let word = word.to_be_bytes();
     let d = &mut key.data;
     let c = table.to_be_bytes();
     d[0] = c[0];
@@ -705,10 +761,15 @@ fn l4_lookup_ingress(
     d[9] = word[1];
     d[10] = word[2];
     d[11] = word[3];
-    if let Some(v) = exact.get_ptr(&*key) {
-        // SAFETY: a pointer from a map lookup, valid for the whole run (RCU).
-        copy_l4(unsafe { &*v }, found);
-        return true;
+    if ask_exact {
+        if let Some(v) = exact.get_ptr(&*key) {
+            // SAFETY: a pointer from a map lookup, valid for the whole run (RCU).
+            copy_l4(unsafe { &*v }, found);
+            return true;
+        }
+    }
+    if !ask_trie {
+        return false;
     }
     match trie.get(key) {
         Some(v) => {

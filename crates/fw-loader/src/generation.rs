@@ -21,8 +21,9 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, ArrayOfMaps, HashMap, InnerMap, IterableMap as _, Map, MapData};
 use aya_obj::generated::bpf_map_type;
 use fw_common::{
-    Bytes, CONFIG_ENTRIES, ClassValue, DirectionConfig, Ipv4LpmKey, Ipv6LpmKey, L4LpmKey, L4Value,
-    V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS, V4DirChunk, WorkloadKey, WorkloadValue, maps,
+    ACTION_ALLOW, Bytes, CONFIG_ENTRIES, ClassValue, DirectionConfig, Ipv4LpmKey, Ipv6LpmKey,
+    L4_PORT_CHUNKS, L4_PORT_SLOTS, L4LpmKey, L4PortChunk, L4Value, V4_DIR_L2_BASE,
+    V4_DIR_MAX_CHUNKS, V4DirChunk, WorkloadKey, WorkloadValue, l4_port_mirror, maps,
 };
 use fw_compiler::encode::{Encoded, Entries};
 use fw_compiler::mapstate::Capacities;
@@ -45,6 +46,9 @@ pub(crate) struct GenerationMaps {
     pub in_l4: LpmTrie<MapData, [u8; 12], L4Value>,
     /// The ingress L4 entries of whole-word prefixes: see `fw_common::maps::INGRESS_L4_EXACT`.
     pub in_l4x: HashMap<MapData, L4LpmKey, L4Value>,
+    /// `in_l4x`'s shared TCP and UDP port entries as an array the program reads: see
+    /// `fw_common::maps::INGRESS_L4_PORTS`. Written with `in_l4x`, never on its own.
+    pub in_l4p: Array<MapData, L4PortChunk>,
     pub eg_v4: LpmTrie<MapData, [u8; 4], ClassValue>,
     pub eg_v6: LpmTrie<MapData, [u8; 16], ClassValue>,
     pub eg_l4: LpmTrie<MapData, [u8; 12], L4Value>,
@@ -147,6 +151,20 @@ fn dir_array(name: &str) -> Result<Array<MapData, V4DirChunk>, Error> {
     Array::try_from(map).map_err(Error::map(name))
 }
 
+/// The ingress L4 port array: `L4_PORT_CHUNKS` chunks (the kernel object's template has that
+/// size; an inner array must have its template's).
+fn port_array(name: &str) -> Result<Array<MapData, L4PortChunk>, Error> {
+    let map = create(
+        name,
+        bpf_map_type::BPF_MAP_TYPE_ARRAY,
+        size_of::<u32>(),
+        size_of::<L4PortChunk>(),
+        L4_PORT_CHUNKS,
+        0,
+    )?;
+    Array::try_from(map).map_err(Error::map(name))
+}
+
 /// The ingress L4 exact table: a hash of `L4LpmKey` -> `L4Value` (`BPF_F_NO_PREALLOC`).
 fn l4_hash(name: &str, max_entries: u32) -> Result<HashMap<MapData, L4LpmKey, L4Value>, Error> {
     let map = create(
@@ -189,6 +207,7 @@ impl GenerationMaps {
             in_v6: lpm(&name(maps::INGRESS_V6), caps.v6_prefixes)?,
             in_l4: lpm(&name(maps::INGRESS_L4), caps.l4_entries)?,
             in_l4x: l4_hash(&name(maps::INGRESS_L4_EXACT), caps.l4_entries)?,
+            in_l4p: port_array(&name(maps::INGRESS_L4_PORTS))?,
             eg_v4: lpm(&name(maps::EGRESS_V4), caps.v4_prefixes)?,
             eg_v6: lpm(&name(maps::EGRESS_V6), caps.v6_prefixes)?,
             eg_l4: lpm(&name(maps::EGRESS_L4), caps.l4_entries)?,
@@ -210,7 +229,9 @@ impl GenerationMaps {
                 }
                 maps::INGRESS_V6 => sync_lpm(&mut self.in_v6, name, v6_entries(name, entries)?)?,
                 maps::INGRESS_L4 => sync_lpm(&mut self.in_l4, name, l4_entries(name, entries)?)?,
-                maps::INGRESS_L4_EXACT => sync_l4x(&mut self.in_l4x, name, entries)?,
+                maps::INGRESS_L4_EXACT => {
+                    sync_l4x(&mut self.in_l4x, &mut self.in_l4p, name, entries)?
+                }
                 maps::EGRESS_V4 => sync_lpm(&mut self.eg_v4, name, v4_entries(name, entries)?)?,
                 maps::EGRESS_V6 => sync_lpm(&mut self.eg_v6, name, v6_entries(name, entries)?)?,
                 maps::EGRESS_L4 => sync_lpm(&mut self.eg_l4, name, l4_entries(name, entries)?)?,
@@ -273,7 +294,7 @@ impl GenerationMaps {
         );
         out.insert(maps::INGRESS_V6, read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes)?);
         out.insert(maps::INGRESS_L4, read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes)?);
-        out.insert(maps::INGRESS_L4_EXACT, read_hash(&self.in_l4x, maps::INGRESS_L4_EXACT)?);
+        out.insert(maps::INGRESS_L4_EXACT, read_l4x(&self.in_l4x, &self.in_l4p)?);
         out.insert(maps::EGRESS_V4, read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes)?);
         out.insert(maps::EGRESS_V6, read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes)?);
         out.insert(maps::EGRESS_L4, read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes)?);
@@ -328,9 +349,29 @@ fn sync_hash(
     Ok(stats)
 }
 
-/// Makes the L4 exact hash hold exactly `entries`.
+/// The port array's chunks for the exact hash's `entries` (`fw_common::l4_port_mirror`).
+fn port_chunks<'a>(entries: impl Iterator<Item = (&'a L4LpmKey, &'a L4Value)>) -> Vec<L4PortChunk> {
+    let mut chunks = vec![L4PortChunk::default(); L4_PORT_CHUNKS as usize];
+    for (key, value) in entries {
+        if let Some((chunk, slot)) = l4_port_mirror(key, value) {
+            chunks[chunk as usize].slots[slot] = *value;
+        }
+    }
+    chunks
+}
+
+/// The port array's chunk and slot for an exact hash key whatever its value: where the entry
+/// is mirrored when it has a decision (and a zero slot when it has none).
+fn port_slot(key: &L4LpmKey) -> Option<(u32, usize)> {
+    let decided = L4Value { verdict_action: ACTION_ALLOW, ..L4Value::default() };
+    l4_port_mirror(key, &decided)
+}
+
+/// Makes the L4 exact hash hold exactly `entries`, and the port array exactly its mirrored
+/// entries (every chunk is written: 512 writes of 7 KiB).
 fn sync_l4x(
     map: &mut HashMap<MapData, L4LpmKey, L4Value>,
+    ports: &mut Array<MapData, L4PortChunk>,
     name: &'static str,
     entries: &Entries,
 ) -> Result<WriteStats, Error> {
@@ -345,16 +386,45 @@ fn sync_l4x(
         map.remove(&key).map_err(Error::map(name))?;
         stats.deleted += 1;
     }
-    for (key, value) in desired {
+    for (key, value) in &desired {
         map.insert(key, value, 0).map_err(Error::map(name))?;
         stats.written += 1;
+    }
+    for (index, chunk) in (0..).zip(port_chunks(desired.iter().map(|(k, v)| (k, v)))) {
+        ports.set(index, chunk, 0).map_err(Error::map(maps::INGRESS_L4_PORTS))?;
     }
     Ok(stats)
 }
 
-/// Writes only `d` into the L4 exact hash.
+/// The port array's slots that writing `d` into the exact hash changes, with their new
+/// values (zeros for a removed entry or one without a decision), by chunk.
+fn port_delta(
+    name: &'static str,
+    d: &MapDelta,
+) -> Result<BTreeMap<u32, Vec<(usize, L4Value)>>, Error> {
+    let mut out: BTreeMap<u32, Vec<(usize, L4Value)>> = BTreeMap::new();
+    for k in &d.remove {
+        let key = L4LpmKey::from_bytes(k).ok_or(Error::Entry { map: name, reason: "key size" })?;
+        if let Some((chunk, slot)) = port_slot(&key) {
+            out.entry(chunk).or_default().push((slot, L4Value::default()));
+        }
+    }
+    for ((_, key), value) in
+        parse_entries::<L4LpmKey, L4LpmKey, L4Value>(name, &d.upsert, |k| (0, k))?
+    {
+        if let Some((chunk, slot)) = port_slot(&key) {
+            let mirrored = l4_port_mirror(&key, &value).map_or_else(L4Value::default, |_| value);
+            out.entry(chunk).or_default().push((slot, mirrored));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes only `d` into the L4 exact hash, and the slots it changes into the port array (each
+/// chunk touched is read, patched and written whole).
 fn l4x_delta(
     map: &mut HashMap<MapData, L4LpmKey, L4Value>,
+    ports: &mut Array<MapData, L4PortChunk>,
     name: &'static str,
     d: &MapDelta,
 ) -> Result<WriteStats, Error> {
@@ -370,7 +440,39 @@ fn l4x_delta(
         map.insert(key, value, 0).map_err(Error::map(name))?;
         stats.written += 1;
     }
+    let ports_name = maps::INGRESS_L4_PORTS;
+    for (index, slots) in port_delta(name, d)? {
+        let mut chunk = ports.get(&index, 0).map_err(Error::map(ports_name))?;
+        for (slot, value) in slots {
+            chunk.slots[slot] = value;
+        }
+        ports.set(index, chunk, 0).map_err(Error::map(ports_name))?;
+    }
     Ok(stats)
+}
+
+/// Reads the L4 exact hash back (`encode`'s format, sorted by key bytes), checking that the
+/// port array holds exactly the hash's mirrored entries (zeros everywhere else).
+fn read_l4x(
+    map: &HashMap<MapData, L4LpmKey, L4Value>,
+    ports: &Array<MapData, L4PortChunk>,
+) -> Result<Entries, Error> {
+    let (name, ports_name) = (maps::INGRESS_L4_EXACT, maps::INGRESS_L4_PORTS);
+    let mut held = Vec::new();
+    for item in map.iter() {
+        held.push(item.map_err(Error::map(name))?);
+    }
+    for (index, want) in (0..).zip(port_chunks(held.iter().map(|(k, v)| (k, v)))) {
+        if ports.get(&index, 0).map_err(Error::map(ports_name))? != want {
+            return Err(Error::VerifyFailed(ports_name));
+        }
+    }
+    let mut entries = Entries::new();
+    for (key, value) in &held {
+        entries.push(key.to_bytes().as_ref(), value.to_bytes().as_ref());
+    }
+    entries.sort();
+    Ok(entries)
 }
 
 /// The chunk key and chunk of each entry.
@@ -911,7 +1013,7 @@ fn inner_pinned(root: &std::path::Path, name: &'static str, generation: u32) -> 
 
 impl GenerationMaps {
     /// Every inner map with its outer map's name.
-    fn named(&self) -> [(&'static str, &MapData); 11] {
+    fn named(&self) -> [(&'static str, &MapData); 12] {
         [
             (maps::INGRESS_V4, self.in_v4.map()),
             (maps::INGRESS_V4_DIR, self.in_v4_dir.map()),
@@ -919,6 +1021,7 @@ impl GenerationMaps {
             (maps::INGRESS_V6, self.in_v6.map()),
             (maps::INGRESS_L4, self.in_l4.map()),
             (maps::INGRESS_L4_EXACT, self.in_l4x.map()),
+            (maps::INGRESS_L4_PORTS, self.in_l4p.map()),
             (maps::EGRESS_V4, self.eg_v4.map()),
             (maps::EGRESS_V6, self.eg_v6.map()),
             (maps::EGRESS_L4, self.eg_l4.map()),
@@ -985,6 +1088,7 @@ impl GenerationMaps {
         let (in_v6, v6) = get(maps::INGRESS_V6)?;
         let (in_l4, l4) = get(maps::INGRESS_L4)?;
         let (in_l4x, _) = get(maps::INGRESS_L4_EXACT)?;
+        let (in_l4p, _) = get(maps::INGRESS_L4_PORTS)?;
         let (eg_v4, _) = get(maps::EGRESS_V4)?;
         let (eg_v6, _) = get(maps::EGRESS_V6)?;
         let (eg_l4, _) = get(maps::EGRESS_L4)?;
@@ -998,6 +1102,7 @@ impl GenerationMaps {
             in_v6: LpmTrie::try_from(in_v6).map_err(m(maps::INGRESS_V6))?,
             in_l4: LpmTrie::try_from(in_l4).map_err(m(maps::INGRESS_L4))?,
             in_l4x: HashMap::try_from(in_l4x).map_err(m(maps::INGRESS_L4_EXACT))?,
+            in_l4p: Array::try_from(in_l4p).map_err(m(maps::INGRESS_L4_PORTS))?,
             eg_v4: LpmTrie::try_from(eg_v4).map_err(m(maps::EGRESS_V4))?,
             eg_v6: LpmTrie::try_from(eg_v6).map_err(m(maps::EGRESS_V6))?,
             eg_l4: LpmTrie::try_from(eg_l4).map_err(m(maps::EGRESS_L4))?,
@@ -1027,6 +1132,7 @@ impl GenerationMaps {
         set_slot(outer, maps::INGRESS_V6, g, &self.in_v6)?;
         set_slot(outer, maps::INGRESS_L4, g, &self.in_l4)?;
         set_slot(outer, maps::INGRESS_L4_EXACT, g, &self.in_l4x)?;
+        set_slot(outer, maps::INGRESS_L4_PORTS, g, &self.in_l4p)?;
         set_slot(outer, maps::EGRESS_V4, g, &self.eg_v4)?;
         set_slot(outer, maps::EGRESS_V6, g, &self.eg_v6)?;
         set_slot(outer, maps::EGRESS_L4, g, &self.eg_l4)?;
@@ -1076,7 +1182,7 @@ impl GenerationMaps {
                 }
                 maps::INGRESS_V6 => lpm_delta(&mut self.in_v6, name, d, split_v6)?,
                 maps::INGRESS_L4 => lpm_delta(&mut self.in_l4, name, d, split_l4)?,
-                maps::INGRESS_L4_EXACT => l4x_delta(&mut self.in_l4x, name, d)?,
+                maps::INGRESS_L4_EXACT => l4x_delta(&mut self.in_l4x, &mut self.in_l4p, name, d)?,
                 maps::EGRESS_V4 => lpm_delta(&mut self.eg_v4, name, d, split_v4)?,
                 maps::EGRESS_V6 => lpm_delta(&mut self.eg_v6, name, d, split_v6)?,
                 maps::EGRESS_L4 => lpm_delta(&mut self.eg_l4, name, d, split_l4)?,
@@ -1138,7 +1244,7 @@ impl GenerationMaps {
             }
             maps::INGRESS_V6 => read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes),
             maps::INGRESS_L4 => read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes),
-            maps::INGRESS_L4_EXACT => read_hash(&self.in_l4x, maps::INGRESS_L4_EXACT),
+            maps::INGRESS_L4_EXACT => read_l4x(&self.in_l4x, &self.in_l4p),
             maps::EGRESS_V4 => read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes),
             maps::EGRESS_V6 => read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes),
             maps::EGRESS_L4 => read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes),
@@ -1300,6 +1406,9 @@ impl GenerationMaps {
             if name == maps::INGRESS_V4_DIR {
                 self.verify_level1(d)?;
             }
+            if name == maps::INGRESS_L4_EXACT {
+                self.verify_ports(d)?;
+            }
         }
         Ok(())
     }
@@ -1319,6 +1428,37 @@ impl GenerationMaps {
             }
             let held = self.in_v4_dir1.get(&key, 0).map_err(Error::map(name))?;
             if held.to_bytes() != v {
+                return Err(Error::VerifyFailed(name));
+            }
+        }
+        Ok(())
+    }
+
+    /// A derived map's fill (`fw_common::maps::DERIVED`): the first-level array's chunks, or
+    /// the port array's non-zero slots (one per mirrored entry), and how many it holds.
+    pub fn derived_fill(&self, name: &str) -> Result<(usize, u32), Error> {
+        match name {
+            maps::INGRESS_V4_DIR1 => Ok((V4_DIR_L2_BASE as usize, V4_DIR_L2_BASE)),
+            maps::INGRESS_L4_PORTS => {
+                let mut used = 0;
+                for index in 0..L4_PORT_CHUNKS {
+                    let chunk =
+                        self.in_l4p.get(&index, 0).map_err(Error::map(maps::INGRESS_L4_PORTS))?;
+                    used += chunk.slots.iter().filter(|v| **v != L4Value::default()).count();
+                }
+                Ok((used, L4_PORT_CHUNKS * L4_PORT_SLOTS as u32))
+            }
+            other => Err(Error::UnknownMap(other.to_string())),
+        }
+    }
+
+    /// [`verify_delta`](Self::verify_delta) for the port array mirrored from the exact hash's
+    /// delta `d`: each slot the delta changes holds the mirrored entry (or zeros).
+    fn verify_ports(&self, d: &MapDelta) -> Result<(), Error> {
+        let name = maps::INGRESS_L4_PORTS;
+        for (index, slots) in port_delta(maps::INGRESS_L4_EXACT, d)? {
+            let held = self.in_l4p.get(&index, 0).map_err(Error::map(name))?;
+            if slots.iter().any(|(slot, value)| held.slots[*slot] != *value) {
                 return Err(Error::VerifyFailed(name));
             }
         }

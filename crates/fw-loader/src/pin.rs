@@ -122,7 +122,8 @@ pub struct Attachment {
     pub pin: PathBuf,
 }
 
-/// One generational map of the active generation.
+/// One generational map of the active generation (for a derived map, `fw_common::maps::DERIVED`:
+/// its chunks, or for the port array its non-zero slots, against how many it has).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapStatus {
     pub name: &'static str,
@@ -632,6 +633,11 @@ impl Dataplane {
                 maps::WORKLOADS => gm.workloads.keys().count(),
                 _ => gm.count_map(name)?,
             };
+            map_status.push(MapStatus { name, entries, capacity });
+        }
+        // The maps the loader derives: chunks of the first level, slots of the port array.
+        for name in maps::DERIVED {
+            let (entries, capacity) = gm.derived_fill(name)?;
             map_status.push(MapStatus { name, entries, capacity });
         }
         Ok(Status {
