@@ -1,5 +1,5 @@
-//! `cargo xtask bench [--quick|--full|--smoke]`: the benchmark suite of issue 5, run on this
-//! machine, written to `BENCHMARKS.md` and `benchmarks/results.json`.
+//! `cargo xtask bench [--quick|--full|--smoke]`: the benchmark suite against nftables and
+//! iptables, run on this machine, written to `BENCHMARKS.md` and `benchmarks/results.json`.
 //!
 //! Why it is built this way:
 //! - One binary runs every part in one process, so every comparison (ours against a bare
@@ -13,8 +13,9 @@
 //!   removed also when a part fails.
 //! - A part that cannot run (no root, a missing tool, no second CPU) says so in the report
 //!   and the targets it feeds stay "not measured"; nothing is made up.
-//! - `--smoke` runs every part with tiny sizes in seconds and checks that both files parse:
-//!   the CI step that keeps the suite from rotting. It never asserts on timings.
+//! - `--smoke` runs every part with tiny sizes in seconds and checks that both files parse, for
+//!   a quick check while working on the suite; CI runs the quick mode into a temporary
+//!   directory. Neither asserts on timings.
 
 mod control;
 mod egress;
@@ -336,7 +337,7 @@ fn bench(mode: Mode, out: Option<PathBuf>, only: &[String]) -> anyhow::Result<()
     Ok(())
 }
 
-/// Every target of issue 5, not measured until a part measures it.
+/// Every target (R1-R8), not measured until a part measures it.
 fn all_targets() -> Vec<Target> {
     let none = "not run";
     vec![

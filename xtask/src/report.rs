@@ -194,7 +194,7 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         s,
         "Written by `{}` ({} mode, {:.0} s). Every comparison ran both sides in the same run, \
-         interleaved; the ratios are what the targets of issue 5 are about, the absolute \
+         interleaved; the targets (R1-R8) are ratios, the absolute \
          figures are context for this machine only. The full method is in \
          docs/benchmarks.md, \"The suite\".\n",
         r.command, r.mode, r.duration_s
