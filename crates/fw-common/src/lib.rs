@@ -91,6 +91,23 @@ pub mod maps {
     /// hold the same when it reads the generation back or verifies a delta, and keeps
     /// [`INGRESS_L4_EXACT`] as the record. Generational.
     pub const INGRESS_L4_PORTS: &str = "FW_IN_L4P";
+    /// Which (address class, protocol) pairs may have an entry in [`INGRESS_L4_EXACT`]: an
+    /// array of [`L4_CLASS_FILTER_CHUNKS`](crate::L4_CLASS_FILTER_CHUNKS) `u32`-indexed
+    /// [`L4ClassFilterChunk`](crate::L4ClassFilterChunk)s of 32,768 bits, one bit per
+    /// [`l4_class_filter_bit`](crate::l4_class_filter_bit) (placed by
+    /// [`l4_class_filter_at`](crate::l4_class_filter_at)). The
+    /// program asks the exact hash for a class's entry only when its bit is set, so a packet
+    /// whose classes have no exact entry for its protocol (an address matching no rule with
+    /// an address restriction, a UDP packet where the classes' rules are all TCP) skips those
+    /// hash calls (about 13 ns each); the trie is asked as before. Several pairs share a bit
+    /// (a set bit only costs the hash call). A clear bit must mean "no entry": every class
+    /// entry of the hash sets its bit. Like [`INGRESS_L4_PORTS`], not filled by `encode` and
+    /// not in [`GENERATIONAL`]'s encoded state: the loader derives it from
+    /// [`INGRESS_L4_EXACT`], exactly on full writes; a delta sets the bits of the entries it
+    /// writes and leaves those of the entries it removes (they may be shared), so after
+    /// deltas the filter may hold stale bits until the next full write; reading a generation
+    /// back or verifying a delta refuses a clear bit that an entry needs. Generational.
+    pub const INGRESS_L4_CLASSES: &str = "FW_IN_L4C";
     /// Egress IPv4 LPM trie: [`Ipv4LpmKey`](crate::Ipv4LpmKey) -> [`ClassValue`](crate::ClassValue).
     pub const EGRESS_V4: &str = "FW_EG_V4";
     /// Egress IPv6 LPM trie: [`Ipv6LpmKey`](crate::Ipv6LpmKey) -> [`ClassValue`](crate::ClassValue).
@@ -131,7 +148,7 @@ pub mod maps {
 
     /// The generational maps the loader derives from those [`GENERATIONAL`] lists (not in an
     /// encoded state).
-    pub const DERIVED: [&str; 2] = [INGRESS_V4_DIR1, INGRESS_L4_PORTS];
+    pub const DERIVED: [&str; 3] = [INGRESS_V4_DIR1, INGRESS_L4_PORTS, INGRESS_L4_CLASSES];
 
     /// The maps the compiler's `encode` fills, each an outer array-of-maps with
     /// [`GENERATIONS`](crate::GENERATIONS) slots.
@@ -450,6 +467,61 @@ pub fn l4_port_mirror(key: &L4LpmKey, value: &L4Value) -> Option<(u32, usize)> {
         return None;
     }
     l4_port_index((word >> 24) as u8, word as u16)
+}
+
+/// `u64` words of an [`L4ClassFilterChunk`].
+pub const L4_CLASS_FILTER_WORDS: usize = 512;
+/// Chunks of [`maps::INGRESS_L4_CLASSES`]: 32 of 4 KiB, 128 KiB per generation.
+pub const L4_CLASS_FILTER_CHUNKS: u32 = 32;
+/// Bits of [`maps::INGRESS_L4_CLASSES`] (2^20).
+pub const L4_CLASS_FILTER_BITS: u32 = L4_CLASS_FILTER_CHUNKS * L4_CLASS_FILTER_WORDS as u32 * 64;
+const _: () = assert!(L4_CLASS_FILTER_BITS == 1 << 20);
+
+/// Value of [`maps::INGRESS_L4_CLASSES`]: 32,768 bits of the filter; bit `b` of the map is
+/// bit `b % 64` of word `b / 64 % 512` of chunk `b / 32768` (see [`l4_class_filter_at`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct L4ClassFilterChunk {
+    pub words: [u64; L4_CLASS_FILTER_WORDS],
+}
+const _: () = assert!(core::mem::size_of::<L4ClassFilterChunk>() == 4096);
+
+impl Default for L4ClassFilterChunk {
+    fn default() -> Self {
+        Self { words: [0; L4_CLASS_FILTER_WORDS] }
+    }
+}
+
+/// Where bit `bit` of [`maps::INGRESS_L4_CLASSES`] is: (chunk, word in the chunk, mask).
+#[inline(always)]
+pub const fn l4_class_filter_at(bit: u32) -> (u32, usize, u64) {
+    (bit >> 15, ((bit >> 6) & 511) as usize, 1 << (bit & 63))
+}
+
+/// The bit of [`maps::INGRESS_L4_CLASSES`] for an address class and an IP protocol: 18 bits
+/// of a multiplicative hash of the class id (ids are hashes already; the multiply spreads
+/// ids that differ in high bits only), then two bits for the protocol (TCP, UDP, ICMP or
+/// ICMPv6, any other). Word `bit / 64`, bit `bit % 64` of that word.
+#[inline(always)]
+pub const fn l4_class_filter_bit(class: u32, proto: u8) -> u32 {
+    let h = class.wrapping_mul(0x9e37_79b1) >> 14;
+    let bucket = match proto {
+        6 => 0,
+        17 => 1,
+        1 | 58 => 2,
+        _ => 3,
+    };
+    (h << 2) | bucket
+}
+
+/// The bit of [`maps::INGRESS_L4_CLASSES`] an entry of [`maps::INGRESS_L4_EXACT`] needs set:
+/// that of its class and protocol (the L4 word's top byte) for an address class's entry
+/// (whatever its value: an entry without a decision still hides the trie's shorter ones);
+/// `None` for the shared table's ([`SHARED_CLASS`]), which the program looks up without
+/// the filter.
+pub fn l4_class_filter_entry(key: &L4LpmKey) -> Option<u32> {
+    let class = u32::from_be_bytes(key.class);
+    (class != SHARED_CLASS).then(|| l4_class_filter_bit(class, key.l4[0]))
 }
 
 /// Capacity of [`DirectionConfig::v4_lengths`]: every IPv4 prefix length, /0 to /32, plus
@@ -866,6 +938,8 @@ mod pod {
     // SAFETY: as above (an array of `L4Value`).
     unsafe impl Pod for L4PortChunk {}
     // SAFETY: as above.
+    unsafe impl Pod for L4ClassFilterChunk {}
+    // SAFETY: as above.
     unsafe impl Pod for L4LpmKey {}
     // SAFETY: as above.
     unsafe impl Pod for L4Value {}
@@ -895,6 +969,7 @@ mod tests {
             maps::INGRESS_L4,
             maps::INGRESS_L4_EXACT,
             maps::INGRESS_L4_PORTS,
+            maps::INGRESS_L4_CLASSES,
             maps::EGRESS_V4,
             maps::EGRESS_V6,
             maps::EGRESS_L4,
@@ -1052,6 +1127,34 @@ mod tests {
         assert_eq!(b[187 * 28..188 * 28], allow.to_bytes());
         assert_eq!(L4PortChunk::from_bytes(&b), Some(chunk));
         assert_eq!(L4PortChunk::from_bytes(&b[1..]), None);
+    }
+
+    #[test]
+    fn class_filter_bits_cover_class_entries_only() {
+        let key = |class: u32, word: u32| L4LpmKey {
+            prefix_len: L4_KEY_FIXED_BITS + 32,
+            class: class.to_be_bytes(),
+            workload: [0; 4],
+            l4: word.to_be_bytes(),
+        };
+        // The shared table's entries are looked up without the filter.
+        assert_eq!(l4_class_filter_entry(&key(SHARED_CLASS, 6 << 24 | 443)), None);
+        // A class's entry needs the bit of its class and the word's protocol.
+        let tcp = l4_class_filter_entry(&key(77, 6 << 24 | 443)).unwrap();
+        assert_eq!(tcp, l4_class_filter_bit(77, 6));
+        assert!(tcp < L4_CLASS_FILTER_BITS);
+        // The protocols' bits of one class differ; ICMP and ICMPv6 share one, as do the others.
+        let bits = [6, 17, 1, 47].map(|p| l4_class_filter_bit(77, p));
+        assert_eq!(bits.map(|b| b >> 2), [bits[0] >> 2; 4]);
+        assert_eq!(bits.map(|b| b & 3), [0, 1, 2, 3]);
+        assert_eq!(l4_class_filter_bit(77, 58), bits[2]);
+        assert_eq!(l4_class_filter_bit(77, 132), bits[3]);
+        // Ids that differ in their high bits only get different bits.
+        assert_ne!(l4_class_filter_bit(1, 6), l4_class_filter_bit(1 | 1 << 30, 6));
+        assert!(l4_class_filter_bit(u32::MAX, 255) < L4_CLASS_FILTER_BITS);
+        assert_eq!(l4_class_filter_at(0), (0, 0, 1));
+        assert_eq!(l4_class_filter_at(65), (0, 1, 2));
+        assert_eq!(l4_class_filter_at(L4_CLASS_FILTER_BITS - 1), (31, 511, 1 << 63));
     }
 
     #[test]

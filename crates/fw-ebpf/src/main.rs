@@ -40,7 +40,8 @@ use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, ActiveGeneration, CONFIG_ENTRIES, CONFIG_INGRESS,
     ClassValue, Counters, DIRECTION_INGRESS, DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT,
     GENERATIONS, Ipv4LpmKey, L4_KEY_FIXED_BITS, L4_PORT_CHUNKS, L4F_EXACT_SHARED_PORTS,
-    L4F_TRIE_CLASSES, L4F_TRIE_SHARED, L4PortChunk, L4Value, SHARED_CLASS, STAT_ALWAYS_ARP,
+    L4F_TRIE_CLASSES, L4F_TRIE_SHARED, L4PortChunk, L4Value, L4_CLASS_FILTER_CHUNKS,
+    L4ClassFilterChunk, l4_class_filter_at, l4_class_filter_bit, SHARED_CLASS, STAT_ALWAYS_ARP,
     STAT_ALWAYS_LOOPBACK, STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY,
     STAT_AUDIT_DEFAULT_DENY, STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY,
     STAT_INTERNAL_ERROR, STAT_MALFORMED, STAT_NOT_IP, STATS_ENTRIES, V4_DIR_L2_BASE, V4DirChunk,
@@ -130,6 +131,15 @@ static FW_IN_L4X: ArrayOfMaps<
 #[btf_map]
 static FW_IN_L4P: ArrayOfMaps<Array<L4PortChunk, { L4_PORT_CHUNKS as usize }>, GENERATION_SLOTS> =
     ArrayOfMaps::new();
+
+/// Which (address class, protocol) pairs may have an entry in `FW_IN_L4X` (see
+/// `fw_common::maps::INGRESS_L4_CLASSES`, `fw_common::l4_class_filter_bit`): a class's exact
+/// lookup is made only when its bit is set. Derived by the loader. Generational.
+#[btf_map]
+static FW_IN_L4C: ArrayOfMaps<ClassFilter, GENERATION_SLOTS> = ArrayOfMaps::new();
+
+/// The ingress L4 class filter (inner map).
+type ClassFilter = Array<L4ClassFilterChunk, { L4_CLASS_FILTER_CHUNKS as usize }>;
 
 /// An ingress L4 exact table (inner map).
 type L4Exact = HashMap<Key<[u8; 12]>, L4Value, TEMPLATE_ENTRIES, LPM_FLAGS>;
@@ -667,10 +677,11 @@ pub(crate) fn l4_decide(
 /// overflow the program's 512-byte stack.
 #[inline(never)]
 fn l4_find_ingress(generation: u32, wide: u32, narrow: u32, word: u32, flags: u32) -> u32 {
-    let (Some(trie), Some(exact), Some(ports), Some(parked)) = (
+    let (Some(trie), Some(exact), Some(ports), Some(filter), Some(parked)) = (
         FW_IN_L4.get(generation),
         FW_IN_L4X.get(generation),
         FW_IN_L4P.get(generation),
+        FW_IN_L4C.get(generation),
         FW_PARKED.get_ptr_mut(0),
     ) else {
         return 1;
@@ -720,16 +731,35 @@ fn l4_find_ingress(generation: u32, wide: u32, narrow: u32, word: u32, flags: u3
         found |= 1;
     }
     if wide != 0 {
-        if l4_lookup_ingress(exact, trie, key, wide, word, v1, true, trie_classes) {
+        // The exact hash only when the class filter says it may hold the class's entry
+        // for this protocol.
+        let proto = (word >> 24) as u8;
+        let ask_wide = class_filter_has(filter, wide, proto);
+        if l4_lookup_ingress(exact, trie, key, wide, word, v1, ask_wide, trie_classes) {
             found |= 2;
         }
-        if l4_lookup_ingress(exact, trie, key, narrow, word, v2, true, trie_classes) {
+        let ask_narrow = class_filter_has(filter, narrow, proto);
+        if l4_lookup_ingress(exact, trie, key, narrow, word, v2, ask_narrow, trie_classes) {
             found |= 4;
         }
     }
     // SAFETY: a field of the per-CPU map value above.
     unsafe { core::ptr::write_volatile(out, found) };
     0
+}
+
+/// Whether the class filter's bit for (`class`, `proto`) is set: false means the exact hash
+/// holds no entry of that class for that protocol. A chunk the lookup cannot find (never,
+/// the index is below `L4_CLASS_FILTER_CHUNKS`) counts as set.
+#[inline(always)]
+fn class_filter_has(filter: &ClassFilter, class: u32, proto: u8) -> bool {
+    let (chunk, word, mask) = l4_class_filter_at(l4_class_filter_bit(class, proto));
+    match filter.get_ptr(chunk) {
+        // SAFETY: a pointer from a map lookup, valid for the whole run (RCU); the word index
+        // is below 512 (masked again for the verifier).
+        Some(c) => (unsafe { *(*c).words.as_ptr().add(word & 511) } & mask) != 0,
+        None => true,
+    }
 }
 
 /// One table's ingress entry: (table, 0, word) in the exact hash (when `ask_exact`), else in

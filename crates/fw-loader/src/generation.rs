@@ -22,8 +22,10 @@ use aya::maps::{Array, ArrayOfMaps, HashMap, InnerMap, IterableMap as _, Map, Ma
 use aya_obj::generated::bpf_map_type;
 use fw_common::{
     ACTION_ALLOW, Bytes, CONFIG_ENTRIES, ClassValue, DirectionConfig, Ipv4LpmKey, Ipv6LpmKey,
-    L4_PORT_CHUNKS, L4_PORT_SLOTS, L4LpmKey, L4PortChunk, L4Value, V4_DIR_L2_BASE,
-    V4_DIR_MAX_CHUNKS, V4DirChunk, WorkloadKey, WorkloadValue, l4_port_mirror, maps,
+    L4_CLASS_FILTER_BITS, L4_CLASS_FILTER_CHUNKS, L4_PORT_CHUNKS, L4_PORT_SLOTS,
+    L4ClassFilterChunk, L4LpmKey, L4PortChunk, L4Value, V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS,
+    V4DirChunk, WorkloadKey, WorkloadValue, l4_class_filter_at, l4_class_filter_entry,
+    l4_port_mirror, maps,
 };
 use fw_compiler::encode::{Encoded, Entries};
 use fw_compiler::mapstate::Capacities;
@@ -49,6 +51,9 @@ pub(crate) struct GenerationMaps {
     /// `in_l4x`'s shared TCP and UDP port entries as an array the program reads: see
     /// `fw_common::maps::INGRESS_L4_PORTS`. Written with `in_l4x`, never on its own.
     pub in_l4p: Array<MapData, L4PortChunk>,
+    /// Which (class, protocol) pairs `in_l4x` may hold: see
+    /// `fw_common::maps::INGRESS_L4_CLASSES`. Written with `in_l4x`, never on its own.
+    pub in_l4c: Array<MapData, L4ClassFilterChunk>,
     pub eg_v4: LpmTrie<MapData, [u8; 4], ClassValue>,
     pub eg_v6: LpmTrie<MapData, [u8; 16], ClassValue>,
     pub eg_l4: LpmTrie<MapData, [u8; 12], L4Value>,
@@ -165,6 +170,19 @@ fn port_array(name: &str) -> Result<Array<MapData, L4PortChunk>, Error> {
     Array::try_from(map).map_err(Error::map(name))
 }
 
+/// The ingress L4 class filter: `L4_CLASS_FILTER_CHUNKS` chunks (the template's size).
+fn class_filter_array(name: &str) -> Result<Array<MapData, L4ClassFilterChunk>, Error> {
+    let map = create(
+        name,
+        bpf_map_type::BPF_MAP_TYPE_ARRAY,
+        size_of::<u32>(),
+        size_of::<L4ClassFilterChunk>(),
+        L4_CLASS_FILTER_CHUNKS,
+        0,
+    )?;
+    Array::try_from(map).map_err(Error::map(name))
+}
+
 /// The ingress L4 exact table: a hash of `L4LpmKey` -> `L4Value` (`BPF_F_NO_PREALLOC`).
 fn l4_hash(name: &str, max_entries: u32) -> Result<HashMap<MapData, L4LpmKey, L4Value>, Error> {
     let map = create(
@@ -208,6 +226,7 @@ impl GenerationMaps {
             in_l4: lpm(&name(maps::INGRESS_L4), caps.l4_entries)?,
             in_l4x: l4_hash(&name(maps::INGRESS_L4_EXACT), caps.l4_entries)?,
             in_l4p: port_array(&name(maps::INGRESS_L4_PORTS))?,
+            in_l4c: class_filter_array(&name(maps::INGRESS_L4_CLASSES))?,
             eg_v4: lpm(&name(maps::EGRESS_V4), caps.v4_prefixes)?,
             eg_v6: lpm(&name(maps::EGRESS_V6), caps.v6_prefixes)?,
             eg_l4: lpm(&name(maps::EGRESS_L4), caps.l4_entries)?,
@@ -230,7 +249,7 @@ impl GenerationMaps {
                 maps::INGRESS_V6 => sync_lpm(&mut self.in_v6, name, v6_entries(name, entries)?)?,
                 maps::INGRESS_L4 => sync_lpm(&mut self.in_l4, name, l4_entries(name, entries)?)?,
                 maps::INGRESS_L4_EXACT => {
-                    sync_l4x(&mut self.in_l4x, &mut self.in_l4p, name, entries)?
+                    sync_l4x(&mut self.in_l4x, &mut self.in_l4p, &mut self.in_l4c, name, entries)?
                 }
                 maps::EGRESS_V4 => sync_lpm(&mut self.eg_v4, name, v4_entries(name, entries)?)?,
                 maps::EGRESS_V6 => sync_lpm(&mut self.eg_v6, name, v6_entries(name, entries)?)?,
@@ -294,7 +313,7 @@ impl GenerationMaps {
         );
         out.insert(maps::INGRESS_V6, read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes)?);
         out.insert(maps::INGRESS_L4, read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes)?);
-        out.insert(maps::INGRESS_L4_EXACT, read_l4x(&self.in_l4x, &self.in_l4p)?);
+        out.insert(maps::INGRESS_L4_EXACT, read_l4x(&self.in_l4x, &self.in_l4p, &self.in_l4c)?);
         out.insert(maps::EGRESS_V4, read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes)?);
         out.insert(maps::EGRESS_V6, read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes)?);
         out.insert(maps::EGRESS_L4, read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes)?);
@@ -360,6 +379,36 @@ fn port_chunks<'a>(entries: impl Iterator<Item = (&'a L4LpmKey, &'a L4Value)>) -
     chunks
 }
 
+/// The class filter's chunks for the exact hash's keys: exactly the bits its class entries
+/// need (`fw_common::l4_class_filter_entry`).
+fn class_filter_chunks<'a>(keys: impl Iterator<Item = &'a L4LpmKey>) -> Vec<L4ClassFilterChunk> {
+    let mut chunks = vec![L4ClassFilterChunk::default(); L4_CLASS_FILTER_CHUNKS as usize];
+    for key in keys {
+        if let Some(bit) = l4_class_filter_entry(key) {
+            let (chunk, word, mask) = l4_class_filter_at(bit);
+            chunks[chunk as usize].words[word] |= mask;
+        }
+    }
+    chunks
+}
+
+/// The class filter's bits that writing `d` into the exact hash sets (those of the entries
+/// it writes), by chunk as (word, mask).
+fn class_filter_delta(
+    name: &'static str,
+    d: &MapDelta,
+) -> Result<BTreeMap<u32, Vec<(usize, u64)>>, Error> {
+    let mut out: BTreeMap<u32, Vec<(usize, u64)>> = BTreeMap::new();
+    for ((_, key), _) in parse_entries::<L4LpmKey, L4LpmKey, L4Value>(name, &d.upsert, |k| (0, k))?
+    {
+        if let Some(bit) = l4_class_filter_entry(&key) {
+            let (chunk, word, mask) = l4_class_filter_at(bit);
+            out.entry(chunk).or_default().push((word, mask));
+        }
+    }
+    Ok(out)
+}
+
 /// The port array's chunk and slot for an exact hash key whatever its value: where the entry
 /// is mirrored when it has a decision (and a zero slot when it has none).
 fn port_slot(key: &L4LpmKey) -> Option<(u32, usize)> {
@@ -372,6 +421,7 @@ fn port_slot(key: &L4LpmKey) -> Option<(u32, usize)> {
 fn sync_l4x(
     map: &mut HashMap<MapData, L4LpmKey, L4Value>,
     ports: &mut Array<MapData, L4PortChunk>,
+    filter: &mut Array<MapData, L4ClassFilterChunk>,
     name: &'static str,
     entries: &Entries,
 ) -> Result<WriteStats, Error> {
@@ -392,6 +442,9 @@ fn sync_l4x(
     }
     for (index, chunk) in (0..).zip(port_chunks(desired.iter().map(|(k, v)| (k, v)))) {
         ports.set(index, chunk, 0).map_err(Error::map(maps::INGRESS_L4_PORTS))?;
+    }
+    for (index, chunk) in (0..).zip(class_filter_chunks(desired.iter().map(|(k, _)| k))) {
+        filter.set(index, chunk, 0).map_err(Error::map(maps::INGRESS_L4_CLASSES))?;
     }
     Ok(stats)
 }
@@ -421,14 +474,29 @@ fn port_delta(
 }
 
 /// Writes only `d` into the L4 exact hash, and the slots it changes into the port array (each
-/// chunk touched is read, patched and written whole).
+/// chunk touched is read, patched and written whole). The class filter's bits of the entries
+/// written are set first (a chunk read, patched and written when it changes); the bits of the
+/// entries removed stay, since other entries may share them (a stale bit costs a hash call,
+/// a clear bit that an entry needs would hide it).
 fn l4x_delta(
     map: &mut HashMap<MapData, L4LpmKey, L4Value>,
     ports: &mut Array<MapData, L4PortChunk>,
+    filter: &mut Array<MapData, L4ClassFilterChunk>,
     name: &'static str,
     d: &MapDelta,
 ) -> Result<WriteStats, Error> {
     let mut stats = WriteStats::default();
+    let filter_name = maps::INGRESS_L4_CLASSES;
+    for (index, bits) in class_filter_delta(name, d)? {
+        let mut chunk = filter.get(&index, 0).map_err(Error::map(filter_name))?;
+        let before = chunk;
+        for (word, mask) in bits {
+            chunk.words[word] |= mask;
+        }
+        if chunk != before {
+            filter.set(index, chunk, 0).map_err(Error::map(filter_name))?;
+        }
+    }
     for k in &d.remove {
         let key = L4LpmKey::from_bytes(k).ok_or(Error::Entry { map: name, reason: "key size" })?;
         map.remove(&key).map_err(Error::map(name))?;
@@ -452,10 +520,13 @@ fn l4x_delta(
 }
 
 /// Reads the L4 exact hash back (`encode`'s format, sorted by key bytes), checking that the
-/// port array holds exactly the hash's mirrored entries (zeros everywhere else).
+/// port array holds exactly the hash's mirrored entries (zeros everywhere else) and that the
+/// class filter has every bit the hash's class entries need (it may hold more: see
+/// `l4x_delta`).
 fn read_l4x(
     map: &HashMap<MapData, L4LpmKey, L4Value>,
     ports: &Array<MapData, L4PortChunk>,
+    filter: &Array<MapData, L4ClassFilterChunk>,
 ) -> Result<Entries, Error> {
     let (name, ports_name) = (maps::INGRESS_L4_EXACT, maps::INGRESS_L4_PORTS);
     let mut held = Vec::new();
@@ -465,6 +536,13 @@ fn read_l4x(
     for (index, want) in (0..).zip(port_chunks(held.iter().map(|(k, v)| (k, v)))) {
         if ports.get(&index, 0).map_err(Error::map(ports_name))? != want {
             return Err(Error::VerifyFailed(ports_name));
+        }
+    }
+    let filter_name = maps::INGRESS_L4_CLASSES;
+    for (index, want) in (0..).zip(class_filter_chunks(held.iter().map(|(k, _)| k))) {
+        let chunk = filter.get(&index, 0).map_err(Error::map(filter_name))?;
+        if chunk.words.iter().zip(want.words).any(|(held, want)| held & want != want) {
+            return Err(Error::VerifyFailed(filter_name));
         }
     }
     let mut entries = Entries::new();
@@ -1013,7 +1091,7 @@ fn inner_pinned(root: &std::path::Path, name: &'static str, generation: u32) -> 
 
 impl GenerationMaps {
     /// Every inner map with its outer map's name.
-    fn named(&self) -> [(&'static str, &MapData); 12] {
+    fn named(&self) -> [(&'static str, &MapData); 13] {
         [
             (maps::INGRESS_V4, self.in_v4.map()),
             (maps::INGRESS_V4_DIR, self.in_v4_dir.map()),
@@ -1022,6 +1100,7 @@ impl GenerationMaps {
             (maps::INGRESS_L4, self.in_l4.map()),
             (maps::INGRESS_L4_EXACT, self.in_l4x.map()),
             (maps::INGRESS_L4_PORTS, self.in_l4p.map()),
+            (maps::INGRESS_L4_CLASSES, self.in_l4c.map()),
             (maps::EGRESS_V4, self.eg_v4.map()),
             (maps::EGRESS_V6, self.eg_v6.map()),
             (maps::EGRESS_L4, self.eg_l4.map()),
@@ -1089,6 +1168,7 @@ impl GenerationMaps {
         let (in_l4, l4) = get(maps::INGRESS_L4)?;
         let (in_l4x, _) = get(maps::INGRESS_L4_EXACT)?;
         let (in_l4p, _) = get(maps::INGRESS_L4_PORTS)?;
+        let (in_l4c, _) = get(maps::INGRESS_L4_CLASSES)?;
         let (eg_v4, _) = get(maps::EGRESS_V4)?;
         let (eg_v6, _) = get(maps::EGRESS_V6)?;
         let (eg_l4, _) = get(maps::EGRESS_L4)?;
@@ -1103,6 +1183,7 @@ impl GenerationMaps {
             in_l4: LpmTrie::try_from(in_l4).map_err(m(maps::INGRESS_L4))?,
             in_l4x: HashMap::try_from(in_l4x).map_err(m(maps::INGRESS_L4_EXACT))?,
             in_l4p: Array::try_from(in_l4p).map_err(m(maps::INGRESS_L4_PORTS))?,
+            in_l4c: Array::try_from(in_l4c).map_err(m(maps::INGRESS_L4_CLASSES))?,
             eg_v4: LpmTrie::try_from(eg_v4).map_err(m(maps::EGRESS_V4))?,
             eg_v6: LpmTrie::try_from(eg_v6).map_err(m(maps::EGRESS_V6))?,
             eg_l4: LpmTrie::try_from(eg_l4).map_err(m(maps::EGRESS_L4))?,
@@ -1133,6 +1214,7 @@ impl GenerationMaps {
         set_slot(outer, maps::INGRESS_L4, g, &self.in_l4)?;
         set_slot(outer, maps::INGRESS_L4_EXACT, g, &self.in_l4x)?;
         set_slot(outer, maps::INGRESS_L4_PORTS, g, &self.in_l4p)?;
+        set_slot(outer, maps::INGRESS_L4_CLASSES, g, &self.in_l4c)?;
         set_slot(outer, maps::EGRESS_V4, g, &self.eg_v4)?;
         set_slot(outer, maps::EGRESS_V6, g, &self.eg_v6)?;
         set_slot(outer, maps::EGRESS_L4, g, &self.eg_l4)?;
@@ -1182,7 +1264,9 @@ impl GenerationMaps {
                 }
                 maps::INGRESS_V6 => lpm_delta(&mut self.in_v6, name, d, split_v6)?,
                 maps::INGRESS_L4 => lpm_delta(&mut self.in_l4, name, d, split_l4)?,
-                maps::INGRESS_L4_EXACT => l4x_delta(&mut self.in_l4x, &mut self.in_l4p, name, d)?,
+                maps::INGRESS_L4_EXACT => {
+                    l4x_delta(&mut self.in_l4x, &mut self.in_l4p, &mut self.in_l4c, name, d)?
+                }
                 maps::EGRESS_V4 => lpm_delta(&mut self.eg_v4, name, d, split_v4)?,
                 maps::EGRESS_V6 => lpm_delta(&mut self.eg_v6, name, d, split_v6)?,
                 maps::EGRESS_L4 => lpm_delta(&mut self.eg_l4, name, d, split_l4)?,
@@ -1244,7 +1328,7 @@ impl GenerationMaps {
             }
             maps::INGRESS_V6 => read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes),
             maps::INGRESS_L4 => read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes),
-            maps::INGRESS_L4_EXACT => read_l4x(&self.in_l4x, &self.in_l4p),
+            maps::INGRESS_L4_EXACT => read_l4x(&self.in_l4x, &self.in_l4p, &self.in_l4c),
             maps::EGRESS_V4 => read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes),
             maps::EGRESS_V6 => read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes),
             maps::EGRESS_L4 => read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes),
@@ -1408,6 +1492,7 @@ impl GenerationMaps {
             }
             if name == maps::INGRESS_L4_EXACT {
                 self.verify_ports(d)?;
+                self.verify_class_filter(d)?;
             }
         }
         Ok(())
@@ -1434,8 +1519,9 @@ impl GenerationMaps {
         Ok(())
     }
 
-    /// A derived map's fill (`fw_common::maps::DERIVED`): the first-level array's chunks, or
-    /// the port array's non-zero slots (one per mirrored entry), and how many it holds.
+    /// A derived map's fill (`fw_common::maps::DERIVED`): the first-level array's chunks, the
+    /// port array's non-zero slots (one per mirrored entry), or the class filter's set bits,
+    /// and how many it holds.
     pub fn derived_fill(&self, name: &str) -> Result<(usize, u32), Error> {
         match name {
             maps::INGRESS_V4_DIR1 => Ok((V4_DIR_L2_BASE as usize, V4_DIR_L2_BASE)),
@@ -1448,6 +1534,15 @@ impl GenerationMaps {
                 }
                 Ok((used, L4_PORT_CHUNKS * L4_PORT_SLOTS as u32))
             }
+            maps::INGRESS_L4_CLASSES => {
+                let name = maps::INGRESS_L4_CLASSES;
+                let mut set = 0;
+                for index in 0..L4_CLASS_FILTER_CHUNKS {
+                    let chunk = self.in_l4c.get(&index, 0).map_err(Error::map(name))?;
+                    set += chunk.words.iter().map(|w| w.count_ones() as usize).sum::<usize>();
+                }
+                Ok((set, L4_CLASS_FILTER_BITS))
+            }
             other => Err(Error::UnknownMap(other.to_string())),
         }
     }
@@ -1459,6 +1554,19 @@ impl GenerationMaps {
         for (index, slots) in port_delta(maps::INGRESS_L4_EXACT, d)? {
             let held = self.in_l4p.get(&index, 0).map_err(Error::map(name))?;
             if slots.iter().any(|(slot, value)| held.slots[*slot] != *value) {
+                return Err(Error::VerifyFailed(name));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`verify_delta`](Self::verify_delta) for the class filter under the exact hash's delta
+    /// `d`: the bit of each class entry the delta writes is set.
+    fn verify_class_filter(&self, d: &MapDelta) -> Result<(), Error> {
+        let name = maps::INGRESS_L4_CLASSES;
+        for (index, bits) in class_filter_delta(maps::INGRESS_L4_EXACT, d)? {
+            let held = self.in_l4c.get(&index, 0).map_err(Error::map(name))?;
+            if bits.iter().any(|(word, mask)| held.words[*word] & mask == 0) {
                 return Err(Error::VerifyFailed(name));
             }
         }
