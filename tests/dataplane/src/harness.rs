@@ -145,6 +145,28 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// Runs each named case (a frame and what the program must do with it, counters
+    /// included) from a reset, and fails naming every case that did not hold.
+    pub fn assert_cases(&mut self, cases: &[(&str, Vec<u8>, Expectation)]) {
+        let mut failures = Vec::new();
+        for (name, frame, expect) in cases {
+            self.reset().expect("reset");
+            let result = self.run(frame, expect).and_then(|()| self.check_counters());
+            if let Err(e) = result {
+                failures.push(format!("{name}: {e}\n  frame {}", hex(frame)));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} of {} cases failed:\n{}",
+            failures.len(),
+            cases.len(),
+            failures.join("\n")
+        );
+    }
+}
+
 /// A frame as hex, for failure messages.
 pub fn hex(frame: &[u8]) -> String {
     frame.iter().map(|b| format!("{b:02x}")).collect()

@@ -177,6 +177,16 @@ pub fn icmp(ty: u8) -> Vec<u8> {
     vec![ty, 0, 0, 0, 0, 1, 0, 1]
 }
 
+/// An Ethernet frame of IPv4 TCP from `src` to port `port`.
+pub fn tcp_frame(src: Ipv4Addr, port: u16) -> Vec<u8> {
+    ethernet(&[], ETH_P_IP, &Ipv4::new(src, 6).build(&tcp(port)))
+}
+
+/// An Ethernet frame of IPv4 UDP from `src` to port `port`.
+pub fn udp_frame(src: Ipv4Addr, port: u16) -> Vec<u8> {
+    ethernet(&[], ETH_P_IP, &Ipv4::new(src, 17).build(&udp(port, 0)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

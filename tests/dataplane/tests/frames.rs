@@ -18,7 +18,7 @@ use fw_compiler::load::{Input, load};
 use fw_compiler::mapstate::{Capacities, MapState};
 use fw_compiler::model::HostIdentity;
 use fw_compiler::yaml::ParseLimits;
-use fw_dataplane_tests::harness::{Harness, hex, privileged};
+use fw_dataplane_tests::harness::{Harness, privileged};
 use fw_dataplane_tests::packet::{
     ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Ext, Ipv4, ethernet, ext_chain, icmp, ipv6,
     tcp, udp,
@@ -271,21 +271,7 @@ fn frames_get_their_documented_verdicts() {
         ),
     ];
 
-    let mut failures = Vec::new();
-    for (name, frame, expect) in &cases {
-        h.reset().expect("reset");
-        let result = h.run(frame, expect).and_then(|()| h.check_counters());
-        if let Err(e) = result {
-            failures.push(format!("{name}: {e}\n  frame {}", hex(frame)));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    h.assert_cases(&cases);
 }
 
 /// Generation `g` of an encoded state as the loader reads it back (no workload table).

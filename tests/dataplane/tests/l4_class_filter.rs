@@ -22,8 +22,8 @@ use fw_compiler::load::{Input, load};
 use fw_compiler::mapstate::{Capacities, MapState};
 use fw_compiler::model::HostIdentity;
 use fw_compiler::yaml::ParseLimits;
-use fw_dataplane_tests::harness::{Harness, hex, privileged};
-use fw_dataplane_tests::packet::{ETH_P_IP, Ipv4, ethernet, icmp, tcp, udp};
+use fw_dataplane_tests::harness::{Harness, privileged};
+use fw_dataplane_tests::packet::{ETH_P_IP, Ipv4, ethernet, icmp, tcp_frame, udp_frame};
 use fw_dataplane_tests::probe::{Count, Expectation};
 use fw_loader::{Dataplane, XdpAction};
 
@@ -68,14 +68,6 @@ const HOST: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
 const LAB: Ipv4Addr = Ipv4Addr::new(192, 168, 5, 5);
 const STRANGER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 
-fn tcp_frame(src: Ipv4Addr, port: u16) -> Vec<u8> {
-    ethernet(&[], ETH_P_IP, &Ipv4::new(src, 6).build(&tcp(port)))
-}
-
-fn udp_frame(src: Ipv4Addr, port: u16) -> Vec<u8> {
-    ethernet(&[], ETH_P_IP, &Ipv4::new(src, 17).build(&udp(port, 0)))
-}
-
 fn echo(src: Ipv4Addr) -> Vec<u8> {
     ethernet(&[], ETH_P_IP, &Ipv4::new(src, 1).build(&icmp(8)))
 }
@@ -115,21 +107,7 @@ fn class_entries_of_every_protocol_are_found_behind_the_filter() {
         ("stranger tcp/22: no class entries", tcp_frame(STRANGER, 22), denied()),
         ("stranger udp/53", udp_frame(STRANGER, 53), denied()),
     ];
-    let mut failures = Vec::new();
-    for (name, frame, expect) in &cases {
-        h.reset().expect("reset");
-        let result = h.run(frame, expect).and_then(|()| h.check_counters());
-        if let Err(e) = result {
-            failures.push(format!("{name}: {e}\n  frame {}", hex(frame)));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    h.assert_cases(&cases);
     // Both generations read back (the filter checked against the hash); the filter holds
     // one bit per (class, protocol) pair at most: (wide: TCP, UDP, ICMP), (narrow: TCP).
     for g in 0..2 {

@@ -18,8 +18,8 @@ use fw_compiler::load::{Input, load};
 use fw_compiler::mapstate::{Capacities, MapState};
 use fw_compiler::model::HostIdentity;
 use fw_compiler::yaml::ParseLimits;
-use fw_dataplane_tests::harness::{Harness, hex, privileged};
-use fw_dataplane_tests::packet::{ETH_P_IP, Ipv4, ethernet, icmp, tcp, udp};
+use fw_dataplane_tests::harness::{Harness, privileged};
+use fw_dataplane_tests::packet::{ETH_P_IP, Ipv4, ethernet, icmp, tcp, tcp_frame, udp_frame};
 use fw_dataplane_tests::probe::{Count, Expectation};
 use fw_loader::{Dataplane, XdpAction};
 
@@ -61,14 +61,6 @@ fn ingress_flags(e: &Encoded) -> u8 {
 
 const HOST_A: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
 const STRANGER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-
-fn tcp_frame(src: Ipv4Addr, port: u16) -> Vec<u8> {
-    ethernet(&[], ETH_P_IP, &Ipv4::new(src, 6).build(&tcp(port)))
-}
-
-fn udp_frame(src: Ipv4Addr, port: u16) -> Vec<u8> {
-    ethernet(&[], ETH_P_IP, &Ipv4::new(src, 17).build(&udp(port, 0)))
-}
 
 fn pass(c: Count) -> Expectation {
     Expectation { action: XdpAction::Pass, counts: vec![c] }
@@ -138,21 +130,7 @@ fn shared_ports_come_from_the_port_array_and_the_rest_from_the_hash_and_trie() {
             denied(),
         ),
     ];
-    let mut failures = Vec::new();
-    for (name, frame, expect) in &cases {
-        h.reset().expect("reset");
-        let result = h.run(frame, expect).and_then(|()| h.check_counters());
-        if let Err(e) = result {
-            failures.push(format!("{name}: {e}\n  frame {}", hex(frame)));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    h.assert_cases(&cases);
 }
 
 /// A bpffs root of the test's own, unloaded and removed on drop.
