@@ -8,5 +8,6 @@
 
 pub mod harness;
 pub mod packet;
+pub mod policy;
 pub mod policygen;
 pub mod probe;

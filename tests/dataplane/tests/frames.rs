@@ -12,17 +12,13 @@ use fw_common::{
     DIRECTION_INGRESS, STAT_ALWAYS_ARP, STAT_ALWAYS_LOOPBACK, STAT_ALWAYS_ND, STAT_DEFAULT_DENY,
     STAT_INTERNAL_ERROR, maps,
 };
-use fw_compiler::compile::compile;
 use fw_compiler::encode::{Encoded, encode};
-use fw_compiler::load::{Input, load};
-use fw_compiler::mapstate::{Capacities, MapState};
-use fw_compiler::model::HostIdentity;
-use fw_compiler::yaml::ParseLimits;
 use fw_dataplane_tests::harness::{Harness, privileged};
 use fw_dataplane_tests::packet::{
     ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Ext, Ipv4, ethernet, ext_chain, icmp, ipv6,
     tcp, udp,
 };
+use fw_dataplane_tests::policy::{rule, state};
 use fw_dataplane_tests::probe::{Count, Expectation, arp_frame};
 use fw_loader::{Error, XdpAction};
 
@@ -47,18 +43,6 @@ spec:
   ingress:
     - {name: all, action: allow}
 "#;
-
-fn state(yaml: &str) -> MapState {
-    let loaded = load([Input::new("p.yaml", yaml)], &ParseLimits::default());
-    let set = loaded.policy_set.unwrap_or_else(|| panic!("{:?}", loaded.diagnostics));
-    let host = HostIdentity { name: "web-1".into(), ..HostIdentity::default() };
-    compile(&set.for_host(&host), &Capacities::default()).expect("compiles")
-}
-
-fn rule(state: &MapState, name: &str) -> Count {
-    let id = state.rules.iter().find(|(_, r)| r.name.as_deref() == Some(name)).map(|(id, _)| id.0);
-    Count::Rule(id.unwrap_or_else(|| panic!("no rule {name}")))
-}
 
 fn pass(c: Count) -> Expectation {
     Expectation { action: XdpAction::Pass, counts: vec![c] }

@@ -16,14 +16,11 @@ use aya::maps::{Array, MapData};
 use fw_common::{
     L4_CLASS_FILTER_BITS, L4_CLASS_FILTER_CHUNKS, L4ClassFilterChunk, STAT_DEFAULT_DENY, maps,
 };
-use fw_compiler::compile::compile;
 use fw_compiler::encode::encode;
-use fw_compiler::load::{Input, load};
-use fw_compiler::mapstate::{Capacities, MapState};
-use fw_compiler::model::HostIdentity;
-use fw_compiler::yaml::ParseLimits;
+use fw_compiler::mapstate::Capacities;
 use fw_dataplane_tests::harness::{Harness, privileged};
 use fw_dataplane_tests::packet::{ETH_P_IP, Ipv4, ethernet, icmp, tcp_frame, udp_frame};
+use fw_dataplane_tests::policy::{rule, state};
 use fw_dataplane_tests::probe::{Count, Expectation};
 use fw_loader::{Dataplane, XdpAction};
 
@@ -50,18 +47,6 @@ const MORE: &str = r#"
     - {name: lab, action: allow, from: [192.168.0.0/16], proto: tcp, ports: [9000]}
     - {name: lab-udp, action: allow, from: [192.168.0.0/16], proto: udp, ports: [9000]}
 "#;
-
-fn state(yaml: &str) -> MapState {
-    let loaded = load([Input::new("p.yaml", yaml)], &ParseLimits::default());
-    let set = loaded.policy_set.unwrap_or_else(|| panic!("{:?}", loaded.diagnostics));
-    let host = HostIdentity { name: "web-1".into(), ..HostIdentity::default() };
-    compile(&set.for_host(&host), &Capacities::default()).expect("compiles")
-}
-
-fn rule(state: &MapState, name: &str) -> Count {
-    let id = state.rules.iter().find(|(_, r)| r.name.as_deref() == Some(name)).map(|(id, _)| id.0);
-    Count::Rule(id.unwrap_or_else(|| panic!("no rule {name}")))
-}
 
 const WIDE: Ipv4Addr = Ipv4Addr::new(10, 2, 3, 4);
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);

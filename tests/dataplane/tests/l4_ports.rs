@@ -12,14 +12,11 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use fw_common::{Bytes, CONFIG_INGRESS, DirectionConfig, L4F_TRIE_SHARED, STAT_DEFAULT_DENY, maps};
-use fw_compiler::compile::compile;
 use fw_compiler::encode::{Encoded, encode};
-use fw_compiler::load::{Input, load};
-use fw_compiler::mapstate::{Capacities, MapState};
-use fw_compiler::model::HostIdentity;
-use fw_compiler::yaml::ParseLimits;
+use fw_compiler::mapstate::Capacities;
 use fw_dataplane_tests::harness::{Harness, privileged};
 use fw_dataplane_tests::packet::{ETH_P_IP, Ipv4, ethernet, icmp, tcp, tcp_frame, udp_frame};
+use fw_dataplane_tests::policy::{rule, state};
 use fw_dataplane_tests::probe::{Count, Expectation};
 use fw_loader::{Dataplane, XdpAction};
 
@@ -40,18 +37,6 @@ spec:
     - {name: ssh, action: allow, from: [10.0.0.0/8], proto: tcp, ports: [22]}
     - {name: ping, action: allow, proto: icmp, icmp: [echo-request]}
 "#;
-
-fn state(yaml: &str) -> MapState {
-    let loaded = load([Input::new("p.yaml", yaml)], &ParseLimits::default());
-    let set = loaded.policy_set.unwrap_or_else(|| panic!("{:?}", loaded.diagnostics));
-    let host = HostIdentity { name: "web-1".into(), ..HostIdentity::default() };
-    compile(&set.for_host(&host), &Capacities::default()).expect("compiles")
-}
-
-fn rule(state: &MapState, name: &str) -> Count {
-    let id = state.rules.iter().find(|(_, r)| r.name.as_deref() == Some(name)).map(|(id, _)| id.0);
-    Count::Rule(id.unwrap_or_else(|| panic!("no rule {name}")))
-}
 
 fn ingress_flags(e: &Encoded) -> u8 {
     let config = &e.maps[maps::CONFIG];
