@@ -1838,12 +1838,18 @@ fn compile_direction(
     // The address half: taken from the last compile when this direction's rules have the
     // same positions, ids and peers (`CompileMemo`), built otherwise.
     let key = AddressKey::of(policy, direction, split);
-    let tables = match memo.take() {
+    let mut tables = match memo.take() {
         Some(t) if t.key == key => t,
         _ => AddressTables::build(policy, direction, split, flattener, key),
     };
+    // Kept for the next compile: the tables are copied into the state; otherwise moved.
+    let keep = tables.key.rules.len() <= budget;
+    let (v4, v6) = if keep {
+        (tables.v4.clone(), tables.v6.clone())
+    } else {
+        (std::mem::take(&mut tables.v4), std::mem::take(&mut tables.v6))
+    };
     let (sets, classes) = (&tables.sets, &tables.classes);
-    let (v4, v6) = (tables.v4.clone(), tables.v6.clone());
     check_prefixes(
         policy,
         direction,
@@ -1924,7 +1930,7 @@ fn compile_direction(
         v6,
         l4,
     };
-    *memo = (tables.key.rules.len() <= budget).then_some(tables);
+    *memo = keep.then_some(tables);
     (maps, diagnostics)
 }
 
