@@ -1000,6 +1000,28 @@ mod tests {
     }
 }
 
+/// A state with only these IPv4 prefixes and L4 entries, the same in both directions, default
+/// deny, no rules or workloads: what the encoding tests feed `encode`.
+#[cfg(test)]
+fn bare_state(
+    v4: BTreeMap<ipnet::Ipv4Net, crate::mapstate::Classes>,
+    l4: BTreeMap<L4Key, L4Value>,
+) -> MapState {
+    let dir = DirectionMaps {
+        defaults: Defaults { verdict: Action::Deny, audit: Action::Deny },
+        v4,
+        v6: BTreeMap::new(),
+        l4,
+    };
+    MapState {
+        host: crate::model::HostIdentity::default(),
+        ingress: dir.clone(),
+        egress: dir,
+        workloads: BTreeMap::new(),
+        rules: BTreeMap::new(),
+    }
+}
+
 #[cfg(test)]
 mod dir_tests {
     use super::*;
@@ -1076,19 +1098,7 @@ mod dir_tests {
             for (net, w, n) in nets {
                 table.insert(net, Classes { wide: ClassId(w), narrow: ClassId(n) });
             }
-            let dir = DirectionMaps {
-                defaults: Defaults { verdict: Action::Deny, audit: Action::Deny },
-                v4: table.clone(),
-                v6: BTreeMap::new(),
-                l4: BTreeMap::new(),
-            };
-            let state = MapState {
-                host: crate::model::HostIdentity::default(),
-                ingress: dir.clone(),
-                egress: dir,
-                workloads: BTreeMap::new(),
-                rules: BTreeMap::new(),
-            };
+            let state = bare_state(table.clone(), BTreeMap::new());
             for budget in [budget, u32::MAX] {
                 let enc = encode_with(&state, &EncodeOptions { v4_dir_l2_budget: budget });
                 decode(&enc).unwrap();
@@ -1225,19 +1235,7 @@ mod l4_tests {
                 };
                 l4.insert(key, L4Value { verdict: decision(verdict), audit: decision(audit) });
             }
-            let dir = DirectionMaps {
-                defaults: Defaults { verdict: Action::Deny, audit: Action::Deny },
-                v4: BTreeMap::new(),
-                v6: BTreeMap::new(),
-                l4,
-            };
-            let state = MapState {
-                host: crate::model::HostIdentity::default(),
-                ingress: dir.clone(),
-                egress: dir,
-                workloads: BTreeMap::new(),
-                rules: BTreeMap::new(),
-            };
+            let state = bare_state(BTreeMap::new(), l4);
             let enc = encode(&state);
             prop_assert_eq!(decode(&enc), Ok(DecodedMaps::from_state(&state)));
             let all: Vec<_> = parse(&enc.maps[maps::INGRESS_L4_EXACT])
@@ -1275,19 +1273,7 @@ mod l4_tests {
         let allow = L4Value { verdict: Decision::Allow(RuleId(3)), audit: Decision::None };
         let none = L4Value { verdict: Decision::None, audit: Decision::None };
         let flags = |entries: &[(L4Key, L4Value)]| {
-            let dir = DirectionMaps {
-                defaults: Defaults { verdict: Action::Deny, audit: Action::Deny },
-                v4: BTreeMap::new(),
-                v6: BTreeMap::new(),
-                l4: entries.iter().copied().collect(),
-            };
-            let state = MapState {
-                host: crate::model::HostIdentity::default(),
-                ingress: dir.clone(),
-                egress: dir,
-                workloads: BTreeMap::new(),
-                rules: BTreeMap::new(),
-            };
+            let state = bare_state(BTreeMap::new(), entries.iter().copied().collect());
             ingress_l4_flags(&state)
         };
         // Whole-word entries only: the port array and the exact hash answer everything.
