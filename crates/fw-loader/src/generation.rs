@@ -142,42 +142,17 @@ fn dir_hash(name: &str) -> Result<HashMap<MapData, u32, V4DirChunk>, Error> {
     HashMap::try_from(map).map_err(Error::map(name))
 }
 
-/// The first level of the chunks as an array of `V4_DIR_L2_BASE` chunks (the kernel object's
-/// template has that size; an inner array must have its template's).
-fn dir_array(name: &str) -> Result<Array<MapData, V4DirChunk>, Error> {
+/// A derived inner array of `entries` values of `V`: the first level of the IPv4 chunks
+/// (`V4_DIR_L2_BASE` chunks), the L4 port array (`L4_PORT_CHUNKS`) or the class filter
+/// (`L4_CLASS_FILTER_CHUNKS`). An inner array must have its template's size, which the kernel
+/// object declares with those counts.
+fn inner_array<V: Pod>(name: &str, entries: u32) -> Result<Array<MapData, V>, Error> {
     let map = create(
         name,
         bpf_map_type::BPF_MAP_TYPE_ARRAY,
         size_of::<u32>(),
-        size_of::<V4DirChunk>(),
-        V4_DIR_L2_BASE,
-        0,
-    )?;
-    Array::try_from(map).map_err(Error::map(name))
-}
-
-/// The ingress L4 port array: `L4_PORT_CHUNKS` chunks (the kernel object's template has that
-/// size; an inner array must have its template's).
-fn port_array(name: &str) -> Result<Array<MapData, L4PortChunk>, Error> {
-    let map = create(
-        name,
-        bpf_map_type::BPF_MAP_TYPE_ARRAY,
-        size_of::<u32>(),
-        size_of::<L4PortChunk>(),
-        L4_PORT_CHUNKS,
-        0,
-    )?;
-    Array::try_from(map).map_err(Error::map(name))
-}
-
-/// The ingress L4 class filter: `L4_CLASS_FILTER_CHUNKS` chunks (the template's size).
-fn class_filter_array(name: &str) -> Result<Array<MapData, L4ClassFilterChunk>, Error> {
-    let map = create(
-        name,
-        bpf_map_type::BPF_MAP_TYPE_ARRAY,
-        size_of::<u32>(),
-        size_of::<L4ClassFilterChunk>(),
-        L4_CLASS_FILTER_CHUNKS,
+        size_of::<V>(),
+        entries,
         0,
     )?;
     Array::try_from(map).map_err(Error::map(name))
@@ -221,12 +196,12 @@ impl GenerationMaps {
         Ok(Self {
             in_v4: prefix_hash(&name(maps::INGRESS_V4), caps.v4_prefixes)?,
             in_v4_dir: dir_hash(&name(maps::INGRESS_V4_DIR))?,
-            in_v4_dir1: dir_array(&name(maps::INGRESS_V4_DIR1))?,
+            in_v4_dir1: inner_array(&name(maps::INGRESS_V4_DIR1), V4_DIR_L2_BASE)?,
             in_v6: lpm(&name(maps::INGRESS_V6), caps.v6_prefixes)?,
             in_l4: lpm(&name(maps::INGRESS_L4), caps.l4_entries)?,
             in_l4x: l4_hash(&name(maps::INGRESS_L4_EXACT), caps.l4_entries)?,
-            in_l4p: port_array(&name(maps::INGRESS_L4_PORTS))?,
-            in_l4c: class_filter_array(&name(maps::INGRESS_L4_CLASSES))?,
+            in_l4p: inner_array(&name(maps::INGRESS_L4_PORTS), L4_PORT_CHUNKS)?,
+            in_l4c: inner_array(&name(maps::INGRESS_L4_CLASSES), L4_CLASS_FILTER_CHUNKS)?,
             eg_v4: lpm(&name(maps::EGRESS_V4), caps.v4_prefixes)?,
             eg_v6: lpm(&name(maps::EGRESS_V6), caps.v6_prefixes)?,
             eg_l4: lpm(&name(maps::EGRESS_L4), caps.l4_entries)?,
