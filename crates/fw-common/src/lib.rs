@@ -57,14 +57,35 @@ pub mod maps {
     /// which stays the table's content.
     pub const INGRESS_V4_DIR: &str = "FW_IN_V4_DIR";
     /// The first level of [`INGRESS_V4_DIR`] again, as an array of its 256 chunks (index =
-    /// key): the program reads first-level slots here, because the verifier inlines an
+    /// key; each a [`V4Dir1Chunk`](crate::V4Dir1Chunk), the hash's slots with a pool
+    /// reference each): the program reads first-level slots here, because the verifier inlines an
     /// array lookup into a few instructions where a hash lookup is a call that hashes the
     /// key and walks a bucket (about 13 ns a packet on the benchmark machine). Not filled by
     /// `encode` and not in [`GENERATIONAL`]'s encoded state: the loader writes every chunk
     /// of keys `0..=255` it writes into [`INGRESS_V4_DIR`] here as well, checks both hold
     /// the same when it reads the generation back, and keeps [`INGRESS_V4_DIR`] as the
     /// record of the encoded chunks. Generational (an outer array-of-maps like the others).
+    ///
+    /// Each slot also says where its /16's second-level chunk is in [`INGRESS_V4_DIR2`]
+    /// ([`V4Dir1Slot::pool`](crate::V4Dir1Slot)), so the whole DIR-16-8 walk is array reads.
     pub const INGRESS_V4_DIR1: &str = "FW_IN_V4_D1";
+    /// The second-level chunks of [`INGRESS_V4_DIR`] (keys from
+    /// [`V4_DIR_L2_BASE`](crate::V4_DIR_L2_BASE) on) again, in a preallocated array of
+    /// [`V4_DIR_POOL_CHUNKS`](crate::V4_DIR_POOL_CHUNKS) `u32`-indexed
+    /// [`V4DirChunk`](crate::V4DirChunk)s (a pool): the program finds a /16's chunk at the
+    /// index its first-level slot in [`INGRESS_V4_DIR1`] gives
+    /// ([`V4Dir1Slot::pool`](crate::V4Dir1Slot)) and reads it inline, where the hash lookup is
+    /// a call that hashes the key and walks a bucket. A slot whose `pool` is 0 has no chunk
+    /// here (none exists, or the pool was full when it was written): the program asks
+    /// [`INGRESS_V4_DIR`] as before, so every state is answered correctly whatever the pool
+    /// holds. Like [`INGRESS_V4_DIR1`], not filled by `encode` and not in [`GENERATIONAL`]'s
+    /// encoded state: the loader allocates the pool's slots as it writes second-level chunks
+    /// into [`INGRESS_V4_DIR`] (full writes and deltas; a removed chunk frees its slot), checks
+    /// each slot a first-level slot points at holds the hash's chunk (and that no slot
+    /// points at a chunk the hash does not hold) when it reads the generation back or
+    /// verifies a delta, and keeps [`INGRESS_V4_DIR`] as the record. Pool slots no
+    /// first-level slot points at are never read. Generational.
+    pub const INGRESS_V4_DIR2: &str = "FW_IN_V4_D2";
     /// Ingress IPv6 LPM trie: [`Ipv6LpmKey`](crate::Ipv6LpmKey) -> [`ClassValue`](crate::ClassValue).
     pub const INGRESS_V6: &str = "FW_IN_V6";
     /// Ingress L4 LPM trie: [`L4LpmKey`](crate::L4LpmKey) -> [`L4Value`](crate::L4Value).
@@ -148,7 +169,8 @@ pub mod maps {
 
     /// The generational maps the loader derives from those [`GENERATIONAL`] lists (not in an
     /// encoded state).
-    pub const DERIVED: [&str; 3] = [INGRESS_V4_DIR1, INGRESS_L4_PORTS, INGRESS_L4_CLASSES];
+    pub const DERIVED: [&str; 4] =
+        [INGRESS_V4_DIR1, INGRESS_V4_DIR2, INGRESS_L4_PORTS, INGRESS_L4_CLASSES];
 
     /// The maps the compiler's `encode` fills, each an outer array-of-maps with
     /// [`GENERATIONS`](crate::GENERATIONS) slots.
@@ -423,6 +445,73 @@ impl Default for V4DirChunk {
     }
 }
 
+/// Chunks of [`maps::INGRESS_V4_DIR2`], the pool of second-level chunks: 12 MiB per
+/// generation (3 KiB a chunk, preallocated). A policy needs one chunk per /16 holding
+/// prefixes longer than /16: about 390 for the benchmarks' 100k prefixes, 3,900 for 1M.
+pub const V4_DIR_POOL_CHUNKS: u32 = 4096;
+
+/// One slot of a [`V4Dir1Chunk`]: a first-level slot of [`maps::INGRESS_V4_DIR`] (one /16)
+/// and where its second-level chunk is in the pool.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct V4Dir1Slot {
+    /// As [`V4DirSlot::wide_class`].
+    pub wide_class: u32,
+    /// As [`V4DirSlot::narrow_class`].
+    pub narrow_class: u32,
+    /// As [`V4DirSlot::deeper`].
+    pub deeper: u32,
+    /// 1 + the index in [`maps::INGRESS_V4_DIR2`] of this /16's second-level chunk; 0: not in
+    /// the pool (the program asks [`maps::INGRESS_V4_DIR`]).
+    pub pool: u32,
+}
+
+impl V4Dir1Slot {
+    /// The first-level slot `slot` of [`maps::INGRESS_V4_DIR`] with pool reference `pool`.
+    pub const fn new(slot: V4DirSlot, pool: u32) -> Self {
+        Self {
+            wide_class: slot.wide_class,
+            narrow_class: slot.narrow_class,
+            deeper: slot.deeper,
+            pool,
+        }
+    }
+
+    /// The slot of [`maps::INGRESS_V4_DIR`] this mirrors (without the pool reference).
+    pub const fn dir_slot(&self) -> V4DirSlot {
+        V4DirSlot {
+            wide_class: self.wide_class,
+            narrow_class: self.narrow_class,
+            deeper: self.deeper,
+        }
+    }
+}
+
+/// Value of [`maps::INGRESS_V4_DIR1`]: a first-level chunk of [`maps::INGRESS_V4_DIR`] with
+/// each /16's pool reference (see [`V4Dir1Slot`]); 4 KiB.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct V4Dir1Chunk {
+    pub slots: [V4Dir1Slot; V4_DIR_SLOTS],
+}
+
+impl Default for V4Dir1Chunk {
+    fn default() -> Self {
+        Self { slots: [V4Dir1Slot::default(); V4_DIR_SLOTS] }
+    }
+}
+
+impl V4Dir1Chunk {
+    /// The chunk of [`maps::INGRESS_V4_DIR`] this mirrors (without the pool references).
+    pub fn dir_chunk(&self) -> V4DirChunk {
+        let mut out = V4DirChunk::default();
+        for (o, s) in out.slots.iter_mut().zip(&self.slots) {
+            *o = s.dir_slot();
+        }
+        out
+    }
+}
+
 /// Slots of an [`L4PortChunk`].
 pub const L4_PORT_SLOTS: usize = 256;
 /// Chunks of [`maps::INGRESS_L4_PORTS`]: 256 for the TCP ports, then 256 for the UDP ports.
@@ -645,6 +734,9 @@ const _: () = {
     assert!(align_of::<L4PortChunk>() == 4);
     assert!(size_of::<V4DirSlot>() == 12);
     assert!(size_of::<V4DirChunk>() == 3072);
+    assert!(size_of::<V4Dir1Slot>() == 16);
+    assert!(offset_of!(V4Dir1Slot, pool) == 12);
+    assert!(size_of::<V4Dir1Chunk>() == 4096);
     assert!(offset_of!(DirectionConfig, v4_length_count) == 2);
     assert!(offset_of!(DirectionConfig, v4_lengths) == 4);
     assert!(size_of::<WorkloadKey>() == 8);
@@ -935,6 +1027,8 @@ mod pod {
     unsafe impl Pod for ClassValue {}
     // SAFETY: as above (an array of `V4DirSlot`, three `u32`s).
     unsafe impl Pod for V4DirChunk {}
+    // SAFETY: as above (an array of `V4Dir1Slot`, four `u32`s).
+    unsafe impl Pod for V4Dir1Chunk {}
     // SAFETY: as above (an array of `L4Value`).
     unsafe impl Pod for L4PortChunk {}
     // SAFETY: as above.
@@ -965,6 +1059,7 @@ mod tests {
             maps::INGRESS_V4,
             maps::INGRESS_V4_DIR,
             maps::INGRESS_V4_DIR1,
+            maps::INGRESS_V4_DIR2,
             maps::INGRESS_V6,
             maps::INGRESS_L4,
             maps::INGRESS_L4_EXACT,

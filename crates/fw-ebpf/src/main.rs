@@ -44,8 +44,8 @@ use fw_common::{
     L4ClassFilterChunk, l4_class_filter_at, l4_class_filter_bit, SHARED_CLASS, STAT_ALWAYS_ARP,
     STAT_ALWAYS_LOOPBACK, STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY,
     STAT_AUDIT_DEFAULT_DENY, STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY,
-    STAT_INTERNAL_ERROR, STAT_MALFORMED, STAT_NOT_IP, STATS_ENTRIES, V4_DIR_L2_BASE, V4DirChunk,
-    V4DirSlot, WorkloadKey, WorkloadValue, l4_port_index, stat_index, v4_dir_l1, v4_dir_l2,
+    STAT_INTERNAL_ERROR, STAT_MALFORMED, STAT_NOT_IP, STATS_ENTRIES, V4_DIR_L2_BASE,
+    V4_DIR_POOL_CHUNKS, V4Dir1Chunk, V4DirChunk, V4DirSlot, WorkloadKey, WorkloadValue, l4_port_index, stat_index, v4_dir_l1, v4_dir_l2,
 };
 
 use crate::parse::{Frame, IpPacket, PROTO_ICMP, PROTO_ICMPV6};
@@ -93,9 +93,24 @@ static FW_IN_V4_DIR: ArrayOfMaps<
 /// arrays included, since every inner array has the template's size), where a hash lookup is
 /// a call that hashes the key and walks a bucket. The loader writes the same chunks into both
 /// maps. Generational.
+///
+/// Each slot also carries its /16's place in `FW_IN_V4_D2` (`V4Dir1Slot::pool`).
 #[btf_map]
-static FW_IN_V4_D1: ArrayOfMaps<Array<V4DirChunk, { V4_DIR_L2_BASE as usize }>, GENERATION_SLOTS> =
-    ArrayOfMaps::new();
+static FW_IN_V4_D1: ArrayOfMaps<Level1, GENERATION_SLOTS> = ArrayOfMaps::new();
+
+/// The first level of the ingress IPv4 chunks (inner map of `FW_IN_V4_D1`).
+type Level1 = Array<V4Dir1Chunk, { V4_DIR_L2_BASE as usize }>;
+
+/// The second-level chunks of `FW_IN_V4_DIR` again, in a preallocated pool of
+/// `V4_DIR_POOL_CHUNKS` (see `fw_common::maps::INGRESS_V4_DIR2`): a /16's chunk sits at the
+/// index its first-level slot gives, and the verifier inlines the array lookup where the
+/// hash lookup is a call. A /16 with no chunk here (the pool was full) is looked up in the
+/// hash as before. Derived by the loader. Generational.
+#[btf_map]
+static FW_IN_V4_D2: ArrayOfMaps<Pool, GENERATION_SLOTS> = ArrayOfMaps::new();
+
+/// The pool of second-level chunks (inner map of `FW_IN_V4_D2`).
+type Pool = Array<V4DirChunk, { V4_DIR_POOL_CHUNKS as usize }>;
 
 /// Source address -> address class, IPv6, ingress. Generational.
 #[btf_map]
@@ -507,7 +522,9 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
         let table = FW_IN_V4.get(generation).ok_or(InternalError)?;
         let dir = FW_IN_V4_DIR.get(generation).ok_or(InternalError)?;
         let dir1 = FW_IN_V4_D1.get(generation).ok_or(InternalError)?;
-        v4_classes(dir1, dir, table, config, [ip.src[0], ip.src[1], ip.src[2], ip.src[3]])?
+        let pool = FW_IN_V4_D2.get(generation).ok_or(InternalError)?;
+        let src = [ip.src[0], ip.src[1], ip.src[2], ip.src[3]];
+        v4_classes(dir1, pool, dir, table, config, src)?
     };
 
     // Step 4 (step 3: ingress has no workload, so the keys' workload is 0): the shared
@@ -549,10 +566,13 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
 /// the /24 answers unless a longer prefix intersects the address's /29; only then is the hash
 /// probed, at the lengths `config` lists that are longer than the level (/25-/32, or /17-/32
 /// for a /16 the compiler built no chunk for), longest first, the slot's classes being the
-/// answer when no probe hits. `(found, wide class, narrow class)`.
+/// answer when no probe hits. The second-level chunk comes from the pool at the index the
+/// first-level slot gives, or from the chunk hash when the slot gives none. `(found, wide
+/// class, narrow class)`.
 #[inline(always)]
 fn v4_classes(
-    dir1: &Array<V4DirChunk, { V4_DIR_L2_BASE as usize }>,
+    dir1: &Level1,
+    pool: &Pool,
     dir: &HashMap<u32, V4DirChunk, TEMPLATE_ENTRIES, LPM_FLAGS>,
     table: &HashMap<Ipv4LpmKey, ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
     config: &DirectionConfig,
@@ -564,11 +584,18 @@ fn v4_classes(
     // SAFETY: a pointer from a map lookup, valid for the whole run (RCU); the slot index is
     // below 256 (`v4_dir_l1` masks it).
     let e1 = unsafe { *(*c1).slots.as_ptr().add(s1 & 0xff) };
+    let e1_slot = V4DirSlot { wide_class: e1.wide_class, narrow_class: e1.narrow_class, deeper: 0 };
     if e1.deeper & b1 == 0 {
-        return Ok(slot_classes(&e1));
+        return Ok(slot_classes(&e1_slot));
     }
     let (k2, s2, b2) = v4_dir_l2(a);
-    let (above, fallback) = match dir.get_ptr(&k2) {
+    // `pool` is 1 + the pool index (0: not in the pool); an index past the pool (never
+    // written) finds nothing, which is also correct, only slower: the hash is probed from /17.
+    let c2 = match e1.pool {
+        0 => dir.get_ptr(&k2),
+        p => pool.get_ptr(p.wrapping_sub(1)),
+    };
+    let (above, fallback) = match c2 {
         Some(c2) => {
             // SAFETY: as above.
             let e2 = unsafe { *(*c2).slots.as_ptr().add(s2 & 0xff) };
@@ -577,7 +604,7 @@ fn v4_classes(
             }
             (24, e2)
         }
-        None => (16, e1),
+        None => (16, e1_slot),
     };
     let count = usize::from(config.v4_length_count);
     let mut key = Ipv4LpmKey { prefix_len: 0, addr: [0; 4] };

@@ -24,8 +24,8 @@ use fw_common::{
     ACTION_ALLOW, Bytes, CONFIG_ENTRIES, ClassValue, DirectionConfig, Ipv4LpmKey, Ipv6LpmKey,
     L4_CLASS_FILTER_BITS, L4_CLASS_FILTER_CHUNKS, L4_PORT_CHUNKS, L4_PORT_SLOTS,
     L4ClassFilterChunk, L4LpmKey, L4PortChunk, L4Value, V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS,
-    V4DirChunk, WorkloadKey, WorkloadValue, l4_class_filter_at, l4_class_filter_entry,
-    l4_port_mirror, maps,
+    V4_DIR_POOL_CHUNKS, V4Dir1Chunk, V4Dir1Slot, V4DirChunk, WorkloadKey, WorkloadValue,
+    l4_class_filter_at, l4_class_filter_entry, l4_port_mirror, maps,
 };
 use fw_compiler::encode::{Encoded, Entries};
 use fw_compiler::mapstate::Capacities;
@@ -41,9 +41,10 @@ pub(crate) struct GenerationMaps {
     pub in_v4: HashMap<MapData, Ipv4LpmKey, ClassValue>,
     /// The ingress IPv4 table's direct-indexed chunks: see `fw_common::maps::INGRESS_V4_DIR`.
     pub in_v4_dir: HashMap<MapData, u32, V4DirChunk>,
-    /// `in_v4_dir`'s first level (keys 0..=255) as an array the program reads: see
-    /// `fw_common::maps::INGRESS_V4_DIR1`. Written with `in_v4_dir`, never on its own.
-    pub in_v4_dir1: Array<MapData, V4DirChunk>,
+    /// `in_v4_dir`'s chunks as the arrays the program reads: the first level (keys 0..=255,
+    /// `fw_common::maps::INGRESS_V4_DIR1`) and the pool of second-level chunks
+    /// (`fw_common::maps::INGRESS_V4_DIR2`). Written with `in_v4_dir`, never on its own.
+    pub in_v4_dir1: V4DirArrays,
     pub in_v6: LpmTrie<MapData, [u8; 16], ClassValue>,
     pub in_l4: LpmTrie<MapData, [u8; 12], L4Value>,
     /// The ingress L4 entries of whole-word prefixes: see `fw_common::maps::INGRESS_L4_EXACT`.
@@ -143,7 +144,8 @@ fn dir_hash(name: &str) -> Result<HashMap<MapData, u32, V4DirChunk>, Error> {
 }
 
 /// A derived inner array of `entries` values of `V`: the first level of the IPv4 chunks
-/// (`V4_DIR_L2_BASE` chunks), the L4 port array (`L4_PORT_CHUNKS`) or the class filter
+/// (`V4_DIR_L2_BASE` chunks), the pool of second-level chunks (`V4_DIR_POOL_CHUNKS`), the L4
+/// port array (`L4_PORT_CHUNKS`) or the class filter
 /// (`L4_CLASS_FILTER_CHUNKS`). An inner array must have its template's size, which the kernel
 /// object declares with those counts.
 fn inner_array<V: Pod>(name: &str, entries: u32) -> Result<Array<MapData, V>, Error> {
@@ -196,7 +198,10 @@ impl GenerationMaps {
         Ok(Self {
             in_v4: prefix_hash(&name(maps::INGRESS_V4), caps.v4_prefixes)?,
             in_v4_dir: dir_hash(&name(maps::INGRESS_V4_DIR))?,
-            in_v4_dir1: inner_array(&name(maps::INGRESS_V4_DIR1), V4_DIR_L2_BASE)?,
+            in_v4_dir1: V4DirArrays::new(
+                inner_array(&name(maps::INGRESS_V4_DIR1), V4_DIR_L2_BASE)?,
+                inner_array(&name(maps::INGRESS_V4_DIR2), V4_DIR_POOL_CHUNKS)?,
+            ),
             in_v6: lpm(&name(maps::INGRESS_V6), caps.v6_prefixes)?,
             in_l4: lpm(&name(maps::INGRESS_L4), caps.l4_entries)?,
             in_l4x: l4_hash(&name(maps::INGRESS_L4_EXACT), caps.l4_entries)?,
@@ -545,7 +550,7 @@ fn dir_entries(name: &'static str, e: &Entries) -> Result<Vec<(u32, V4DirChunk)>
 /// Makes the chunk hash hold exactly `entries`.
 fn sync_dir(
     map: &mut HashMap<MapData, u32, V4DirChunk>,
-    level1: &mut Array<MapData, V4DirChunk>,
+    level1: &mut V4DirArrays,
     name: &'static str,
     entries: &Entries,
 ) -> Result<WriteStats, Error> {
@@ -569,7 +574,7 @@ fn sync_dir(
 /// Writes only `d` into the chunk hash.
 fn dir_delta(
     map: &mut HashMap<MapData, u32, V4DirChunk>,
-    level1: &mut Array<MapData, V4DirChunk>,
+    level1: &mut V4DirArrays,
     name: &'static str,
     d: &MapDelta,
 ) -> Result<WriteStats, Error> {
@@ -590,52 +595,226 @@ fn dir_delta(
     Ok(stats)
 }
 
-/// A first-level chunk written into the hash goes into the array too.
-fn mirror_insert(
-    level1: &mut Array<MapData, V4DirChunk>,
-    key: u32,
-    value: &V4DirChunk,
-) -> Result<(), Error> {
-    if key < V4_DIR_L2_BASE {
-        level1.set(key, value, 0).map_err(Error::map(maps::INGRESS_V4_DIR1))?;
+/// The arrays the program reads `FW_IN_V4_DIR`'s chunks from (see
+/// `fw_common::maps::INGRESS_V4_DIR1` and `INGRESS_V4_DIR2`), and which pool slot holds which
+/// /16's second-level chunk.
+pub(crate) struct V4DirArrays {
+    /// The first level, each slot with its /16's pool reference (`V4Dir1Slot::pool`).
+    pub level1: Array<MapData, V4Dir1Chunk>,
+    /// The pool of second-level chunks.
+    pub pool: Array<MapData, V4DirChunk>,
+    /// The pool's allocation as this process wrote it; `None` when not known (maps adopted
+    /// from another process, or a write failed half-way): then it is read back from the
+    /// first-level array before the next write.
+    alloc: Option<PoolAlloc>,
+    /// Pool slots from this index on are never allocated (`V4_DIR_POOL_CHUNKS` unless a test
+    /// or a measurement asks for a smaller pool, [`V4DirArrays::limit_pool`]).
+    limit: u32,
+}
+
+/// Which pool slot holds which /16's second-level chunk.
+#[derive(Debug, Default)]
+struct PoolAlloc {
+    /// /16 (the address's top 16 bits) -> pool index.
+    slots: BTreeMap<u32, u32>,
+    /// Pool indexes no /16 uses, the lowest allocated first.
+    free: BTreeSet<u32>,
+}
+
+impl PoolAlloc {
+    /// The allocation the first-level array's pool references describe. A reference past the
+    /// pool, or to a slot another /16 already has, is not taken as an allocation (reading the
+    /// generation back refuses such an array; the next write of that /16 corrects it).
+    fn read(level1: &Array<MapData, V4Dir1Chunk>) -> Result<Self, Error> {
+        let mut alloc =
+            PoolAlloc { slots: BTreeMap::new(), free: (0..V4_DIR_POOL_CHUNKS).collect() };
+        for key in 0..V4_DIR_L2_BASE {
+            let chunk = level1.get(&key, 0).map_err(Error::map(maps::INGRESS_V4_DIR1))?;
+            for (i, slot) in chunk.slots.iter().enumerate() {
+                let index = slot.pool.wrapping_sub(1);
+                if slot.pool != 0 && alloc.free.remove(&index) {
+                    alloc.slots.insert(key << 8 | i as u32, index);
+                }
+            }
+        }
+        Ok(alloc)
     }
-    Ok(())
 }
 
-/// A first-level chunk removed from the hash becomes zeros in the array (`encode` always
-/// writes all 256, so only a state written by hand gets here).
-fn mirror_remove(level1: &mut Array<MapData, V4DirChunk>, key: u32) -> Result<(), Error> {
-    mirror_insert(level1, key, &V4DirChunk::default())
+impl V4DirArrays {
+    fn new(level1: Array<MapData, V4Dir1Chunk>, pool: Array<MapData, V4DirChunk>) -> Self {
+        Self { level1, pool, alloc: None, limit: V4_DIR_POOL_CHUNKS }
+    }
+
+    /// Allocates no pool slot from index `chunks` on (at most `V4_DIR_POOL_CHUNKS`): a pool
+    /// that fills up sooner, for tests and measurements. Slots already allocated stay.
+    pub fn limit_pool(&mut self, chunks: u32) {
+        self.limit = chunks.min(V4_DIR_POOL_CHUNKS);
+    }
+
+    /// How many /16s have their second-level chunk in the pool.
+    fn pool_used(&self) -> Result<usize, Error> {
+        if let Some(a) = &self.alloc {
+            return Ok(a.slots.len());
+        }
+        Ok(PoolAlloc::read(&self.level1)?.slots.len())
+    }
+
+    /// The allocation, read from the first-level array when not known.
+    fn alloc(&mut self) -> Result<&mut PoolAlloc, Error> {
+        let alloc = match self.alloc.take() {
+            Some(a) => a,
+            None => PoolAlloc::read(&self.level1)?,
+        };
+        Ok(self.alloc.insert(alloc))
+    }
+
+    /// Sets the pool reference of `/16` `x` in the first-level array (1 + the pool index, 0
+    /// for none): a read, a change of one slot, a write.
+    fn set_ref(&mut self, x: u32, pool: u32) -> Result<(), Error> {
+        let name = maps::INGRESS_V4_DIR1;
+        let key = x >> 8;
+        let mut chunk = self.level1.get(&key, 0).map_err(Error::map(name))?;
+        chunk.slots[(x & 0xff) as usize].pool = pool;
+        self.level1.set(key, chunk, 0).map_err(Error::map(name))
+    }
+
+    /// A chunk written into the hash goes into the arrays too: a first-level chunk into the
+    /// first-level array (with the pool references of its /16s), a second-level chunk into
+    /// its /16's pool slot, allocating one (the pool's lowest free slot below the limit) when
+    /// the /16 has none; when none is free the /16 stays without one and the program asks
+    /// the hash.
+    fn insert(&mut self, key: u32, value: &V4DirChunk) -> Result<(), Error> {
+        let r = self.try_insert(key, value);
+        if r.is_err() {
+            self.alloc = None;
+        }
+        r
+    }
+
+    fn try_insert(&mut self, key: u32, value: &V4DirChunk) -> Result<(), Error> {
+        if key < V4_DIR_L2_BASE {
+            let alloc = self.alloc()?;
+            let mut chunk = V4Dir1Chunk::default();
+            for (i, (out, slot)) in chunk.slots.iter_mut().zip(&value.slots).enumerate() {
+                let pool = alloc.slots.get(&(key << 8 | i as u32)).map_or(0, |p| p + 1);
+                *out = V4Dir1Slot::new(*slot, pool);
+            }
+            return self.level1.set(key, chunk, 0).map_err(Error::map(maps::INGRESS_V4_DIR1));
+        }
+        let x = key - V4_DIR_L2_BASE;
+        let limit = self.limit;
+        let alloc = self.alloc()?;
+        if let Some(&index) = alloc.slots.get(&x) {
+            return self.pool.set(index, value, 0).map_err(Error::map(maps::INGRESS_V4_DIR2));
+        }
+        let Some(&index) = alloc.free.range(..limit).next() else {
+            return Ok(());
+        };
+        // The chunk first, then the reference to it.
+        self.pool.set(index, value, 0).map_err(Error::map(maps::INGRESS_V4_DIR2))?;
+        self.set_ref(x, index + 1)?;
+        let alloc = self.alloc()?;
+        alloc.free.remove(&index);
+        alloc.slots.insert(x, index);
+        Ok(())
+    }
+
+    /// A chunk removed from the hash: a first-level chunk becomes zeros in the array
+    /// (`encode` always writes all 256, so only a state written by hand gets here), a
+    /// second-level chunk loses its pool reference and frees its slot.
+    fn remove(&mut self, key: u32) -> Result<(), Error> {
+        if key < V4_DIR_L2_BASE {
+            return self.insert(key, &V4DirChunk::default());
+        }
+        let x = key - V4_DIR_L2_BASE;
+        let r = (|| {
+            let Some(&index) = self.alloc()?.slots.get(&x) else {
+                return Ok(());
+            };
+            self.set_ref(x, 0)?;
+            let alloc = self.alloc()?;
+            alloc.slots.remove(&x);
+            alloc.free.insert(index);
+            Ok(())
+        })();
+        if r.is_err() {
+            self.alloc = None;
+        }
+        r
+    }
 }
 
-/// Reads the chunk hash back (`encode`'s format, sorted by key bytes), checking that the
-/// first-level array holds the same chunks as the hash (zeros where the hash has none).
+/// A first-level chunk written into the hash goes into the array too, a second-level one
+/// into the pool (see [`V4DirArrays::insert`]).
+fn mirror_insert(arrays: &mut V4DirArrays, key: u32, value: &V4DirChunk) -> Result<(), Error> {
+    arrays.insert(key, value)
+}
+
+/// A chunk removed from the hash leaves the arrays (see [`V4DirArrays::remove`]).
+fn mirror_remove(arrays: &mut V4DirArrays, key: u32) -> Result<(), Error> {
+    arrays.remove(key)
+}
+
+/// Reads the chunk hash back (`encode`'s format, sorted by key bytes), checking the arrays
+/// derived from it: the first-level array holds the same first-level chunks as the hash
+/// (zeros where the hash has none), and each pool reference is to a distinct slot inside the
+/// pool that holds the hash's second-level chunk of that /16 (a /16 the hash has no chunk
+/// for has no reference).
 fn read_dir(
     map: &HashMap<MapData, u32, V4DirChunk>,
-    level1: &Array<MapData, V4DirChunk>,
+    arrays: &V4DirArrays,
     name: &'static str,
 ) -> Result<Entries, Error> {
     let mut entries = Entries::new();
-    let mut seen = [false; V4_DIR_L2_BASE as usize];
+    let mut level1 = vec![V4DirChunk::default(); V4_DIR_L2_BASE as usize];
+    let mut level2 = BTreeSet::new();
     for item in map.iter() {
         let (key, value) = item.map_err(Error::map(name))?;
         if key < V4_DIR_L2_BASE {
-            seen[key as usize] = true;
-            let mirrored = level1.get(&key, 0).map_err(Error::map(maps::INGRESS_V4_DIR1))?;
-            if mirrored != value {
-                return Err(Error::VerifyFailed(maps::INGRESS_V4_DIR1));
-            }
+            level1[key as usize] = value;
+        } else {
+            level2.insert(key - V4_DIR_L2_BASE);
         }
         entries.push(&key.to_le_bytes(), &value.to_bytes());
     }
-    for key in (0..V4_DIR_L2_BASE).filter(|&k| !seen[k as usize]) {
-        let mirrored = level1.get(&key, 0).map_err(Error::map(maps::INGRESS_V4_DIR1))?;
-        if mirrored != V4DirChunk::default() {
+    let mut taken = BTreeSet::new();
+    for (key, want) in (0..V4_DIR_L2_BASE).zip(&level1) {
+        let held = arrays.level1.get(&key, 0).map_err(Error::map(maps::INGRESS_V4_DIR1))?;
+        if held.dir_chunk() != *want {
             return Err(Error::VerifyFailed(maps::INGRESS_V4_DIR1));
+        }
+        for (i, slot) in held.slots.iter().enumerate().filter(|(_, s)| s.pool != 0) {
+            let x = key << 8 | i as u32;
+            check_pool_ref(map, arrays, x, slot.pool, level2.contains(&x), &mut taken)?;
         }
     }
     entries.sort();
     Ok(entries)
+}
+
+/// One pool reference `pool` (not 0) of /16 `x`: the hash has a second-level chunk for `x`
+/// (`in_hash`), the reference is inside the pool and to a slot no other /16's reference
+/// took (`taken`), and the slot holds the hash's chunk.
+fn check_pool_ref(
+    map: &HashMap<MapData, u32, V4DirChunk>,
+    arrays: &V4DirArrays,
+    x: u32,
+    pool: u32,
+    in_hash: bool,
+    taken: &mut BTreeSet<u32>,
+) -> Result<(), Error> {
+    let name = maps::INGRESS_V4_DIR2;
+    let index = pool - 1;
+    if !in_hash || index >= V4_DIR_POOL_CHUNKS || !taken.insert(index) {
+        return Err(Error::VerifyFailed(name));
+    }
+    let want = map.get(&(V4_DIR_L2_BASE + x), 0).map_err(Error::map(maps::INGRESS_V4_DIR))?;
+    let held = arrays.pool.get(&index, 0).map_err(Error::map(name))?;
+    if held != want {
+        return Err(Error::VerifyFailed(name));
+    }
+    Ok(())
 }
 
 /// Reads a hash map back in `encode`'s format, sorted by key bytes ([`read_lpm`] for the
@@ -1066,11 +1245,12 @@ fn inner_pinned(root: &std::path::Path, name: &'static str, generation: u32) -> 
 
 impl GenerationMaps {
     /// Every inner map with its outer map's name.
-    fn named(&self) -> [(&'static str, &MapData); 13] {
+    fn named(&self) -> [(&'static str, &MapData); 14] {
         [
             (maps::INGRESS_V4, self.in_v4.map()),
             (maps::INGRESS_V4_DIR, self.in_v4_dir.map()),
-            (maps::INGRESS_V4_DIR1, self.in_v4_dir1.map()),
+            (maps::INGRESS_V4_DIR1, self.in_v4_dir1.level1.map()),
+            (maps::INGRESS_V4_DIR2, self.in_v4_dir1.pool.map()),
             (maps::INGRESS_V6, self.in_v6.map()),
             (maps::INGRESS_L4, self.in_l4.map()),
             (maps::INGRESS_L4_EXACT, self.in_l4x.map()),
@@ -1139,6 +1319,7 @@ impl GenerationMaps {
         let (in_v4, v4) = get(maps::INGRESS_V4)?;
         let (in_v4_dir, _) = get(maps::INGRESS_V4_DIR)?;
         let (in_v4_dir1, _) = get(maps::INGRESS_V4_DIR1)?;
+        let (in_v4_dir2, _) = get(maps::INGRESS_V4_DIR2)?;
         let (in_v6, v6) = get(maps::INGRESS_V6)?;
         let (in_l4, l4) = get(maps::INGRESS_L4)?;
         let (in_l4x, _) = get(maps::INGRESS_L4_EXACT)?;
@@ -1153,7 +1334,10 @@ impl GenerationMaps {
         let maps = Self {
             in_v4: HashMap::try_from(in_v4).map_err(m(maps::INGRESS_V4))?,
             in_v4_dir: HashMap::try_from(in_v4_dir).map_err(m(maps::INGRESS_V4_DIR))?,
-            in_v4_dir1: Array::try_from(in_v4_dir1).map_err(m(maps::INGRESS_V4_DIR1))?,
+            in_v4_dir1: V4DirArrays::new(
+                Array::try_from(in_v4_dir1).map_err(m(maps::INGRESS_V4_DIR1))?,
+                Array::try_from(in_v4_dir2).map_err(m(maps::INGRESS_V4_DIR2))?,
+            ),
             in_v6: LpmTrie::try_from(in_v6).map_err(m(maps::INGRESS_V6))?,
             in_l4: LpmTrie::try_from(in_l4).map_err(m(maps::INGRESS_L4))?,
             in_l4x: HashMap::try_from(in_l4x).map_err(m(maps::INGRESS_L4_EXACT))?,
@@ -1184,7 +1368,8 @@ impl GenerationMaps {
         let g = generation;
         set_slot(outer, maps::INGRESS_V4, g, &self.in_v4)?;
         set_slot(outer, maps::INGRESS_V4_DIR, g, &self.in_v4_dir)?;
-        set_slot(outer, maps::INGRESS_V4_DIR1, g, &self.in_v4_dir1)?;
+        set_slot(outer, maps::INGRESS_V4_DIR1, g, &self.in_v4_dir1.level1)?;
+        set_slot(outer, maps::INGRESS_V4_DIR2, g, &self.in_v4_dir1.pool)?;
         set_slot(outer, maps::INGRESS_V6, g, &self.in_v6)?;
         set_slot(outer, maps::INGRESS_L4, g, &self.in_l4)?;
         set_slot(outer, maps::INGRESS_L4_EXACT, g, &self.in_l4x)?;
@@ -1473,33 +1658,56 @@ impl GenerationMaps {
         Ok(())
     }
 
-    /// [`verify_delta`](Self::verify_delta) for the first-level array mirrored from the chunk
-    /// delta `d`: each first-level chunk upserted is there, each removed one is zeros.
+    /// [`verify_delta`](Self::verify_delta) for the arrays mirrored from the chunk delta `d`:
+    /// each first-level chunk upserted is there, each removed one is zeros (pool references
+    /// aside); each second-level chunk upserted is in its pool slot or has none, each removed
+    /// one has no pool reference.
     fn verify_level1(&self, d: &MapDelta) -> Result<(), Error> {
         let name = maps::INGRESS_V4_DIR1;
+        let arrays = &self.in_v4_dir1;
         let zero = V4DirChunk::default().to_bytes();
-        let upserts = d.upsert.iter();
-        for (k, v) in upserts.chain(d.remove.iter().map(|k| (k.as_slice(), &zero[..]))) {
+        let upserts = d.upsert.iter().map(|(k, v)| (k, v, true));
+        let removes = d.remove.iter().map(|k| (k.as_slice(), &zero[..], false));
+        for (k, v, upsert) in upserts.chain(removes) {
             let key = <[u8; 4]>::try_from(k)
                 .map(u32::from_le_bytes)
                 .map_err(|_| Error::Entry { map: name, reason: "key size" })?;
-            if key >= V4_DIR_L2_BASE {
+            if key < V4_DIR_L2_BASE {
+                let held = arrays.level1.get(&key, 0).map_err(Error::map(name))?;
+                if held.dir_chunk().to_bytes() != v {
+                    return Err(Error::VerifyFailed(name));
+                }
                 continue;
             }
-            let held = self.in_v4_dir1.get(&key, 0).map_err(Error::map(name))?;
-            if held.to_bytes() != v {
-                return Err(Error::VerifyFailed(name));
+            let x = key - V4_DIR_L2_BASE;
+            if x >= 1 << 16 {
+                return Err(Error::Entry { map: name, reason: "chunk key" });
+            }
+            let held = arrays.level1.get(&(x >> 8), 0).map_err(Error::map(name))?;
+            let pool = held.slots[(x & 0xff) as usize].pool;
+            if pool == 0 {
+                continue;
+            }
+            let pool_name = maps::INGRESS_V4_DIR2;
+            if !upsert || pool > V4_DIR_POOL_CHUNKS {
+                return Err(Error::VerifyFailed(pool_name));
+            }
+            let chunk = arrays.pool.get(&(pool - 1), 0).map_err(Error::map(pool_name))?;
+            if chunk.to_bytes() != v {
+                return Err(Error::VerifyFailed(pool_name));
             }
         }
         Ok(())
     }
 
     /// A derived map's fill (`fw_common::maps::DERIVED`): the first-level array's chunks, the
-    /// port array's non-zero slots (one per mirrored entry), or the class filter's set bits,
-    /// and how many it holds.
+    /// pool's chunks in use (one per /16 that has its second-level chunk there), the port
+    /// array's non-zero slots (one per mirrored entry), or the class filter's set bits, and
+    /// how many it holds.
     pub fn derived_fill(&self, name: &str) -> Result<(usize, u32), Error> {
         match name {
             maps::INGRESS_V4_DIR1 => Ok((V4_DIR_L2_BASE as usize, V4_DIR_L2_BASE)),
+            maps::INGRESS_V4_DIR2 => Ok((self.in_v4_dir1.pool_used()?, V4_DIR_POOL_CHUNKS)),
             maps::INGRESS_L4_PORTS => {
                 let mut used = 0;
                 for index in 0..L4_PORT_CHUNKS {

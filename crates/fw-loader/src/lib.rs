@@ -188,7 +188,8 @@ impl Dataplane {
         let o = &mut outer;
         fill(e, o, maps::INGRESS_V4, g.iter().map(|m| &m.in_v4))?;
         fill(e, o, maps::INGRESS_V4_DIR, g.iter().map(|m| &m.in_v4_dir))?;
-        fill(e, o, maps::INGRESS_V4_DIR1, g.iter().map(|m| &m.in_v4_dir1))?;
+        fill(e, o, maps::INGRESS_V4_DIR1, g.iter().map(|m| &m.in_v4_dir1.level1))?;
+        fill(e, o, maps::INGRESS_V4_DIR2, g.iter().map(|m| &m.in_v4_dir1.pool))?;
         fill(e, o, maps::INGRESS_V6, g.iter().map(|m| &m.in_v6))?;
         fill(e, o, maps::INGRESS_L4, g.iter().map(|m| &m.in_l4))?;
         fill(e, o, maps::INGRESS_L4_EXACT, g.iter().map(|m| &m.in_l4x))?;
@@ -335,6 +336,18 @@ impl Dataplane {
         self.generation
             .set(0, ActiveGeneration { index: generation }, 0)
             .map_err(Error::map(maps::GENERATION))
+    }
+
+    /// Uses at most the first `chunks` slots of every generation's pool of second-level IPv4
+    /// chunks (`fw_common::maps::INGRESS_V4_DIR2`; at most `V4_DIR_POOL_CHUNKS`) from the next
+    /// write on: a pool that fills up sooner, so tests and measurements can see /16s whose
+    /// chunk the program finds in the chunk hash instead. Slots already in use stay until
+    /// their chunk is removed. Not kept across processes, nor by a generation the loader
+    /// re-creates with bigger capacities.
+    pub fn limit_v4_dir_pool(&mut self, chunks: u32) {
+        for g in &mut self.generations {
+            g.in_v4_dir1.limit_pool(chunks);
+        }
     }
 
     /// Runs the XDP ingress program once on `frame` (from the Ethernet header on) with

@@ -123,8 +123,8 @@ pub struct Attachment {
 }
 
 /// One generational map of the active generation (for a derived map, `fw_common::maps::DERIVED`:
-/// its chunks, for the port array its non-zero slots, for the class filter its set bits,
-/// against how many it has).
+/// its chunks, for the pool of second-level chunks those in use, for the port array its
+/// non-zero slots, for the class filter its set bits, against how many it has).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapStatus {
     pub name: &'static str,
@@ -636,8 +636,8 @@ impl Dataplane {
             };
             map_status.push(MapStatus { name, entries, capacity });
         }
-        // The maps the loader derives: chunks of the first level, slots of the port array,
-        // bits of the class filter.
+        // The maps the loader derives: chunks of the first level, chunks of the pool in use,
+        // slots of the port array, bits of the class filter.
         for name in maps::DERIVED {
             let (entries, capacity) = gm.derived_fill(name)?;
             map_status.push(MapStatus { name, entries, capacity });
