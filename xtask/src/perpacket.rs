@@ -13,7 +13,9 @@
 //! mode's sizes, and `FW_BENCH_PP_COMPARE=PATH` loads every state a second time from another
 //! benchmark object (say, a build of another commit; several paths separated by commas) and
 //! measures it in the same rounds, interleaved, in rows marked "(compare N)" that the targets
-//! ignore.
+//! ignore. `FW_BENCH_PP_V4_POOL=N` lets the compared objects' data planes use only the first N
+//! slots of the pool of second-level IPv4 chunks (`Dataplane::limit_v4_dir_pool`), to see
+//! what a smaller pool would cost.
 
 use std::collections::BTreeMap;
 
@@ -134,6 +136,10 @@ pub fn run(
     for (i, o) in compare_objects.iter().enumerate() {
         objects.push((i + 1, o));
     }
+    let pool_limit = match std::env::var("FW_BENCH_PP_V4_POOL") {
+        Ok(v) => Some(v.parse::<u32>().context("FW_BENCH_PP_V4_POOL is a number of chunks")?),
+        Err(_) => None,
+    };
     let mut planes = Vec::new();
     for &(family, n) in &sizes {
         for &(compare, object) in &objects {
@@ -141,6 +147,9 @@ pub fn run(
             let enc = encode(&st);
             let mut dp = Dataplane::load_object(object, &states::capacities(n))
                 .context("load the benchmark build of the data plane")?;
+            if let (Some(limit), true) = (pool_limit, compare != 0) {
+                dp.limit_v4_dir_pool(limit);
+            }
             dp.write_generation(0, &enc).context("write generation 0")?;
             dp.set_active_generation(0)?;
             let hit = states::test_frame(family, WIDE_PORT, Some(Draw::new(family, n, true)));
