@@ -11,12 +11,16 @@
 //! The ingress IPv4 table has two layouts (`EncodeOptions::v4_dir_l2_budget`): second-level
 //! chunks for the /16s holding longer prefixes (the default), and none, so the hash is probed
 //! per length under every such /16. Cases alternate between them, so each generation is
-//! rewritten from one layout to the other.
+//! rewritten from one layout to the other. Every other four cases run with a pool of
+//! second-level chunks (`FW_IN_V4_D2`) of one slot (`Dataplane::limit_v4_dir_pool`; random
+//! policies seldom have more than two /16s with a chunk), so /16s whose chunk the program
+//! finds in the hash meet /16s whose chunk is in the pool, and slots are freed and taken
+//! again as the generations are rewritten.
 
 use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
-use fw_common::maps;
+use fw_common::{V4_DIR_POOL_CHUNKS, maps};
 use fw_compiler::compile::compile;
 use fw_compiler::encode::{EncodeOptions, encode_with};
 use fw_compiler::mapstate::Capacities;
@@ -63,6 +67,9 @@ fn xdp_ingress_agrees_with_the_evaluator() {
             0
         };
         let encoded = encode_with(&state, &EncodeOptions { v4_dir_l2_budget: budget });
+        // Cases 0-3 | 4-7 | ...: the whole pool, then one slot.
+        let whole_pool = (case.get() / 4).is_multiple_of(2);
+        h.dp.limit_v4_dir_pool(if whole_pool { V4_DIR_POOL_CHUNKS } else { 1 });
         prop_assert!(
             budget > 0 || encoded.maps[maps::INGRESS_V4_DIR].len() == 256,
             "budget 0 builds no second-level chunk"
