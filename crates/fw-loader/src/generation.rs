@@ -24,8 +24,8 @@ use fw_common::{
     ACTION_ALLOW, Bytes, CONFIG_ENTRIES, ClassValue, DirectionConfig, Ipv4LpmKey, Ipv6LpmKey,
     L4_CLASS_FILTER_BITS, L4_CLASS_FILTER_CHUNKS, L4_PORT_CHUNKS, L4_PORT_SLOTS,
     L4ClassFilterChunk, L4LpmKey, L4PortChunk, L4Value, V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS,
-    V4_DIR_POOL_CHUNKS, V4Dir1Chunk, V4Dir1Slot, V4DirChunk, WorkloadKey, WorkloadValue,
-    l4_class_filter_at, l4_class_filter_entry, l4_port_mirror, maps,
+    V4_DIR_POOL_CHUNKS, V4_DIR_SLOTS, V4Dir1Chunk, V4Dir1Slot, V4DirChunk, WorkloadKey,
+    WorkloadValue, l4_class_filter_at, l4_class_filter_entry, l4_port_mirror, maps,
 };
 use fw_compiler::encode::{Encoded, Entries};
 use fw_compiler::mapstate::Capacities;
@@ -693,26 +693,46 @@ impl V4DirArrays {
     }
 
     fn try_insert(&mut self, key: u32, value: &V4DirChunk) -> Result<(), Error> {
+        let name = maps::INGRESS_V4_DIR1;
         if key < V4_DIR_L2_BASE {
-            let alloc = self.alloc()?;
+            // The pool references stay: from the allocation when known, else from the array
+            // (one chunk read instead of the whole array).
+            let refs = match &self.alloc {
+                Some(alloc) => {
+                    let mut refs = [0u32; V4_DIR_SLOTS];
+                    for (&x, &index) in alloc.slots.range(key << 8..(key + 1) << 8) {
+                        refs[(x & 0xff) as usize] = index + 1;
+                    }
+                    refs
+                }
+                None => self.level1.get(&key, 0).map_err(Error::map(name))?.slots.map(|s| s.pool),
+            };
             let mut chunk = V4Dir1Chunk::default();
-            for (i, (out, slot)) in chunk.slots.iter_mut().zip(&value.slots).enumerate() {
-                let pool = alloc.slots.get(&(key << 8 | i as u32)).map_or(0, |p| p + 1);
+            for ((out, slot), pool) in chunk.slots.iter_mut().zip(&value.slots).zip(refs) {
                 *out = V4Dir1Slot::new(*slot, pool);
             }
-            return self.level1.set(key, chunk, 0).map_err(Error::map(maps::INGRESS_V4_DIR1));
+            return self.level1.set(key, chunk, 0).map_err(Error::map(name));
         }
         let x = key - V4_DIR_L2_BASE;
-        let limit = self.limit;
-        let alloc = self.alloc()?;
-        if let Some(&index) = alloc.slots.get(&x) {
-            return self.pool.set(index, value, 0).map_err(Error::map(maps::INGRESS_V4_DIR2));
+        let pool_name = maps::INGRESS_V4_DIR2;
+        // A /16 that has a slot: the chunk is rewritten in place.
+        let held = match &self.alloc {
+            Some(alloc) => alloc.slots.get(&x).copied(),
+            None => {
+                let chunk = self.level1.get(&(x >> 8), 0).map_err(Error::map(name))?;
+                let pool = chunk.slots[(x & 0xff) as usize].pool;
+                (pool != 0 && pool <= V4_DIR_POOL_CHUNKS).then(|| pool - 1)
+            }
+        };
+        if let Some(index) = held {
+            return self.pool.set(index, value, 0).map_err(Error::map(pool_name));
         }
-        let Some(&index) = alloc.free.range(..limit).next() else {
+        let limit = self.limit;
+        let Some(&index) = self.alloc()?.free.range(..limit).next() else {
             return Ok(());
         };
         // The chunk first, then the reference to it.
-        self.pool.set(index, value, 0).map_err(Error::map(maps::INGRESS_V4_DIR2))?;
+        self.pool.set(index, value, 0).map_err(Error::map(pool_name))?;
         self.set_ref(x, index + 1)?;
         let alloc = self.alloc()?;
         alloc.free.remove(&index);
@@ -729,14 +749,21 @@ impl V4DirArrays {
         }
         let x = key - V4_DIR_L2_BASE;
         let r = (|| {
-            let Some(&index) = self.alloc()?.slots.get(&x) else {
+            let Some(alloc) = &mut self.alloc else {
+                // Not known: only the reference goes (a later read of the allocation finds
+                // the slot free).
+                let chunk =
+                    self.level1.get(&(x >> 8), 0).map_err(Error::map(maps::INGRESS_V4_DIR1))?;
+                if chunk.slots[(x & 0xff) as usize].pool != 0 {
+                    self.set_ref(x, 0)?;
+                }
                 return Ok(());
             };
-            self.set_ref(x, 0)?;
-            let alloc = self.alloc()?;
-            alloc.slots.remove(&x);
+            let Some(index) = alloc.slots.remove(&x) else {
+                return Ok(());
+            };
             alloc.free.insert(index);
-            Ok(())
+            self.set_ref(x, 0)
         })();
         if r.is_err() {
             self.alloc = None;

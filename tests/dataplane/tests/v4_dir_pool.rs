@@ -219,6 +219,18 @@ fn an_apply_of_the_difference_adds_and_removes_second_level_chunks() {
     dp.apply(&e3, "r4", &d3, b"four").expect("apply");
     assert_eq!(pool_status(&dp).0, 8);
     assert_both_generations(&mut dp, &hp3, &e3, "adopted");
+
+    // And one that only removes chunks (references dropped without reading the allocation);
+    // the next allocation still finds those slots free.
+    drop(dp);
+    let mut dp = Dataplane::adopt(&root.0).expect("adopt");
+    dp.apply(&e1, "r5", &d1, b"five").expect("apply");
+    assert_eq!(pool_status(&dp).0, 6);
+    assert_both_generations(&mut dp, &hp1, &e1, "adopted, removed");
+    dp.limit_v4_dir_pool(8);
+    dp.apply(&e3, "r6", &d3, b"six").expect("apply");
+    assert_eq!(pool_status(&dp).0, 8);
+    assert_both_generations(&mut dp, &hp3, &e3, "adopted, added in a pool of 8");
 }
 
 #[test]
