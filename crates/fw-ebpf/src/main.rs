@@ -45,7 +45,8 @@ use fw_common::{
     STAT_ALWAYS_LOOPBACK, STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY,
     STAT_AUDIT_DEFAULT_DENY, STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY,
     STAT_INTERNAL_ERROR, STAT_MALFORMED, STAT_NOT_IP, STATS_ENTRIES, V4_DIR_L2_BASE,
-    V4_DIR_POOL_CHUNKS, V4Dir1Chunk, V4DirChunk, V4DirSlot, WorkloadKey, WorkloadValue, l4_port_index, stat_index, v4_dir_l1, v4_dir_l2,
+    V4_DIR_POOL_CHUNKS, V4Dir1Chunk, V4DirChunk, V4DirSlot, WorkloadKey, WorkloadValue,
+    l4_port_index, stat_index, v4_dir_l1, v4_dir_l2,
 };
 
 use crate::parse::{Frame, IpPacket, PROTO_ICMP, PROTO_ICMPV6};
@@ -584,6 +585,7 @@ fn v4_classes(
     // SAFETY: a pointer from a map lookup, valid for the whole run (RCU); the slot index is
     // below 256 (`v4_dir_l1` masks it).
     let e1 = unsafe { *(*c1).slots.as_ptr().add(s1 & 0xff) };
+    // The slot's own classes (its `deeper` mask is not needed past this point).
     let e1_slot = V4DirSlot { wide_class: e1.wide_class, narrow_class: e1.narrow_class, deeper: 0 };
     if e1.deeper & b1 == 0 {
         return Ok(slot_classes(&e1_slot));
