@@ -958,15 +958,29 @@ impl Dataplane {
         deltas: &BTreeMap<&'static str, MapDelta>,
     ) -> Result<(WriteStats, Option<Encoded>), Error> {
         let g = Self::slot(generation)?;
-        let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
-        let stats = gm.apply_delta(deltas)?;
-        gm.verify_delta(deltas)?;
         let patched = current.map(|mut current| {
             for (&name, d) in deltas {
                 generation::patch(current.maps.entry(name).or_default(), d);
             }
             current
         });
+        // How many entries each written map holds afterwards, which decides how the write is
+        // verified: from the patched state, else (a replay of the standby's deltas onto the
+        // state they shared) from what the standby now holds.
+        let other = (generation + 1) % GENERATIONS;
+        let sizes_in = |after: &Encoded| -> BTreeMap<&'static str, usize> {
+            deltas
+                .keys()
+                .map(|&name| (name, after.maps.get(name).map_or(0, Entries::len)))
+                .collect()
+        };
+        let sizes = match &patched {
+            Some(after) => sizes_in(after),
+            None => self.cached(other).map(|after| sizes_in(&after)).unwrap_or_default(),
+        };
+        let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
+        let stats = gm.apply_delta(deltas)?;
+        gm.verify_delta(deltas, &sizes)?;
         Ok((stats, patched))
     }
 

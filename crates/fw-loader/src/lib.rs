@@ -29,6 +29,7 @@
 //! counters back, so the representation can change without touching the compiler or callers.
 
 mod apply;
+mod batch;
 mod cgroup;
 pub mod conntrack;
 pub mod enforce;
@@ -59,6 +60,7 @@ use fw_compiler::encode::{Encoded, decode};
 use fw_compiler::mapstate::Capacities;
 
 pub use crate::apply::{Applied, ApplyReport, DriftReport, GenerationDrift, HOOK_ENV};
+pub use crate::batch::BatchError;
 pub use crate::cgroup::{CgroupAttachment, CgroupLinks, EgressAttachment, cgroup2_mount};
 pub use crate::error::Error;
 pub use crate::events::{EventStats, Events};
