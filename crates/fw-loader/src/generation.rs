@@ -1585,3 +1585,85 @@ impl GenerationMaps {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd as _;
+
+    use super::*;
+
+    fn root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            use std::io::Write as _;
+            let _ =
+                writeln!(std::io::stderr(), "SKIPPED generation tests: need root (create maps)");
+        }
+        root
+    }
+
+    fn v4(prefix_len: u32, a: u32) -> Vec<u8> {
+        Ipv4LpmKey { prefix_len, addr: a.to_be_bytes() }.to_bytes().to_vec()
+    }
+
+    fn class(c: u32) -> Vec<u8> {
+        ClassValue { wide_class: c, narrow_class: c + 1 }.to_bytes().to_vec()
+    }
+
+    /// Checks a write of `d` both ways: against a batched read (the size given says the
+    /// write is large, whatever the map holds) and key by key (no sizes).
+    fn verified(maps: &GenerationMaps, d: &MapDelta) -> [bool; 2] {
+        let deltas = BTreeMap::from([(maps::INGRESS_V4, d.clone())]);
+        let bulk = BTreeMap::from([(maps::INGRESS_V4, d.len())]);
+        [maps.verify_delta(&deltas, &bulk), maps.verify_delta(&deltas, &BTreeMap::new())].map(|r| {
+            match r {
+                Ok(()) => true,
+                Err(Error::VerifyFailed(maps::INGRESS_V4)) => false,
+                Err(e) => panic!("{e}"),
+            }
+        })
+    }
+
+    #[test]
+    fn a_large_write_is_verified_by_one_read_as_strictly_as_key_by_key() {
+        if !root() {
+            return;
+        }
+        let caps = Capacities { v4_prefixes: 4096, ..Capacities::default() };
+        let mut maps = GenerationMaps::create(0, &caps).expect("maps");
+        // Every length from /8 to /32, 100 prefixes each.
+        let mut d = MapDelta::default();
+        for len in 8..=32u32 {
+            for i in 1..=100u32 {
+                d.upsert.push(&v4(len, i << (32 - len)), &class(len));
+            }
+        }
+        d.upsert.sort();
+        let n = d.upsert.len();
+        let stats =
+            maps.apply_delta(&BTreeMap::from([(maps::INGRESS_V4, d.clone())])).expect("write");
+        assert_eq!(stats, WriteStats { written: n, deleted: 0 });
+        assert_eq!(verified(&maps, &d), [true, true]);
+        assert_eq!(maps.read_map(maps::INGRESS_V4).expect("read"), d.upsert);
+
+        // Removing a tenth: both checks see the keys gone.
+        let remove = d.upsert.iter().step_by(10).map(|(k, _)| k.to_vec()).collect();
+        let cut = MapDelta { remove, ..MapDelta::default() };
+        maps.apply_delta(&BTreeMap::from([(maps::INGRESS_V4, cut.clone())])).expect("remove");
+        assert_eq!(verified(&maps, &cut), [true, true]);
+
+        // An entry changed behind the write, one that is missing, one that should be gone:
+        // each fails both checks.
+        let fd = maps.in_v4.map().fd().as_fd();
+        let (k, _) = d.upsert.get(1).expect("an entry");
+        crate::batch::update(fd, 8, 8, k, &class(999)).expect("tamper");
+        assert_eq!(verified(&maps, &d), [false, false]);
+        crate::batch::delete(fd, 8, k).expect("tamper");
+        let one = MapDelta { upsert: vec![(k.to_vec(), class(999))].into(), remove: Vec::new() };
+        assert_eq!(verified(&maps, &one), [false, false]);
+        let gone = &cut.remove[3];
+        crate::batch::update(fd, 8, 8, gone, &class(1)).expect("tamper");
+        assert_eq!(verified(&maps, &cut), [false, false]);
+    }
+}
