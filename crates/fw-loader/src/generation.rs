@@ -217,18 +217,35 @@ impl GenerationMaps {
         let mut stats = WriteStats::default();
         for (&name, entries) in &encoded.maps {
             stats += match name {
-                maps::INGRESS_V4 => sync_hash(&mut self.in_v4, name, v4_entries(name, entries)?)?,
+                maps::INGRESS_V4 => {
+                    self.sync_batched(name, entries, read_hash(&self.in_v4, name)?)?
+                }
                 maps::INGRESS_V4_DIR => {
                     sync_dir(&mut self.in_v4_dir, &mut self.in_v4_dir1, name, entries)?
                 }
-                maps::INGRESS_V6 => sync_lpm(&mut self.in_v6, name, v6_entries(name, entries)?)?,
-                maps::INGRESS_L4 => sync_lpm(&mut self.in_l4, name, l4_entries(name, entries)?)?,
+                maps::INGRESS_V6 => {
+                    let present = read_lpm(&self.in_v6, name, v6_key_bytes)?;
+                    self.sync_batched(name, entries, present)?
+                }
+                maps::INGRESS_L4 => {
+                    let present = read_lpm(&self.in_l4, name, l4_key_bytes)?;
+                    self.sync_batched(name, entries, present)?
+                }
                 maps::INGRESS_L4_EXACT => {
                     sync_l4x(&mut self.in_l4x, &mut self.in_l4p, &mut self.in_l4c, name, entries)?
                 }
-                maps::EGRESS_V4 => sync_lpm(&mut self.eg_v4, name, v4_entries(name, entries)?)?,
-                maps::EGRESS_V6 => sync_lpm(&mut self.eg_v6, name, v6_entries(name, entries)?)?,
-                maps::EGRESS_L4 => sync_lpm(&mut self.eg_l4, name, l4_entries(name, entries)?)?,
+                maps::EGRESS_V4 => {
+                    let present = read_lpm(&self.eg_v4, name, v4_key_bytes)?;
+                    self.sync_batched(name, entries, present)?
+                }
+                maps::EGRESS_V6 => {
+                    let present = read_lpm(&self.eg_v6, name, v6_key_bytes)?;
+                    self.sync_batched(name, entries, present)?
+                }
+                maps::EGRESS_L4 => {
+                    let present = read_lpm(&self.eg_l4, name, l4_key_bytes)?;
+                    self.sync_batched(name, entries, present)?
+                }
                 maps::CONFIG => self.write_config(entries)?,
                 // Keyed by cgroup path until the daemon resolves paths to cgroup ids; see
                 // `Dataplane::write_workloads`.
@@ -297,52 +314,6 @@ impl GenerationMaps {
     }
 }
 
-/// Makes an LPM trie hold exactly `desired`: deletes the keys it has that are not desired,
-/// then writes every desired entry.
-fn sync_lpm<K: Pod + Ord, V: Pod>(
-    map: &mut LpmTrie<MapData, K, V>,
-    name: &'static str,
-    desired: Vec<((u32, K), V)>,
-) -> Result<WriteStats, Error> {
-    let wanted: BTreeSet<(u32, K)> = desired.iter().map(|(k, _)| *k).collect();
-    let present: Vec<Key<K>> = map.keys().collect::<Result<_, _>>().map_err(Error::map(name))?;
-    let mut stats = WriteStats::default();
-    for key in present {
-        if !wanted.contains(&(key.prefix_len(), key.data())) {
-            map.remove(&key).map_err(Error::map(name))?;
-            stats.deleted += 1;
-        }
-    }
-    for ((prefix_len, data), value) in desired {
-        map.insert(&Key::new(prefix_len, data), value, 0).map_err(Error::map(name))?;
-        stats.written += 1;
-    }
-    Ok(stats)
-}
-
-/// [`sync_lpm`] for the ingress IPv4 hash (the same keys, matched exactly).
-fn sync_hash(
-    map: &mut HashMap<MapData, Ipv4LpmKey, ClassValue>,
-    name: &'static str,
-    desired: Vec<((u32, [u8; 4]), ClassValue)>,
-) -> Result<WriteStats, Error> {
-    let wanted: BTreeSet<(u32, [u8; 4])> = desired.iter().map(|(k, _)| *k).collect();
-    let present: Vec<Ipv4LpmKey> =
-        map.keys().collect::<Result<_, _>>().map_err(Error::map(name))?;
-    let mut stats = WriteStats::default();
-    for key in present {
-        if !wanted.contains(&(key.prefix_len, key.addr)) {
-            map.remove(&key).map_err(Error::map(name))?;
-            stats.deleted += 1;
-        }
-    }
-    for ((prefix_len, addr), value) in desired {
-        map.insert(Ipv4LpmKey { prefix_len, addr }, value, 0).map_err(Error::map(name))?;
-        stats.written += 1;
-    }
-    Ok(stats)
-}
-
 /// The port array's chunks for the exact hash's `entries` (`fw_common::l4_port_mirror`).
 fn port_chunks<'a>(entries: impl Iterator<Item = (&'a L4LpmKey, &'a L4Value)>) -> Vec<L4PortChunk> {
     let mut chunks = vec![L4PortChunk::default(); L4_PORT_CHUNKS as usize];
@@ -405,16 +376,15 @@ fn sync_l4x(
         .map(|((_, k), v)| (k, v))
         .collect();
     let wanted: BTreeSet<[u8; 16]> = desired.iter().map(|(k, _)| k.to_bytes()).collect();
-    let present: Vec<L4LpmKey> = map.keys().collect::<Result<_, _>>().map_err(Error::map(name))?;
-    let mut stats = WriteStats::default();
-    for key in present.into_iter().filter(|k| !wanted.contains(&k.to_bytes())) {
-        map.remove(&key).map_err(Error::map(name))?;
-        stats.deleted += 1;
-    }
-    for (key, value) in &desired {
-        map.insert(key, value, 0).map_err(Error::map(name))?;
-        stats.written += 1;
-    }
+    let remove = read_hash(map, name)?
+        .iter()
+        .filter(|(k, _)| <[u8; 16]>::try_from(*k).is_ok_and(|k| !wanted.contains(&k)))
+        .map(|(k, _)| k.to_vec())
+        .collect();
+    let d = MapDelta { upsert: entries.clone(), remove };
+    let (fd, key_size, value_size) =
+        (map.map().fd().as_fd(), size_of::<L4LpmKey>(), size_of::<L4Value>());
+    let stats = batch_write(fd, name, key_size, value_size, &d)?;
     for (index, chunk) in (0..).zip(port_chunks(desired.iter().map(|(k, v)| (k, v)))) {
         ports.set(index, chunk, 0).map_err(Error::map(maps::INGRESS_L4_PORTS))?;
     }
@@ -731,27 +701,6 @@ fn parse_entries<T: Bytes, K, V: Bytes>(
             Ok((split(key), value))
         })
         .collect()
-}
-
-fn v4_entries(name: &'static str, e: &Entries) -> Result<Parsed<[u8; 4], ClassValue>, Error> {
-    parse_entries(name, e, |k: Ipv4LpmKey| (k.prefix_len, k.addr))
-}
-
-fn v6_entries(name: &'static str, e: &Entries) -> Result<Parsed<[u8; 16], ClassValue>, Error> {
-    parse_entries(name, e, |k: Ipv6LpmKey| (k.prefix_len, k.addr))
-}
-
-fn l4_entries(name: &'static str, e: &Entries) -> Result<Parsed<[u8; 12], L4Value>, Error> {
-    parse_entries(name, e, |k: L4LpmKey| (k.prefix_len, l4_data(&k)))
-}
-
-/// The LPM data of an L4 key as the kernel program builds it: class, workload, L4 word.
-fn l4_data(k: &L4LpmKey) -> [u8; 12] {
-    let mut d = [0u8; 12];
-    d[0..4].copy_from_slice(&k.class);
-    d[4..8].copy_from_slice(&k.workload);
-    d[8..12].copy_from_slice(&k.l4);
-    d
 }
 
 fn v4_key_bytes(prefix_len: u32, addr: [u8; 4]) -> Vec<u8> {
@@ -1277,6 +1226,27 @@ impl GenerationMaps {
         Ok(stats)
     }
 
+    /// Makes the prefix hash or one of the tries (`name`), which holds `present`, hold exactly
+    /// `entries`: the keys not desired deleted, then every desired entry written, in batches.
+    fn sync_batched(
+        &self,
+        name: &'static str,
+        entries: &Entries,
+        present: Entries,
+    ) -> Result<WriteStats, Error> {
+        let remove = present
+            .iter()
+            .filter(|(k, _)| entries.binary_search(k).is_err())
+            .map(|(k, _)| k.to_vec())
+            .collect();
+        let mut upsert = entries.clone();
+        // `binary_search` needs the entries sorted by key (`encode`'s order; sorted here in
+        // case a caller's are not).
+        upsert.sort();
+        let d = MapDelta { upsert, remove };
+        self.batch_delta(name, &d)
+    }
+
     /// Writes `d` into the prefix hash or one of the tries (`name`) in batches.
     fn batch_delta(&self, name: &'static str, d: &MapDelta) -> Result<WriteStats, Error> {
         let (fd, key_size, value_size) = self.fd(name)?;
@@ -1665,5 +1635,21 @@ mod tests {
         let gone = &cut.remove[3];
         crate::batch::update(fd, 8, 8, gone, &class(1)).expect("tamper");
         assert_eq!(verified(&maps, &cut), [false, false]);
+
+        // A full write (what bigger maps get) makes the map hold exactly the entries given,
+        // whatever it held: here every other prefix of the first set.
+        let half: Entries = d
+            .upsert
+            .iter()
+            .step_by(2)
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect::<Vec<_>>()
+            .into();
+        let held = maps.read_map(maps::INGRESS_V4).expect("read");
+        let stale = held.iter().filter(|(k, _)| half.binary_search(k).is_err()).count();
+        let enc = Encoded { maps: [(maps::INGRESS_V4, half.clone())].into() };
+        let stats = maps.write(&enc).expect("full write");
+        assert_eq!(maps.read_map(maps::INGRESS_V4).expect("read"), half);
+        assert_eq!(stats, WriteStats { written: half.len(), deleted: stale });
     }
 }
