@@ -958,29 +958,52 @@ impl Dataplane {
         deltas: &BTreeMap<&'static str, MapDelta>,
     ) -> Result<(WriteStats, Option<Encoded>), Error> {
         let g = Self::slot(generation)?;
+        // The old ingress IPv4 table and chunks (shared buffers, not copies), which the plan
+        // of the table's write needs once `current` is patched.
+        let old = current.as_ref().map(|c| Encoded {
+            maps: [fw_common::maps::INGRESS_V4, fw_common::maps::INGRESS_V4_DIR]
+                .into_iter()
+                .filter_map(|n| c.maps.get(n).map(|e| (n, e.clone())))
+                .collect(),
+        });
         let patched = current.map(|mut current| {
             for (&name, d) in deltas {
                 generation::patch(current.maps.entry(name).or_default(), d);
             }
             current
         });
-        // How many entries each written map holds afterwards, which decides how the write is
-        // verified: from the patched state, else (a replay of the standby's deltas onto the
-        // state they shared) from what the standby now holds.
+        // What the generation holds afterwards: the patched state, else (a replay of the
+        // standby's deltas onto the state they shared) what the standby now holds.
         let other = (generation + 1) % GENERATIONS;
-        let sizes_in = |after: &Encoded| -> BTreeMap<&'static str, usize> {
-            deltas
-                .keys()
-                .map(|&name| (name, after.maps.get(name).map_or(0, Entries::len)))
-                .collect()
+        let after = match &patched {
+            Some(p) => Arc::new(p.clone()),
+            None => self.cached(other).ok_or(Error::StaleBase)?,
         };
-        let sizes = match &patched {
-            Some(after) => sizes_in(after),
-            None => self.cached(other).map(|after| sizes_in(&after)).unwrap_or_default(),
-        };
+        // How many entries each written map holds afterwards, which decides how the write is
+        // verified.
+        let sizes: BTreeMap<&'static str, usize> = deltas
+            .keys()
+            .map(|&name| (name, after.maps.get(name).map_or(0, Entries::len)))
+            .collect();
+        let shared = self.generations.get(Self::slot(other)?).and_then(|o| o.last_v4.clone());
+        let root = self.pin_root().map(std::path::Path::to_path_buf);
         let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
-        let stats = gm.apply_delta(deltas)?;
-        gm.verify_delta(deltas, &sizes)?;
+        let plan = gm.plan_v4(old.as_ref(), &after, deltas, shared.as_ref())?;
+        // A failed write leaves nothing to replay.
+        gm.last_v4 = None;
+        let stats = gm.apply_delta(deltas, plan.as_ref())?;
+        gm.verify_delta(deltas, &sizes, plan.as_ref())?;
+        if let Some(plan) = &plan {
+            if plan.rest.is_some()
+                && let Some(root) = &root
+            {
+                gm.pin_rest(root)?;
+            }
+            if plan.full {
+                gm.v4_unsorted.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        gm.last_v4 = plan;
         Ok((stats, patched))
     }
 

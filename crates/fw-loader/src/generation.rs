@@ -9,8 +9,10 @@
 //! declare.
 //!
 //! Writing is a sync, not an append: after [`GenerationMaps::write`] each map holds exactly the
-//! encoded entries (stale keys are deleted), whatever it held before. It works entry by entry,
-//! so it is not atomic: write only a generation packets are not using, then flip.
+//! encoded entries (stale keys are deleted), whatever it held before. It works map by map,
+//! mostly in batches (`crate::batch`), which the kernel applies element by element, so it is
+//! not atomic: write only a generation packets are not using, then flip. The ingress IPv4
+//! table is split between its hash and a loader-only record (`crate::v4rest`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -61,6 +63,18 @@ pub(crate) struct GenerationMaps {
     pub workloads: HashMap<MapData, WorkloadKey, WorkloadValue>,
     /// The capacities these maps were created with (read back from the kernel when adopted).
     pub caps: Capacities,
+    /// The ingress IPv4 prefixes the program never probes, which `in_v4` does not hold: a
+    /// loader-only record no program sees (see the `v4rest` module). `None`: none written
+    /// yet (a fresh generation, one written by a loader that kept every prefix in the hash).
+    pub in_v4_rest: Option<MapData>,
+    /// Set when a read-back found a prefix in the wrong one of `in_v4` and `in_v4_rest` (or
+    /// in both): the next write re-sorts the whole table.
+    pub v4_unsorted: std::sync::atomic::AtomicBool,
+    /// What the last delta written here did to `in_v4` and `in_v4_rest` (`None`: nothing),
+    /// which a replay of the same delta onto the same state does again.
+    pub last_v4: Option<crate::v4rest::V4Plan>,
+    /// This generation's index (names the record).
+    pub generation: u32,
 }
 
 /// How many entries a write changed.
@@ -208,6 +222,10 @@ impl GenerationMaps {
             config: Array::try_from(config).map_err(Error::map(config_name))?,
             workloads: HashMap::try_from(workloads).map_err(Error::map(workloads_name))?,
             caps: *caps,
+            in_v4_rest: None,
+            v4_unsorted: Default::default(),
+            last_v4: None,
+            generation,
         })
     }
 
@@ -218,7 +236,12 @@ impl GenerationMaps {
         for (&name, entries) in &encoded.maps {
             stats += match name {
                 maps::INGRESS_V4 => {
-                    self.sync_batched(name, entries, read_hash(&self.in_v4, name)?)?
+                    // The probed prefixes into the hash, the others into the record.
+                    let plan = self.plan_v4_full(encoded)?;
+                    self.batch_delta(name, &plan.hash)?;
+                    self.write_rest(&plan)?;
+                    self.v4_unsorted.store(false, std::sync::atomic::Ordering::Relaxed);
+                    WriteStats { written: entries.len(), deleted: plan.hash.remove.len() }
                 }
                 maps::INGRESS_V4_DIR => {
                     sync_dir(&mut self.in_v4_dir, &mut self.in_v4_dir1, name, entries)?
@@ -298,11 +321,9 @@ impl GenerationMaps {
     /// bytes), so a write can be verified by comparing with what was written.
     pub fn read(&self) -> Result<Encoded, Error> {
         let mut out = BTreeMap::new();
-        out.insert(maps::INGRESS_V4, read_hash(&self.in_v4, maps::INGRESS_V4)?);
-        out.insert(
-            maps::INGRESS_V4_DIR,
-            read_dir(&self.in_v4_dir, &self.in_v4_dir1, maps::INGRESS_V4_DIR)?,
-        );
+        let dir = read_dir(&self.in_v4_dir, &self.in_v4_dir1, maps::INGRESS_V4_DIR)?;
+        out.insert(maps::INGRESS_V4, self.read_v4(&dir)?);
+        out.insert(maps::INGRESS_V4_DIR, dir);
         out.insert(maps::INGRESS_V6, read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes)?);
         out.insert(maps::INGRESS_L4, read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes)?);
         out.insert(maps::INGRESS_L4_EXACT, read_l4x(&self.in_l4x, &self.in_l4p, &self.in_l4c)?);
@@ -659,7 +680,7 @@ fn read_dir(
 /// Reads a hash map back in `encode`'s format, sorted by key bytes ([`read_lpm`] for the
 /// hashes: the ingress IPv4 prefix hash and the ingress exact L4 hash), with batched lookups
 /// (the kernel's bytes are `encode`'s).
-fn read_hash<K: Pod, V: Pod>(
+pub(crate) fn read_hash<K: Pod, V: Pod>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
 ) -> Result<Entries, Error> {
@@ -1058,6 +1079,16 @@ impl GenerationMaps {
             data.pin(&path).map_err(crate::pin::pin_err(&path))?;
             out.push((path, dst));
         }
+        if let Some(data) = &self.in_v4_rest {
+            let base = inner_pin(crate::v4rest::REST_NAME, generation);
+            let dst = root.join(&base);
+            let path = root.join(format!("{base}{suffix}"));
+            if !suffix.is_empty() {
+                let _ = std::fs::remove_file(&path);
+            }
+            data.pin(&path).map_err(crate::pin::pin_err(&path))?;
+            out.push((path, dst));
+        }
         Ok(out)
     }
 
@@ -1126,6 +1157,10 @@ impl GenerationMaps {
                 rules,
                 workloads: w,
             },
+            in_v4_rest: root.and_then(|r| Self::rest_pinned(r, g)),
+            v4_unsorted: Default::default(),
+            last_v4: None,
+            generation: g,
         };
         Ok((maps, all_pinned))
     }
@@ -1181,12 +1216,24 @@ impl GenerationMaps {
     }
 
     /// Writes only `deltas` (from [`delta`]): deletes, then upserts, map by map.
+    ///
+    /// The ingress IPv4 table is written as `plan` says (see the `v4rest` module): its delta
+    /// into the hash, and the record rewritten when the plan has one. Its stats count the
+    /// encoded table's entries written and removed, wherever they went.
     pub fn apply_delta(
         &mut self,
         deltas: &BTreeMap<&'static str, MapDelta>,
+        plan: Option<&crate::v4rest::V4Plan>,
     ) -> Result<WriteStats, Error> {
         let mut stats = WriteStats::default();
-        for (&name, d) in deltas {
+        if let Some(d) = deltas.get(maps::INGRESS_V4) {
+            stats += WriteStats { written: d.upsert.len(), deleted: d.remove.len() };
+        }
+        if let Some(plan) = plan {
+            self.batch_delta(maps::INGRESS_V4, &plan.hash)?;
+            self.write_rest(plan)?;
+        }
+        for (&name, d) in deltas.iter().filter(|(n, _)| **n != maps::INGRESS_V4) {
             stats += match name {
                 maps::INGRESS_V4
                 | maps::INGRESS_V6
@@ -1264,7 +1311,9 @@ impl GenerationMaps {
             it.try_fold(0, |n, k| k.map(|_| n + 1).map_err(Error::map(name)))
         }
         match name {
-            maps::INGRESS_V4 => keys(self.in_v4.keys(), maps::INGRESS_V4),
+            maps::INGRESS_V4 => {
+                Ok(keys(self.in_v4.keys(), maps::INGRESS_V4)? + self.read_rest()?.len())
+            }
             maps::INGRESS_V4_DIR => keys(self.in_v4_dir.keys(), maps::INGRESS_V4_DIR),
             maps::INGRESS_V6 => keys(self.in_v6.keys(), maps::INGRESS_V6),
             maps::INGRESS_L4 => keys(self.in_l4.keys(), maps::INGRESS_L4),
@@ -1279,7 +1328,9 @@ impl GenerationMaps {
     /// Reads one map back (`encode`'s format, sorted by key).
     pub fn read_map(&self, name: &str) -> Result<Entries, Error> {
         match name {
-            maps::INGRESS_V4 => read_hash(&self.in_v4, maps::INGRESS_V4),
+            maps::INGRESS_V4 => {
+                self.read_v4(&read_dir(&self.in_v4_dir, &self.in_v4_dir1, maps::INGRESS_V4_DIR)?)
+            }
             maps::INGRESS_V4_DIR => {
                 read_dir(&self.in_v4_dir, &self.in_v4_dir1, maps::INGRESS_V4_DIR)
             }
@@ -1394,12 +1445,26 @@ impl GenerationMaps {
     /// one batched read of the whole map ([`crate::batch::Snapshot`]) instead of two syscalls
     /// per key, about a tenth of the cost per entry. A map `sizes` does not give is checked key
     /// by key.
+    ///
+    /// The ingress IPv4 table is checked as `plan` wrote it: the hash's delta as above, and
+    /// the record read back whole and compared.
     pub fn verify_delta(
         &self,
         deltas: &BTreeMap<&'static str, MapDelta>,
         sizes: &BTreeMap<&'static str, usize>,
+        plan: Option<&crate::v4rest::V4Plan>,
     ) -> Result<(), Error> {
-        for (&name, d) in deltas {
+        let mut kernel: BTreeMap<&'static str, &MapDelta> =
+            deltas.iter().filter(|(n, _)| **n != maps::INGRESS_V4).map(|(n, d)| (*n, d)).collect();
+        if let Some(plan) = plan {
+            kernel.insert(maps::INGRESS_V4, &plan.hash);
+            if let Some(rest) = &plan.rest
+                && self.read_rest()? != *rest
+            {
+                return Err(Error::VerifyFailed(maps::INGRESS_V4));
+            }
+        }
+        for (name, d) in kernel {
             let failed = || Error::VerifyFailed(name);
             let sys = |e: std::io::Error| Error::Verify { map: name, source: e };
             let (fd, key_len, value_len) = self.fd(name)?;
@@ -1584,15 +1649,24 @@ mod tests {
     /// Checks a write of `d` both ways: against a batched read (the size given says the
     /// write is large, whatever the map holds) and key by key (no sizes).
     fn verified(maps: &GenerationMaps, d: &MapDelta) -> [bool; 2] {
-        let deltas = BTreeMap::from([(maps::INGRESS_V4, d.clone())]);
+        let (deltas, plan) = hash_only(d);
         let bulk = BTreeMap::from([(maps::INGRESS_V4, d.len())]);
-        [maps.verify_delta(&deltas, &bulk), maps.verify_delta(&deltas, &BTreeMap::new())].map(|r| {
-            match r {
-                Ok(()) => true,
-                Err(Error::VerifyFailed(maps::INGRESS_V4)) => false,
-                Err(e) => panic!("{e}"),
-            }
+        let plan = Some(&plan);
+        [
+            maps.verify_delta(&deltas, &bulk, plan),
+            maps.verify_delta(&deltas, &BTreeMap::new(), plan),
+        ]
+        .map(|r| match r {
+            Ok(()) => true,
+            Err(Error::VerifyFailed(maps::INGRESS_V4)) => false,
+            Err(e) => panic!("{e}"),
         })
+    }
+
+    /// A write of `d` into the prefix hash alone (a plan that leaves the record as it is).
+    fn hash_only(d: &MapDelta) -> (BTreeMap<&'static str, MapDelta>, crate::v4rest::V4Plan) {
+        let plan = crate::v4rest::V4Plan { hash: d.clone(), ..Default::default() };
+        (BTreeMap::new(), plan)
     }
 
     #[test]
@@ -1611,16 +1685,20 @@ mod tests {
         }
         d.upsert.sort();
         let n = d.upsert.len();
-        let stats =
-            maps.apply_delta(&BTreeMap::from([(maps::INGRESS_V4, d.clone())])).expect("write");
-        assert_eq!(stats, WriteStats { written: n, deleted: 0 });
+        let (deltas, plan) = hash_only(&d);
+        maps.apply_delta(&deltas, Some(&plan)).expect("write");
+        let _ = n;
         assert_eq!(verified(&maps, &d), [true, true]);
-        assert_eq!(maps.read_map(maps::INGRESS_V4).expect("read"), d.upsert);
+        assert_eq!(
+            crate::generation::read_hash(&maps.in_v4, maps::INGRESS_V4).expect("read"),
+            d.upsert
+        );
 
         // Removing a tenth: both checks see the keys gone.
         let remove = d.upsert.iter().step_by(10).map(|(k, _)| k.to_vec()).collect();
         let cut = MapDelta { remove, ..MapDelta::default() };
-        maps.apply_delta(&BTreeMap::from([(maps::INGRESS_V4, cut.clone())])).expect("remove");
+        let (deltas, plan) = hash_only(&cut);
+        maps.apply_delta(&deltas, Some(&plan)).expect("remove");
         assert_eq!(verified(&maps, &cut), [true, true]);
 
         // An entry changed behind the write, one that is missing, one that should be gone:
@@ -1645,11 +1723,19 @@ mod tests {
             .map(|(k, v)| (k.to_vec(), v.to_vec()))
             .collect::<Vec<_>>()
             .into();
-        let held = maps.read_map(maps::INGRESS_V4).expect("read");
-        let stale = held.iter().filter(|(k, _)| half.binary_search(k).is_err()).count();
         let enc = Encoded { maps: [(maps::INGRESS_V4, half.clone())].into() };
         let stats = maps.write(&enc).expect("full write");
         assert_eq!(maps.read_map(maps::INGRESS_V4).expect("read"), half);
-        assert_eq!(stats, WriteStats { written: half.len(), deleted: stale });
+        assert_eq!(stats.written, half.len());
+        // Without second-level chunks the program probes the hash at /17-/32 only: the
+        // shorter prefixes are in the record.
+        let probed: Entries = half
+            .iter()
+            .filter(|(k, _)| Ipv4LpmKey::from_bytes(k).is_some_and(|k| k.prefix_len > 16))
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect::<Vec<_>>()
+            .into();
+        assert_eq!(read_hash(&maps.in_v4, maps::INGRESS_V4).expect("read"), probed);
+        assert_eq!(maps.read_rest().expect("record").len(), half.len() - probed.len());
     }
 }

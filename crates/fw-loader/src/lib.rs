@@ -38,6 +38,7 @@ mod events;
 mod generation;
 mod pin;
 mod upgrade;
+mod v4rest;
 /// For the tests of crates that use the loader (the `testing` feature): states a pinned root
 /// is left in by other builds, made by writing its pins the way those builds would.
 #[cfg(feature = "testing")]
