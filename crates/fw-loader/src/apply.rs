@@ -738,6 +738,7 @@ impl Dataplane {
         if let Some(slot) = self.held.get_mut(Self::slot(active)?) {
             *slot = Some(Held { write, state: held });
         }
+        self.forget_v4_plans();
         lap(&mut report, "replay");
 
         if l4_rules || replay.keys().any(|n| L4_MAPS.contains(n)) {
@@ -933,6 +934,7 @@ impl Dataplane {
         if let Some(slot) = self.held.get_mut(Self::slot(active)?) {
             *slot = Some(Held { write, state: held });
         }
+        self.forget_v4_plans();
         lap(&mut report, "replay");
 
         if l4_rules {
@@ -985,7 +987,8 @@ impl Dataplane {
             .keys()
             .map(|&name| (name, after.maps.get(name).map_or(0, Entries::len)))
             .collect();
-        let shared = self.generations.get(Self::slot(other)?).and_then(|o| o.last_v4.clone());
+        // Taken, not copied: it serves this one replay.
+        let shared = self.generations.get_mut(Self::slot(other)?).and_then(|o| o.last_v4.take());
         let root = self.pin_root().map(std::path::Path::to_path_buf);
         let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
         let plan = gm.plan_v4(old.as_ref(), &after, deltas, shared.as_ref())?;
@@ -1005,6 +1008,14 @@ impl Dataplane {
         }
         gm.last_v4 = plan;
         Ok((stats, patched))
+    }
+
+    /// Drops the ingress IPv4 plans kept for a replay once it is done (at 1M prefixes they
+    /// hold tens of MB).
+    fn forget_v4_plans(&mut self) {
+        for gm in &mut self.generations {
+            gm.last_v4 = None;
+        }
     }
 
     /// Deletes the per-rule counters of every rule not in `keep`; returns how many.
