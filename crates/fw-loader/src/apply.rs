@@ -20,7 +20,9 @@
 //!    not sorted, which is how duplicate keys are ruled out), the unchanged ones are what the
 //!    kernel already holds. Clear the
 //!    standby's record, write only the diff, and verify only what was written: each upserted
-//!    key is present with its value, each removed key is absent (O(diff) lookups). If the
+//!    key is present with its value, each removed key is absent (O(diff) lookups; a large
+//!    write of a hash, such as a full load, is checked against one batched read of the map
+//!    instead, and the ingress IPv4 table's loader-only record is read back whole). If the
 //!    desired state does not fit the standby's maps, bigger inner maps are created, filled,
 //!    read back in full and put into the standby's outer slots instead (each slot update
 //!    waits for an RCU grace period).
