@@ -191,6 +191,14 @@ pub enum Error {
         source: crate::batch::BatchError,
     },
 
+    /// A map syscall the loader makes itself (not through aya) failed.
+    #[error("map {map}: {source}")]
+    MapSyscall {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// `FW_LOADER_HOOK` asked the apply to stop at this step (a test of failing static).
     #[error("apply aborted at step {0} (FW_LOADER_HOOK)")]
     HookAbort(&'static str),

@@ -1311,9 +1311,7 @@ impl GenerationMaps {
             it.try_fold(0, |n, k| k.map(|_| n + 1).map_err(Error::map(name)))
         }
         match name {
-            maps::INGRESS_V4 => {
-                Ok(keys(self.in_v4.keys(), maps::INGRESS_V4)? + self.read_rest()?.len())
-            }
+            maps::INGRESS_V4 => Ok(keys(self.in_v4.keys(), maps::INGRESS_V4)? + self.rest_len()?),
             maps::INGRESS_V4_DIR => keys(self.in_v4_dir.keys(), maps::INGRESS_V4_DIR),
             maps::INGRESS_V6 => keys(self.in_v6.keys(), maps::INGRESS_V6),
             maps::INGRESS_L4 => keys(self.in_l4.keys(), maps::INGRESS_L4),
@@ -1363,7 +1361,7 @@ struct ElemAttr {
     flags: u64,
 }
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+pub(crate) const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 /// [`GenerationMaps::verify_delta`] reads a hash whole when the delta has at least
 /// `1 / BULK_VERIFY` of its entries: a batched read costs about a tenth of the two syscalls
 /// a key costs when checked on its own (measured at 100k entries), so it wins from there.
@@ -1371,7 +1369,7 @@ const BULK_VERIFY: usize = 8;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 
 /// One map element command; `Ok(false)` for ENOENT.
-fn elem_cmd(
+pub(crate) fn elem_cmd(
     cmd: libc::c_long,
     fd: BorrowedFd<'_>,
     key: Option<&[u8]>,
@@ -1737,5 +1735,7 @@ mod tests {
             .into();
         assert_eq!(read_hash(&maps.in_v4, maps::INGRESS_V4).expect("read"), probed);
         assert_eq!(maps.read_rest().expect("record").len(), half.len() - probed.len());
+        assert_eq!(maps.rest_len().expect("record"), half.len() - probed.len());
+        assert_eq!(maps.count_map(maps::INGRESS_V4).expect("count"), half.len());
     }
 }

@@ -284,6 +284,28 @@ impl GenerationMaps {
         MapData::from_pin(root.join(crate::generation::inner_pin(REST_NAME, generation))).ok()
     }
 
+    /// How many prefixes the record holds, from its header alone (what a status needs).
+    pub(crate) fn rest_len(&self) -> Result<usize, Error> {
+        let Some(data) = &self.in_v4_rest else { return Ok(0) };
+        let mut header = vec![0u8; REST_VALUE];
+        let found = crate::generation::elem_cmd(
+            crate::generation::BPF_MAP_LOOKUP_ELEM,
+            data.fd().as_fd(),
+            Some(&0u32.to_le_bytes()),
+            &mut header,
+        )
+        .map_err(|source| Error::MapSyscall { map: maps::INGRESS_V4, source })?;
+        let count =
+            header.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes);
+        match count.and_then(|c| usize::try_from(c).ok()) {
+            Some(c) if found => Ok(c),
+            _ => Err(Error::Entry {
+                map: maps::INGRESS_V4,
+                reason: "the prefix record is malformed",
+            }),
+        }
+    }
+
     /// The record's prefixes (`encode`'s format, in key order); none without a record.
     pub(crate) fn read_rest(&self) -> Result<Entries, Error> {
         let name = maps::INGRESS_V4;
