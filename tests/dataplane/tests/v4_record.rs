@@ -208,3 +208,30 @@ fn a_generation_laid_out_by_an_older_loader_reads_back_exactly_and_is_re_sorted(
         assert!(root.0.join(format!("FW_IN_V4R_G{g}")).exists());
     }
 }
+
+#[test]
+fn a_lost_record_changes_no_verdict_and_the_next_apply_writes_it_again() {
+    if !privileged("a_lost_record_changes_no_verdict_and_the_next_apply_writes_it_again") {
+        return;
+    }
+    let root = Root::new();
+    let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
+    let (a, da) = encoded(A);
+    dp.apply(&a, "a", &da, b"s").expect("apply");
+    drop(dp);
+    for g in 0..2 {
+        std::fs::remove_file(root.0.join(format!("FW_IN_V4R_G{g}"))).expect("a record pin");
+    }
+    // The program never reads the record: every verdict stays. A read-back lacks its
+    // prefixes (what the kernel holds), and the next apply of the same state writes them.
+    let mut adopted = Dataplane::adopt(&root.0).expect("adopt");
+    assert_passes(&adopted, "no record");
+    let v4 = fw_common::maps::INGRESS_V4;
+    let held = adopted.read_generation(0).expect("read");
+    let want = a.maps.get(v4).expect("a table");
+    assert!(held.maps.get(v4).is_some_and(|h| h.len() < want.len()), "{held:?}");
+    let r = adopted.apply(&a, "a2", &da, b"s").expect("apply");
+    assert!(r.standby.written > 0, "{r:?}");
+    assert_holds(&adopted, &a);
+    assert_passes(&adopted, "written again");
+}
