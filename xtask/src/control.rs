@@ -110,6 +110,23 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
         "full load into fresh maps / tables, ms",
         &["prefixes", "engine", "to enforced", "complete", "× nft -f interval"],
     );
+    // The apply's own report of each step, so a full load's time can be told apart without
+    // timers of one's own (see docs/benchmarks.md, "Full loads").
+    const STEPS: [&str; 7] =
+        ["diff", "write standby", "flip", "save state", "grace period", "replay", "clean up"];
+    let mut steps_t = Table::new(
+        "our full load by step (the apply's report), ms",
+        &[
+            "prefixes",
+            "diff",
+            "write standby",
+            "flip",
+            "save state",
+            "grace period",
+            "replay",
+            "clean up",
+        ],
+    );
     let mut data = serde_json::Map::new();
     let mut r6 = None;
     let mut loaded_100k: Option<(MapState, Loaded)> = None;
@@ -164,6 +181,7 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
 
         let mut ours_enf = Vec::new();
         let mut ours_all = Vec::new();
+        let mut ours_steps: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
         let mut nft_i = Vec::new();
         let mut nft_h = Vec::new();
         let mut ipt = Vec::new();
@@ -175,6 +193,9 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
             let r = dp.apply(&l.enc, "full", &l.digest, &l.saved).context("full load")?;
             ours_all.push(ms(t.elapsed()));
             ours_enf.push(enforced(&r));
+            for (name, out) in STEPS.iter().zip(&mut ours_steps) {
+                out.push(step(&r, name));
+            }
             if round == 0 {
                 let (kb, mem) = (sys::status_kb("VmRSS").unwrap_or(0), sys::bpf_map_memlock());
                 memory.push((n, mem, kb));
@@ -223,6 +244,9 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
         let nft_ratio = |v: &[f64]| {
             if nft_i.is_empty() { "-".into() } else { Summary::of(&ratio(v, &nft_i)).cell(3) }
         };
+        let mut row = vec![label.clone()];
+        row.extend(ours_steps.iter().map(|v| Summary::of(v).cell(1)));
+        steps_t.row(row);
         load_t.row(vec![
             label.clone(),
             "ours (apply)".into(),
@@ -282,6 +306,7 @@ pub fn run(s: &Settings, targets: &mut Vec<Target>) -> anyhow::Result<Part> {
     }
     part.tables.push(compile_t);
     part.tables.push(load_t);
+    part.tables.push(steps_t);
 
     let r6t = Target::new(
         "R6",

@@ -40,7 +40,11 @@ pub mod maps {
     /// the same entries as the other address tables, held in a hash (not an LPM trie): the
     /// key is the prefix length and the address with the bits past it zero, matched exactly.
     /// The program probes the lengths [`DirectionConfig::v4_lengths`](crate::DirectionConfig)
-    /// lists, longest first; the first hit is the longest prefix.
+    /// lists, longest first; the first hit is the longest prefix. The encoded table holds
+    /// every prefix, the kernel's hash only those the program can probe (longer than the
+    /// [`INGRESS_V4_DIR`] level that answers): the loader keeps the others in a record no
+    /// program reads (an array map per generation, pinned as `FW_IN_V4R_G<n>`; see fw-loader's
+    /// `v4rest`), and a generation reads back as both together.
     pub const INGRESS_V4: &str = "FW_IN_V4";
     /// Ingress IPv4 direct-indexed table (DIR-16-8), in front of [`INGRESS_V4`]: a hash of
     /// `u32` chunk keys (little-endian) -> [`V4DirChunk`](crate::V4DirChunk) (256 slots).

@@ -20,7 +20,9 @@
 //!    not sorted, which is how duplicate keys are ruled out), the unchanged ones are what the
 //!    kernel already holds. Clear the
 //!    standby's record, write only the diff, and verify only what was written: each upserted
-//!    key is present with its value, each removed key is absent (O(diff) lookups). If the
+//!    key is present with its value, each removed key is absent (O(diff) lookups; a large
+//!    write of a hash, such as a full load, is checked against one batched read of the map
+//!    instead, and the ingress IPv4 table's loader-only record is read back whole). If the
 //!    desired state does not fit the standby's maps, bigger inner maps are created, filled,
 //!    read back in full and put into the standby's outer slots instead (each slot update
 //!    waits for an RCU grace period).
@@ -738,6 +740,7 @@ impl Dataplane {
         if let Some(slot) = self.held.get_mut(Self::slot(active)?) {
             *slot = Some(Held { write, state: held });
         }
+        self.forget_v4_plans();
         lap(&mut report, "replay");
 
         if l4_rules || replay.keys().any(|n| L4_MAPS.contains(n)) {
@@ -933,6 +936,7 @@ impl Dataplane {
         if let Some(slot) = self.held.get_mut(Self::slot(active)?) {
             *slot = Some(Held { write, state: held });
         }
+        self.forget_v4_plans();
         lap(&mut report, "replay");
 
         if l4_rules {
@@ -958,16 +962,62 @@ impl Dataplane {
         deltas: &BTreeMap<&'static str, MapDelta>,
     ) -> Result<(WriteStats, Option<Encoded>), Error> {
         let g = Self::slot(generation)?;
-        let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
-        let stats = gm.apply_delta(deltas)?;
-        gm.verify_delta(deltas)?;
+        // The old ingress IPv4 table and chunks (shared buffers, not copies), which the plan
+        // of the table's write needs once `current` is patched.
+        let old = current.as_ref().map(|c| Encoded {
+            maps: [fw_common::maps::INGRESS_V4, fw_common::maps::INGRESS_V4_DIR]
+                .into_iter()
+                .filter_map(|n| c.maps.get(n).map(|e| (n, e.clone())))
+                .collect(),
+        });
         let patched = current.map(|mut current| {
             for (&name, d) in deltas {
                 generation::patch(current.maps.entry(name).or_default(), d);
             }
             current
         });
+        // What the generation holds afterwards: the patched state, else (a replay of the
+        // standby's deltas onto the state they shared) what the standby now holds.
+        let other = (generation + 1) % GENERATIONS;
+        let after = match &patched {
+            Some(p) => Arc::new(p.clone()),
+            None => self.cached(other).ok_or(Error::StaleBase)?,
+        };
+        // How many entries each written map holds afterwards, which decides how the write is
+        // verified.
+        let sizes: BTreeMap<&'static str, usize> = deltas
+            .keys()
+            .map(|&name| (name, after.maps.get(name).map_or(0, Entries::len)))
+            .collect();
+        // Taken, not copied: it serves this one replay.
+        let shared = self.generations.get_mut(Self::slot(other)?).and_then(|o| o.last_v4.take());
+        let root = self.pin_root().map(std::path::Path::to_path_buf);
+        let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
+        let plan = gm.plan_v4(old.as_ref(), &after, deltas, shared.as_ref())?;
+        // A failed write leaves nothing to replay.
+        gm.last_v4 = None;
+        let stats = gm.apply_delta(deltas, plan.as_ref())?;
+        gm.verify_delta(deltas, &sizes, plan.as_ref())?;
+        if let Some(plan) = &plan {
+            if plan.rest.is_some()
+                && let Some(root) = &root
+            {
+                gm.pin_rest(root)?;
+            }
+            if plan.full {
+                gm.v4_unsorted.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        gm.last_v4 = plan;
         Ok((stats, patched))
+    }
+
+    /// Drops the ingress IPv4 plans kept for a replay once it is done (at 1M prefixes they
+    /// hold tens of MB).
+    fn forget_v4_plans(&mut self) {
+        for gm in &mut self.generations {
+            gm.last_v4 = None;
+        }
     }
 
     /// Deletes the per-rule counters of every rule not in `keep`; returns how many.

@@ -182,6 +182,23 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A batched map command (a write, a delete, or the read of a verification or read-back)
+    /// failed; the error says how many entries it did.
+    #[error("map {map}: {source}")]
+    Batch {
+        map: &'static str,
+        #[source]
+        source: crate::batch::BatchError,
+    },
+
+    /// A map syscall the loader makes itself (not through aya) failed.
+    #[error("map {map}: {source}")]
+    MapSyscall {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// `FW_LOADER_HOOK` asked the apply to stop at this step (a test of failing static).
     #[error("apply aborted at step {0} (FW_LOADER_HOOK)")]
     HookAbort(&'static str),
@@ -191,6 +208,10 @@ impl Error {
     pub(crate) fn map(map: impl Into<String>) -> impl FnOnce(MapError) -> Error {
         let map = map.into();
         move |source| Error::Map { map, source: Box::new(source) }
+    }
+
+    pub(crate) fn batch(map: &'static str) -> impl FnOnce(crate::batch::BatchError) -> Error {
+        move |source| Error::Batch { map, source }
     }
 
     pub(crate) fn program(program: &'static str) -> impl FnOnce(ProgramError) -> Error {

@@ -29,6 +29,7 @@
 //! counters back, so the representation can change without touching the compiler or callers.
 
 mod apply;
+mod batch;
 mod cgroup;
 pub mod conntrack;
 pub mod enforce;
@@ -37,6 +38,7 @@ mod events;
 mod generation;
 mod pin;
 mod upgrade;
+mod v4rest;
 /// For the tests of crates that use the loader (the `testing` feature): states a pinned root
 /// is left in by other builds, made by writing its pins the way those builds would.
 #[cfg(feature = "testing")]
@@ -59,6 +61,7 @@ use fw_compiler::encode::{Encoded, decode};
 use fw_compiler::mapstate::Capacities;
 
 pub use crate::apply::{Applied, ApplyReport, DriftReport, GenerationDrift, HOOK_ENV};
+pub use crate::batch::BatchError;
 pub use crate::cgroup::{CgroupAttachment, CgroupLinks, EgressAttachment, cgroup2_mount};
 pub use crate::error::Error;
 pub use crate::events::{EventStats, Events};

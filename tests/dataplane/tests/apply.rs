@@ -326,3 +326,55 @@ fn a_change_given_as_deltas_applies_on_top_of_the_state_applied_last_only() {
     // The drift check read both generations; what it keeps is `enc_with`'s buffers.
     assert_cache_shares(&dp, &enc_with);
 }
+
+/// A policy allowing TCP port 22 from `n` prefixes of every length /8 to /32, the set chosen
+/// by `shift` (a shift by one removes one prefix of each length and adds another).
+fn many_prefixes(n: u32, shift: u32) -> String {
+    let mut from = Vec::new();
+    for len in 8..=32u32 {
+        for i in 0..n {
+            let addr = Ipv4Addr::from((i + shift + 1) << (32 - len));
+            from.push(format!("{addr}/{len}"));
+        }
+    }
+    format!(
+        "apiVersion: fw/v1\nkind: Policy\nmetadata: {{name: p}}\nspec:\n  defaults: {{ingress: deny}}\n  ingress:\n\
+         \x20   - {{name: many, action: allow, proto: tcp, ports: [22], from: [{}]}}\n",
+        from.join(", ")
+    )
+}
+
+#[test]
+fn full_loads_and_large_and_small_changes_of_every_prefix_length_read_back_exactly() {
+    if !privileged(
+        "full_loads_and_large_and_small_changes_of_every_prefix_length_read_back_exactly",
+    ) {
+        return;
+    }
+    let root = Root::new();
+    let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
+    let run = |dp: &Dataplane, src: Ipv4Addr| {
+        dp.test_run_ingress(&frame(src, 22)).expect("test run").action
+    };
+    // A full load (verified against one batched read per hash), a change of two prefixes per
+    // length (verified key by key), a change of most of them (batched again).
+    for (step, shift) in [(0, 0), (1, 1), (2, 25)] {
+        let enc = encode(&state(&many_prefixes(40, shift)));
+        let r = dp.apply(&enc, &format!("r{step}"), &format!("d{step}"), b"s").expect("apply");
+        assert!(r.standby.written > 0 && r.standby == r.replay, "{r:?}");
+        assert_holds(&dp, &enc);
+        // The first /8 and the first /32 of this set let a packet through; an address in no
+        // prefix does not.
+        let first = |len: u32| Ipv4Addr::from((shift + 1) << (32 - len));
+        let in_8 = Ipv4Addr::from(u32::from(first(8)) | 0x0001_0203);
+        assert_eq!(run(&dp, in_8), XdpAction::Pass, "step {step}");
+        assert_eq!(run(&dp, first(32)), XdpAction::Pass, "step {step}");
+        assert_eq!(run(&dp, Ipv4Addr::new(255, 255, 255, 254)), XdpAction::Drop, "step {step}");
+        // Another process reads both generations back (batched) as exactly what was applied,
+        // so applying it again writes nothing.
+        let mut adopted = Dataplane::adopt(&root.0).expect("adopt");
+        assert_holds(&adopted, &enc);
+        let again = adopted.apply(&enc, "again", "again", b"s").expect("apply");
+        assert_eq!((again.standby.written, again.standby.deleted), (0, 0), "{again:?}");
+    }
+}
