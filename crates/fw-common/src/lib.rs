@@ -133,6 +133,26 @@ pub mod maps {
     /// deltas the filter may hold stale bits until the next full write; reading a generation
     /// back or verifying a delta refuses a clear bit that an entry needs. Generational.
     pub const INGRESS_L4_CLASSES: &str = "FW_IN_L4C";
+    /// The address classes' entries of [`INGRESS_L4_EXACT`] (class not
+    /// [`SHARED_CLASS`](crate::SHARED_CLASS), workload 0) again, in a cuckoo table the
+    /// program reads with array lookups: [`L4_CLASS_TABLE_CHUNKS`](crate::L4_CLASS_TABLE_CHUNKS)
+    /// `u32`-indexed [`L4ClassTableChunk`](crate::L4ClassTableChunk)s of buckets, then one
+    /// header chunk at index [`L4_CLASS_TABLE_HEADER`](crate::L4_CLASS_TABLE_HEADER). An entry
+    /// sits in one of the two buckets [`l4_class_buckets`](crate::l4_class_buckets) gives
+    /// for its (class, L4 word), so a lookup reads at most two buckets of two slots, each an
+    /// array lookup the verifier inlines plus a few compares, where the hash lookup is a call
+    /// that hashes a 16-byte key and walks a bucket list (about 13 ns a packet, more when the
+    /// entry is not in the cache). The table holds *every* class entry or says it does not:
+    /// while the header's [`L4ClassTableChunk::incomplete`](crate::L4ClassTableChunk) word is
+    /// not [`L4_CLASS_TABLE_INCOMPLETE`](crate::L4_CLASS_TABLE_INCOMPLETE), each class entry
+    /// of the hash is in one of its buckets, and a miss here is a miss in the hash (a fresh
+    /// table, all zeros, is the complete table of a fresh, empty hash); the marker makes the
+    /// program ask [`INGRESS_L4_CLASSES`] and the hash as before (set when an entry finds no
+    /// place, e.g. the hash holds more class entries than the table has slots). Like the other derived arrays, not filled by `encode` and not in
+    /// [`GENERATIONAL`]'s encoded state: the loader builds it from [`INGRESS_L4_EXACT`] on
+    /// full writes, moves and places entries on deltas, and checks on read-back that a table
+    /// marked complete holds exactly the hash's class entries. Generational.
+    pub const INGRESS_L4_CLASS_TABLE: &str = "FW_IN_L4K";
     /// Egress IPv4 LPM trie: [`Ipv4LpmKey`](crate::Ipv4LpmKey) -> [`ClassValue`](crate::ClassValue).
     pub const EGRESS_V4: &str = "FW_EG_V4";
     /// Egress IPv6 LPM trie: [`Ipv6LpmKey`](crate::Ipv6LpmKey) -> [`ClassValue`](crate::ClassValue).
@@ -173,8 +193,14 @@ pub mod maps {
 
     /// The generational maps the loader derives from those [`GENERATIONAL`] lists (not in an
     /// encoded state).
-    pub const DERIVED: [&str; 4] =
-        [INGRESS_V4_DIR1, INGRESS_V4_DIR2, INGRESS_L4_PORTS, INGRESS_L4_CLASSES];
+    pub const DERIVED: [&str; 5] =
+        [
+            INGRESS_V4_DIR1,
+            INGRESS_V4_DIR2,
+            INGRESS_L4_PORTS,
+            INGRESS_L4_CLASSES,
+            INGRESS_L4_CLASS_TABLE,
+        ];
 
     /// The maps the compiler's `encode` fills, each an outer array-of-maps with
     /// [`GENERATIONS`](crate::GENERATIONS) slots.
@@ -591,6 +617,94 @@ pub const fn l4_class_filter_at(bit: u32) -> (u32, usize, u64) {
     (bit >> 15, ((bit >> 6) & 511) as usize, 1 << (bit & 63))
 }
 
+/// Slots of an [`L4ClassBucket`].
+pub const L4_CLASS_BUCKET_SLOTS: usize = 2;
+/// `log2` of the buckets of [`maps::INGRESS_L4_CLASS_TABLE`].
+pub const L4_CLASS_BUCKET_BITS: u32 = 13;
+/// Buckets of [`maps::INGRESS_L4_CLASS_TABLE`] (8,192: 16,384 slots; a two-choice cuckoo
+/// table with two-slot buckets places entries up to about 85% full, so about 13,000 class
+/// entries before the table gives up and says so).
+pub const L4_CLASS_BUCKETS: u32 = 1 << L4_CLASS_BUCKET_BITS;
+/// Buckets of an [`L4ClassTableChunk`].
+pub const L4_CLASS_CHUNK_BUCKETS: usize = 64;
+/// Bucket chunks of [`maps::INGRESS_L4_CLASS_TABLE`] (128 of 4.5 KiB); the header chunk
+/// follows them.
+pub const L4_CLASS_TABLE_CHUNKS: u32 = L4_CLASS_BUCKETS / L4_CLASS_CHUNK_BUCKETS as u32;
+/// Index of the header chunk of [`maps::INGRESS_L4_CLASS_TABLE`]: its `incomplete` word says
+/// whether the table holds every class entry; its buckets are unused (zeros).
+pub const L4_CLASS_TABLE_HEADER: u32 = L4_CLASS_TABLE_CHUNKS;
+/// Elements of [`maps::INGRESS_L4_CLASS_TABLE`]: the bucket chunks and the header.
+pub const L4_CLASS_TABLE_ENTRIES: u32 = L4_CLASS_TABLE_CHUNKS + 1;
+/// The header's `incomplete` word when the table does not hold every class entry of the
+/// exact hash, which sends the program to the hash; 0 when it does.
+pub const L4_CLASS_TABLE_INCOMPLETE: u32 = 0x4c34_4b30;
+
+/// One entry of [`maps::INGRESS_L4_CLASS_TABLE`]: an address class's exact L4 entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct L4ClassSlot {
+    /// Address class id, host order; 0 ([`SHARED_CLASS`], never stored here) marks an empty
+    /// slot.
+    pub class: u32,
+    /// The L4 word `proto << 24 | no_port << 16 | port`, host order.
+    pub word: u32,
+    /// The entry's value, as in [`maps::INGRESS_L4_EXACT`] (an entry without a decision is
+    /// stored too: it hides the trie's shorter entries).
+    pub value: L4Value,
+}
+
+/// A bucket of [`maps::INGRESS_L4_CLASS_TABLE`]: two slots, filled from the first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct L4ClassBucket {
+    pub slots: [L4ClassSlot; L4_CLASS_BUCKET_SLOTS],
+}
+
+/// Value of [`maps::INGRESS_L4_CLASS_TABLE`]: 64 consecutive buckets (bucket `b` is bucket
+/// `b % 64` of chunk `b / 64`), or, at [`L4_CLASS_TABLE_HEADER`], the header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct L4ClassTableChunk {
+    /// Header chunk only: [`L4_CLASS_TABLE_INCOMPLETE`] when the table does not hold every
+    /// class entry of the exact hash, else 0; 0 in bucket chunks. Host order.
+    pub incomplete: u32,
+    /// Always 0.
+    pub _pad: u32,
+    pub buckets: [L4ClassBucket; L4_CLASS_CHUNK_BUCKETS],
+}
+
+impl Default for L4ClassTableChunk {
+    fn default() -> Self {
+        Self { incomplete: 0, _pad: 0, buckets: [L4ClassBucket::default(); L4_CLASS_CHUNK_BUCKETS] }
+    }
+}
+
+/// The two buckets of [`maps::INGRESS_L4_CLASS_TABLE`] an entry of `class` for the L4 word
+/// `word` may sit in (they can be the same). Two multiplicative hashes of the pair, each
+/// keeping its top [`L4_CLASS_BUCKET_BITS`] bits: a few instructions in the program.
+#[inline(always)]
+pub const fn l4_class_buckets(class: u32, word: u32) -> (u32, u32) {
+    let a = (class ^ word.rotate_left(13)).wrapping_mul(0x9e37_79b1);
+    let b = (class.wrapping_mul(0x85eb_ca6b) ^ word).wrapping_mul(0xc2b2_ae35);
+    (a >> (32 - L4_CLASS_BUCKET_BITS), b >> (32 - L4_CLASS_BUCKET_BITS))
+}
+
+/// Where bucket `bucket` of [`maps::INGRESS_L4_CLASS_TABLE`] is: (chunk, bucket in the
+/// chunk).
+#[inline(always)]
+pub const fn l4_class_bucket_at(bucket: u32) -> (u32, usize) {
+    (bucket / L4_CLASS_CHUNK_BUCKETS as u32, (bucket as usize) % L4_CLASS_CHUNK_BUCKETS)
+}
+
+/// The (class, L4 word) under which [`maps::INGRESS_L4_CLASS_TABLE`] holds an entry of
+/// [`maps::INGRESS_L4_EXACT`]: an address class's entry (not [`SHARED_CLASS`], workload 0,
+/// the whole L4 word); `None` for every other entry, which only the hash holds.
+pub fn l4_class_table_entry(key: &L4LpmKey) -> Option<(u32, u32)> {
+    let class = u32::from_be_bytes(key.class);
+    (key.prefix_len == L4_KEY_FIXED_BITS + 32 && class != SHARED_CLASS && key.workload == [0; 4])
+        .then(|| (class, u32::from_be_bytes(key.l4)))
+}
+
 /// The bit of [`maps::INGRESS_L4_CLASSES`] for an address class and an IP protocol: 18 bits
 /// of a multiplicative hash of the class id (ids are hashes already; the multiply spreads
 /// ids that differ in high bits only), then two bits for the protocol (TCP, UDP, ICMP or
@@ -735,6 +849,13 @@ const _: () = {
     assert!(size_of::<DirectionConfig>() == 40);
     assert!(offset_of!(DirectionConfig, l4_flags) == 3);
     assert!(size_of::<L4PortChunk>() == 7168);
+    assert!(size_of::<L4ClassSlot>() == 36);
+    assert!(offset_of!(L4ClassSlot, word) == 4);
+    assert!(offset_of!(L4ClassSlot, value) == 8);
+    assert!(size_of::<L4ClassBucket>() == 72);
+    assert!(size_of::<L4ClassTableChunk>() == 4616);
+    assert!(offset_of!(L4ClassTableChunk, buckets) == 8);
+    assert!(align_of::<L4ClassTableChunk>() == 4);
     assert!(align_of::<L4PortChunk>() == 4);
     assert!(size_of::<V4DirSlot>() == 12);
     assert!(size_of::<V4DirChunk>() == 3072);
@@ -1037,6 +1158,9 @@ mod pod {
     unsafe impl Pod for L4PortChunk {}
     // SAFETY: as above.
     unsafe impl Pod for L4ClassFilterChunk {}
+    // SAFETY: as above (two `u32`s and an array of buckets of `L4ClassSlot`s, each two `u32`s
+    // and an `L4Value`).
+    unsafe impl Pod for L4ClassTableChunk {}
     // SAFETY: as above.
     unsafe impl Pod for L4LpmKey {}
     // SAFETY: as above.
@@ -1069,6 +1193,7 @@ mod tests {
             maps::INGRESS_L4_EXACT,
             maps::INGRESS_L4_PORTS,
             maps::INGRESS_L4_CLASSES,
+            maps::INGRESS_L4_CLASS_TABLE,
             maps::EGRESS_V4,
             maps::EGRESS_V6,
             maps::EGRESS_L4,

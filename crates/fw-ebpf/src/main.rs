@@ -41,7 +41,9 @@ use fw_common::{
     ClassValue, Counters, DIRECTION_INGRESS, DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT,
     GENERATIONS, Ipv4LpmKey, L4_KEY_FIXED_BITS, L4_PORT_CHUNKS, L4F_EXACT_SHARED_PORTS,
     L4F_TRIE_CLASSES, L4F_TRIE_SHARED, L4PortChunk, L4Value, L4_CLASS_FILTER_CHUNKS,
-    L4ClassFilterChunk, l4_class_filter_at, l4_class_filter_bit, SHARED_CLASS, STAT_ALWAYS_ARP,
+    L4ClassFilterChunk, l4_class_filter_at, l4_class_filter_bit, SHARED_CLASS,
+    L4_CLASS_TABLE_INCOMPLETE, L4_CLASS_TABLE_ENTRIES, L4_CLASS_TABLE_HEADER, L4ClassTableChunk,
+    l4_class_bucket_at, l4_class_buckets, STAT_ALWAYS_ARP,
     STAT_ALWAYS_LOOPBACK, STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY,
     STAT_AUDIT_DEFAULT_DENY, STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY,
     STAT_INTERNAL_ERROR, STAT_MALFORMED, STAT_NOT_IP, STATS_ENTRIES, V4_DIR_L2_BASE,
@@ -153,6 +155,17 @@ static FW_IN_L4P: ArrayOfMaps<Array<L4PortChunk, { L4_PORT_CHUNKS as usize }>, G
 /// lookup is made only when its bit is set. Derived by the loader. Generational.
 #[btf_map]
 static FW_IN_L4C: ArrayOfMaps<ClassFilter, GENERATION_SLOTS> = ArrayOfMaps::new();
+
+/// The address classes' entries of `FW_IN_L4X` again, in a cuckoo table of array chunks (see
+/// `fw_common::maps::INGRESS_L4_CLASS_TABLE`, `fw_common::l4_class_buckets`): when its header
+/// says it is complete, a class's entry is in one of two buckets or nowhere, found with two
+/// inlined array lookups instead of a hash call; otherwise the program asks the class filter
+/// and the hash. Derived by the loader. Generational.
+#[btf_map]
+static FW_IN_L4K: ArrayOfMaps<ClassTable, GENERATION_SLOTS> = ArrayOfMaps::new();
+
+/// The ingress L4 class table (inner map).
+type ClassTable = Array<L4ClassTableChunk, { L4_CLASS_TABLE_ENTRIES as usize }>;
 
 /// The ingress L4 class filter (inner map).
 type ClassFilter = Array<L4ClassFilterChunk, { L4_CLASS_FILTER_CHUNKS as usize }>;
@@ -706,11 +719,12 @@ pub(crate) fn l4_decide(
 /// overflow the program's 512-byte stack.
 #[inline(never)]
 fn l4_find_ingress(generation: u32, wide: u32, narrow: u32, word: u32, flags: u32) -> u32 {
-    let (Some(trie), Some(exact), Some(ports), Some(filter), Some(parked)) = (
+    let (Some(trie), Some(exact), Some(ports), Some(filter), Some(table), Some(parked)) = (
         FW_IN_L4.get(generation),
         FW_IN_L4X.get(generation),
         FW_IN_L4P.get(generation),
         FW_IN_L4C.get(generation),
+        FW_IN_L4K.get(generation),
         FW_PARKED.get_ptr_mut(0),
     ) else {
         return 1;
@@ -760,21 +774,66 @@ fn l4_find_ingress(generation: u32, wide: u32, narrow: u32, word: u32, flags: u3
         found |= 1;
     }
     if wide != 0 {
-        // The exact hash only when the class filter says it may hold the class's entry
-        // for this protocol.
+        // A class table not marked incomplete holds every class entry of the exact hash (a
+        // fresh one of a fresh hash too, both empty): a miss there is
+        // a miss in the hash, and only the trie is left. Otherwise the exact hash, only when
+        // the class filter says it may hold the class's entry for this protocol.
+        let tabled = match table.get_ptr(L4_CLASS_TABLE_HEADER) {
+            // SAFETY: a pointer from a map lookup, valid for the whole run (RCU).
+            Some(h) => (unsafe { (*h).incomplete }) != L4_CLASS_TABLE_INCOMPLETE,
+            None => false,
+        };
         let proto = (word >> 24) as u8;
-        let ask_wide = class_filter_has(filter, wide, proto);
-        if l4_lookup_ingress(exact, trie, key, wide, word, v1, ask_wide, trie_classes) {
+        let hit = tabled && class_table_get(table, wide, word, v1);
+        let ask_wide = !tabled && class_filter_has(filter, wide, proto);
+        if hit || l4_lookup_ingress(exact, trie, key, wide, word, v1, ask_wide, trie_classes) {
             found |= 2;
         }
-        let ask_narrow = class_filter_has(filter, narrow, proto);
-        if l4_lookup_ingress(exact, trie, key, narrow, word, v2, ask_narrow, trie_classes) {
+        let hit = tabled && class_table_get(table, narrow, word, v2);
+        let ask_narrow = !tabled && class_filter_has(filter, narrow, proto);
+        if hit || l4_lookup_ingress(exact, trie, key, narrow, word, v2, ask_narrow, trie_classes)
+        {
             found |= 4;
         }
     }
     // SAFETY: a field of the per-CPU map value above.
     unsafe { core::ptr::write_volatile(out, found) };
     0
+}
+
+/// The class table's entry for (`class`, `word`), copied into `out`: looked for in the two
+/// buckets `l4_class_buckets` gives; false when neither holds it (or `class` is 0, the
+/// shared table's id, which marks an empty slot).
+#[inline(always)]
+fn class_table_get(table: &ClassTable, class: u32, word: u32, out: &mut L4Value) -> bool {
+    if class == 0 {
+        return false;
+    }
+    let (b1, b2) = l4_class_buckets(class, word);
+    class_bucket_get(table, b1, class, word, out)
+        || (b2 != b1 && class_bucket_get(table, b2, class, word, out))
+}
+
+/// [`class_table_get`] in one bucket.
+#[inline(always)]
+fn class_bucket_get(table: &ClassTable, bucket: u32, class: u32, word: u32, out: &mut L4Value) -> bool {
+    let (chunk, index) = l4_class_bucket_at(bucket);
+    let Some(c) = table.get_ptr(chunk) else {
+        return false;
+    };
+    // SAFETY: a pointer from a map lookup, valid for the whole run (RCU); the bucket index is
+    // below 64 (masked again for the verifier).
+    let b = unsafe { &*(*c).buckets.as_ptr().add(index & 63) };
+    let [s0, s1] = &b.slots;
+    if s0.class == class && s0.word == word {
+        copy_l4(&s0.value, out);
+        return true;
+    }
+    if s1.class == class && s1.word == word {
+        copy_l4(&s1.value, out);
+        return true;
+    }
+    false
 }
 
 /// Whether the class filter's bit for (`class`, `proto`) is set: false means the exact hash

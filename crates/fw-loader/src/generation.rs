@@ -24,15 +24,18 @@ use aya::maps::{Array, ArrayOfMaps, HashMap, InnerMap, IterableMap as _, Map, Ma
 use aya_obj::generated::bpf_map_type;
 use fw_common::{
     ACTION_ALLOW, Bytes, CONFIG_ENTRIES, ClassValue, DirectionConfig, Ipv4LpmKey, Ipv6LpmKey,
-    L4_CLASS_FILTER_BITS, L4_CLASS_FILTER_CHUNKS, L4_PORT_CHUNKS, L4_PORT_SLOTS,
-    L4ClassFilterChunk, L4LpmKey, L4PortChunk, L4Value, V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS,
-    V4_DIR_POOL_CHUNKS, V4_DIR_SLOTS, V4Dir1Chunk, V4Dir1Slot, V4DirChunk, WorkloadKey,
-    WorkloadValue, l4_class_filter_at, l4_class_filter_entry, l4_port_mirror, maps,
+    L4_CLASS_BUCKET_SLOTS, L4_CLASS_BUCKETS, L4_CLASS_FILTER_BITS, L4_CLASS_FILTER_CHUNKS,
+    L4_CLASS_TABLE_CHUNKS, L4_CLASS_TABLE_ENTRIES, L4_CLASS_TABLE_HEADER, L4_PORT_CHUNKS,
+    L4_PORT_SLOTS, L4ClassFilterChunk, L4ClassTableChunk, L4LpmKey, L4PortChunk, L4Value,
+    V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS, V4_DIR_POOL_CHUNKS, V4_DIR_SLOTS, V4Dir1Chunk, V4Dir1Slot,
+    V4DirChunk, WorkloadKey, WorkloadValue, l4_class_bucket_at, l4_class_buckets,
+    l4_class_filter_at, l4_class_filter_entry, l4_class_table_entry, l4_port_mirror, maps,
 };
 use fw_compiler::encode::{Encoded, Entries};
 use fw_compiler::mapstate::Capacities;
 
 use crate::Error;
+use crate::class_table::{self, ClassTable};
 
 /// `BPF_F_NO_PREALLOC`: the kernel requires it for LPM tries (and the templates set it).
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -57,6 +60,9 @@ pub(crate) struct GenerationMaps {
     /// Which (class, protocol) pairs `in_l4x` may hold: see
     /// `fw_common::maps::INGRESS_L4_CLASSES`. Written with `in_l4x`, never on its own.
     pub in_l4c: Array<MapData, L4ClassFilterChunk>,
+    /// `in_l4x`'s address-class entries as a cuckoo table the program reads: see
+    /// `fw_common::maps::INGRESS_L4_CLASS_TABLE`. Written with `in_l4x`, never on its own.
+    pub in_l4k: Array<MapData, L4ClassTableChunk>,
     pub eg_v4: LpmTrie<MapData, [u8; 4], ClassValue>,
     pub eg_v6: LpmTrie<MapData, [u8; 16], ClassValue>,
     pub eg_l4: LpmTrie<MapData, [u8; 12], L4Value>,
@@ -221,6 +227,7 @@ impl GenerationMaps {
             in_l4x: l4_hash(&name(maps::INGRESS_L4_EXACT), caps.l4_entries)?,
             in_l4p: inner_array(&name(maps::INGRESS_L4_PORTS), L4_PORT_CHUNKS)?,
             in_l4c: inner_array(&name(maps::INGRESS_L4_CLASSES), L4_CLASS_FILTER_CHUNKS)?,
+            in_l4k: inner_array(&name(maps::INGRESS_L4_CLASS_TABLE), L4_CLASS_TABLE_ENTRIES)?,
             eg_v4: lpm(&name(maps::EGRESS_V4), caps.v4_prefixes)?,
             eg_v6: lpm(&name(maps::EGRESS_V6), caps.v6_prefixes)?,
             eg_l4: lpm(&name(maps::EGRESS_L4), caps.l4_entries)?,
@@ -260,7 +267,9 @@ impl GenerationMaps {
                     self.sync_batched(name, entries, present)?
                 }
                 maps::INGRESS_L4_EXACT => {
-                    sync_l4x(&mut self.in_l4x, &mut self.in_l4p, &mut self.in_l4c, name, entries)?
+                    let (x, p, c, k) =
+                        (&mut self.in_l4x, &mut self.in_l4p, &mut self.in_l4c, &mut self.in_l4k);
+                    sync_l4x(x, p, c, k, name, entries)?
                 }
                 maps::EGRESS_V4 => {
                     let present = read_lpm(&self.eg_v4, name, v4_key_bytes)?;
@@ -331,7 +340,10 @@ impl GenerationMaps {
         out.insert(maps::INGRESS_V4_DIR, dir);
         out.insert(maps::INGRESS_V6, read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes)?);
         out.insert(maps::INGRESS_L4, read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes)?);
-        out.insert(maps::INGRESS_L4_EXACT, read_l4x(&self.in_l4x, &self.in_l4p, &self.in_l4c)?);
+        out.insert(
+            maps::INGRESS_L4_EXACT,
+            read_l4x(&self.in_l4x, &self.in_l4p, &self.in_l4c, &self.in_l4k)?,
+        );
         out.insert(maps::EGRESS_V4, read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes)?);
         out.insert(maps::EGRESS_V6, read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes)?);
         out.insert(maps::EGRESS_L4, read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes)?);
@@ -394,6 +406,7 @@ fn sync_l4x(
     map: &mut HashMap<MapData, L4LpmKey, L4Value>,
     ports: &mut Array<MapData, L4PortChunk>,
     filter: &mut Array<MapData, L4ClassFilterChunk>,
+    table: &mut Array<MapData, L4ClassTableChunk>,
     name: &'static str,
     entries: &Entries,
 ) -> Result<WriteStats, Error> {
@@ -417,6 +430,8 @@ fn sync_l4x(
     for (index, chunk) in (0..).zip(class_filter_chunks(desired.iter().map(|(k, _)| k))) {
         filter.set(index, chunk, 0).map_err(Error::map(maps::INGRESS_L4_CLASSES))?;
     }
+    let built = ClassTable::build(class_table_entries(desired.iter().map(|(k, v)| (k, v))));
+    write_class_table(table, &built)?;
     Ok(stats)
 }
 
@@ -474,6 +489,26 @@ fn batch_write(
     Ok(WriteStats { written, deleted })
 }
 
+/// The class table's entries among the exact hash's (`fw_common::l4_class_table_entry`).
+fn class_table_entries<'a>(
+    entries: impl Iterator<Item = (&'a L4LpmKey, &'a L4Value)>,
+) -> impl Iterator<Item = (u32, u32, L4Value)> {
+    entries.filter_map(|(k, v)| l4_class_table_entry(k).map(|(class, word)| (class, word, *v)))
+}
+
+/// Writes the class table's changed chunks, then its header (a table that became
+/// incomplete is marked so; the program is not reading this generation).
+fn write_class_table(
+    map: &mut Array<MapData, L4ClassTableChunk>,
+    table: &ClassTable,
+) -> Result<(), Error> {
+    let name = maps::INGRESS_L4_CLASS_TABLE;
+    for (index, chunk) in table.dirty() {
+        map.set(index, *chunk, 0).map_err(Error::map(name))?;
+    }
+    map.set(L4_CLASS_TABLE_HEADER, table.header(), 0).map_err(Error::map(name))
+}
+
 /// The port array's slots that writing `d` into the exact hash changes, with their new
 /// values (zeros for a removed entry or one without a decision), by chunk.
 fn port_delta(
@@ -507,10 +542,12 @@ fn l4x_delta(
     map: &mut HashMap<MapData, L4LpmKey, L4Value>,
     ports: &mut Array<MapData, L4PortChunk>,
     filter: &mut Array<MapData, L4ClassFilterChunk>,
+    table: &mut Array<MapData, L4ClassTableChunk>,
     name: &'static str,
     d: &MapDelta,
 ) -> Result<WriteStats, Error> {
     let mut stats = WriteStats::default();
+    class_table_delta(table, name, d)?;
     let filter_name = maps::INGRESS_L4_CLASSES;
     for (index, bits) in class_filter_delta(name, d)? {
         let mut chunk = filter.get(&index, 0).map_err(Error::map(filter_name))?;
@@ -536,6 +573,47 @@ fn l4x_delta(
     Ok(stats)
 }
 
+/// Moves the class table's entries as writing `d` into the exact hash does: removes the
+/// class entries it removes, then places those it writes (reading only the chunks it
+/// touches). When an entry finds no place, the header marks the table incomplete and the
+/// program asks the hash until the next full write.
+fn class_table_delta(
+    map: &mut Array<MapData, L4ClassTableChunk>,
+    name: &'static str,
+    d: &MapDelta,
+) -> Result<(), Error> {
+    let table_name = maps::INGRESS_L4_CLASS_TABLE;
+    let header = map.get(&L4_CLASS_TABLE_HEADER, 0).map_err(Error::map(table_name))?;
+    let mut table = ClassTable::lazy(&header);
+    if !table.complete() {
+        return Ok(());
+    }
+    let read = |index: u32| map.get(&index, 0).map_err(Error::map(table_name));
+    for k in &d.remove {
+        let key = L4LpmKey::from_bytes(k).ok_or(Error::Entry { map: name, reason: "key size" })?;
+        if let Some((class, word)) = l4_class_table_entry(&key) {
+            table.remove(class, word, read)?;
+        }
+    }
+    for ((_, key), value) in
+        parse_entries::<L4LpmKey, L4LpmKey, L4Value>(name, &d.upsert, |k| (0, k))?
+    {
+        if let Some((class, word)) = l4_class_table_entry(&key) {
+            if !table.insert(class, word, value, read)? {
+                break;
+            }
+        }
+    }
+    if table.complete() {
+        for (index, chunk) in table.dirty() {
+            map.set(index, *chunk, 0).map_err(Error::map(table_name))?;
+        }
+        Ok(())
+    } else {
+        map.set(L4_CLASS_TABLE_HEADER, table.header(), 0).map_err(Error::map(table_name))
+    }
+}
+
 /// Reads the L4 exact hash back (`encode`'s format, sorted by key bytes), checking that the
 /// port array holds exactly the hash's mirrored entries (zeros everywhere else) and that the
 /// class filter has every bit the hash's class entries need (it may hold more: see
@@ -544,6 +622,7 @@ fn read_l4x(
     map: &HashMap<MapData, L4LpmKey, L4Value>,
     ports: &Array<MapData, L4PortChunk>,
     filter: &Array<MapData, L4ClassFilterChunk>,
+    table: &Array<MapData, L4ClassTableChunk>,
 ) -> Result<Entries, Error> {
     let (name, ports_name) = (maps::INGRESS_L4_EXACT, maps::INGRESS_L4_PORTS);
     let mut held = Vec::new();
@@ -564,6 +643,16 @@ fn read_l4x(
         if chunk.words.iter().zip(want.words).any(|(held, want)| held & want != want) {
             return Err(Error::VerifyFailed(filter_name));
         }
+    }
+    let table_name = maps::INGRESS_L4_CLASS_TABLE;
+    let get = |index: u32| table.get(&index, 0).map_err(Error::map(table_name));
+    let header = get(L4_CLASS_TABLE_HEADER)?;
+    let chunks = (0..L4_CLASS_TABLE_CHUNKS).map(get).collect::<Result<Vec<_>, _>>()?;
+    let expected = class_table_entries(held.iter().map(|(k, v)| (k, v)))
+        .map(|(class, word, value)| ((class, word), value))
+        .collect();
+    if !class_table::holds_exactly(&header, &chunks, &expected) {
+        return Err(Error::VerifyFailed(table_name));
     }
     let mut entries = Entries::with_capacity(held.len());
     for (key, value) in &held {
@@ -1248,7 +1337,7 @@ fn inner_pinned(root: &std::path::Path, name: &'static str, generation: u32) -> 
 
 impl GenerationMaps {
     /// Every inner map with its outer map's name.
-    fn named(&self) -> [(&'static str, &MapData); 14] {
+    fn named(&self) -> [(&'static str, &MapData); 15] {
         [
             (maps::INGRESS_V4, self.in_v4.map()),
             (maps::INGRESS_V4_DIR, self.in_v4_dir.map()),
@@ -1259,6 +1348,7 @@ impl GenerationMaps {
             (maps::INGRESS_L4_EXACT, self.in_l4x.map()),
             (maps::INGRESS_L4_PORTS, self.in_l4p.map()),
             (maps::INGRESS_L4_CLASSES, self.in_l4c.map()),
+            (maps::INGRESS_L4_CLASS_TABLE, self.in_l4k.map()),
             (maps::EGRESS_V4, self.eg_v4.map()),
             (maps::EGRESS_V6, self.eg_v6.map()),
             (maps::EGRESS_L4, self.eg_l4.map()),
@@ -1338,6 +1428,7 @@ impl GenerationMaps {
         let (in_l4x, _) = get(maps::INGRESS_L4_EXACT)?;
         let (in_l4p, _) = get(maps::INGRESS_L4_PORTS)?;
         let (in_l4c, _) = get(maps::INGRESS_L4_CLASSES)?;
+        let (in_l4k, _) = get(maps::INGRESS_L4_CLASS_TABLE)?;
         let (eg_v4, _) = get(maps::EGRESS_V4)?;
         let (eg_v6, _) = get(maps::EGRESS_V6)?;
         let (eg_l4, _) = get(maps::EGRESS_L4)?;
@@ -1356,6 +1447,7 @@ impl GenerationMaps {
             in_l4x: HashMap::try_from(in_l4x).map_err(m(maps::INGRESS_L4_EXACT))?,
             in_l4p: Array::try_from(in_l4p).map_err(m(maps::INGRESS_L4_PORTS))?,
             in_l4c: Array::try_from(in_l4c).map_err(m(maps::INGRESS_L4_CLASSES))?,
+            in_l4k: Array::try_from(in_l4k).map_err(m(maps::INGRESS_L4_CLASS_TABLE))?,
             eg_v4: LpmTrie::try_from(eg_v4).map_err(m(maps::EGRESS_V4))?,
             eg_v6: LpmTrie::try_from(eg_v6).map_err(m(maps::EGRESS_V6))?,
             eg_l4: LpmTrie::try_from(eg_l4).map_err(m(maps::EGRESS_L4))?,
@@ -1392,6 +1484,7 @@ impl GenerationMaps {
         set_slot(outer, maps::INGRESS_L4_EXACT, g, &self.in_l4x)?;
         set_slot(outer, maps::INGRESS_L4_PORTS, g, &self.in_l4p)?;
         set_slot(outer, maps::INGRESS_L4_CLASSES, g, &self.in_l4c)?;
+        set_slot(outer, maps::INGRESS_L4_CLASS_TABLE, g, &self.in_l4k)?;
         set_slot(outer, maps::EGRESS_V4, g, &self.eg_v4)?;
         set_slot(outer, maps::EGRESS_V6, g, &self.eg_v6)?;
         set_slot(outer, maps::EGRESS_L4, g, &self.eg_l4)?;
@@ -1457,7 +1550,9 @@ impl GenerationMaps {
                     dir_delta(&mut self.in_v4_dir, &mut self.in_v4_dir1, name, d)?
                 }
                 maps::INGRESS_L4_EXACT => {
-                    l4x_delta(&mut self.in_l4x, &mut self.in_l4p, &mut self.in_l4c, name, d)?
+                    let (x, p, c, k) =
+                        (&mut self.in_l4x, &mut self.in_l4p, &mut self.in_l4c, &mut self.in_l4k);
+                    l4x_delta(x, p, c, k, name, d)?
                 }
                 maps::CONFIG => {
                     // An array cannot delete: a removed index goes back to all zeros.
@@ -1546,7 +1641,9 @@ impl GenerationMaps {
             }
             maps::INGRESS_V6 => read_lpm(&self.in_v6, maps::INGRESS_V6, v6_key_bytes),
             maps::INGRESS_L4 => read_lpm(&self.in_l4, maps::INGRESS_L4, l4_key_bytes),
-            maps::INGRESS_L4_EXACT => read_l4x(&self.in_l4x, &self.in_l4p, &self.in_l4c),
+            maps::INGRESS_L4_EXACT => {
+                read_l4x(&self.in_l4x, &self.in_l4p, &self.in_l4c, &self.in_l4k)
+            }
             maps::EGRESS_V4 => read_lpm(&self.eg_v4, maps::EGRESS_V4, v4_key_bytes),
             maps::EGRESS_V6 => read_lpm(&self.eg_v6, maps::EGRESS_V6, v6_key_bytes),
             maps::EGRESS_L4 => read_lpm(&self.eg_l4, maps::EGRESS_L4, l4_key_bytes),
@@ -1750,6 +1847,7 @@ impl GenerationMaps {
             if name == maps::INGRESS_L4_EXACT {
                 self.verify_ports(d)?;
                 self.verify_class_filter(d)?;
+                self.verify_class_table(d)?;
             }
         }
         Ok(())
@@ -1823,6 +1921,16 @@ impl GenerationMaps {
                 }
                 Ok((set, L4_CLASS_FILTER_BITS))
             }
+            maps::INGRESS_L4_CLASS_TABLE => {
+                let name = maps::INGRESS_L4_CLASS_TABLE;
+                let mut used = 0;
+                for index in 0..L4_CLASS_TABLE_CHUNKS {
+                    let chunk = self.in_l4k.get(&index, 0).map_err(Error::map(name))?;
+                    let slots = chunk.buckets.iter().flat_map(|b| &b.slots);
+                    used += slots.filter(|s| s.class != 0).count();
+                }
+                Ok((used, L4_CLASS_BUCKETS * L4_CLASS_BUCKET_SLOTS as u32))
+            }
             other => Err(Error::UnknownMap(other.to_string())),
         }
     }
@@ -1835,6 +1943,51 @@ impl GenerationMaps {
             let held = self.in_l4p.get(&index, 0).map_err(Error::map(name))?;
             if slots.iter().any(|(slot, value)| held.slots[*slot] != *value) {
                 return Err(Error::VerifyFailed(name));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`verify_delta`](Self::verify_delta) for the class table under the exact hash's delta
+    /// `d`: when the table says it is complete, each class entry the delta removes is in
+    /// neither of its buckets and each it writes is in one of them with its value.
+    fn verify_class_table(&self, d: &MapDelta) -> Result<(), Error> {
+        let name = maps::INGRESS_L4_CLASS_TABLE;
+        let get = |index: u32| self.in_l4k.get(&index, 0).map_err(Error::map(name));
+        if get(L4_CLASS_TABLE_HEADER)? != ClassTable::empty().header() {
+            // Incomplete: the program asks the hash, whatever the table holds.
+            return Ok(());
+        }
+        let held = |class: u32, word: u32| -> Result<Option<L4Value>, Error> {
+            let (b1, b2) = l4_class_buckets(class, word);
+            for bucket in [b1, b2] {
+                let (c, b) = l4_class_bucket_at(bucket);
+                let chunk = get(c)?;
+                if let Some(s) =
+                    chunk.buckets[b].slots.iter().find(|s| s.class == class && s.word == word)
+                {
+                    return Ok(Some(s.value));
+                }
+            }
+            Ok(None)
+        };
+        let exact = maps::INGRESS_L4_EXACT;
+        for k in &d.remove {
+            let key =
+                L4LpmKey::from_bytes(k).ok_or(Error::Entry { map: exact, reason: "key size" })?;
+            if let Some((class, word)) = l4_class_table_entry(&key) {
+                if held(class, word)?.is_some() {
+                    return Err(Error::VerifyFailed(name));
+                }
+            }
+        }
+        for ((_, key), value) in
+            parse_entries::<L4LpmKey, L4LpmKey, L4Value>(exact, &d.upsert, |k| (0, k))?
+        {
+            if let Some((class, word)) = l4_class_table_entry(&key) {
+                if held(class, word)? != Some(value) {
+                    return Err(Error::VerifyFailed(name));
+                }
             }
         }
         Ok(())

@@ -31,6 +31,7 @@
 mod apply;
 mod batch;
 mod cgroup;
+mod class_table;
 pub mod conntrack;
 pub mod enforce;
 mod error;
@@ -198,6 +199,7 @@ impl Dataplane {
         fill(e, o, maps::INGRESS_L4_EXACT, g.iter().map(|m| &m.in_l4x))?;
         fill(e, o, maps::INGRESS_L4_PORTS, g.iter().map(|m| &m.in_l4p))?;
         fill(e, o, maps::INGRESS_L4_CLASSES, g.iter().map(|m| &m.in_l4c))?;
+        fill(e, o, maps::INGRESS_L4_CLASS_TABLE, g.iter().map(|m| &m.in_l4k))?;
         fill(e, o, maps::EGRESS_V4, g.iter().map(|m| &m.eg_v4))?;
         fill(e, o, maps::EGRESS_V6, g.iter().map(|m| &m.eg_v6))?;
         fill(e, o, maps::EGRESS_L4, g.iter().map(|m| &m.eg_l4))?;
