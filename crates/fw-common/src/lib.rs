@@ -193,14 +193,13 @@ pub mod maps {
 
     /// The generational maps the loader derives from those [`GENERATIONAL`] lists (not in an
     /// encoded state).
-    pub const DERIVED: [&str; 5] =
-        [
-            INGRESS_V4_DIR1,
-            INGRESS_V4_DIR2,
-            INGRESS_L4_PORTS,
-            INGRESS_L4_CLASSES,
-            INGRESS_L4_CLASS_TABLE,
-        ];
+    pub const DERIVED: [&str; 5] = [
+        INGRESS_V4_DIR1,
+        INGRESS_V4_DIR2,
+        INGRESS_L4_PORTS,
+        INGRESS_L4_CLASSES,
+        INGRESS_L4_CLASS_TABLE,
+    ];
 
     /// The maps the compiler's `encode` fills, each an outer array-of-maps with
     /// [`GENERATIONS`](crate::GENERATIONS) slots.

@@ -93,11 +93,10 @@ impl ClassTable {
         index: u32,
         read: &mut impl FnMut(u32) -> Result<L4ClassTableChunk, E>,
     ) -> Result<&mut L4ClassTableChunk, E> {
-        if !self.chunks.contains_key(&index) {
-            let chunk = read(index)?;
-            self.chunks.insert(index, chunk);
-        }
-        Ok(self.chunks.get_mut(&index).expect("inserted above"))
+        Ok(match self.chunks.entry(index) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => e.insert(read(index)?),
+        })
     }
 
     /// Slot `slot` of bucket `bucket`.

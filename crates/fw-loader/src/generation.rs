@@ -598,10 +598,10 @@ fn class_table_delta(
     for ((_, key), value) in
         parse_entries::<L4LpmKey, L4LpmKey, L4Value>(name, &d.upsert, |k| (0, k))?
     {
-        if let Some((class, word)) = l4_class_table_entry(&key) {
-            if !table.insert(class, word, value, read)? {
-                break;
-            }
+        if let Some((class, word)) = l4_class_table_entry(&key)
+            && !table.insert(class, word, value, read)?
+        {
+            break;
         }
     }
     if table.complete() {
@@ -1975,19 +1975,19 @@ impl GenerationMaps {
         for k in &d.remove {
             let key =
                 L4LpmKey::from_bytes(k).ok_or(Error::Entry { map: exact, reason: "key size" })?;
-            if let Some((class, word)) = l4_class_table_entry(&key) {
-                if held(class, word)?.is_some() {
-                    return Err(Error::VerifyFailed(name));
-                }
+            if let Some((class, word)) = l4_class_table_entry(&key)
+                && held(class, word)?.is_some()
+            {
+                return Err(Error::VerifyFailed(name));
             }
         }
         for ((_, key), value) in
             parse_entries::<L4LpmKey, L4LpmKey, L4Value>(exact, &d.upsert, |k| (0, k))?
         {
-            if let Some((class, word)) = l4_class_table_entry(&key) {
-                if held(class, word)? != Some(value) {
-                    return Err(Error::VerifyFailed(name));
-                }
+            if let Some((class, word)) = l4_class_table_entry(&key)
+                && held(class, word)? != Some(value)
+            {
+                return Err(Error::VerifyFailed(name));
             }
         }
         Ok(())
