@@ -69,7 +69,7 @@ pub struct Event {
 pub struct EventLimiter {
     /// Credit in nanoseconds (see the module doc).
     pub credit_ns: u64,
-    /// `bpf_ktime_get_ns` of the last refill.
+    /// `bpf_ktime_get_coarse_ns` (the monotonic clock at the last tick) of the last refill.
     pub last_ns: u64,
     /// Events written to the ring.
     pub emitted: u64,

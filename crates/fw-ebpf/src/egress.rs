@@ -318,6 +318,9 @@ fn decide(dest: &Dest, cgroups: &Cgroups) -> Result<Outcome, InternalError> {
 /// at connect/sendmsg time, so the event's source is all zeros.
 #[inline(always)]
 fn event(dest: &Dest, o: &Outcome) {
+    if !events::take_credit() {
+        return;
+    }
     let no_port = dest.l4 & (1 << 16) != 0;
     let mut e = Event {
         direction: DIRECTION_EGRESS as u8,

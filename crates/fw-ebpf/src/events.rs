@@ -1,4 +1,5 @@
-//! Events: a record per logged decision in a ring buffer, behind a per-CPU token bucket.
+//! Events: a record per logged decision in a ring buffer, behind a per-CPU token bucket that
+//! is asked before the record is built.
 //!
 //! See `fw_common::events` for what is logged and the limiter's arithmetic. The limiter is
 //! per CPU so it needs no atomics (a per-CPU array value is only touched by its CPU, and
@@ -7,7 +8,7 @@
 //! which counts as a drop like a limited event.
 
 use aya_ebpf::btf_maps::{PerCpuArray, RingBuf};
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use aya_ebpf::macros::btf_map;
 use aya_ebpf::programs::XdpContext;
 use fw_common::events::{
@@ -49,12 +50,18 @@ pub fn describe(o: &Outcome, e: &mut Event) {
     }
 }
 
-/// Emits `e` (its timestamp is set here) if this CPU's bucket has credit.
+/// Takes one event's credit from this CPU's bucket: false, with the drop counted, when there is
+/// none. Called before an event is built, so a flood of logged packets (a default deny under
+/// attack) costs each packet this check, not the event's construction. The bucket runs on the
+/// coarse monotonic clock (`bpf_ktime_get_coarse_ns`: the time of the last tick, read without
+/// the clock source, where `bpf_ktime_get_ns` costs about as much as the rest of a denied
+/// packet's path on a virtual machine): credit then grows a tick at a time, a few events'
+/// worth, which keeps the average rate and the burst.
 #[inline(always)]
-pub fn emit(e: &mut Event) {
-    let Some(limiter) = FW_EV_LIMIT.get_ptr_mut(0) else { return };
+pub fn take_credit() -> bool {
+    let Some(limiter) = FW_EV_LIMIT.get_ptr_mut(0) else { return false };
     // SAFETY: a helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: a per-CPU array value of this CPU, valid for the whole run and written only by
     // this CPU.
     let l = unsafe { &mut *limiter };
@@ -64,10 +71,21 @@ pub fn emit(e: &mut Event) {
     if credit < EVENT_COST_NS {
         l.credit_ns = credit;
         l.dropped += 1;
-        return;
+        return false;
     }
     l.credit_ns = credit - EVENT_COST_NS;
-    e.timestamp_ns = now;
+    true
+}
+
+/// Emits `e` (its timestamp, the precise monotonic clock, is set here) into the ring; the
+/// caller has taken its credit ([`take_credit`]). A full ring counts as a dropped event.
+#[inline(always)]
+pub fn emit(e: &mut Event) {
+    let Some(limiter) = FW_EV_LIMIT.get_ptr_mut(0) else { return };
+    // SAFETY: a helper without preconditions.
+    e.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: as in `take_credit`.
+    let l = unsafe { &mut *limiter };
     if FW_EVENTS.output(&*e, 0).is_ok() {
         l.emitted += 1;
     } else {
@@ -78,6 +96,9 @@ pub fn emit(e: &mut Event) {
 /// Emits the event of a logged ingress decision.
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext, ip: &IpPacket, o: &Outcome) {
+    if !take_credit() {
+        return;
+    }
     let src_port = match (ip.proto, ip.port) {
         (PROTO_TCP | PROTO_UDP, Some(_)) => match load::<2>(ctx, ip.l4_off) {
             Ok(b) => u16::from_be_bytes(b),
