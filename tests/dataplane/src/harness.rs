@@ -171,3 +171,23 @@ impl Harness {
 pub fn hex(frame: &[u8]) -> String {
     frame.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A bpffs root of a test's own (`/sys/fs/bpf/fwtest-<tag>-<pid>-<n>`, unique within the
+/// process), with everything pinned under it unloaded and the folder removed on drop, so a
+/// test that panics leaves nothing behind.
+pub struct PinRoot(pub std::path::PathBuf);
+
+impl PinRoot {
+    pub fn new(tag: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(format!("/sys/fs/bpf/fwtest-{tag}-{}-{n}", std::process::id()).into())
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        let _ = fw_loader::unload_pinned(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -3,10 +3,9 @@
 //! removed rules go while those of kept rules stay, and entries changed behind the protocol's
 //! back are found by `drift` and repaired by the next apply.
 
+use fw_dataplane_tests::harness::PinRoot as Root;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fw_common::maps;
 use fw_compiler::compile::compile;
@@ -18,25 +17,6 @@ use fw_compiler::yaml::ParseLimits;
 use fw_dataplane_tests::harness::privileged;
 use fw_dataplane_tests::packet::{ETH_P_IP, Ipv4, ethernet, tcp};
 use fw_loader::{Dataplane, XdpAction};
-
-static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-/// A bpffs root of the test's own, unloaded and removed on drop.
-struct Root(PathBuf);
-
-impl Root {
-    fn new() -> Root {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        Root(PathBuf::from(format!("/sys/fs/bpf/fwtest-apply-{}-{n}", std::process::id())))
-    }
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        let _ = fw_loader::unload_pinned(&self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn state(yaml: &str) -> MapState {
     let loaded = load([Input::new("p.yaml", yaml)], &ParseLimits::default());
@@ -87,7 +67,7 @@ fn counters_of_a_removed_rule_go_and_those_of_a_kept_rule_stay() {
     if !privileged("counters_of_a_removed_rule_go_and_those_of_a_kept_rule_stay") {
         return;
     }
-    let root = Root::new();
+    let root = Root::new("apply");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let (with, without) = (state(&policy(true)), state(&policy(false)));
     let (keep, gone) = (rule_id(&with, "keep"), rule_id(&with, "gone"));
@@ -129,7 +109,7 @@ fn each_apply_writes_only_the_diff_and_another_writer_is_noticed() {
     if !privileged("each_apply_writes_only_the_diff_and_another_writer_is_noticed") {
         return;
     }
-    let root = Root::new();
+    let root = Root::new("apply");
     let mut a = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let (with, without) = (encode(&state(&policy(true))), encode(&state(&policy(false))));
     let full = a.apply(&with, "r1", "d1", b"s").expect("apply");
@@ -163,7 +143,7 @@ fn drift_finds_entries_changed_behind_the_protocol_and_an_apply_repairs_them() {
     if !privileged("drift_finds_entries_changed_behind_the_protocol_and_an_apply_repairs_them") {
         return;
     }
-    let root = Root::new();
+    let root = Root::new("apply");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let (with, without) = (encode(&state(&policy(true))), encode(&state(&policy(false))));
     dp.apply(&without, "r1", "d1", b"s").expect("apply");
@@ -199,7 +179,7 @@ fn an_apply_whose_written_entries_do_not_decode_changes_nothing() {
     if !privileged("an_apply_whose_written_entries_do_not_decode_changes_nothing") {
         return;
     }
-    let root = Root::new();
+    let root = Root::new("apply");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let good = encode(&state(&policy(false)));
     dp.apply(&good, "r1", "d1", b"s").expect("apply");
@@ -244,7 +224,7 @@ fn a_change_given_as_deltas_applies_on_top_of_the_state_applied_last_only() {
     if !privileged("a_change_given_as_deltas_applies_on_top_of_the_state_applied_last_only") {
         return;
     }
-    let root = Root::new();
+    let root = Root::new("apply");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let (with, without) = (state(&policy(true)), state(&policy(false)));
     let (enc_with, enc_without) = (encode(&with), encode(&without));
@@ -351,7 +331,7 @@ fn full_loads_and_large_and_small_changes_of_every_prefix_length_read_back_exact
     ) {
         return;
     }
-    let root = Root::new();
+    let root = Root::new("apply");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let run = |dp: &Dataplane, src: Ipv4Addr| {
         dp.test_run_ingress(&frame(src, 22)).expect("test run").action

@@ -27,9 +27,9 @@
 //! any generation is read. `flood` of the policy just replaced loses its counters in the
 //! apply, so the test reads them before each apply and keeps the highest count seen.
 
+use fw_dataplane_tests::harness::PinRoot;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use fw_common::{
@@ -48,22 +48,6 @@ use fw_netkit::{Netns, UdpEchoServer, UdpFlood, VethPair};
 
 /// How many applies the flood sees (A and B alternating).
 const APPLIES: usize = 200;
-
-/// A bpffs root of the test's own; unloads everything under it on drop.
-struct PinRoot(PathBuf);
-
-impl PinRoot {
-    fn new(tag: &str) -> PinRoot {
-        PinRoot(PathBuf::from(format!("/sys/fs/bpf/fwtest-{tag}-{}", std::process::id())))
-    }
-}
-
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        let _ = fw_loader::unload_pinned(&self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn state(yaml: &str) -> MapState {
     let loaded = load([Input::new("p.yaml", yaml)], &ParseLimits::default());

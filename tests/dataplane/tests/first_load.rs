@@ -3,22 +3,12 @@
 //! Without the lock both see an empty root, both load, and the second's pins collide with the
 //! first's (and its clean-up removes them).
 
-use std::path::PathBuf;
+use fw_dataplane_tests::harness::PinRoot;
 use std::sync::{Arc, Barrier};
 
 use fw_compiler::mapstate::Capacities;
 use fw_dataplane_tests::harness::privileged;
 use fw_loader::{Dataplane, Error, Opened};
-
-/// A bpffs root of the test's own; unloads everything under it on drop.
-struct PinRoot(PathBuf);
-
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        let _ = fw_loader::unload_pinned(&self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 #[test]
 fn racing_first_loads_load_once_and_the_other_adopts() {
@@ -27,10 +17,7 @@ fn racing_first_loads_load_once_and_the_other_adopts() {
     }
     const RACERS: usize = 3;
     for round in 0..3 {
-        let root = PinRoot(PathBuf::from(format!(
-            "/sys/fs/bpf/fwtest-race-{}-{round}",
-            std::process::id()
-        )));
+        let root = PinRoot::new("race");
         assert!(!root.0.exists());
         let start = Arc::new(Barrier::new(RACERS));
         let racers: Vec<_> = (0..RACERS)
@@ -62,7 +49,7 @@ fn a_second_load_of_a_pinned_root_is_refused_and_leaves_it_intact() {
     if !privileged("a_second_load_of_a_pinned_root_is_refused_and_leaves_it_intact") {
         return;
     }
-    let root = PinRoot(PathBuf::from(format!("/sys/fs/bpf/fwtest-reload-{}", std::process::id())));
+    let root = PinRoot::new("reload");
     let first = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let id = first.ingress_program_id().expect("id");
     let again = Dataplane::load_pinned(&root.0, &Capacities::default());

@@ -9,8 +9,8 @@
 //! a filter with a needed bit cleared behind the loader's back, which reading the generation
 //! back must refuse.
 
+use fw_dataplane_tests::harness::PinRoot as Root;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 
 use aya::maps::{Array, MapData};
 use fw_common::{
@@ -102,16 +102,6 @@ fn class_entries_of_every_protocol_are_found_behind_the_filter() {
     }
 }
 
-/// A bpffs root of the test's own, unloaded and removed on drop.
-struct Root(PathBuf);
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        let _ = fw_loader::unload_pinned(&self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The set bits of generation `g`'s filter, from its pin.
 fn filter_bits(root: &std::path::Path, g: u32) -> u32 {
     let pin = root.join(format!("{}_G{g}", maps::INGRESS_L4_CLASSES));
@@ -129,7 +119,7 @@ fn an_apply_of_the_difference_sets_the_bits_of_new_class_entries_in_both_generat
     if !privileged(name) {
         return;
     }
-    let root = Root(PathBuf::from(format!("/sys/fs/bpf/fwtest-l4c-{}", std::process::id())));
+    let root = Root::new("l4c");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let before = state(POLICY);
     let after = state(&format!("{POLICY}{MORE}"));
@@ -182,7 +172,7 @@ fn reading_back_refuses_a_filter_without_a_needed_bit() {
     if !privileged("reading_back_refuses_a_filter_without_a_needed_bit") {
         return;
     }
-    let root = Root(PathBuf::from(format!("/sys/fs/bpf/fwtest-l4c-rb-{}", std::process::id())));
+    let root = Root::new("l4c-rb");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let st = state(POLICY);
     let e = encode(&st);

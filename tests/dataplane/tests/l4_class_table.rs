@@ -9,8 +9,9 @@
 //! generations, and that a table marked incomplete, or too small for the policy, leaves the
 //! class entries to the hash with the same verdicts.
 
+use fw_dataplane_tests::harness::PinRoot as Root;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aya::maps::{Array, Map, MapData};
 use fw_common::{
@@ -54,22 +55,6 @@ const STRANGER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 /// TCP 22 as an L4 word (`proto << 24 | port`).
 const TCP_22: u32 = 6 << 24 | 22;
 
-/// A bpffs root of the test's own, unloaded and removed on drop.
-struct Root(PathBuf);
-
-impl Root {
-    fn new(tag: &str) -> Self {
-        Self(PathBuf::from(format!("/sys/fs/bpf/fwtest-l4k-{tag}-{}", std::process::id())))
-    }
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        let _ = fw_loader::unload_pinned(&self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Generation `g`'s class table, from its pin.
 fn table(root: &Path, g: u32) -> Array<MapData, L4ClassTableChunk> {
     let pin = root.join(format!("{}_G{g}", maps::INGRESS_L4_CLASS_TABLE));
@@ -102,7 +87,7 @@ fn class_entries_follow_an_apply_of_the_difference_in_both_generations() {
     if !privileged(name) {
         return;
     }
-    let root = Root::new("delta");
+    let root = Root::new("l4k-delta");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let before = fw_dataplane_tests::policy::state(POLICY);
     let after = fw_dataplane_tests::policy::state(&format!("{POLICY}{MORE}"));
@@ -159,7 +144,7 @@ fn the_program_reads_the_table_and_the_hash_only_when_the_table_is_incomplete() 
     if !privileged("the_program_reads_the_table_and_the_hash_only_when_the_table_is_incomplete") {
         return;
     }
-    let root = Root::new("tamper");
+    let root = Root::new("l4k-tamper");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let st = fw_dataplane_tests::policy::state(POLICY);
     let e = encode(&st);
@@ -231,7 +216,7 @@ fn a_policy_with_more_class_entries_than_slots_is_left_to_the_hash() {
         "{POLICY}    - {{name: many, action: allow, from: [172.16.0.0/12], proto: tcp, ports: [{}]}}\n",
         ports.join(", ")
     );
-    let root = Root::new("overflow");
+    let root = Root::new("l4k-overflow");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let st = fw_dataplane_tests::policy::state(&policy);
     let e = encode(&st);

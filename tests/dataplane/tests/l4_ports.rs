@@ -8,8 +8,8 @@
 //! entry inside it, a class's entry next to the shared table's, and a port moved by an apply
 //! that writes only the difference (so the array is patched, not rewritten).
 
+use fw_dataplane_tests::harness::PinRoot as Root;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 
 use fw_common::{Bytes, CONFIG_INGRESS, DirectionConfig, L4F_TRIE_SHARED, STAT_DEFAULT_DENY, maps};
 use fw_compiler::encode::{Encoded, encode};
@@ -118,22 +118,12 @@ fn shared_ports_come_from_the_port_array_and_the_rest_from_the_hash_and_trie() {
     h.assert_cases(&cases);
 }
 
-/// A bpffs root of the test's own, unloaded and removed on drop.
-struct Root(PathBuf);
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        let _ = fw_loader::unload_pinned(&self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn an_apply_of_the_difference_patches_the_port_array_in_both_generations() {
     if !privileged("an_apply_of_the_difference_patches_the_port_array_in_both_generations") {
         return;
     }
-    let root = Root(PathBuf::from(format!("/sys/fs/bpf/fwtest-l4ports-{}", std::process::id())));
+    let root = Root::new("l4ports");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let before = state(POLICY);
     // web moves from 443 to 8443 and dns from 53 and 65535 to 54: slots set and cleared in

@@ -7,8 +7,9 @@
 //! before any packet reached them), the links keep their ids while the programs change, the
 //! connection-tracking entries move over, and a normal apply works afterwards.
 
+use fw_dataplane_tests::harness::PinRoot;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fw_common::conntrack::{CT_FAMILY_V4, CT_STATE_ESTABLISHED, ConntrackKey, ConntrackValue};
@@ -25,16 +26,6 @@ use fw_compiler::yaml::ParseLimits;
 use fw_dataplane_tests::harness::privileged;
 use fw_loader::{ConntrackMigration, Dataplane, Desired, Error, Opened};
 use fw_netkit::{Cgroup, Netns, Outcome, UdpEchoServer, UdpFlood, VethPair};
-
-/// A bpffs root of the test's own; unloads everything under it on drop.
-struct PinRoot(PathBuf);
-
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        let _ = fw_loader::unload_pinned(&self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn state(yaml: &str) -> MapState {
     let loaded = load([Input::new("p.yaml", yaml)], &ParseLimits::default());
@@ -120,7 +111,7 @@ fn an_abi_upgrade_swaps_programs_under_their_links_without_letting_a_packet_thro
     ) {
         return;
     }
-    let root = PinRoot(PathBuf::from(format!("/sys/fs/bpf/fwtest-upgrade-{}", std::process::id())));
+    let root = PinRoot::new("upgrade");
     let ns = Netns::new().expect("netns");
     let veth = VethPair::new(&ns).expect("veth");
     ns.run(|| std::fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1"))
@@ -254,8 +245,7 @@ fn an_upgrade_of_a_current_data_plane_adopts_it() {
     if !privileged("an_upgrade_of_a_current_data_plane_adopts_it") {
         return;
     }
-    let root =
-        PinRoot(PathBuf::from(format!("/sys/fs/bpf/fwtest-upgrade-same-{}", std::process::id())));
+    let root = PinRoot::new("upgrade-same");
     let caps = Capacities::default();
     let deny = state(DENY);
     let enc = encode(&deny);
@@ -275,8 +265,7 @@ fn a_swap_that_fails_midway_swaps_the_done_links_back_and_leaves_the_old_data_pl
     ) {
         return;
     }
-    let root =
-        PinRoot(PathBuf::from(format!("/sys/fs/bpf/fwtest-upgrade-fail-{}", std::process::id())));
+    let root = PinRoot::new("upgrade-fail");
     let ns = Netns::new().expect("netns");
     let veth = VethPair::new(&ns).expect("veth");
     let cg = Cgroup::new().expect("cgroup");

@@ -10,8 +10,9 @@
 //! back, which the program follows (so the pool really is what it reads) and reading the
 //! generation back refuses.
 
+use fw_dataplane_tests::harness::PinRoot as Root;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aya::maps::{Array, Map, MapData};
 use fw_common::{V4_DIR_POOL_CHUNKS, V4Dir1Chunk, V4DirChunk, maps};
@@ -125,22 +126,6 @@ fn pool_status(dp: &Dataplane) -> (usize, u32) {
     (m.entries, m.capacity)
 }
 
-/// A bpffs root of the test's own, unloaded and removed on drop.
-struct Root(PathBuf);
-
-impl Root {
-    fn new(tag: &str) -> Self {
-        Self(PathBuf::from(format!("/sys/fs/bpf/fwtest-pool-{tag}-{}", std::process::id())))
-    }
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        let _ = fw_loader::unload_pinned(&self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Generation `g`'s inner map `name`, from its pin.
 fn pinned_array<V: aya::Pod>(root: &Path, name: &str, g: u32) -> Array<MapData, V> {
     let pin = root.join(format!("{name}_G{g}"));
@@ -153,7 +138,7 @@ fn chunks_beyond_a_small_pool_are_found_in_the_hash() {
     {
         return;
     }
-    let root = Root::new("small");
+    let root = Root::new("pool-small");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let nets: Vec<u8> = (0..12).collect();
     let (hp, e, digest) = compiled(&nets);
@@ -187,7 +172,7 @@ fn an_apply_of_the_difference_adds_and_removes_second_level_chunks() {
     if !fw_dataplane_tests::harness::privileged(name) {
         return;
     }
-    let root = Root::new("delta");
+    let root = Root::new("pool-delta");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     // A pool of 6 for 6 chunks: full.
     dp.limit_v4_dir_pool(6);
@@ -239,7 +224,7 @@ fn the_program_reads_the_pool_and_reading_back_refuses_a_wrong_one() {
     if !fw_dataplane_tests::harness::privileged(name) {
         return;
     }
-    let root = Root::new("rb");
+    let root = Root::new("pool-rb");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let (hp, e, digest) = compiled(&[0, 1, 2]);
     dp.apply(&e, "r1", &digest, b"one").expect("apply");

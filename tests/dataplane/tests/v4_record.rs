@@ -5,9 +5,8 @@
 //! generation reads back exactly. A generation laid out by an older loader (every prefix in
 //! the hash, no record) reads back exactly too and is re-sorted by the next apply.
 
+use fw_dataplane_tests::harness::PinRoot as Root;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use aya::maps::{HashMap, Map, MapData};
 use fw_common::{Bytes as _, Ipv4LpmKey};
@@ -20,25 +19,6 @@ use fw_compiler::yaml::ParseLimits;
 use fw_dataplane_tests::harness::privileged;
 use fw_dataplane_tests::packet::{ETH_P_IP, Ipv4, ethernet, tcp};
 use fw_loader::{Dataplane, XdpAction};
-
-static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-/// A bpffs root of the test's own, unloaded and removed on drop.
-struct Root(PathBuf);
-
-impl Root {
-    fn new() -> Root {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        Root(PathBuf::from(format!("/sys/fs/bpf/fwtest-v4rec-{}-{n}", std::process::id())))
-    }
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        let _ = fw_loader::unload_pinned(&self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Port 22 from the prefixes of at most /20, port 80 from the longer ones (two rules, so the
 /// compiler keeps the nested prefixes apart).
@@ -136,7 +116,7 @@ fn a_chunk_that_moves_takes_its_prefixes_between_the_hash_and_the_record() {
     if !privileged("a_chunk_that_moves_takes_its_prefixes_between_the_hash_and_the_record") {
         return;
     }
-    let root = Root::new();
+    let root = Root::new("v4rec");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let ((a, da), (b, db)) = (encoded(A), encoded(B));
     dp.apply(&a, "a", &da, b"s").expect("apply");
@@ -179,7 +159,7 @@ fn a_generation_laid_out_by_an_older_loader_reads_back_exactly_and_is_re_sorted(
     if !privileged("a_generation_laid_out_by_an_older_loader_reads_back_exactly_and_is_re_sorted") {
         return;
     }
-    let root = Root::new();
+    let root = Root::new("v4rec");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let (a, da) = encoded(A);
     dp.apply(&a, "a", &da, b"s").expect("apply");
@@ -214,7 +194,7 @@ fn a_lost_record_changes_no_verdict_and_the_next_apply_writes_it_again() {
     if !privileged("a_lost_record_changes_no_verdict_and_the_next_apply_writes_it_again") {
         return;
     }
-    let root = Root::new();
+    let root = Root::new("v4rec");
     let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
     let (a, da) = encoded(A);
     dp.apply(&a, "a", &da, b"s").expect("apply");
