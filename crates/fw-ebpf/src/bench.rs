@@ -81,9 +81,12 @@ pub fn randomise(ctx: &XdpContext, ip: &mut IpPacket) {
     // instead of walking the rest of the program once per arm.
     let idx = core::cmp::min(usize::from(d.off) / 4, 3);
     let s = &mut ip.src;
-    let mut words = [[s[0], s[1], s[2], s[3]], [s[4], s[5], s[6], s[7]], [
-        s[8], s[9], s[10], s[11],
-    ], [s[12], s[13], s[14], s[15]]];
+    let mut words = [
+        [s[0], s[1], s[2], s[3]],
+        [s[4], s[5], s[6], s[7]],
+        [s[8], s[9], s[10], s[11]],
+        [s[12], s[13], s[14], s[15]],
+    ];
     if let Some(w) = words.get_mut(idx) {
         *w = v;
     }

@@ -39,16 +39,15 @@ use aya_ebpf::programs::XdpContext;
 use fw_common::{
     ACTION_ALLOW, ACTION_DENY, ACTION_NONE, ActiveGeneration, CONFIG_ENTRIES, CONFIG_INGRESS,
     ClassValue, Counters, DIRECTION_INGRESS, DirectionConfig, FLAG_LOG_AUDIT, FLAG_LOG_VERDICT,
-    GENERATIONS, Ipv4LpmKey, L4_KEY_FIXED_BITS, L4_PORT_CHUNKS, L4F_EXACT_SHARED_PORTS,
-    L4F_TRIE_CLASSES, L4F_TRIE_SHARED, L4PortChunk, L4Value, L4_CLASS_FILTER_CHUNKS,
-    L4ClassFilterChunk, l4_class_filter_at, l4_class_filter_bit, SHARED_CLASS,
-    L4_CLASS_TABLE_INCOMPLETE, L4_CLASS_TABLE_ENTRIES, L4_CLASS_TABLE_HEADER, L4ClassTableChunk,
-    l4_class_bucket_at, l4_class_buckets, STAT_ALWAYS_ARP,
-    STAT_ALWAYS_LOOPBACK, STAT_ALWAYS_ND, STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY,
-    STAT_AUDIT_DEFAULT_DENY, STAT_AUDIT_DENY, STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY,
-    STAT_INTERNAL_ERROR, STAT_MALFORMED, STAT_NOT_IP, STATS_ENTRIES, V4_DIR_L2_BASE,
-    V4_DIR_POOL_CHUNKS, V4Dir1Chunk, V4DirChunk, V4DirSlot, WorkloadKey, WorkloadValue,
-    l4_port_index, stat_index, v4_dir_l1, v4_dir_l2,
+    GENERATIONS, Ipv4LpmKey, L4_CLASS_FILTER_CHUNKS, L4_CLASS_TABLE_ENTRIES, L4_CLASS_TABLE_HEADER,
+    L4_CLASS_TABLE_INCOMPLETE, L4_KEY_FIXED_BITS, L4_PORT_CHUNKS, L4ClassFilterChunk,
+    L4ClassTableChunk, L4F_EXACT_SHARED_PORTS, L4F_TRIE_CLASSES, L4F_TRIE_SHARED, L4PortChunk,
+    L4Value, SHARED_CLASS, STAT_ALWAYS_ARP, STAT_ALWAYS_LOOPBACK, STAT_ALWAYS_ND,
+    STAT_ALWAYS_RELATED, STAT_ALWAYS_REPLY, STAT_AUDIT_DEFAULT_DENY, STAT_AUDIT_DENY,
+    STAT_DEFAULT_ALLOW, STAT_DEFAULT_DENY, STAT_INTERNAL_ERROR, STAT_MALFORMED, STAT_NOT_IP,
+    STATS_ENTRIES, V4_DIR_L2_BASE, V4_DIR_POOL_CHUNKS, V4Dir1Chunk, V4DirChunk, V4DirSlot,
+    WorkloadKey, WorkloadValue, l4_class_bucket_at, l4_class_buckets, l4_class_filter_at,
+    l4_class_filter_bit, l4_port_index, stat_index, v4_dir_l1, v4_dir_l2,
 };
 
 use crate::parse::{Frame, IpPacket, PROTO_ICMP, PROTO_ICMPV6};
@@ -795,8 +794,7 @@ fn l4_find_ingress(generation: u32, wide: u32, narrow: u32, word: u32, flags: u3
         let ask = class_filter_has(filter, narrow, proto);
         let hit = ask && tabled && class_table_get(table, narrow, word, v2);
         let ask_narrow = ask && !tabled;
-        if hit || l4_lookup_ingress(exact, trie, key, narrow, word, v2, ask_narrow, trie_classes)
-        {
+        if hit || l4_lookup_ingress(exact, trie, key, narrow, word, v2, ask_narrow, trie_classes) {
             found |= 4;
         }
     }
@@ -820,7 +818,13 @@ fn class_table_get(table: &ClassTable, class: u32, word: u32, out: &mut L4Value)
 
 /// [`class_table_get`] in one bucket.
 #[inline(always)]
-fn class_bucket_get(table: &ClassTable, bucket: u32, class: u32, word: u32, out: &mut L4Value) -> bool {
+fn class_bucket_get(
+    table: &ClassTable,
+    bucket: u32,
+    class: u32,
+    word: u32,
+    out: &mut L4Value,
+) -> bool {
     let (chunk, index) = l4_class_bucket_at(bucket);
     let Some(c) = table.get_ptr(chunk) else {
         return false;

@@ -102,22 +102,29 @@ pub(crate) fn update(
     if whole(op, values.len(), value_size)? != n {
         return Err(BatchError::Size { op, len: values.len(), size: value_size });
     }
+    write_batch(bpf_cmd::BPF_MAP_UPDATE_BATCH, op, fd, key_size, keys, values.as_ptr() as u64, n)
+}
+
+/// An update or delete batch (`cmd`) of the `n` keys of `keys`, with `values` the address of
+/// the values for an update (0 for a delete).
+fn write_batch(
+    cmd: bpf_cmd,
+    op: &'static str,
+    fd: BorrowedFd<'_>,
+    key_size: usize,
+    keys: &[u8],
+    values: u64,
+    n: usize,
+) -> Result<usize, BatchError> {
     if n == 0 {
         return Ok(0);
     }
     let map_fd = raw_fd(fd).map_err(|source| kernel(op, 0, n, source))?;
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: u32::try_from(n).map_err(|_| BatchError::Size {
-            op,
-            len: keys.len(),
-            size: key_size,
-        })?,
-        map_fd,
-        ..BatchAttr::default()
-    };
-    finish(op, n, call(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr))
+    let count =
+        u32::try_from(n).map_err(|_| BatchError::Size { op, len: keys.len(), size: key_size })?;
+    let mut attr =
+        BatchAttr { keys: keys.as_ptr() as u64, values, count, map_fd, ..BatchAttr::default() };
+    finish(op, n, call(cmd, &mut attr))
 }
 
 fn kernel(op: &'static str, done: usize, total: usize, source: io::Error) -> BatchError {
@@ -147,21 +154,7 @@ pub(crate) fn delete(
 ) -> Result<usize, BatchError> {
     let op = "BPF_MAP_DELETE_BATCH";
     let n = whole(op, keys.len(), key_size)?;
-    if n == 0 {
-        return Ok(0);
-    }
-    let map_fd = raw_fd(fd).map_err(|source| kernel(op, 0, n, source))?;
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        count: u32::try_from(n).map_err(|_| BatchError::Size {
-            op,
-            len: keys.len(),
-            size: key_size,
-        })?,
-        map_fd,
-        ..BatchAttr::default()
-    };
-    finish(op, n, call(bpf_cmd::BPF_MAP_DELETE_BATCH, &mut attr))
+    write_batch(bpf_cmd::BPF_MAP_DELETE_BATCH, op, fd, key_size, keys, 0, n)
 }
 
 /// Every entry of a hash or an array, in the kernel's iteration order: `(keys, values, n)`

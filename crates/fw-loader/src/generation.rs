@@ -25,11 +25,12 @@ use aya_obj::generated::bpf_map_type;
 use fw_common::{
     ACTION_ALLOW, Bytes, CONFIG_ENTRIES, ClassValue, DirectionConfig, Ipv4LpmKey, Ipv6LpmKey,
     L4_CLASS_BUCKET_SLOTS, L4_CLASS_BUCKETS, L4_CLASS_FILTER_BITS, L4_CLASS_FILTER_CHUNKS,
-    L4_CLASS_TABLE_CHUNKS, L4_CLASS_TABLE_ENTRIES, L4_CLASS_TABLE_HEADER, L4_PORT_CHUNKS,
-    L4_PORT_SLOTS, L4ClassFilterChunk, L4ClassTableChunk, L4LpmKey, L4PortChunk, L4Value,
-    V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS, V4_DIR_POOL_CHUNKS, V4_DIR_SLOTS, V4Dir1Chunk, V4Dir1Slot,
-    V4DirChunk, WorkloadKey, WorkloadValue, l4_class_bucket_at, l4_class_buckets,
-    l4_class_filter_at, l4_class_filter_entry, l4_class_table_entry, l4_port_mirror, maps,
+    L4_CLASS_TABLE_CHUNKS, L4_CLASS_TABLE_ENTRIES, L4_CLASS_TABLE_HEADER,
+    L4_CLASS_TABLE_INCOMPLETE, L4_PORT_CHUNKS, L4_PORT_SLOTS, L4ClassFilterChunk,
+    L4ClassTableChunk, L4LpmKey, L4PortChunk, L4Value, V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS,
+    V4_DIR_POOL_CHUNKS, V4_DIR_SLOTS, V4Dir1Chunk, V4Dir1Slot, V4DirChunk, WorkloadKey,
+    WorkloadValue, l4_class_bucket_at, l4_class_buckets, l4_class_filter_at, l4_class_filter_entry,
+    l4_class_table_entry, l4_port_mirror, maps,
 };
 use fw_compiler::encode::{Encoded, Entries};
 use fw_compiler::mapstate::Capacities;
@@ -1954,7 +1955,7 @@ impl GenerationMaps {
     fn verify_class_table(&self, d: &MapDelta) -> Result<(), Error> {
         let name = maps::INGRESS_L4_CLASS_TABLE;
         let get = |index: u32| self.in_l4k.get(&index, 0).map_err(Error::map(name));
-        if get(L4_CLASS_TABLE_HEADER)? != ClassTable::empty().header() {
+        if get(L4_CLASS_TABLE_HEADER)?.incomplete == L4_CLASS_TABLE_INCOMPLETE {
             // Incomplete: the program asks the hash, whatever the table holds.
             return Ok(());
         }
