@@ -122,21 +122,47 @@ pub const fn ct_seen_may_live(slot: u32, now_ns: u64) -> bool {
     slot != 0 && slot.saturating_add(CT_SEEN_HORIZON) >= ct_seen_epoch(now_ns)
 }
 
-/// The seen filter's slot of `key` (below [`CT_SEEN_SLOTS`]): a multiplicative hash of the
-/// key's fields (the addresses folded to a word each first: few instructions, as the
-/// verifier walks them on many paths), the same in the programs and in user space.
+/// The seen filter's slot of `key` (below [`CT_SEEN_SLOTS`]): [`ct_seen_hash`] of its fields.
 #[inline(always)]
 pub const fn ct_seen_slot(key: &ConntrackKey) -> u32 {
+    ct_seen_hash(
+        key.family,
+        key.proto,
+        key.local_port,
+        key.remote_port,
+        ct_seen_fold(&key.local),
+        ct_seen_fold(&key.remote),
+    )
+}
+
+/// The seen filter's slot of a flow given by its fields, the addresses folded by
+/// [`ct_seen_fold`]: a multiplicative hash (few instructions, as the verifier walks them on
+/// many paths), the same in the programs and in user space. The ingress program computes it
+/// from the packet's fields before it builds a key, so a packet whose slot was never written
+/// costs no key at all.
+#[inline(always)]
+pub const fn ct_seen_hash(
+    family: u8,
+    proto: u8,
+    local_port: u16,
+    remote_port: u16,
+    local: u32,
+    remote: u32,
+) -> u32 {
     const M: u32 = 0x9e37_79b1;
-    let (l, r) = (&key.local, &key.remote);
-    let local = word(l, 0) ^ word(l, 4) ^ word(l, 8) ^ word(l, 12);
-    let remote = word(r, 0) ^ word(r, 4) ^ word(r, 8) ^ word(r, 12);
-    let mut h = (key.family as u32) | ((key.proto as u32) << 8) | ((key.local_port as u32) << 16);
-    h = h.wrapping_mul(M) ^ (key.remote_port as u32);
+    let mut h = (family as u32) | ((proto as u32) << 8) | ((local_port as u32) << 16);
+    h = h.wrapping_mul(M) ^ (remote_port as u32);
     h = h.wrapping_mul(M) ^ local;
     h = h.wrapping_mul(M) ^ remote;
     h = h.wrapping_mul(M);
     (h >> (32 - CT_SEEN_SLOTS.trailing_zeros())) & (CT_SEEN_SLOTS - 1)
+}
+
+/// An address of a [`ConntrackKey`] folded to one word for [`ct_seen_hash`]: its four words
+/// XORed (an IPv4 address, with 12 zero bytes, folds to its own word).
+#[inline(always)]
+pub const fn ct_seen_fold(a: &[u8; 16]) -> u32 {
+    word(a, 0) ^ word(a, 4) ^ word(a, 8) ^ word(a, 12)
 }
 
 /// Bytes `i..i + 4` of `a` as a word (native order).

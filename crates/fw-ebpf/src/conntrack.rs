@@ -31,7 +31,8 @@ use aya_ebpf::macros::{btf_map, cgroup_skb};
 use aya_ebpf::programs::{SkBuffContext, XdpContext};
 use fw_common::conntrack::{
     CT_ENTRIES, CT_FAMILY_V4, CT_FAMILY_V6, CT_SEEN_SLOTS, CT_STATE_ESTABLISHED, CT_STATE_OTHER,
-    ConntrackKey, ConntrackValue, ct_seen_epoch, ct_seen_may_live, ct_seen_slot, timeout_ns,
+    ConntrackKey, ConntrackValue, ct_seen_epoch, ct_seen_fold, ct_seen_hash, ct_seen_may_live,
+    ct_seen_slot, timeout_ns,
 };
 
 use crate::parse::{IpPacket, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, load};
@@ -192,32 +193,46 @@ pub fn flow_state(ctx: &XdpContext, ip: &IpPacket) -> FlowState {
         return FlowState::New;
     }
     let Ok(l4) = load::<8>(ctx, ip.l4_off) else { return FlowState::New };
+    let family = if ip.v6 { CT_FAMILY_V6 } else { CT_FAMILY_V4 };
+    // The reply's key ports; related errors build their key from the embedded header.
+    let (local_port, remote_port, related) = match (ip.proto, l4[0]) {
+        (PROTO_TCP | PROTO_UDP, _) => (be16(l4[2], l4[3]), be16(l4[0], l4[1]), false),
+        (PROTO_ICMP, ICMP_ECHO_REPLY) | (PROTO_ICMPV6, ICMPV6_ECHO_REPLY) => {
+            (be16(l4[4], l4[5]), 0, false)
+        }
+        (PROTO_ICMP, 3 | 11 | 12) | (PROTO_ICMPV6, 1..=4) => (0, 0, true),
+        _ => return FlowState::New,
+    };
+    if !related {
+        // The seen filter's slot straight from the packet's fields: a slot never written
+        // (traffic nobody here talked to, what a deny under a flood mostly is) answers before
+        // the 40-byte key is built. `live` reads the slot again with its time check.
+        let slot = ct_seen_hash(
+            family,
+            ip.proto,
+            local_port,
+            remote_port,
+            ct_seen_fold(&ip.dst),
+            ct_seen_fold(&ip.src),
+        );
+        match FW_CT_SEEN.get(slot) {
+            Some(s) if *s != 0 => {}
+            _ => return FlowState::New,
+        }
+    }
     let mut key = ConntrackKey {
-        family: if ip.v6 { CT_FAMILY_V6 } else { CT_FAMILY_V4 },
+        family,
         proto: ip.proto,
+        local_port,
+        remote_port,
         local: ip.dst,
         remote: ip.src,
         ..ConntrackKey::default()
     };
+    if related && !related_key(ctx, ip, ip.l4_off + 8, &mut key) {
+        return FlowState::New;
+    }
     // One `live` for replies and related errors, so the verifier walks it once per path.
-    let related = match (ip.proto, l4[0]) {
-        (PROTO_TCP | PROTO_UDP, _) => {
-            key.local_port = be16(l4[2], l4[3]);
-            key.remote_port = be16(l4[0], l4[1]);
-            false
-        }
-        (PROTO_ICMP, ICMP_ECHO_REPLY) | (PROTO_ICMPV6, ICMPV6_ECHO_REPLY) => {
-            key.local_port = be16(l4[4], l4[5]);
-            false
-        }
-        (PROTO_ICMP, 3 | 11 | 12) | (PROTO_ICMPV6, 1..=4) => {
-            if !related_key(ctx, ip, ip.l4_off + 8, &mut key) {
-                return FlowState::New;
-            }
-            true
-        }
-        _ => return FlowState::New,
-    };
     match (live(&key), related) {
         (0, _) => FlowState::New,
         (_, false) => FlowState::Reply,
