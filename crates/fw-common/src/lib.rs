@@ -173,6 +173,14 @@ pub mod maps {
     /// Per-CPU hash: rule id (`u32`, host order) -> [`Counters`](crate::Counters) of the
     /// packets the rule decided (see [`Counters`](crate::Counters) for what "decided" means).
     pub const RULE_COUNTERS: &str = "FW_RULE_CNT";
+    /// Per-CPU array of [`RULE_COUNTER_SLOTS`](crate::RULE_COUNTER_SLOTS)
+    /// [`RuleCounterSlot`](crate::RuleCounterSlot)s, indexed by
+    /// [`rule_counter_slot`](crate::rule_counter_slot): a direct-mapped front of
+    /// [`RULE_COUNTERS`]. A rule counts into its slot when the slot is free or already its
+    /// own on that CPU, else into the hash; a rule's count is the sum of both over the CPUs.
+    /// The programs add to a slot with an inlined array lookup, where the hash costs a hashed
+    /// lookup call per decided packet.
+    pub const RULE_COUNTER_CACHE: &str = "FW_RULE_CNT_DM";
     /// Per-CPU array of [`Counters`](crate::Counters), indexed by
     /// [`stat_index`](crate::stat_index): outcomes no rule decided (defaults, always-allowed
     /// traffic, malformed packets, ...).
@@ -822,8 +830,36 @@ pub struct Counters {
     pub bytes: u64,
 }
 
+/// Slots of [`maps::RULE_COUNTER_CACHE`] (per CPU: 96 KiB each). Rule ids are hashes, so a
+/// few of a policy's rules share a slot; the later of two on a CPU counts in the hash.
+pub const RULE_COUNTER_SLOTS: u32 = 4096;
+
+/// The slot of `rule` in [`maps::RULE_COUNTER_CACHE`] (below [`RULE_COUNTER_SLOTS`]): the
+/// top bits of a multiplicative hash of the id.
+#[inline(always)]
+pub const fn rule_counter_slot(rule: u32) -> u32 {
+    rule.wrapping_mul(0x9e37_79b1) >> (32 - RULE_COUNTER_SLOTS.trailing_zeros())
+}
+
+/// Value of [`maps::RULE_COUNTER_CACHE`]: whose counts a slot holds on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleCounterSlot {
+    /// The rule the slot counts for; 0 (never a rule id: the defaults count in
+    /// [`maps::STATS`]) while the slot is free. Taken by the first rule that counts there on
+    /// this CPU and kept until the counters are reset. Host order.
+    pub rule: u32,
+    /// Always 0.
+    pub _pad: u32,
+    /// The rule's packets and bytes on this CPU, as in [`maps::RULE_COUNTERS`].
+    pub counters: Counters,
+}
+
 // The layouts are ABI: pin sizes and offsets so an accidental change fails to compile.
 const _: () = {
+    assert!(size_of::<RuleCounterSlot>() == 24);
+    assert!(offset_of!(RuleCounterSlot, counters) == 8);
+    assert!(RULE_COUNTER_SLOTS.is_power_of_two());
     assert!(size_of::<Ipv4LpmKey>() == 8);
     assert!(offset_of!(Ipv4LpmKey, addr) == 4);
     assert!(size_of::<Ipv6LpmKey>() == 20);
@@ -1174,6 +1210,8 @@ mod pod {
     unsafe impl Pod for ActiveGeneration {}
     // SAFETY: as above.
     unsafe impl Pod for Counters {}
+    // SAFETY: as above.
+    unsafe impl Pod for RuleCounterSlot {}
 }
 
 #[cfg(test)]
@@ -1200,6 +1238,7 @@ mod tests {
             maps::WORKLOADS,
             maps::GENERATION,
             maps::RULE_COUNTERS,
+            maps::RULE_COUNTER_CACHE,
             maps::STATS,
             maps::CONNTRACK,
             maps::CONNTRACK_SEEN,

@@ -58,7 +58,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fw_common::GENERATIONS;
+use fw_common::{GENERATIONS, RuleCounterSlot};
 use fw_compiler::encode::{Encoded, Entries, decode};
 
 use crate::generation::{self, GenerationMaps, MapDelta};
@@ -1025,16 +1025,38 @@ impl Dataplane {
         let name = fw_common::maps::RULE_COUNTERS;
         let present: Vec<u32> =
             self.rule_counters.keys().collect::<Result<_, _>>().map_err(Error::map(name))?;
-        let mut removed = 0;
+        let mut removed = BTreeSet::new();
         for rule in present.into_iter().filter(|r| !keep.contains(r)) {
             match self.rule_counters.remove(&rule) {
-                Ok(()) => removed += 1,
+                Ok(()) => {
+                    removed.insert(rule);
+                }
                 // Gone meanwhile (another cleaner): what was wanted.
                 Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(Error::map(name)(e)),
             }
         }
-        Ok(removed)
+        // The direct-mapped front: a slot a removed rule holds on some CPU is freed there. A
+        // per-CPU array is written for all CPUs at once, so the slot's other CPUs are written
+        // back as read: a kept rule sharing the slot index on another CPU can lose the
+        // packets it counted between the read and the write (microseconds, only when a rule
+        // is removed).
+        let (slots, cpus) = self.counter_slots()?;
+        for (k, per_cpu) in slots.chunks_exact(cpus.max(1)).enumerate() {
+            let gone = |s: &RuleCounterSlot| s.rule != 0 && !keep.contains(&s.rule);
+            if !per_cpu.iter().any(gone) {
+                continue;
+            }
+            let mut fresh = per_cpu.to_vec();
+            for s in &mut fresh {
+                if gone(s) {
+                    removed.insert(s.rule);
+                    *s = RuleCounterSlot::default();
+                }
+            }
+            self.write_counter_slot(k as u32, &fresh)?;
+        }
+        Ok(removed.len())
     }
 }
 

@@ -49,14 +49,18 @@ pub mod testing {
 pub mod workloads;
 
 use std::collections::BTreeMap;
+use std::os::fd::AsFd as _;
 use std::time::Duration;
 
-use aya::maps::{Array, ArrayOfMaps, InnerMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{
+    Array, ArrayOfMaps, InnerMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuHashMap,
+};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use fw_common::{
-    ActiveGeneration, Counters, GENERATIONS, STATS_ENTRIES, maps, programs, stat_index,
+    ActiveGeneration, Counters, GENERATIONS, RULE_COUNTER_SLOTS, RuleCounterSlot, STATS_ENTRIES,
+    maps, programs, stat_index,
 };
 use fw_compiler::encode::{Encoded, decode};
 use fw_compiler::mapstate::Capacities;
@@ -124,6 +128,8 @@ pub struct Dataplane {
     generations: Vec<GenerationMaps>,
     generation: Array<MapData, ActiveGeneration>,
     rule_counters: PerCpuHashMap<MapData, u32, Counters>,
+    /// The direct-mapped front of `rule_counters` (`maps::RULE_COUNTER_CACHE`).
+    rule_counter_cache: PerCpuArray<MapData, RuleCounterSlot>,
     stats: PerCpuArray<MapData, Counters>,
     /// The outer maps, kept open for pinning.
     outer: BTreeMap<&'static str, Map>,
@@ -212,6 +218,8 @@ impl Dataplane {
             .map_err(Error::map(maps::GENERATION))?;
         let rule_counters = PerCpuHashMap::try_from(take(&mut ebpf, maps::RULE_COUNTERS)?)
             .map_err(Error::map(maps::RULE_COUNTERS))?;
+        let rule_counter_cache = PerCpuArray::try_from(take(&mut ebpf, maps::RULE_COUNTER_CACHE)?)
+            .map_err(Error::map(maps::RULE_COUNTER_CACHE))?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, maps::STATS)?)
             .map_err(Error::map(maps::STATS))?;
         Ok(Self {
@@ -220,6 +228,7 @@ impl Dataplane {
             generations,
             generation,
             rule_counters,
+            rule_counter_cache,
             stats,
             outer,
             caps: *caps,
@@ -379,7 +388,8 @@ impl Dataplane {
         })
     }
 
-    /// Every rule counter, summed over CPUs.
+    /// Every rule counter, summed over CPUs: a rule's hash entry plus the slots of the
+    /// direct-mapped front that it holds on any CPU.
     pub fn rule_counters(&self) -> Result<BTreeMap<u32, Counters>, Error> {
         let name = maps::RULE_COUNTERS;
         let mut out = BTreeMap::new();
@@ -387,7 +397,52 @@ impl Dataplane {
             let (rule, per_cpu) = item.map_err(Error::map(name))?;
             out.insert(rule, sum(&per_cpu));
         }
+        for s in self.counter_slots()?.0 {
+            if s.rule != 0 {
+                let c = out.entry(s.rule).or_default();
+                c.packets += s.counters.packets;
+                c.bytes += s.counters.bytes;
+            }
+        }
         Ok(out)
+    }
+
+    /// The direct-mapped front of the rule counters, read whole in one batch: slot `k` of
+    /// CPU `c` at `k * cpus + c`, and `cpus` (the possible CPUs, as the kernel lays per-CPU
+    /// values out).
+    pub(crate) fn counter_slots(&self) -> Result<(Vec<RuleCounterSlot>, usize), Error> {
+        let name = maps::RULE_COUNTER_CACHE;
+        let cpus = nr_cpus().map_err(|(_, e)| Error::Cpus(e))?;
+        let size = size_of::<RuleCounterSlot>();
+        let fd = self.rule_counter_cache.map().fd().as_fd();
+        let (keys, values, n) =
+            batch::lookup_all(fd, 4, size * cpus).map_err(Error::batch(name))?;
+        let mut slots = vec![RuleCounterSlot::default(); RULE_COUNTER_SLOTS as usize * cpus];
+        for i in 0..n {
+            let k = u32::from_ne_bytes(keys[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+            for c in 0..cpus {
+                let at = (i * cpus + c) * size;
+                let bytes = &values[at..at + size];
+                // SAFETY: one whole `RuleCounterSlot` as the kernel copied it out, a plain-data
+                // struct of integers (any bit pattern is valid); read unaligned.
+                let slot = unsafe { bytes.as_ptr().cast::<RuleCounterSlot>().read_unaligned() };
+                if let Some(dst) = slots.get_mut(k as usize * cpus + c) {
+                    *dst = slot;
+                }
+            }
+        }
+        Ok((slots, cpus))
+    }
+
+    /// Writes slot `k` of the front for every CPU (`per_cpu`: one per possible CPU).
+    pub(crate) fn write_counter_slot(
+        &mut self,
+        k: u32,
+        per_cpu: &[RuleCounterSlot],
+    ) -> Result<(), Error> {
+        let name = maps::RULE_COUNTER_CACHE;
+        let values = per_cpu.to_vec().try_into().map_err(Error::Cpus)?;
+        self.rule_counter_cache.set(k, values, 0).map_err(Error::map(name))
     }
 
     /// One stats slot (`fw_common::DIRECTION_*`, `fw_common::STAT_*`), summed over CPUs.
@@ -414,6 +469,12 @@ impl Dataplane {
             self.rule_counters.remove(&rule).map_err(Error::map(name))?;
         }
         let cpus = nr_cpus().map_err(|(_, e)| Error::Cpus(e))?;
+        let name = maps::RULE_COUNTER_CACHE;
+        let keys: Vec<u8> = (0..RULE_COUNTER_SLOTS).flat_map(u32::to_ne_bytes).collect();
+        let slot = size_of::<RuleCounterSlot>();
+        let zeros = vec![0u8; RULE_COUNTER_SLOTS as usize * slot * cpus];
+        let fd = self.rule_counter_cache.map().fd().as_fd();
+        batch::update(fd, 4, slot * cpus, &keys, &zeros).map_err(Error::batch(name))?;
         for i in 0..STATS_ENTRIES {
             let zeros = vec![Counters::default(); cpus].try_into().map_err(Error::Cpus)?;
             self.stats.set(i, zeros, 0).map_err(Error::map(maps::STATS))?;

@@ -399,6 +399,7 @@ impl Dataplane {
         for (name, data) in [
             (maps::GENERATION, self.generation.map()),
             (maps::RULE_COUNTERS, self.rule_counters.map()),
+            (maps::RULE_COUNTER_CACHE, self.rule_counter_cache.map()),
             (maps::STATS, self.stats.map()),
         ] {
             let (path, dst) = at(name);
@@ -464,6 +465,9 @@ impl Dataplane {
                 Map::from_map_data(counters).map_err(Error::map(maps::RULE_COUNTERS))?,
             )
             .map_err(Error::map(maps::RULE_COUNTERS))?;
+        let rule_counter_cache: PerCpuArray<MapData, fw_common::RuleCounterSlot> =
+            PerCpuArray::try_from(open_pinned_map(root, maps::RULE_COUNTER_CACHE)?)
+                .map_err(Error::map(maps::RULE_COUNTER_CACHE))?;
         let stats: PerCpuArray<MapData, fw_common::Counters> =
             PerCpuArray::try_from(open_pinned_map(root, maps::STATS)?)
                 .map_err(Error::map(maps::STATS))?;
@@ -485,6 +489,7 @@ impl Dataplane {
             generations,
             generation,
             rule_counters,
+            rule_counter_cache,
             stats,
             outer,
             caps,
