@@ -388,6 +388,14 @@ impl Dataplane {
         })
     }
 
+    /// How many instructions the verifier processed when it loaded the ingress program
+    /// (`None` on kernels that do not report it). The verifier refuses a program past
+    /// 1,000,000, so this is the headroom left for the program to grow.
+    pub fn ingress_verified_instructions(&self) -> Result<Option<u32>, Error> {
+        let info = self.ingress()?.info().map_err(Error::program(programs::INGRESS))?;
+        Ok(info.verified_instruction_count())
+    }
+
     /// Every rule counter, summed over CPUs: a rule's hash entry plus the slots of the
     /// direct-mapped front that it holds on any CPU.
     pub fn rule_counters(&self) -> Result<BTreeMap<u32, Counters>, Error> {
