@@ -61,8 +61,8 @@ const TEMPLATE_ENTRIES: usize = 1;
 const RULE_COUNTER_ENTRIES: usize = 1 << 18;
 /// Outer map slots.
 const GENERATION_SLOTS: usize = GENERATIONS as usize;
-/// LPM trie flags: the kernel requires `BPF_F_NO_PREALLOC` for LPM tries. The ingress IPv4
-/// hash uses the same flag (entries are allocated as they are inserted).
+/// LPM trie flags: the kernel requires `BPF_F_NO_PREALLOC` for LPM tries. The hashes of chunks
+/// and of exact L4 entries use the same flag (entries are allocated as they are inserted).
 const LPM_FLAGS: usize = BPF_F_NO_PREALLOC as usize;
 
 /// Source prefix -> address class, IPv4, ingress: a hash keyed by (prefix length, address
@@ -70,13 +70,21 @@ const LPM_FLAGS: usize = BPF_F_NO_PREALLOC as usize;
 /// matched exactly. The longest match is found by probing the lengths the generation's
 /// ingress config lists (`DirectionConfig::v4_lengths`), longest first: a few hash lookups
 /// that cost about the same at any table size, where the LPM trie's walk grows with the
-/// table and misses the cache at every level for random sources. `BPF_F_NO_PREALLOC`: memory
-/// follows the entries, not the capacity. Generational.
+/// table and misses the cache at every level for random sources. Preallocated
+/// ([`PREFIX_HASH_FLAGS`]). Generational.
 #[btf_map]
 static FW_IN_V4: ArrayOfMaps<
-    HashMap<Ipv4LpmKey, ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    HashMap<Ipv4LpmKey, ClassValue, TEMPLATE_ENTRIES, PREFIX_HASH_FLAGS>,
     GENERATION_SLOTS,
 > = ArrayOfMaps::new();
+
+/// `FW_IN_V4`'s flags: none, so the kernel preallocates every element when the loader creates
+/// a generation's inner map (at the size the loader gives it, which follows the prefixes the
+/// program probes, not the table's capacity: see fw-loader's `V4_HASH_FIRST`). A full write
+/// is then one take from a free list per prefix rather than an allocation (about three times
+/// cheaper per insert, which both generations pay on every full load), and an insert can never
+/// fail for memory halfway through a write.
+const PREFIX_HASH_FLAGS: usize = 0;
 
 /// The ingress IPv4 table's direct-indexed levels (DIR-16-8, see
 /// `fw_common::maps::INGRESS_V4_DIR`): chunk key -> 256 slots of classes. The first level
@@ -595,7 +603,7 @@ fn v4_classes(
     dir1: &Level1,
     pool: &Pool,
     dir: &HashMap<u32, V4DirChunk, TEMPLATE_ENTRIES, LPM_FLAGS>,
-    table: &HashMap<Ipv4LpmKey, ClassValue, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    table: &HashMap<Ipv4LpmKey, ClassValue, TEMPLATE_ENTRIES, PREFIX_HASH_FLAGS>,
     config: &DirectionConfig,
     addr: [u8; 4],
 ) -> Result<(bool, u32, u32), InternalError> {

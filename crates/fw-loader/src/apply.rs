@@ -468,7 +468,7 @@ impl Dataplane {
     /// and the diff: writes the diff and verifies what was written, or, when `encoded` does
     /// not fit, fills bigger maps, verifies them by reading them back, and puts them into the
     /// generation's outer slots. Returns what the generation holds afterwards.
-    fn sync_generation(
+    pub(crate) fn sync_generation(
         &mut self,
         generation: u32,
         encoded: &Encoded,
@@ -481,6 +481,7 @@ impl Dataplane {
         let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
         if gm.fits(encoded).is_some() {
             let mut caps = gm.caps;
+            let mut v4_hash = gm.v4_hash;
             for (&name, entries) in &encoded.maps {
                 let n = entries.len();
                 match name {
@@ -496,7 +497,12 @@ impl Dataplane {
                     _ => {}
                 }
             }
-            let mut fresh = GenerationMaps::create(generation, &caps)?;
+            let probed = crate::v4rest::probed_len(encoded);
+            if probed > v4_hash as usize {
+                // The table's capacity bounds the hash's (it holds some of the table).
+                v4_hash = grow(v4_hash, probed).min(caps.v4_prefixes);
+            }
+            let mut fresh = GenerationMaps::create(generation, &caps, v4_hash)?;
             let stats = fresh.write(encoded)?;
             // A fresh map is written in full, so it is verified in full (growing is rare).
             let back = fresh.read()?;
@@ -996,8 +1002,19 @@ impl Dataplane {
         let plan = gm.plan_v4(old.as_ref(), &after, deltas, shared.as_ref())?;
         // A failed write leaves nothing to replay.
         gm.last_v4 = None;
+        let hash_len = match &plan {
+            Some(plan) => Some(gm.v4_hash_after(plan)?),
+            None => None,
+        };
+        if hash_len.is_some() {
+            // Not known should the write fail halfway.
+            gm.v4_hash_len = None;
+        }
         let stats = gm.apply_delta(deltas, plan.as_ref())?;
         gm.verify_delta(deltas, &sizes, plan.as_ref())?;
+        if let Some(n) = hash_len {
+            gm.v4_hash_len = Some(n);
+        }
         if let Some(plan) = &plan {
             if plan.rest.is_some()
                 && let Some(root) = &root

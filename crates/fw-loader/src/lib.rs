@@ -70,7 +70,7 @@ pub use crate::batch::BatchError;
 pub use crate::cgroup::{CgroupAttachment, CgroupLinks, EgressAttachment, cgroup2_mount};
 pub use crate::error::Error;
 pub use crate::events::{EventStats, Events};
-use crate::generation::GenerationMaps;
+use crate::generation::{GenerationMaps, V4_HASH_FIRST};
 pub use crate::generation::{MapDelta, WriteStats, delta as entry_delta};
 pub use crate::pin::{
     Attachment, DEFAULT_ROOT, MapStatus, Opened, Status, abi_version, attachments,
@@ -190,7 +190,7 @@ impl Dataplane {
         cgroup::load_egress_programs(&mut ebpf)?;
 
         let generations = (0..GENERATIONS)
-            .map(|g| GenerationMaps::create(g, caps))
+            .map(|g| GenerationMaps::create(g, caps, caps.v4_prefixes.min(V4_HASH_FIRST)))
             .collect::<Result<Vec<_>, _>>()?;
         let mut outer = BTreeMap::new();
         let g = &generations;
@@ -283,7 +283,8 @@ impl Dataplane {
     }
 
     /// Makes generation `generation`'s maps hold exactly `encoded` (stale entries are
-    /// deleted), except the workload table, which the encoded state keys by cgroup path (see
+    /// deleted; maps it does not fit are replaced by bigger ones, as in an apply), except the
+    /// workload table, which the encoded state keys by cgroup path (see
     /// [`Dataplane::write_workloads`]). `encoded` is validated first (`encode::decode`);
     /// nothing is written when it is invalid. Not atomic: write a generation packets are not
     /// using, then [`Dataplane::set_active_generation`].
@@ -296,6 +297,12 @@ impl Dataplane {
         // Written outside the apply protocol: what this process knew it holds is void.
         if let Some(h) = usize::try_from(generation).ok().and_then(|g| self.held.get_mut(g)) {
             *h = None;
+        }
+        if self.generation_maps(generation)?.fits(encoded).is_some() {
+            // Bigger maps, filled, verified and put in place, as an apply gets them.
+            let (stats, _) =
+                self.sync_generation(generation, encoded, None, &BTreeMap::new(), &mut Vec::new())?;
+            return Ok(stats);
         }
         self.generation_maps(generation)?.write(encoded)
     }

@@ -89,6 +89,14 @@ pub(crate) fn probed(key: &[u8], chunked: &Chunked) -> bool {
     len > 24 || (len > 16 && !chunked.has(u32::from_be_bytes(k.addr) >> 16))
 }
 
+/// How many entries of the encoded ingress IPv4 table the program can probe, which is what
+/// the hash holds once the table is written.
+pub(crate) fn probed_len(encoded: &Encoded) -> usize {
+    let chunked = Chunked::of(encoded.maps.get(maps::INGRESS_V4_DIR));
+    let v4 = encoded.maps.get(maps::INGRESS_V4);
+    v4.into_iter().flatten().filter(|(k, _)| probed(k, &chunked)).count()
+}
+
 /// The entries of `v4` the program never probes under `chunked`.
 fn unprobed(v4: Option<&Entries>, chunked: &Chunked) -> Entries {
     let mut out = Entries::new();
@@ -205,6 +213,38 @@ impl GenerationMaps {
     /// [`GenerationMaps::plan_v4`] without trusting the placement: the hash made to hold
     /// exactly the probed prefixes of `new` (whatever it holds, read in one batch), the record
     /// rewritten.
+    /// How many entries the hash holds once `plan` is written (at most), or
+    /// [`Error::StaleBase`] when that is more than its capacity, before anything is written:
+    /// then a whole apply finds the table does not fit and gives the generation a bigger hash.
+    /// Counted from what this process wrote while that bound fits; else from the hash itself.
+    pub(crate) fn v4_hash_after(&self, plan: &V4Plan) -> Result<usize, Error> {
+        let cap = self.v4_hash as usize;
+        let fits = |n: usize| if n > cap { Err(Error::StaleBase) } else { Ok(n) };
+        if plan.full {
+            // A full plan syncs the hash to exactly its upserts.
+            return fits(plan.hash.upsert.len());
+        }
+        // An upper bound: every upsert new, every removal present.
+        let (up, removed) = (plan.hash.upsert.len(), plan.hash.remove.len());
+        if let Some(held) = self.v4_hash_len
+            && held.saturating_sub(removed) + up <= cap
+        {
+            return Ok(held.saturating_sub(removed) + up);
+        }
+        // Not known, or perhaps too many: what the hash holds and which upserts are new.
+        let held = crate::batch::Snapshot::read(
+            self.in_v4.map().fd().as_fd(),
+            size_of::<Ipv4LpmKey>(),
+            size_of::<ClassValue>(),
+        )
+        .map_err(Error::batch(maps::INGRESS_V4))?;
+        let mut at = held.cursor();
+        let gone = plan.hash.remove.iter().filter(|k| at.get(k).is_some()).count();
+        let mut at = held.cursor();
+        let new = plan.hash.upsert.iter().filter(|(k, _)| at.get(k).is_none()).count();
+        fits(held.len() - gone + new)
+    }
+
     pub(crate) fn plan_v4_full(&self, new: &Encoded) -> Result<V4Plan, Error> {
         let v4 = new.maps.get(maps::INGRESS_V4);
         let dir = &Chunked::of(new.maps.get(maps::INGRESS_V4_DIR));
