@@ -528,13 +528,18 @@ fn default_action(map: &'static str, byte: u8) -> Result<Action, DecodeError> {
 
 /// One direction's tables, and the `DirectionConfig::l4_flags` bits its ingress L4 entries
 /// need (0 for egress).
+/// One direction's tables, checked entry by entry; with `keep` false nothing is collected into
+/// the decoded maps (see [`validate`]). Also returns the ingress L4 flags its entries need and
+/// the IPv4 prefix lengths present (bit `len`).
 fn decode_direction(
     enc: &Encoded,
     direction: Direction,
     defaults: Defaults,
-) -> Result<(DecodedDirection, u8), DecodeError> {
+    keep: bool,
+) -> Result<(DecodedDirection, u8, u64), DecodeError> {
     let (n4, n6, nl4) = direction_names(direction);
     let mut v4 = BTreeMap::new();
+    let mut v4_lengths = 0u64;
     for (k, v) in entries(enc, n4)? {
         let key: Ipv4LpmKey = parse(n4, k, true)?;
         let len = u8::try_from(key.prefix_len)
@@ -546,7 +551,11 @@ fn decode_direction(
         if net.trunc().addr() != net.addr() {
             return Err(DecodeError::HostBits { map: n4 });
         }
-        insert(n4, &mut v4, net, class(n4, v)?)?;
+        let classes = class(n4, v)?;
+        v4_lengths |= 1 << len;
+        if keep {
+            insert(n4, &mut v4, net, classes)?;
+        }
     }
     let mut v6 = BTreeMap::new();
     for (k, v) in entries(enc, n6)? {
@@ -560,7 +569,10 @@ fn decode_direction(
         if net.trunc().addr() != net.addr() {
             return Err(DecodeError::HostBits { map: n6 });
         }
-        insert(n6, &mut v6, net, class(n6, v)?)?;
+        let classes = class(n6, v)?;
+        if keep {
+            insert(n6, &mut v6, net, classes)?;
+        }
     }
     let mut l4 = BTreeMap::new();
     let mut needed = 0;
@@ -614,13 +626,48 @@ fn decode_direction(
             needed |= l4_entry_flag(nl4 == maps::INGRESS_L4, &key, &value);
         }
         let ranks = (value.verdict_rank(), value.audit_rank());
-        insert(nl4, &mut l4, typed_key, DecodedL4 { value: typed, flags: value.flags, ranks })?;
+        if keep {
+            let decoded = DecodedL4 { value: typed, flags: value.flags, ranks };
+            insert(nl4, &mut l4, typed_key, decoded)?;
+        }
     }
-    Ok((DecodedDirection { defaults, v4, v6, l4 }, needed))
+    Ok((DecodedDirection { defaults, v4, v6, l4 }, needed, v4_lengths))
+}
+
+/// Whether every map's keys are strictly increasing (as `encode` writes them), and no ingress
+/// L4 key is in both the exact hash and the trie: then no decoded map could hold a key twice,
+/// which is the one check [`decode`] needs its maps for.
+fn distinct_keys(enc: &Encoded) -> bool {
+    let increasing = enc.maps.values().all(|entries| {
+        let mut keys = entries.iter().map(|(k, _)| k);
+        let Some(mut prev) = keys.next() else { return true };
+        keys.all(|k| std::mem::replace(&mut prev, k) < k)
+    });
+    let exact = enc.maps.get(maps::INGRESS_L4_EXACT);
+    let trie = enc.maps.get(maps::INGRESS_L4);
+    let shared = match (exact, trie) {
+        (Some(x), Some(t)) => t.iter().any(|(k, _)| x.binary_search(k).is_ok()),
+        _ => false,
+    };
+    increasing && !shared
+}
+
+/// Checks `enc` exactly as [`decode`] does (the same errors), without building the decoded
+/// maps when the keys are distinct by construction ([`distinct_keys`]): what a loader needs
+/// before it writes, at a fraction of the cost for large tables (100k prefixes: about 11 ms
+/// for `decode`, most of it inserting into ordered maps).
+pub fn validate(enc: &Encoded) -> Result<(), DecodeError> {
+    decode_checked(enc, !distinct_keys(enc)).map(|_| ())
 }
 
 /// Reads encoded maps back, validating what the kernel relies on.
 pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
+    decode_checked(enc, true)
+}
+
+/// [`decode`], collecting the decoded tables only when `keep` is set (the checks are the same;
+/// without `keep` the caller has ruled out duplicate keys).
+fn decode_checked(enc: &Encoded, keep: bool) -> Result<DecodedMaps, DecodeError> {
     let map = maps::CONFIG;
     let mut config: BTreeMap<u32, Defaults> = BTreeMap::new();
     let mut lengths = BTreeMap::new();
@@ -672,10 +719,12 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
             .copied()
             .ok_or(DecodeError::MissingConfig { map, direction: direction.as_str() })
     };
-    let (ingress, needed) =
-        decode_direction(enc, Direction::Ingress, defaults(CONFIG_INGRESS, Direction::Ingress)?)?;
-    let (egress, _) =
-        decode_direction(enc, Direction::Egress, defaults(CONFIG_EGRESS, Direction::Egress)?)?;
+    let ingress_defaults = defaults(CONFIG_INGRESS, Direction::Ingress)?;
+    let (ingress, needed, ingress_lengths) =
+        decode_direction(enc, Direction::Ingress, ingress_defaults, keep)?;
+    let egress_defaults = defaults(CONFIG_EGRESS, Direction::Egress)?;
+    let (egress, _, egress_lengths) =
+        decode_direction(enc, Direction::Egress, egress_defaults, keep)?;
     // A clear L4 flag makes the ingress program skip a lookup: no entry decoded may need it
     // (a flag set without need costs a lookup, not a verdict, and the loader decodes only the
     // entries it is about to write, so only this direction is checked).
@@ -689,14 +738,14 @@ pub fn decode(enc: &Encoded) -> Result<DecodedMaps, DecodeError> {
     // It is not required to be exactly the table's lengths: the loader also decodes only the
     // entries it is about to write, and a listed length without entries costs a probe, not a
     // wrong verdict (`encode` always writes the exact list).
-    for (index, direction) in [(CONFIG_INGRESS, &ingress), (CONFIG_EGRESS, &egress)] {
+    for (index, present) in [(CONFIG_INGRESS, ingress_lengths), (CONFIG_EGRESS, egress_lengths)] {
         let Some(&(count, list)) = lengths.get(&index) else { continue };
         let count = usize::from(count);
         let listed = list.get(..count).ok_or(DecodeError::LengthList { map, index })?;
         let well_formed = listed.windows(2).all(|w| w[0] > w[1])
             && listed.first().is_none_or(|&l| l <= 32)
             && list[count..].iter().all(|&b| b == 0);
-        let covered = direction.v4.keys().all(|net| listed.contains(&net.prefix_len()));
+        let covered = (0..=32u8).all(|l| present & (1 << l) == 0 || listed.contains(&l));
         if !well_formed || !covered {
             return Err(DecodeError::LengthList { map, index });
         }
@@ -904,6 +953,8 @@ mod tests {
             let mut pairs = entries.to_vec();
             f(&mut pairs);
             *entries = pairs.into();
+            // The loader's check finds exactly what `decode` finds.
+            assert_eq!(validate(&e), decode(&e).map(|_| ()));
             decode(&e)
         };
         assert_eq!(
@@ -994,9 +1045,24 @@ mod tests {
             })
             .is_ok()
         );
+        // A key twice, in one map or (ingress L4) in the exact hash and the trie.
+        assert_eq!(
+            with(maps::INGRESS_V4, &|e| e.push(e[0].clone())),
+            Err(DecodeError::DuplicateKey { map: maps::INGRESS_V4 })
+        );
+        let mut both = good.clone();
+        let exact = both.maps.get(maps::INGRESS_L4_EXACT).unwrap().to_vec();
+        let mut trie = both.maps.get(maps::INGRESS_L4).unwrap().to_vec();
+        trie.push(exact[0].clone());
+        both.maps.insert(maps::INGRESS_L4, trie.into());
+        let twice = Err(DecodeError::DuplicateKey { map: maps::INGRESS_L4 });
+        assert_eq!(decode(&both).map(|_| ()), twice);
+        assert_eq!(validate(&both), twice);
+        assert_eq!(validate(&good), Ok(()));
         let mut missing = good.clone();
         missing.maps.remove(maps::EGRESS_L4);
         assert_eq!(decode(&missing), Err(DecodeError::MissingMap(maps::EGRESS_L4)));
+        assert_eq!(validate(&missing), Err(DecodeError::MissingMap(maps::EGRESS_L4)));
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use fw_compiler::ast::{Action, Direction, Mode, PortRange, Proto};
 use fw_compiler::compile::{CompileMemo, compile, compile_reusing};
-use fw_compiler::encode::{DecodedMaps, decode, encode};
+use fw_compiler::encode::{DecodedMaps, decode, encode, validate};
 use fw_compiler::eval;
 use fw_compiler::ids;
 use fw_compiler::mapstate::{
@@ -434,6 +434,7 @@ proptest! {
         let encoded = encode(&a);
         prop_assert_eq!(&encoded, &encode(&b));
         prop_assert_eq!(decode(&encoded), Ok(DecodedMaps::from_state(&a)));
+        prop_assert_eq!(validate(&encoded), Ok(()));
     }
 
     /// A compile that reuses the last one's address tables (`compile_reusing`) equals a fresh

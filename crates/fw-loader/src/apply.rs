@@ -16,9 +16,10 @@
 //!    only equality matters. Entries changed behind the protocol's back (by hand, with
 //!    bpftool) do not change the record: [`Dataplane::drift`] finds them with a full read.
 //! 2. Check the desired state before anything is written: the entries to be written are
-//!    decoded (`encode::decode`; every map that changes in full when the desired entries are
-//!    not sorted, which is how duplicate keys are ruled out), the unchanged ones are what the
-//!    kernel already holds. Clear the
+//!    checked as `encode::decode` checks them (`encode::validate`, which skips building the
+//!    decoded maps when the keys are distinct by construction; every map that changes is
+//!    checked in full when the desired entries are not sorted, which is how duplicate keys
+//!    are ruled out), the unchanged ones are what the kernel already holds. Clear the
 //!    standby's record, write only the diff, and verify only what was written: each upserted
 //!    key is present with its value, each removed key is absent (O(diff) lookups; a large
 //!    write of a hash, such as a full load, is checked against one batched read of the map
@@ -59,7 +60,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fw_common::{GENERATIONS, RuleCounterSlot};
-use fw_compiler::encode::{Encoded, Entries, decode};
+use fw_compiler::encode::{Encoded, Entries, validate};
 
 use crate::generation::{self, GenerationMaps, MapDelta};
 use crate::{Dataplane, Error, WriteStats};
@@ -278,7 +279,7 @@ fn check_changes(
         };
         check.maps.insert(name, entries);
     }
-    decode(&check).map_err(Error::InvalidState)?;
+    validate(&check).map_err(Error::InvalidState)?;
     for (&name, d) in deltas {
         let held = current.maps.get(name).map_or(0, Entries::len);
         let new = d
@@ -672,7 +673,7 @@ impl Dataplane {
         let current = owned(current);
         let (deltas, sorted) = generation::delta_checked(&current, encoded);
         // Nothing is written unless what is written decodes (see the module docs, step 2).
-        decode(&to_check(encoded, &deltas, sorted)).map_err(Error::InvalidState)?;
+        validate(&to_check(encoded, &deltas, sorted)).map_err(Error::InvalidState)?;
         let l4_rules = deltas.keys().any(|n| L4_MAPS.contains(n));
         lap(&mut report, "diff");
 

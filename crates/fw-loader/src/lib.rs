@@ -62,7 +62,7 @@ use fw_common::{
     ActiveGeneration, Counters, GENERATIONS, RULE_COUNTER_SLOTS, RuleCounterSlot, STATS_ENTRIES,
     maps, programs, stat_index,
 };
-use fw_compiler::encode::{Encoded, decode};
+use fw_compiler::encode::{Encoded, validate};
 use fw_compiler::mapstate::Capacities;
 
 pub use crate::apply::{Applied, ApplyReport, DriftReport, GenerationDrift, HOOK_ENV};
@@ -285,15 +285,15 @@ impl Dataplane {
     /// Makes generation `generation`'s maps hold exactly `encoded` (stale entries are
     /// deleted; maps it does not fit are replaced by bigger ones, as in an apply), except the
     /// workload table, which the encoded state keys by cgroup path (see
-    /// [`Dataplane::write_workloads`]). `encoded` is validated first (`encode::decode`);
-    /// nothing is written when it is invalid. Not atomic: write a generation packets are not
+    /// [`Dataplane::write_workloads`]). `encoded` is checked first (`encode::validate`: what
+    /// `encode::decode` checks); nothing is written when it is invalid. Not atomic: write a generation packets are not
     /// using, then [`Dataplane::set_active_generation`].
     pub fn write_generation(
         &mut self,
         generation: u32,
         encoded: &Encoded,
     ) -> Result<WriteStats, Error> {
-        decode(encoded).map_err(Error::InvalidState)?;
+        validate(encoded).map_err(Error::InvalidState)?;
         // Written outside the apply protocol: what this process knew it holds is void.
         if let Some(h) = usize::try_from(generation).ok().and_then(|g| self.held.get_mut(g)) {
             *h = None;
