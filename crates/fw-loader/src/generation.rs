@@ -41,6 +41,11 @@ use crate::class_table::{self, ClassTable};
 /// `BPF_F_NO_PREALLOC`: the kernel requires it for LPM tries (and the templates set it).
 const BPF_F_NO_PREALLOC: u32 = 1;
 
+/// The size of a hash delta from which it is written, and checked, on a thread of its own while
+/// the other maps are (a full load at 100k prefixes writes 50k entries into the ingress IPv4
+/// hash); smaller ones, the one-rule changes above all, do not pay for a thread.
+const PARALLEL_ENTRIES: usize = 4096;
+
 /// The capacity a new generation's ingress IPv4 hash starts with (or the table's capacity,
 /// when smaller). The hash is preallocated (see [`prefix_hash`]), so its capacity is memory
 /// whatever the policy holds: about 80 bytes an element with its bucket, 5 MiB per generation
@@ -1572,10 +1577,34 @@ impl GenerationMaps {
         if let Some(d) = deltas.get(maps::INGRESS_V4) {
             stats += WriteStats { written: d.upsert.len(), deleted: d.remove.len() };
         }
-        if let Some(plan) = plan {
+        let Some(plan) = plan else { return self.apply_rest_of(deltas, stats) };
+        // The order of the writes does not matter: no program reads this generation.
+        self.write_rest(plan)?;
+        if plan.hash.len() < PARALLEL_ENTRIES {
             self.batch_delta(maps::INGRESS_V4, &plan.hash)?;
-            self.write_rest(plan)?;
+            return self.apply_rest_of(deltas, stats);
         }
+        // A large delta of the hash (a full load) on a thread of its own: its inserts are
+        // most of the write, and touch none of the maps written meanwhile.
+        // A descriptor of its own (the other maps are written through `self` meanwhile).
+        let fd = self.in_v4.map().fd().as_fd().try_clone_to_owned();
+        let fd = fd.map_err(|source| Error::MapSyscall { map: maps::INGRESS_V4, source })?;
+        let (k, v) = (size_of::<Ipv4LpmKey>(), size_of::<ClassValue>());
+        std::thread::scope(|s| {
+            let hash = s.spawn(move || batch_write(fd.as_fd(), maps::INGRESS_V4, k, v, &plan.hash));
+            let rest = self.apply_rest_of(deltas, stats);
+            let hash = hash.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            hash.and(rest)
+        })
+    }
+
+    /// [`apply_delta`](Self::apply_delta) for every map but the ingress IPv4 table, adding to
+    /// `stats`.
+    fn apply_rest_of(
+        &mut self,
+        deltas: &BTreeMap<&'static str, MapDelta>,
+        mut stats: WriteStats,
+    ) -> Result<WriteStats, Error> {
         for (&name, d) in deltas.iter().filter(|(n, _)| **n != maps::INGRESS_V4) {
             stats += match name {
                 maps::INGRESS_V4
@@ -1809,84 +1838,108 @@ impl GenerationMaps {
                 return Err(Error::VerifyFailed(maps::INGRESS_V4));
             }
         }
-        for (name, d) in kernel {
-            let failed = || Error::VerifyFailed(name);
-            let sys = |e: std::io::Error| Error::Verify { map: name, source: e };
-            let (fd, key_len, value_len) = self.fd(name)?;
-            let hash =
-                matches!(name, maps::INGRESS_V4 | maps::INGRESS_V4_DIR | maps::INGRESS_L4_EXACT);
-            let snapshot = match sizes.get(name) {
-                Some(&after) if hash && d.len().saturating_mul(BULK_VERIFY) >= after => Some(
-                    crate::batch::Snapshot::read(fd, key_len, value_len)
-                        .map_err(Error::batch(name))?,
-                ),
-                _ => None,
-            };
-            let bulk = snapshot.is_some();
-            // Buffers the kernel writes into have the map's sizes, whatever the entries say.
-            let mut value = vec![0u8; value_len];
-            let mut upserted = snapshot.as_ref().map(crate::batch::Snapshot::cursor);
-            let mut holds = |k: &[u8], v: &[u8]| -> Result<bool, Error> {
-                if k.len() != key_len {
-                    return Err(Error::Entry { map: name, reason: "key size" });
-                }
-                if let Some(cursor) = &mut upserted {
-                    return Ok(cursor.get(k) == Some(v));
-                }
-                Ok(elem_cmd(BPF_MAP_LOOKUP_ELEM, fd, Some(k), &mut value).map_err(sys)?
-                    && value == v)
-            };
-            if name == maps::CONFIG {
-                let zero = DirectionConfig::default().to_bytes();
-                let upserts = d.upsert.iter();
-                for (k, v) in upserts.chain(d.remove.iter().map(|k| (k.as_slice(), &zero[..]))) {
-                    if !holds(k, v)? {
-                        return Err(failed());
-                    }
-                }
-                continue;
+        // A large delta of the hash (a full load) is checked on a thread of its own, as it
+        // was written.
+        let hash = kernel.remove(maps::INGRESS_V4);
+        let (parallel, hash) = match hash {
+            Some(d) if d.len() >= PARALLEL_ENTRIES => (Some(d), None),
+            other => (None, other),
+        };
+        if let Some(d) = hash {
+            kernel.insert(maps::INGRESS_V4, d);
+        }
+        std::thread::scope(|s| {
+            let job =
+                parallel.map(|d| s.spawn(move || self.verify_map(maps::INGRESS_V4, d, sizes)));
+            let rest = kernel.into_iter().try_for_each(|(name, d)| self.verify_map(name, d, sizes));
+            let hash = job.map_or(Ok(()), |j| {
+                j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            });
+            rest.and(hash)
+        })
+    }
+
+    /// [`verify_delta`](Self::verify_delta) for one map of the kernel's (the ingress IPv4
+    /// table as the hash's delta).
+    fn verify_map(
+        &self,
+        name: &'static str,
+        d: &MapDelta,
+        sizes: &BTreeMap<&'static str, usize>,
+    ) -> Result<(), Error> {
+        let failed = || Error::VerifyFailed(name);
+        let sys = |e: std::io::Error| Error::Verify { map: name, source: e };
+        let (fd, key_len, value_len) = self.fd(name)?;
+        let hash = matches!(name, maps::INGRESS_V4 | maps::INGRESS_V4_DIR | maps::INGRESS_L4_EXACT);
+        let snapshot = match sizes.get(name) {
+            Some(&after) if hash && d.len().saturating_mul(BULK_VERIFY) >= after => Some(
+                crate::batch::Snapshot::read(fd, key_len, value_len).map_err(Error::batch(name))?,
+            ),
+            _ => None,
+        };
+        let bulk = snapshot.is_some();
+        // Buffers the kernel writes into have the map's sizes, whatever the entries say.
+        let mut value = vec![0u8; value_len];
+        let mut upserted = snapshot.as_ref().map(crate::batch::Snapshot::cursor);
+        let mut holds = |k: &[u8], v: &[u8]| -> Result<bool, Error> {
+            if k.len() != key_len {
+                return Err(Error::Entry { map: name, reason: "key size" });
             }
-            let mut first = vec![0u8; key_len];
-            let first = match &snapshot {
-                Some(_) => None,
-                None => elem_cmd(BPF_MAP_GET_NEXT_KEY, fd, None, &mut first)
-                    .map_err(sys)?
-                    .then_some(first),
-            };
-            let mut next = vec![0u8; key_len];
-            let mut removed = snapshot.as_ref().map(crate::batch::Snapshot::cursor);
-            let mut present = |k: &[u8]| -> Result<bool, Error> {
-                if k.len() != key_len {
-                    return Err(Error::Entry { map: name, reason: "key size" });
-                }
-                if let Some(cursor) = &mut removed {
-                    return Ok(cursor.get(k).is_some());
-                }
-                Ok(if elem_cmd(BPF_MAP_GET_NEXT_KEY, fd, Some(k), &mut next).map_err(sys)? {
-                    first.as_deref() != Some(next.as_slice())
-                } else {
-                    first.is_some()
-                })
-            };
-            for k in &d.remove {
-                if present(k)? {
+            if let Some(cursor) = &mut upserted {
+                return Ok(cursor.get(k) == Some(v));
+            }
+            Ok(elem_cmd(BPF_MAP_LOOKUP_ELEM, fd, Some(k), &mut value).map_err(sys)? && value == v)
+        };
+        if name == maps::CONFIG {
+            let zero = DirectionConfig::default().to_bytes();
+            let upserts = d.upsert.iter();
+            for (k, v) in upserts.chain(d.remove.iter().map(|k| (k.as_slice(), &zero[..]))) {
+                if !holds(k, v)? {
                     return Err(failed());
                 }
             }
-            for (k, v) in &d.upsert {
-                // From a snapshot, holding the value is presence (an exact lookup).
-                if (!bulk && !present(k)?) || !holds(k, v)? {
-                    return Err(failed());
-                }
+            return Ok(());
+        }
+        let mut first = vec![0u8; key_len];
+        let first = match &snapshot {
+            Some(_) => None,
+            None => {
+                elem_cmd(BPF_MAP_GET_NEXT_KEY, fd, None, &mut first).map_err(sys)?.then_some(first)
             }
-            if name == maps::INGRESS_V4_DIR {
-                self.verify_level1(d)?;
+        };
+        let mut next = vec![0u8; key_len];
+        let mut removed = snapshot.as_ref().map(crate::batch::Snapshot::cursor);
+        let mut present = |k: &[u8]| -> Result<bool, Error> {
+            if k.len() != key_len {
+                return Err(Error::Entry { map: name, reason: "key size" });
             }
-            if name == maps::INGRESS_L4_EXACT {
-                self.verify_ports(d)?;
-                self.verify_class_filter(d)?;
-                self.verify_class_table(d)?;
+            if let Some(cursor) = &mut removed {
+                return Ok(cursor.get(k).is_some());
             }
+            Ok(if elem_cmd(BPF_MAP_GET_NEXT_KEY, fd, Some(k), &mut next).map_err(sys)? {
+                first.as_deref() != Some(next.as_slice())
+            } else {
+                first.is_some()
+            })
+        };
+        for k in &d.remove {
+            if present(k)? {
+                return Err(failed());
+            }
+        }
+        for (k, v) in &d.upsert {
+            // From a snapshot, holding the value is presence (an exact lookup).
+            if (!bulk && !present(k)?) || !holds(k, v)? {
+                return Err(failed());
+            }
+        }
+        if name == maps::INGRESS_V4_DIR {
+            self.verify_level1(d)?;
+        }
+        if name == maps::INGRESS_L4_EXACT {
+            self.verify_ports(d)?;
+            self.verify_class_filter(d)?;
+            self.verify_class_table(d)?;
         }
         Ok(())
     }
