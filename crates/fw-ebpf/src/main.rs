@@ -548,12 +548,10 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
         trie.get(&Key::new(128, ip.src))
             .map_or((false, 0, 0), |c| (true, c.wide_class, c.narrow_class))
     } else {
-        let table = FW_IN_V4.get(generation).ok_or(InternalError)?;
-        let dir = FW_IN_V4_DIR.get(generation).ok_or(InternalError)?;
         let dir1 = FW_IN_V4_D1.get(generation).ok_or(InternalError)?;
         let pool = FW_IN_V4_D2.get(generation).ok_or(InternalError)?;
         let src = [ip.src[0], ip.src[1], ip.src[2], ip.src[3]];
-        v4_classes(dir1, pool, dir, table, config, src)?
+        v4_classes(generation, dir1, pool, config, src)?
     };
 
     // Step 4 (step 3: ingress has no workload, so the keys' workload is 0): the shared
@@ -600,10 +598,9 @@ fn decide(ip: &IpPacket) -> Result<Outcome, InternalError> {
 /// class, narrow class)`.
 #[inline(always)]
 fn v4_classes(
+    generation: u32,
     dir1: &Level1,
     pool: &Pool,
-    dir: &HashMap<u32, V4DirChunk, TEMPLATE_ENTRIES, LPM_FLAGS>,
-    table: &HashMap<Ipv4LpmKey, ClassValue, TEMPLATE_ENTRIES, PREFIX_HASH_FLAGS>,
     config: &DirectionConfig,
     addr: [u8; 4],
 ) -> Result<(bool, u32, u32), InternalError> {
@@ -622,7 +619,7 @@ fn v4_classes(
     // `pool` is 1 + the pool index (0: not in the pool); an index past the pool (never
     // written) finds nothing, which is also correct, only slower: the hash is probed from /17.
     let c2 = match e1.pool {
-        0 => dir.get_ptr(&k2),
+        0 => FW_IN_V4_DIR.get(generation).ok_or(InternalError)?.get_ptr(&k2),
         p => pool.get_ptr(p.wrapping_sub(1)),
     };
     let (above, fallback) = match c2 {
@@ -636,6 +633,7 @@ fn v4_classes(
         }
         None => (16, e1_slot),
     };
+    let table = FW_IN_V4.get(generation).ok_or(InternalError)?;
     let count = usize::from(config.v4_length_count);
     let mut key = Ipv4LpmKey { prefix_len: 0, addr: [0; 4] };
     // The lengths longer than /16 are at most 16 (/17-/32) and come first in the list

@@ -22,6 +22,7 @@ fn the_ingress_program_stays_within_its_verifier_budget() {
         eprintln!("this kernel does not report verified instructions; nothing to check");
         return;
     };
+    eprintln!("fw_ingress: {processed} verified instructions");
     assert!(processed > 0);
     assert!(
         processed <= BUDGET,
