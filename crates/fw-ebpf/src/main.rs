@@ -317,19 +317,26 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, InternalError> {
     // audit or wants an event, or the policy state is broken. A packet the policy simply
     // allows passes either way, and is counted under the rule (or default) that allowed it.
     //
-    // The outcome is parked in a per-CPU map value across the lookup: the verifier does not
-    // track values in map memory, so the many paths through `decide` meet again before the
-    // conntrack code instead of each being verified through it.
-    let parked = FW_PARKED.get_ptr_mut(0).ok_or(InternalError)?;
+    // The common case leaves right after the policy: an allow that neither audit nor logging
+    // is interested in needs no conntrack lookup and no event, so it is counted and passed
+    // straight from the registers (a short tail the verifier walks per path through
+    // `decide`). Every other outcome is parked in a per-CPU map value across the lookup: the
+    // verifier does not track values in map memory, so the many paths through `decide` meet
+    // again before the conntrack code instead of each being verified through it.
     let decided = decide(&ip);
+    if let Ok(o) = &decided {
+        if !needs_more(o) {
+            count_outcome(o, len);
+            return Ok(xdp_action::XDP_PASS);
+        }
+    }
+    let parked = FW_PARKED.get_ptr_mut(0).ok_or(InternalError)?;
     // SAFETY: a per-CPU map value of this CPU, valid for the whole run; volatile so the
     // values are really stored and read back rather than kept in registers.
     unsafe { Parked::park(parked, &decided) };
-    if unsafe { Parked::read(parked, core::ptr::addr_of!((*parked).check_flow)) } != 0 {
-        if let Some(stat) = always_allowed_flow(ctx, &ip) {
-            count_stat(stat, len);
-            return Ok(xdp_action::XDP_PASS);
-        }
+    if let Some(stat) = always_allowed_flow(ctx, &ip) {
+        count_stat(stat, len);
+        return Ok(xdp_action::XDP_PASS);
     }
     // SAFETY: as above.
     let outcome = unsafe { Parked::outcome(parked) };
@@ -397,13 +404,18 @@ fn is_icmp_error(ip: &IpPacket) -> bool {
     }
 }
 
+/// Whether an outcome needs more than counting: a deny or an audit-deny (conntrack may
+/// still allow it), or an event.
+#[inline(always)]
+fn needs_more(o: &Outcome) -> bool {
+    o.deny || o.audit_deny.is_some() || events::wanted(o)
+}
+
 /// An outcome (or a broken state) as parked in [`FW_PARKED`]: plain `u32`s.
 #[repr(C)]
 struct Parked {
     /// The policy state was broken (`decide` failed).
     error: u32,
-    /// The packet's flow must be looked up in conntrack (see `try_ingress`).
-    check_flow: u32,
     deny: u32,
     verdict_rule: u32,
     /// 1: `audit_deny` is `Some(audit_rule)`.
@@ -427,22 +439,20 @@ impl Parked {
     #[inline(always)]
     unsafe fn park(p: *mut Parked, decided: &Result<Outcome, InternalError>) {
         use core::ptr::{addr_of_mut, write_volatile};
-        let (error, check, deny, rule, audit, audit_rule, flags) = match decided {
+        let (error, deny, rule, audit, audit_rule, flags) = match decided {
             Ok(o) => (
                 0,
-                u32::from(o.deny || o.audit_deny.is_some() || events::wanted(o)),
                 u32::from(o.deny),
                 o.verdict_rule,
                 u32::from(o.audit_deny.is_some()),
                 o.audit_deny.unwrap_or(0),
                 u32::from(o.flags),
             ),
-            Err(InternalError) => (1, 1, 1, 0, 0, 0, 0),
+            Err(InternalError) => (1, 1, 0, 0, 0, 0),
         };
         // SAFETY: the caller's contract.
         unsafe {
             write_volatile(addr_of_mut!((*p).error), error);
-            write_volatile(addr_of_mut!((*p).check_flow), check);
             write_volatile(addr_of_mut!((*p).deny), deny);
             write_volatile(addr_of_mut!((*p).verdict_rule), rule);
             write_volatile(addr_of_mut!((*p).audit_deny), audit);
