@@ -61,8 +61,8 @@ const TEMPLATE_ENTRIES: usize = 1;
 const RULE_COUNTER_ENTRIES: usize = 1 << 18;
 /// Outer map slots.
 const GENERATION_SLOTS: usize = GENERATIONS as usize;
-/// LPM trie flags: the kernel requires `BPF_F_NO_PREALLOC` for LPM tries. The hashes of chunks
-/// and of exact L4 entries use the same flag (entries are allocated as they are inserted).
+/// LPM trie flags: the kernel requires `BPF_F_NO_PREALLOC` for LPM tries. The hash of exact L4
+/// entries uses the same flag (entries are allocated as they are inserted).
 const LPM_FLAGS: usize = BPF_F_NO_PREALLOC as usize;
 
 /// Source prefix -> address class, IPv4, ingress: a hash keyed by (prefix length, address
@@ -91,11 +91,13 @@ const PREFIX_HASH_FLAGS: usize = 0;
 /// (keys 0..=255, one slot per /16) is always complete; a /16 with longer prefixes has a
 /// second-level chunk (one slot per /24) unless the compiler's budget ran out. Each slot has
 /// a mask of the /21s (/29s) longer prefixes intersect, so an address outside them needs no
-/// further lookup, and `FW_IN_V4` is probed only inside them. `BPF_F_NO_PREALLOC`: memory
-/// follows the chunks. Generational.
+/// further lookup, and `FW_IN_V4` is probed only inside them. Preallocated like `FW_IN_V4`
+/// ([`PREFIX_HASH_FLAGS`]), at a size the loader gives each generation (see fw-loader's
+/// `DIR_HASH_FIRST`): a write of a 3 KiB chunk takes an element from the free list instead of
+/// allocating one. Generational.
 #[btf_map]
 static FW_IN_V4_DIR: ArrayOfMaps<
-    HashMap<u32, V4DirChunk, TEMPLATE_ENTRIES, LPM_FLAGS>,
+    HashMap<u32, V4DirChunk, TEMPLATE_ENTRIES, PREFIX_HASH_FLAGS>,
     GENERATION_SLOTS,
 > = ArrayOfMaps::new();
 

@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 use fw_common::{GENERATIONS, RuleCounterSlot};
 use fw_compiler::encode::{Encoded, Entries, validate};
 
-use crate::generation::{self, GenerationMaps, MapDelta};
+use crate::generation::{self, DIR_HASH_FIRST, GenerationMaps, MapDelta};
 use crate::{Dataplane, Error, WriteStats};
 
 /// The environment variable of the test hook (see the module docs).
@@ -122,6 +122,16 @@ fn hook(step: &'static str) -> Result<(), Error> {
 fn grow(old: u32, n: usize) -> u32 {
     let n = u32::try_from(n).unwrap_or(u32::MAX);
     old.max(n.checked_next_power_of_two().unwrap_or(u32::MAX))
+}
+
+/// The capacity of a hash of IPv4 chunks that outgrew `old` for `n` chunks: a quarter more
+/// than `n`, in steps of [`DIR_HASH_FIRST`] chunks, at most every chunk there can be. Not a
+/// power of two like [`grow`]: each chunk is 3 KiB preallocated, so doubling would cost up
+/// to twice the memory of the chunks in use (1M prefixes: 4,163 chunks, 6,144 slots).
+fn grow_chunks(old: u32, n: usize) -> u32 {
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    let want = n.saturating_add(n / 4).div_ceil(DIR_HASH_FIRST).saturating_mul(DIR_HASH_FIRST);
+    old.max(want).min(fw_common::V4_DIR_MAX_CHUNKS)
 }
 
 /// What this process last wrote into one generation and verified, with the write id of that
@@ -483,6 +493,7 @@ impl Dataplane {
         if gm.fits(encoded).is_some() {
             let mut caps = gm.caps;
             let mut v4_hash = gm.v4_hash;
+            let mut dir_hash = gm.dir_hash;
             for (&name, entries) in &encoded.maps {
                 let n = entries.len();
                 match name {
@@ -503,7 +514,11 @@ impl Dataplane {
                 // The table's capacity bounds the hash's (it holds some of the table).
                 v4_hash = grow(v4_hash, probed).min(caps.v4_prefixes);
             }
-            let mut fresh = GenerationMaps::create(generation, &caps, v4_hash)?;
+            let chunks = encoded.maps.get(fw_common::maps::INGRESS_V4_DIR).map_or(0, Entries::len);
+            if chunks > dir_hash as usize {
+                dir_hash = grow_chunks(dir_hash, chunks);
+            }
+            let mut fresh = GenerationMaps::create(generation, &caps, v4_hash, dir_hash)?;
             let stats = fresh.write(encoded)?;
             // A fresh map is written in full, so it is verified in full (growing is rare).
             let back = fresh.read()?;
@@ -986,9 +1001,14 @@ impl Dataplane {
         // What the generation holds afterwards: the patched state, else (a replay of the
         // standby's deltas onto the state they shared) what the standby now holds.
         let other = (generation + 1) % GENERATIONS;
-        let after = match &patched {
-            Some(p) => Arc::new(p.clone()),
-            None => self.cached(other).ok_or(Error::StaleBase)?,
+        // Borrowed, not cloned (a copy of a 100k-prefix state is milliseconds).
+        let cached;
+        let after: &Encoded = match &patched {
+            Some(p) => p,
+            None => {
+                cached = self.cached(other).ok_or(Error::StaleBase)?;
+                &cached
+            }
         };
         // How many entries each written map holds afterwards, which decides how the write is
         // verified.
@@ -1000,7 +1020,12 @@ impl Dataplane {
         let shared = self.generations.get_mut(Self::slot(other)?).and_then(|o| o.last_v4.take());
         let root = self.pin_root().map(std::path::Path::to_path_buf);
         let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
-        let plan = gm.plan_v4(old.as_ref(), &after, deltas, shared.as_ref())?;
+        // A delta that would overfill the preallocated hash of chunks is refused before
+        // anything is written (a whole apply gives the generation a bigger one).
+        if sizes.get(fw_common::maps::INGRESS_V4_DIR).is_some_and(|&n| n > gm.dir_hash as usize) {
+            return Err(Error::StaleBase);
+        }
+        let plan = gm.plan_v4(old.as_ref(), after, deltas, shared.as_ref())?;
         // A failed write leaves nothing to replay.
         gm.last_v4 = None;
         let hash_len = match &plan {
@@ -1110,6 +1135,14 @@ mod tests {
         assert_eq!(grow(16, 17), 32);
         assert_eq!(grow(64, 17), 64);
         assert_eq!(grow(1, 1000), 1024);
+    }
+
+    #[test]
+    fn the_chunk_hash_grows_by_a_quarter_in_steps_and_never_shrinks() {
+        assert_eq!(grow_chunks(1024, 1025), 2048);
+        assert_eq!(grow_chunks(1024, 4163), 6144);
+        assert_eq!(grow_chunks(8192, 4163), 8192);
+        assert_eq!(grow_chunks(1024, usize::MAX), fw_common::V4_DIR_MAX_CHUNKS);
     }
 
     #[test]

@@ -27,9 +27,9 @@ use fw_common::{
     L4_CLASS_BUCKET_SLOTS, L4_CLASS_BUCKETS, L4_CLASS_FILTER_BITS, L4_CLASS_FILTER_CHUNKS,
     L4_CLASS_TABLE_CHUNKS, L4_CLASS_TABLE_ENTRIES, L4_CLASS_TABLE_HEADER,
     L4_CLASS_TABLE_INCOMPLETE, L4_PORT_CHUNKS, L4_PORT_SLOTS, L4ClassFilterChunk,
-    L4ClassTableChunk, L4LpmKey, L4PortChunk, L4Value, V4_DIR_L2_BASE, V4_DIR_MAX_CHUNKS,
-    V4_DIR_POOL_CHUNKS, V4_DIR_SLOTS, V4Dir1Chunk, V4Dir1Slot, V4DirChunk, WorkloadKey,
-    WorkloadValue, l4_class_bucket_at, l4_class_buckets, l4_class_filter_at, l4_class_filter_entry,
+    L4ClassTableChunk, L4LpmKey, L4PortChunk, L4Value, V4_DIR_L2_BASE, V4_DIR_POOL_CHUNKS,
+    V4_DIR_SLOTS, V4Dir1Chunk, V4Dir1Slot, V4DirChunk, WorkloadKey, WorkloadValue,
+    l4_class_bucket_at, l4_class_buckets, l4_class_filter_at, l4_class_filter_entry,
     l4_class_table_entry, l4_port_mirror, maps,
 };
 use fw_compiler::encode::{Encoded, Entries};
@@ -53,6 +53,12 @@ const PARALLEL_ENTRIES: usize = 4096;
 /// would be 20 MiB. A write whose probed prefixes do not fit gets a bigger generation (see
 /// `Dataplane::apply`), as a table that outgrows its capacity does.
 pub(crate) const V4_HASH_FIRST: u32 = 1 << 16;
+
+/// The capacity a new generation's hash of IPv4 chunks starts with: the 256 first-level chunks
+/// and 768 second-level ones (about 3 MiB per generation, preallocated: see [`dir_hash`]). The
+/// benchmarks' 100k prefixes need 647 chunks, 1M 4,163; a state with more gets a bigger
+/// generation, as one whose probed prefixes outgrow [`V4_HASH_FIRST`] does.
+pub(crate) const DIR_HASH_FIRST: u32 = 1 << 10;
 
 /// The inner maps of one generation.
 pub(crate) struct GenerationMaps {
@@ -92,6 +98,9 @@ pub(crate) struct GenerationMaps {
     /// not known, for an adopted generation): checked against `v4_hash` before a delta is
     /// written, so a delta that would fill the hash is refused before anything is written.
     pub v4_hash_len: Option<usize>,
+    /// `in_v4_dir`'s capacity: preallocated, so it starts at [`DIR_HASH_FIRST`] chunks and
+    /// grows when a state has more.
+    pub dir_hash: u32,
     /// The ingress IPv4 prefixes the program never probes, which `in_v4` does not hold: a
     /// loader-only record no program sees (see the `v4rest` module). `None`: none written
     /// yet (a fresh generation, one written by a loader that kept every prefix in the hash).
@@ -174,16 +183,19 @@ fn prefix_hash(
     HashMap::try_from(map).map_err(Error::map(name))
 }
 
-/// The ingress IPv4 table's chunks: a hash of chunk key -> 256 slots, room for every chunk
-/// there can be (`BPF_F_NO_PREALLOC`: memory follows the chunks written).
-fn dir_hash(name: &str) -> Result<HashMap<MapData, u32, V4DirChunk>, Error> {
+/// The ingress IPv4 table's chunks: a hash of chunk key -> 256 slots with room for
+/// `max_entries` chunks, preallocated like [`prefix_hash`] (the kernel object's template has
+/// no flags either): an insert of a 3 KiB chunk takes an element from the free list instead
+/// of allocating one, about 10 µs a chunk with `BPF_F_NO_PREALLOC`, most of the chunks'
+/// share of a 100k-prefix write.
+fn dir_hash(name: &str, max_entries: u32) -> Result<HashMap<MapData, u32, V4DirChunk>, Error> {
     let map = create(
         name,
         bpf_map_type::BPF_MAP_TYPE_HASH,
         size_of::<u32>(),
         size_of::<V4DirChunk>(),
-        V4_DIR_MAX_CHUNKS,
-        BPF_F_NO_PREALLOC,
+        max_entries,
+        0,
     )?;
     HashMap::try_from(map).map_err(Error::map(name))
 }
@@ -220,8 +232,14 @@ fn l4_hash(name: &str, max_entries: u32) -> Result<HashMap<MapData, L4LpmKey, L4
 
 impl GenerationMaps {
     /// Creates the empty inner maps of generation `generation`, the ingress IPv4 hash with
-    /// room for `v4_hash` entries (see [`V4_HASH_FIRST`]).
-    pub fn create(generation: u32, caps: &Capacities, v4_hash: u32) -> Result<Self, Error> {
+    /// room for `v4_hash` entries (see [`V4_HASH_FIRST`]) and the hash of its chunks with room
+    /// for `dir_hash` ([`DIR_HASH_FIRST`]).
+    pub fn create(
+        generation: u32,
+        caps: &Capacities,
+        v4_hash: u32,
+        dir_hash: u32,
+    ) -> Result<Self, Error> {
         let name = |outer: &str| format!("{outer}.g{generation}");
         let config_name = name(maps::CONFIG);
         let config = create(
@@ -243,7 +261,7 @@ impl GenerationMaps {
         )?;
         Ok(Self {
             in_v4: prefix_hash(&name(maps::INGRESS_V4), v4_hash)?,
-            in_v4_dir: dir_hash(&name(maps::INGRESS_V4_DIR))?,
+            in_v4_dir: self::dir_hash(&name(maps::INGRESS_V4_DIR), dir_hash)?,
             in_v4_dir1: V4DirArrays::new(
                 inner_array(&name(maps::INGRESS_V4_DIR1), V4_DIR_L2_BASE)?,
                 inner_array(&name(maps::INGRESS_V4_DIR2), V4_DIR_POOL_CHUNKS)?,
@@ -262,6 +280,7 @@ impl GenerationMaps {
             caps: *caps,
             v4_hash,
             v4_hash_len: Some(0),
+            dir_hash,
             in_v4_rest: None,
             v4_unsorted: Default::default(),
             last_v4: None,
@@ -707,51 +726,57 @@ fn dir_entries(name: &'static str, e: &Entries) -> Result<Vec<(u32, V4DirChunk)>
         .collect()
 }
 
-/// Makes the chunk hash hold exactly `entries`.
+/// Makes the chunk hash hold exactly `entries` (see [`write_dir`]).
 fn sync_dir(
     map: &mut HashMap<MapData, u32, V4DirChunk>,
     level1: &mut V4DirArrays,
     name: &'static str,
     entries: &Entries,
 ) -> Result<WriteStats, Error> {
-    let desired = dir_entries(name, entries)?;
-    let wanted: BTreeSet<u32> = desired.iter().map(|(k, _)| *k).collect();
     let present: Vec<u32> = map.keys().collect::<Result<_, _>>().map_err(Error::map(name))?;
-    let mut stats = WriteStats::default();
-    for key in present.into_iter().filter(|k| !wanted.contains(k)) {
-        map.remove(&key).map_err(Error::map(name))?;
-        mirror_remove(level1, key)?;
-        stats.deleted += 1;
-    }
-    for (key, value) in desired {
-        map.insert(key, value, 0).map_err(Error::map(name))?;
-        mirror_insert(level1, key, &value)?;
-        stats.written += 1;
-    }
-    Ok(stats)
+    let mut upsert = entries.clone();
+    upsert.sort();
+    let remove = present
+        .into_iter()
+        .map(u32::to_le_bytes)
+        .filter(|k| upsert.binary_search(k).is_err())
+        .map(|k| k.to_vec())
+        .collect();
+    write_dir(map, level1, name, &MapDelta { upsert, remove })
 }
 
-/// Writes only `d` into the chunk hash.
+/// Writes only `d` into the chunk hash (see [`write_dir`]).
 fn dir_delta(
     map: &mut HashMap<MapData, u32, V4DirChunk>,
     level1: &mut V4DirArrays,
     name: &'static str,
     d: &MapDelta,
 ) -> Result<WriteStats, Error> {
-    let mut stats = WriteStats::default();
-    for k in &d.remove {
-        let key = <[u8; 4]>::try_from(k.as_slice())
-            .map(u32::from_le_bytes)
-            .map_err(|_| Error::Entry { map: name, reason: "key size" })?;
-        map.remove(&key).map_err(Error::map(name))?;
-        mirror_remove(level1, key)?;
-        stats.deleted += 1;
-    }
-    for (key, value) in dir_entries(name, &d.upsert)? {
-        map.insert(key, value, 0).map_err(Error::map(name))?;
-        mirror_insert(level1, key, &value)?;
-        stats.written += 1;
-    }
+    write_dir(map, level1, name, d)
+}
+
+/// Writes `d` into the chunk hash and mirrors it into the arrays, a batch per map and
+/// command: the hash's deletes and updates, then the pool's chunks, then the first-level
+/// chunks with their pool references ([`V4DirArrays::write`]). Entry by entry this was four
+/// syscalls of 3-4 KiB per second-level chunk, about 7 ms of a 100k-prefix write.
+fn write_dir(
+    map: &mut HashMap<MapData, u32, V4DirChunk>,
+    arrays: &mut V4DirArrays,
+    name: &'static str,
+    d: &MapDelta,
+) -> Result<WriteStats, Error> {
+    let remove = d
+        .remove
+        .iter()
+        .map(|k| {
+            <[u8; 4]>::try_from(k.as_slice())
+                .map(u32::from_le_bytes)
+                .map_err(|_| Error::Entry { map: name, reason: "key size" })
+        })
+        .collect::<Result<Vec<u32>, Error>>()?;
+    let upsert = dir_entries(name, &d.upsert)?;
+    let stats = batch_write(map.map().fd().as_fd(), name, 4, size_of::<V4DirChunk>(), d)?;
+    arrays.write(&remove, &upsert)?;
     Ok(stats)
 }
 
@@ -786,14 +811,26 @@ impl PoolAlloc {
     /// pool, or to a slot another /16 already has, is not taken as an allocation (reading the
     /// generation back refuses such an array; the next write of that /16 corrects it).
     fn read(level1: &Array<MapData, V4Dir1Chunk>) -> Result<Self, Error> {
+        let name = maps::INGRESS_V4_DIR1;
         let mut alloc =
             PoolAlloc { slots: BTreeMap::new(), free: (0..V4_DIR_POOL_CHUNKS).collect() };
-        for key in 0..V4_DIR_L2_BASE {
-            let chunk = level1.get(&key, 0).map_err(Error::map(maps::INGRESS_V4_DIR1))?;
-            for (i, slot) in chunk.slots.iter().enumerate() {
-                let index = slot.pool.wrapping_sub(1);
-                if slot.pool != 0 && alloc.free.remove(&index) {
-                    alloc.slots.insert(key << 8 | i as u32, index);
+        // One batched read of the whole array (1 MiB) instead of 256 lookups.
+        let (chunk, slot) = (size_of::<V4Dir1Chunk>(), size_of::<V4Dir1Slot>());
+        let (keys, values, n) = crate::batch::lookup_all(level1.map().fd().as_fd(), 4, chunk)
+            .map_err(Error::batch(name))?;
+        let word = |b: &[u8], at: usize| b.get(at..at + 4).and_then(|w| w.try_into().ok());
+        for i in 0..n {
+            let key = word(&keys, i * 4).map(u32::from_ne_bytes);
+            let value = values.get(i * chunk..(i + 1) * chunk);
+            let (Some(key), Some(value)) = (key, value) else {
+                return Err(Error::Entry { map: name, reason: "size" });
+            };
+            for (s, bytes) in value.chunks_exact(slot).enumerate() {
+                let pool = word(bytes, std::mem::offset_of!(V4Dir1Slot, pool));
+                let pool = pool.map_or(0, u32::from_ne_bytes);
+                let index = pool.wrapping_sub(1);
+                if pool != 0 && alloc.free.remove(&index) {
+                    alloc.slots.insert(key << 8 | s as u32, index);
                 }
             }
         }
@@ -820,127 +857,99 @@ impl V4DirArrays {
         Ok(PoolAlloc::read(&self.level1)?.slots.len())
     }
 
-    /// The allocation, read from the first-level array when not known.
-    fn alloc(&mut self) -> Result<&mut PoolAlloc, Error> {
-        let alloc = match self.alloc.take() {
+    /// Mirrors a write of the chunk hash into the arrays: the chunks of keys `remove` left it,
+    /// `upsert`'s were written. A first-level chunk goes into the first-level array with the
+    /// pool references of its /16s (a removed one becomes zeros: `encode` always writes all
+    /// 256, so only a state written by hand removes one); a second-level chunk goes into its
+    /// /16's pool slot, allocating one (the pool's lowest free slot below the limit) when the
+    /// /16 has none (when none is free the /16 stays without one and the program asks the
+    /// hash); a removed second-level chunk frees its slot and loses its reference.
+    ///
+    /// The pool is written in one batch, then every first-level chunk whose slots or
+    /// references changed in another. Only the standby generation is written, which no
+    /// program reads, so the order inside a write does not matter to a packet; a write that
+    /// fails part-way leaves the allocation unknown (read back from the first-level array
+    /// before the next write) and the generation's record cleared.
+    fn write(&mut self, remove: &[u32], upsert: &[(u32, V4DirChunk)]) -> Result<(), Error> {
+        let r = self.try_write(remove, upsert);
+        if r.is_err() {
+            self.alloc = None;
+        }
+        r
+    }
+
+    fn try_write(&mut self, remove: &[u32], upsert: &[(u32, V4DirChunk)]) -> Result<(), Error> {
+        let limit = self.limit;
+        let mut alloc = match self.alloc.take() {
             Some(a) => a,
             None => PoolAlloc::read(&self.level1)?,
         };
-        Ok(self.alloc.insert(alloc))
-    }
-
-    /// Sets the pool reference of `/16` `x` in the first-level array (1 + the pool index, 0
-    /// for none): a read, a change of one slot, a write.
-    fn set_ref(&mut self, x: u32, pool: u32) -> Result<(), Error> {
-        let name = maps::INGRESS_V4_DIR1;
-        let key = x >> 8;
-        let mut chunk = self.level1.get(&key, 0).map_err(Error::map(name))?;
-        chunk.slots[(x & 0xff) as usize].pool = pool;
-        self.level1.set(key, chunk, 0).map_err(Error::map(name))
-    }
-
-    /// A chunk written into the hash goes into the arrays too: a first-level chunk into the
-    /// first-level array (with the pool references of its /16s), a second-level chunk into
-    /// its /16's pool slot, allocating one (the pool's lowest free slot below the limit) when
-    /// the /16 has none; when none is free the /16 stays without one and the program asks
-    /// the hash.
-    fn insert(&mut self, key: u32, value: &V4DirChunk) -> Result<(), Error> {
-        let r = self.try_insert(key, value);
-        if r.is_err() {
-            self.alloc = None;
+        // First-level chunks written whole (their slots from the hash's chunk) and those
+        // only some of whose references change.
+        let mut chunks: BTreeMap<u32, V4DirChunk> = BTreeMap::new();
+        let mut refs_changed = BTreeSet::new();
+        let mut pool: Vec<(u32, &V4DirChunk)> = Vec::new();
+        for &key in remove {
+            if key < V4_DIR_L2_BASE {
+                chunks.insert(key, V4DirChunk::default());
+            } else if let Some(index) = alloc.slots.remove(&(key - V4_DIR_L2_BASE)) {
+                alloc.free.insert(index);
+                refs_changed.insert((key - V4_DIR_L2_BASE) >> 8);
+            }
         }
-        r
-    }
-
-    fn try_insert(&mut self, key: u32, value: &V4DirChunk) -> Result<(), Error> {
-        let name = maps::INGRESS_V4_DIR1;
-        if key < V4_DIR_L2_BASE {
-            // The pool references stay: from the allocation when known, else from the array
-            // (one chunk read instead of the whole array).
-            let refs = match &self.alloc {
-                Some(alloc) => {
-                    let mut refs = [0u32; V4_DIR_SLOTS];
-                    for (&x, &index) in alloc.slots.range(key << 8..(key + 1) << 8) {
-                        refs[(x & 0xff) as usize] = index + 1;
-                    }
-                    refs
+        for (key, value) in upsert {
+            if *key < V4_DIR_L2_BASE {
+                chunks.insert(*key, *value);
+                continue;
+            }
+            let x = key - V4_DIR_L2_BASE;
+            let index = match alloc.slots.get(&x) {
+                Some(&index) => index,
+                None => {
+                    let Some(&index) = alloc.free.range(..limit).next() else { continue };
+                    alloc.free.remove(&index);
+                    alloc.slots.insert(x, index);
+                    refs_changed.insert(x >> 8);
+                    index
                 }
-                None => self.level1.get(&key, 0).map_err(Error::map(name))?.slots.map(|s| s.pool),
             };
-            let mut chunk = V4Dir1Chunk::default();
-            for ((out, slot), pool) in chunk.slots.iter_mut().zip(&value.slots).zip(refs) {
-                *out = V4Dir1Slot::new(*slot, pool);
-            }
-            return self.level1.set(key, chunk, 0).map_err(Error::map(name));
+            pool.push((index, value));
         }
-        let x = key - V4_DIR_L2_BASE;
-        let pool_name = maps::INGRESS_V4_DIR2;
-        // A /16 that has a slot: the chunk is rewritten in place.
-        let held = match &self.alloc {
-            Some(alloc) => alloc.slots.get(&x).copied(),
-            None => {
-                let chunk = self.level1.get(&(x >> 8), 0).map_err(Error::map(name))?;
-                let pool = chunk.slots[(x & 0xff) as usize].pool;
-                (pool != 0 && pool <= V4_DIR_POOL_CHUNKS).then(|| pool - 1)
-            }
-        };
-        if let Some(index) = held {
-            return self.pool.set(index, value, 0).map_err(Error::map(pool_name));
+        let mut keys = Vec::with_capacity(pool.len() * 4);
+        let mut values = Vec::with_capacity(pool.len() * size_of::<V4DirChunk>());
+        for (index, chunk) in &pool {
+            keys.extend_from_slice(&index.to_ne_bytes());
+            values.extend_from_slice(&chunk.to_bytes());
         }
-        let limit = self.limit;
-        let Some(&index) = self.alloc()?.free.range(..limit).next() else {
-            return Ok(());
-        };
-        // The chunk first, then the reference to it.
-        self.pool.set(index, value, 0).map_err(Error::map(pool_name))?;
-        self.set_ref(x, index + 1)?;
-        let alloc = self.alloc()?;
-        alloc.free.remove(&index);
-        alloc.slots.insert(x, index);
+        let (fd, size) = (self.pool.map().fd().as_fd(), size_of::<V4DirChunk>());
+        crate::batch::update(fd, 4, size, &keys, &values)
+            .map_err(Error::batch(maps::INGRESS_V4_DIR2))?;
+
+        let name = maps::INGRESS_V4_DIR1;
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for key in refs_changed.into_iter().chain(chunks.keys().copied()).collect::<BTreeSet<_>>() {
+            let slots = match chunks.get(&key) {
+                Some(chunk) => *chunk,
+                None => self.level1.get(&key, 0).map_err(Error::map(name))?.dir_chunk(),
+            };
+            let mut refs = [0u32; V4_DIR_SLOTS];
+            for (&x, &index) in alloc.slots.range(key << 8..(key + 1) << 8) {
+                refs[(x & 0xff) as usize] = index + 1;
+            }
+            keys.extend_from_slice(&key.to_ne_bytes());
+            for (slot, pool) in slots.slots.iter().zip(refs) {
+                let slot = V4Dir1Slot::new(*slot, pool);
+                for word in [slot.wide_class, slot.narrow_class, slot.deeper, slot.pool] {
+                    values.extend_from_slice(&word.to_ne_bytes());
+                }
+            }
+        }
+        let fd = self.level1.map().fd().as_fd();
+        crate::batch::update(fd, 4, size_of::<V4Dir1Chunk>(), &keys, &values)
+            .map_err(Error::batch(name))?;
+        self.alloc = Some(alloc);
         Ok(())
     }
-
-    /// A chunk removed from the hash: a first-level chunk becomes zeros in the array
-    /// (`encode` always writes all 256, so only a state written by hand gets here), a
-    /// second-level chunk loses its pool reference and frees its slot.
-    fn remove(&mut self, key: u32) -> Result<(), Error> {
-        if key < V4_DIR_L2_BASE {
-            return self.insert(key, &V4DirChunk::default());
-        }
-        let x = key - V4_DIR_L2_BASE;
-        let r = (|| {
-            let Some(alloc) = &mut self.alloc else {
-                // Not known: only the reference goes (a later read of the allocation finds
-                // the slot free).
-                let chunk =
-                    self.level1.get(&(x >> 8), 0).map_err(Error::map(maps::INGRESS_V4_DIR1))?;
-                if chunk.slots[(x & 0xff) as usize].pool != 0 {
-                    self.set_ref(x, 0)?;
-                }
-                return Ok(());
-            };
-            let Some(index) = alloc.slots.remove(&x) else {
-                return Ok(());
-            };
-            alloc.free.insert(index);
-            self.set_ref(x, 0)
-        })();
-        if r.is_err() {
-            self.alloc = None;
-        }
-        r
-    }
-}
-
-/// A first-level chunk written into the hash goes into the array too, a second-level one
-/// into the pool (see [`V4DirArrays::insert`]).
-fn mirror_insert(arrays: &mut V4DirArrays, key: u32, value: &V4DirChunk) -> Result<(), Error> {
-    arrays.insert(key, value)
-}
-
-/// A chunk removed from the hash leaves the arrays (see [`V4DirArrays::remove`]).
-fn mirror_remove(arrays: &mut V4DirArrays, key: u32) -> Result<(), Error> {
-    arrays.remove(key)
 }
 
 /// Reads the chunk hash back (`encode`'s format, sorted by key bytes), checking the arrays
@@ -1452,7 +1461,7 @@ impl GenerationMaps {
             inner_of(outer, name, g)
         };
         let (in_v4, v4_hash) = get(maps::INGRESS_V4)?;
-        let (in_v4_dir, _) = get(maps::INGRESS_V4_DIR)?;
+        let (in_v4_dir, dir_hash) = get(maps::INGRESS_V4_DIR)?;
         let (in_v4_dir1, _) = get(maps::INGRESS_V4_DIR1)?;
         let (in_v4_dir2, _) = get(maps::INGRESS_V4_DIR2)?;
         let (in_v6, v6) = get(maps::INGRESS_V6)?;
@@ -1494,6 +1503,7 @@ impl GenerationMaps {
             },
             v4_hash,
             v4_hash_len: None,
+            dir_hash,
             in_v4_rest: root.and_then(|r| Self::rest_pinned(r, g)),
             v4_unsorted: Default::default(),
             last_v4: None,
@@ -1552,6 +1562,10 @@ impl GenerationMaps {
             if entries.len() > cap as usize {
                 return Some((name, entries.len(), cap));
             }
+        }
+        let chunks = encoded.maps.get(maps::INGRESS_V4_DIR).map_or(0, Entries::len);
+        if chunks > self.dir_hash as usize {
+            return Some((maps::INGRESS_V4_DIR, chunks, self.dir_hash));
         }
         let v4 = encoded.maps.get(maps::INGRESS_V4).map_or(0, Entries::len);
         if v4 > self.v4_hash as usize {
@@ -2152,7 +2166,8 @@ mod tests {
             return;
         }
         let caps = Capacities { v4_prefixes: 4096, ..Capacities::default() };
-        let mut maps = GenerationMaps::create(0, &caps, caps.v4_prefixes).expect("maps");
+        let mut maps =
+            GenerationMaps::create(0, &caps, caps.v4_prefixes, DIR_HASH_FIRST).expect("maps");
         // Every length from /8 to /32, 100 prefixes each.
         let mut d = MapDelta::default();
         for len in 8..=32u32 {

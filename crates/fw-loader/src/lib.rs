@@ -70,7 +70,7 @@ pub use crate::batch::BatchError;
 pub use crate::cgroup::{CgroupAttachment, CgroupLinks, EgressAttachment, cgroup2_mount};
 pub use crate::error::Error;
 pub use crate::events::{EventStats, Events};
-use crate::generation::{GenerationMaps, V4_HASH_FIRST};
+use crate::generation::{DIR_HASH_FIRST, GenerationMaps, V4_HASH_FIRST};
 pub use crate::generation::{MapDelta, WriteStats, delta as entry_delta};
 pub use crate::pin::{
     Attachment, DEFAULT_ROOT, MapStatus, Opened, Status, abi_version, attachments,
@@ -190,7 +190,10 @@ impl Dataplane {
         cgroup::load_egress_programs(&mut ebpf)?;
 
         let generations = (0..GENERATIONS)
-            .map(|g| GenerationMaps::create(g, caps, caps.v4_prefixes.min(V4_HASH_FIRST)))
+            .map(|g| {
+                let v4_hash = caps.v4_prefixes.min(V4_HASH_FIRST);
+                GenerationMaps::create(g, caps, v4_hash, DIR_HASH_FIRST)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut outer = BTreeMap::new();
         let g = &generations;
