@@ -745,16 +745,6 @@ fn sync_dir(
     write_dir(map, level1, name, &MapDelta { upsert, remove })
 }
 
-/// Writes only `d` into the chunk hash (see [`write_dir`]).
-fn dir_delta(
-    map: &mut HashMap<MapData, u32, V4DirChunk>,
-    level1: &mut V4DirArrays,
-    name: &'static str,
-    d: &MapDelta,
-) -> Result<WriteStats, Error> {
-    write_dir(map, level1, name, d)
-}
-
 /// Writes `d` into the chunk hash and mirrors it into the arrays, a batch per map and
 /// command: the hash's deletes and updates, then the pool's chunks, then the first-level
 /// chunks with their pool references ([`V4DirArrays::write`]). Entry by entry this was four
@@ -1628,7 +1618,7 @@ impl GenerationMaps {
                 | maps::EGRESS_V6
                 | maps::EGRESS_L4 => self.batch_delta(name, d)?,
                 maps::INGRESS_V4_DIR => {
-                    dir_delta(&mut self.in_v4_dir, &mut self.in_v4_dir1, name, d)?
+                    write_dir(&mut self.in_v4_dir, &mut self.in_v4_dir1, name, d)?
                 }
                 maps::INGRESS_L4_EXACT => {
                     let (x, p, c, k) =
