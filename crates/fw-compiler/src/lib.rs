@@ -23,6 +23,8 @@ pub mod lookup;
 pub mod lower;
 pub mod mapstate;
 pub mod model;
+#[cfg(feature = "random-policies")]
+pub mod random_policies;
 pub mod resolve;
 pub mod schema;
 pub mod source;
