@@ -537,6 +537,55 @@ impl Dataplane {
         self.write_delta(generation, current, deltas)
     }
 
+    /// The middle of the protocol, the same for a whole apply and a delta one: the standby's
+    /// record and cache entry (`held`, what it now holds), the flip, the saved state pinned
+    /// when it was not before, then the grace period. Returns the saved state's id, which the
+    /// old generation's record names after the replay.
+    fn flip_to(
+        &mut self,
+        standby: u32,
+        held: Arc<Encoded>,
+        (revision, digest, saved_state): (&str, &str, &[u8]),
+        report: &mut ApplyReport,
+        lap: &mut impl FnMut(&mut ApplyReport, &'static str),
+    ) -> Result<Option<String>, Error> {
+        // Hashed once (tens of MB at 100k rules), compared before and after the flip.
+        let print = Fingerprint::of(saved_state);
+        let saved = self.save_state(saved_state, &print, false)?;
+        let write = write_id()?;
+        let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
+        self.record(standby, revision, digest, &write, saved_ref)?;
+        if let Some(slot) = self.held.get_mut(Self::slot(standby)?) {
+            *slot = Some(Held { write: write.clone(), state: held });
+        }
+        lap(report, "write standby");
+        hook("after-standby-write")?;
+
+        self.set_active_generation(standby)?;
+        lap(report, "flip");
+        hook("after-flip")?;
+
+        let saved = match saved {
+            Some(id) => Some(id),
+            None => {
+                let id = self.save_state(saved_state, &print, true)?;
+                let saved_ref = id.as_deref().map(|id| (id, saved_state.len()));
+                self.record(standby, revision, digest, &write, saved_ref)?;
+                id
+            }
+        };
+        lap(report, "save state");
+
+        let g = Self::slot(standby)?;
+        self.generations
+            .get(g)
+            .ok_or(Error::NoSuchGeneration(standby))?
+            .wait_grace_period(standby, &mut self.outer)?;
+        lap(report, "grace period");
+        hook("before-replay")?;
+        Ok(saved)
+    }
+
     /// Writes generation `generation`'s record (its write id last).
     fn record(
         &mut self,
@@ -702,40 +751,8 @@ impl Dataplane {
         if let Some(w) = workloads {
             report.standby += self.write_workloads(standby, w)?;
         }
-        // Hashed once (tens of MB at 100k rules), compared before and after the flip.
-        let print = Fingerprint::of(saved_state);
-        let saved = self.save_state(saved_state, &print, false)?;
-        let write = write_id()?;
-        let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
-        self.record(standby, revision, digest, &write, saved_ref)?;
-        if let Some(slot) = self.held.get_mut(Self::slot(standby)?) {
-            *slot = Some(Held { write: write.clone(), state: held });
-        }
-        lap(&mut report, "write standby");
-        hook("after-standby-write")?;
-
-        self.set_active_generation(standby)?;
-        lap(&mut report, "flip");
-        hook("after-flip")?;
-
-        let saved = match saved {
-            Some(id) => Some(id),
-            None => {
-                let id = self.save_state(saved_state, &print, true)?;
-                let saved_ref = id.as_deref().map(|id| (id, saved_state.len()));
-                self.record(standby, revision, digest, &write, saved_ref)?;
-                id
-            }
-        };
-        lap(&mut report, "save state");
-
-        let g = Self::slot(standby)?;
-        self.generations
-            .get(g)
-            .ok_or(Error::NoSuchGeneration(standby))?
-            .wait_grace_period(standby, &mut self.outer)?;
-        lap(&mut report, "grace period");
-        hook("before-replay")?;
+        let saved =
+            self.flip_to(standby, held, (revision, digest, saved_state), &mut report, &mut lap)?;
 
         // Known to hold what the standby held: the same deltas, and then the same state.
         let (current, replay) = match sharer {
@@ -890,41 +907,10 @@ impl Dataplane {
         if let Some(w) = workloads {
             report.standby += self.write_workloads(standby, w)?;
         }
-        // Hashed once (tens of MB at 100k rules), compared before and after the flip.
-        let print = Fingerprint::of(saved_state);
-        let saved = self.save_state(saved_state, &print, false)?;
-        let write = write_id()?;
-        let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
-        self.record(standby, revision, digest, &write, saved_ref)?;
         let l4_rules = deltas.keys().any(|n| L4_MAPS.contains(n));
-        if let Some(slot) = self.held.get_mut(Self::slot(standby)?) {
-            *slot = Some(Held { write: write.clone(), state: held });
-        }
-        lap(&mut report, "write standby");
-        hook("after-standby-write")?;
-
-        self.set_active_generation(standby)?;
-        lap(&mut report, "flip");
-        hook("after-flip")?;
-
-        let saved = match saved {
-            Some(id) => Some(id),
-            None => {
-                let id = self.save_state(saved_state, &print, true)?;
-                let saved_ref = id.as_deref().map(|id| (id, saved_state.len()));
-                self.record(standby, revision, digest, &write, saved_ref)?;
-                id
-            }
-        };
-        lap(&mut report, "save state");
-
+        let saved =
+            self.flip_to(standby, held, (revision, digest, saved_state), &mut report, &mut lap)?;
         let g = Self::slot(standby)?;
-        self.generations
-            .get(g)
-            .ok_or(Error::NoSuchGeneration(standby))?
-            .wait_grace_period(standby, &mut self.outer)?;
-        lap(&mut report, "grace period");
-        hook("before-replay")?;
 
         // The old generation: the same deltas when it is known to hold the base, else a diff
         // against what the standby now holds.
