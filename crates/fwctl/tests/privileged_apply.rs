@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use fw_loader::{Dataplane, Opened};
+use fw_netkit::policies::{only_tcp, ping_and_tcp};
 use fw_netkit::{Cgroup, Netns, Outcome, TcpEchoServer, VethPair};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -85,35 +86,6 @@ fn apply_args<'a>(s: &'a Scratch, policy: &'a Path, veth: &'a VethPair) -> Vec<&
 fn apply(s: &Scratch, policy: &Path, veth: &VethPair) {
     let out = run(&apply_args(s, policy, veth));
     assert!(out.status.success(), "fwctl apply failed: {}", text(&out));
-}
-
-/// Pings allowed, TCP to `port` allowed, everything else denied.
-fn policy_ping_and(port: u16) -> String {
-    format!(
-        "apiVersion: fw/v1
-kind: Policy
-metadata: {{name: base}}
-spec:
-  defaults: {{ingress: deny}}
-  ingress:
-    - {{name: ping, action: allow, proto: icmp}}
-    - {{name: svc, action: allow, proto: tcp, ports: [{port}]}}
-"
-    )
-}
-
-/// Only TCP to `port`: no ping.
-fn policy_only(port: u16) -> String {
-    format!(
-        "apiVersion: fw/v1
-kind: Policy
-metadata: {{name: base}}
-spec:
-  defaults: {{ingress: deny}}
-  ingress:
-    - {{name: svc, action: allow, proto: tcp, ports: [{port}]}}
-"
-    )
 }
 
 struct Net {
@@ -192,7 +164,7 @@ fn apply_enforces_and_a_changed_policy_changes_enforcement_with_the_same_program
     let s = Scratch::new();
     let net = Net::new();
     assert_eq!(net.observe(), (true, true, true), "before any policy");
-    let p1 = s.policy("p1.yaml", &policy_ping_and(net.a.addr().port()));
+    let p1 = s.policy("p1.yaml", &ping_and_tcp(net.a.addr().port()));
     let t = Instant::now();
     apply(&s, &p1, &net.veth);
     let first = t.elapsed();
@@ -206,7 +178,7 @@ fn apply_enforces_and_a_changed_policy_changes_enforcement_with_the_same_program
     };
     assert_consistent(&s.root);
 
-    let p2 = s.policy("p1.yaml", &policy_only(net.b.addr().port()));
+    let p2 = s.policy("p1.yaml", &only_tcp(net.b.addr().port()));
     let t = Instant::now();
     apply(&s, &p2, &net.veth);
     let second = t.elapsed();
@@ -223,7 +195,7 @@ fn apply_enforces_and_a_changed_policy_changes_enforcement_with_the_same_program
     let root = s.root.to_str().expect("utf-8");
     let same = run(&["diff", p2.to_str().expect("utf-8"), "--host", "h1", "--bpffs", root]);
     assert_eq!(same.status.code(), Some(0), "{}", text(&same));
-    let p3 = s.policy("p3.yaml", &policy_ping_and(net.a.addr().port()));
+    let p3 = s.policy("p3.yaml", &ping_and_tcp(net.a.addr().port()));
     let d = run(&["diff", p3.to_str().expect("utf-8"), "--host", "h1", "--bpffs", root]);
     assert_eq!(d.status.code(), Some(1), "{}", text(&d));
     let out = text(&d);
@@ -269,7 +241,7 @@ fn an_apply_that_fails_before_the_flip_changes_nothing() {
     }
     let s = Scratch::new();
     let net = Net::new();
-    let p1 = s.policy("p.yaml", &policy_ping_and(net.a.addr().port()));
+    let p1 = s.policy("p.yaml", &ping_and_tcp(net.a.addr().port()));
     apply(&s, &p1, &net.veth);
     let before = digest(&s.root);
 
@@ -283,7 +255,7 @@ fn an_apply_that_fails_before_the_flip_changes_nothing() {
     assert_eq!(digest(&s.root), before);
 
     // Fails after writing the standby (the hook aborts there): the active generation stays.
-    let p2 = s.policy("p.yaml", &policy_only(net.b.addr().port()));
+    let p2 = s.policy("p.yaml", &only_tcp(net.b.addr().port()));
     let out = fwctl()
         .args(apply_args(&s, &p2, &net.veth))
         .env(fw_loader::HOOK_ENV, "after-standby-write:abort")
@@ -309,7 +281,7 @@ fn apply_on_a_root_pinned_with_another_abi_upgrades_it_in_place() {
     }
     let s = Scratch::new();
     let net = Net::new();
-    let p1 = s.policy("p.yaml", &policy_ping_and(net.a.addr().port()));
+    let p1 = s.policy("p.yaml", &ping_and_tcp(net.a.addr().port()));
     apply(&s, &p1, &net.veth);
     let (old_prog, link) = {
         let st = Dataplane::adopt(&s.root).expect("adopt").status().expect("status");
@@ -318,7 +290,7 @@ fn apply_on_a_root_pinned_with_another_abi_upgrades_it_in_place() {
     rewrite_recorded_abi(&s.root, "00000000deadbeef");
     assert!(matches!(Dataplane::adopt(&s.root), Err(fw_loader::Error::AbiMismatch { .. })));
 
-    let p2 = s.policy("p.yaml", &policy_only(net.b.addr().port()));
+    let p2 = s.policy("p.yaml", &only_tcp(net.b.addr().port()));
     let out = run(&apply_args(&s, &p2, &net.veth));
     assert!(out.status.success(), "fwctl apply failed: {}", text(&out));
     let said = text(&out);
@@ -337,7 +309,7 @@ fn apply_on_a_root_pinned_with_another_abi_upgrades_it_in_place() {
     assert_consistent(&s.root);
 
     // The next apply adopts: same program.
-    let p1 = s.policy("p.yaml", &policy_ping_and(net.a.addr().port()));
+    let p1 = s.policy("p.yaml", &ping_and_tcp(net.a.addr().port()));
     apply(&s, &p1, &net.veth);
     let st = Dataplane::adopt(&s.root).expect("adopt").status().expect("status");
     assert_eq!(st.program_id, st.attachments[0].program_id);
@@ -351,7 +323,7 @@ fn unload_removes_every_pin_and_detaches() {
     }
     let s = Scratch::new();
     let net = Net::new();
-    let p = s.policy("p.yaml", &policy_only(net.b.addr().port()));
+    let p = s.policy("p.yaml", &only_tcp(net.b.addr().port()));
     apply(&s, &p, &net.veth);
     assert_eq!(net.observe(), (false, false, true));
     let out = run(&["unload", "--bpffs", s.root.to_str().expect("utf-8")]);
@@ -381,9 +353,9 @@ fn a_killed_apply_leaves_one_policy_in_force_and_the_next_apply_repairs() {
         [("after-standby-write", false), ("after-flip", true), ("before-replay", true)]
     {
         let s = Scratch::new();
-        let old = s.policy("p.yaml", &policy_ping_and(net.a.addr().port()));
+        let old = s.policy("p.yaml", &ping_and_tcp(net.a.addr().port()));
         apply(&s, &old, &net.veth);
-        let new = s.policy("p.yaml", &policy_only(net.b.addr().port()));
+        let new = s.policy("p.yaml", &only_tcp(net.b.addr().port()));
         let mut child = fwctl()
             .args(apply_args(&s, &new, &net.veth))
             .env(fw_loader::HOOK_ENV, format!("{step}:pause"))

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fw_loader::Dataplane;
+use fw_netkit::policies::{only_tcp, ping_and_tcp};
 use fw_netkit::{Cgroup, Netns, Outcome, TcpEchoServer, VethPair};
 use fwd::status::Status;
 
@@ -36,35 +37,6 @@ fn git(dir: &Path, args: &[&str]) -> String {
         .expect("run git");
     assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Pings allowed, TCP to `port` allowed, everything else denied.
-fn policy_ping_and(port: u16) -> String {
-    format!(
-        "apiVersion: fw/v1
-kind: Policy
-metadata: {{name: base}}
-spec:
-  defaults: {{ingress: deny}}
-  ingress:
-    - {{name: ping, action: allow, proto: icmp}}
-    - {{name: svc, action: allow, proto: tcp, ports: [{port}]}}
-"
-    )
-}
-
-/// Only TCP to `port`: no ping.
-fn policy_only(port: u16) -> String {
-    format!(
-        "apiVersion: fw/v1
-kind: Policy
-metadata: {{name: base}}
-spec:
-  defaults: {{ingress: deny}}
-  ingress:
-    - {{name: svc, action: allow, proto: tcp, ports: [{port}]}}
-"
-    )
 }
 
 /// A policy whose rule on line 7 names a protocol that does not exist.
@@ -341,7 +313,7 @@ fn a_commit_changes_enforcement_and_a_bad_commit_changes_nothing_and_is_reported
     }
     let mut lab = Lab::new();
     assert_eq!(lab.observe(), (true, true, true), "before fwd");
-    let c1 = lab.commit(&policy_ping_and(lab.a.addr().port()), "ping and a");
+    let c1 = lab.commit(&ping_and_tcp(lab.a.addr().port()), "ping and a");
     lab.start();
     let st = lab.wait_applied(&c1);
     assert_eq!(lab.observe(), P1);
@@ -349,7 +321,7 @@ fn a_commit_changes_enforcement_and_a_bad_commit_changes_nothing_and_is_reported
     assert_eq!(st.applied.as_ref().and_then(|a| a.program_id), Some(prog));
     assert!(st.last_error.is_none(), "{:?}", st.last_error);
 
-    let c2 = lab.commit(&policy_only(lab.b.addr().port()), "only b");
+    let c2 = lab.commit(&only_tcp(lab.b.addr().port()), "only b");
     let st = lab.wait_applied(&c2);
     assert_eq!(lab.observe(), P2);
     assert_eq!(lab.program_id(), prog, "the program was not reloaded");
@@ -406,7 +378,7 @@ fn a_commit_changes_enforcement_and_a_bad_commit_changes_nothing_and_is_reported
     assert_eq!(lab.program_id(), prog);
 
     // The next good commit applies and clears the error.
-    let c3 = lab.commit(&policy_ping_and(lab.a.addr().port()), "back");
+    let c3 = lab.commit(&ping_and_tcp(lab.a.addr().port()), "back");
     let st = lab.wait_applied(&c3);
     assert!(st.last_error.is_none());
     assert_eq!(lab.observe(), P1);
@@ -424,7 +396,7 @@ fn kill_9_during_each_reconcile_step_then_restart_keeps_enforcing_and_converges(
         return;
     }
     let mut lab = Lab::new();
-    let c1 = lab.commit(&policy_ping_and(lab.a.addr().port()), "p1");
+    let c1 = lab.commit(&ping_and_tcp(lab.a.addr().port()), "p1");
     lab.start();
     lab.wait_applied(&c1);
     let prog = lab.program_id();
@@ -432,9 +404,9 @@ fn kill_9_during_each_reconcile_step_then_restart_keeps_enforcing_and_converges(
     let (mut want, mut other) = (P1, P2);
     for (i, step) in ["after-standby-write", "after-flip", "before-replay"].iter().enumerate() {
         let yaml = if want == P1 {
-            policy_only(lab.b.addr().port())
+            only_tcp(lab.b.addr().port())
         } else {
-            policy_ping_and(lab.a.addr().port())
+            ping_and_tcp(lab.a.addr().port())
         };
         let c = lab.commit(&yaml, &format!("change {i}"));
         lab.start_with(&[(fw_loader::HOOK_ENV, &format!("{step}:pause"))]);
@@ -462,7 +434,7 @@ fn hand_made_drift_is_corrected() {
     }
     let mut lab = Lab::new();
     lab.write_config("1s", "1s");
-    let c1 = lab.commit(&policy_ping_and(lab.a.addr().port()), "p1");
+    let c1 = lab.commit(&ping_and_tcp(lab.a.addr().port()), "p1");
     lab.start();
     lab.wait_applied(&c1);
     assert_eq!(lab.observe(), P1);
@@ -502,7 +474,7 @@ fn the_remote_going_away_and_coming_back_and_a_force_push() {
         return;
     }
     let mut lab = Lab::new();
-    let c1 = lab.commit(&policy_ping_and(lab.a.addr().port()), "p1");
+    let c1 = lab.commit(&ping_and_tcp(lab.a.addr().port()), "p1");
     lab.start();
     lab.wait_applied(&c1);
 
@@ -511,7 +483,7 @@ fn the_remote_going_away_and_coming_back_and_a_force_push() {
     assert!(st.source.failures >= 1);
     assert_eq!(lab.observe(), P1, "enforcement unchanged while the remote is away");
     std::fs::rename(lab.path("gone.git"), lab.path("remote.git")).expect("remote back");
-    let c2 = lab.commit(&policy_only(lab.b.addr().port()), "p2");
+    let c2 = lab.commit(&only_tcp(lab.b.addr().port()), "p2");
     let st = lab.wait_applied(&c2);
     assert!(st.source.error.is_none(), "{:?}", st.source);
     assert_eq!(lab.observe(), P2);
@@ -529,7 +501,7 @@ fn the_remote_going_away_and_coming_back_and_a_force_push() {
     // Rewrite history: c2 is dropped, c3 replaces it (not a descendant).
     let work = lab.path("work");
     git(&work, &["reset", "-q", "--hard", &c1]);
-    let c3 = lab.commit(&policy_only(lab.a.addr().port()), "rewritten");
+    let c3 = lab.commit(&only_tcp(lab.a.addr().port()), "rewritten");
     let st = lab.wait_applied(&c3);
     assert!(st.source.forced, "{:?}", st.source);
     assert_eq!(lab.observe(), (false, true, false));
@@ -598,7 +570,7 @@ fn runs_with_only_the_capabilities_of_the_unit() {
     }
     let caps = unit_capabilities();
     let mut lab = Lab::new();
-    let c1 = lab.commit(&policy_ping_and(lab.a.addr().port()), "p1");
+    let c1 = lab.commit(&ping_and_tcp(lab.a.addr().port()), "p1");
     // First run: loads, pins and attaches with these capabilities only.
     lab.start_wrapped(&["setpriv", "--bounding-set", &caps, "--inh-caps", "-all", "--"]);
     lab.wait_applied(&c1);
@@ -606,7 +578,7 @@ fn runs_with_only_the_capabilities_of_the_unit() {
     let prog = lab.program_id();
     assert!(lab.stop().success());
     // A restart adopts the pins (no reload) and applies a change, still without more.
-    let c2 = lab.commit(&policy_only(lab.b.addr().port()), "p2");
+    let c2 = lab.commit(&only_tcp(lab.b.addr().port()), "p2");
     lab.start_wrapped(&["setpriv", "--bounding-set", &caps, "--inh-caps", "-all", "--"]);
     lab.wait_applied(&c2);
     assert_eq!(lab.observe(), P2);
@@ -627,7 +599,7 @@ fn a_restart_on_pins_of_another_abi_swaps_the_programs_under_their_links() {
         return;
     }
     let mut lab = Lab::new();
-    let c1 = lab.commit(&policy_ping_and(lab.a.addr().port()), "p1");
+    let c1 = lab.commit(&ping_and_tcp(lab.a.addr().port()), "p1");
     lab.start();
     lab.wait_applied(&c1);
     assert!(lab.stop().success());
@@ -637,7 +609,7 @@ fn a_restart_on_pins_of_another_abi_swaps_the_programs_under_their_links() {
     };
     // As if the pins were made by an older fwd.
     rewrite_recorded_abi(&lab.root, "00000000deadbeef");
-    let c2 = lab.commit(&policy_only(lab.b.addr().port()), "p2");
+    let c2 = lab.commit(&only_tcp(lab.b.addr().port()), "p2");
     // The upgrade too runs with the systemd unit's capabilities only.
     let caps = unit_capabilities();
     lab.start_wrapped(&["setpriv", "--bounding-set", &caps, "--inh-caps", "-all", "--"]);

@@ -25,6 +25,7 @@ use fw_compiler::model::HostIdentity;
 use fw_compiler::yaml::ParseLimits;
 use fw_dataplane_tests::harness::privileged;
 use fw_loader::{ConntrackMigration, Dataplane, Desired, Error, Opened};
+use fw_netkit::policies::{allow_port, ingress_allowing};
 use fw_netkit::{Cgroup, Netns, Outcome, UdpEchoServer, UdpFlood, VethPair};
 
 fn state(yaml: &str) -> MapState {
@@ -35,26 +36,12 @@ fn state(yaml: &str) -> MapState {
 }
 
 /// Default deny; one unrelated allow (TCP to port 9) so the policy has a rule.
-const DENY: &str = "apiVersion: fw/v1
-kind: Policy
-metadata: {name: base}
-spec:
-  defaults: {ingress: deny}
-  ingress:
-    - {name: discard, action: allow, proto: tcp, ports: [9]}
-";
+fn deny() -> String {
+    ingress_allowing(&[&allow_port("discard", "tcp", 9)])
+}
 
 fn allow_udp(port: u16) -> String {
-    format!(
-        "apiVersion: fw/v1
-kind: Policy
-metadata: {{name: base}}
-spec:
-  defaults: {{ingress: deny}}
-  ingress:
-    - {{name: udp, action: allow, proto: udp, ports: [{port}]}}
-"
-    )
+    ingress_allowing(&[&allow_port("udp", "udp", port)])
 }
 
 /// Makes the record under `root` name another ABI, as a root pinned by an older build would
@@ -126,7 +113,7 @@ fn an_abi_upgrade_swaps_programs_under_their_links_without_letting_a_packet_thro
 
     // The "older" data plane: default deny, XDP on the host end, egress on the test cgroup,
     // one tracked flow.
-    let deny = state(DENY);
+    let deny = state(&deny());
     let deny_enc = encode(&deny);
     let (mut old, opened) = Dataplane::open_pinned(&root.0, &caps).expect("load");
     assert_eq!(opened, Opened::Loaded);
@@ -247,7 +234,7 @@ fn an_upgrade_of_a_current_data_plane_adopts_it() {
     }
     let root = PinRoot::new("upgrade-same");
     let caps = Capacities::default();
-    let deny = state(DENY);
+    let deny = state(&deny());
     let enc = encode(&deny);
     let dp = Dataplane::load_pinned(&root.0, &caps).expect("load");
     let id = dp.ingress_program_id().expect("id");
@@ -270,7 +257,7 @@ fn a_swap_that_fails_midway_swaps_the_done_links_back_and_leaves_the_old_data_pl
     let veth = VethPair::new(&ns).expect("veth");
     let cg = Cgroup::new().expect("cgroup");
     let caps = Capacities::default();
-    let deny = state(DENY);
+    let deny = state(&deny());
     let enc = encode(&deny);
     let (mut old, _) = Dataplane::open_pinned(&root.0, &caps).expect("load");
     old.apply(&enc, "old", &deny.digest(), b"old").expect("apply");

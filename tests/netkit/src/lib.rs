@@ -1,5 +1,6 @@
 //! Building blocks for the privileged tests: real network namespaces, veth pairs, cgroup v2
-//! groups and bounded traffic probes, each behind an RAII guard.
+//! groups and bounded traffic probes, each behind an RAII guard, and the small policies the
+//! traffic tests enforce ([`policies`]).
 //!
 //! Why it is built this way:
 //! - No mocks. The data-plane tests must show that the kernel programs act on real traffic, so
@@ -25,6 +26,7 @@ mod cgroup;
 mod error;
 mod flood;
 mod netns;
+pub mod policies;
 mod sys;
 mod traffic;
 mod veth;
