@@ -993,6 +993,36 @@ impl Bytes for V4DirChunk {
     }
 }
 
+impl Bytes for V4Dir1Chunk {
+    const SIZE: usize = size_of::<Self>();
+    type Array = [u8; 4096];
+    fn to_bytes(&self) -> [u8; 4096] {
+        let mut b = [0u8; 4096];
+        for (out, c) in b.chunks_exact_mut(16).zip(&self.slots) {
+            out[0..4].copy_from_slice(&c.wide_class.to_le_bytes());
+            out[4..8].copy_from_slice(&c.narrow_class.to_le_bytes());
+            out[8..12].copy_from_slice(&c.deeper.to_le_bytes());
+            out[12..16].copy_from_slice(&c.pool.to_le_bytes());
+        }
+        b
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != Self::SIZE {
+            return None;
+        }
+        let mut out = Self::default();
+        for (slot, c) in out.slots.iter_mut().zip(b.chunks_exact(16)) {
+            *slot = V4Dir1Slot {
+                wide_class: le_u32(c, 0),
+                narrow_class: le_u32(c, 4),
+                deeper: le_u32(c, 8),
+                pool: le_u32(c, 12),
+            };
+        }
+        Some(out)
+    }
+}
+
 impl Bytes for L4PortChunk {
     const SIZE: usize = size_of::<Self>();
     type Array = [u8; 7168];
@@ -1389,6 +1419,19 @@ mod tests {
         assert_eq!(b[187 * 28..188 * 28], allow.to_bytes());
         assert_eq!(L4PortChunk::from_bytes(&b), Some(chunk));
         assert_eq!(L4PortChunk::from_bytes(&b[1..]), None);
+    }
+
+    #[test]
+    fn first_level_chunk_bytes_round_trip_with_the_pool_reference_last() {
+        let mut chunk = V4Dir1Chunk::default();
+        let slot = V4DirSlot { wide_class: 1, narrow_class: 2, deeper: 0x8000_0001 };
+        chunk.slots[255] = V4Dir1Slot::new(slot, 4096);
+        let b = chunk.to_bytes();
+        let at = 255 * size_of::<V4Dir1Slot>() + core::mem::offset_of!(V4Dir1Slot, pool);
+        assert_eq!(b[at..at + 4], 4096u32.to_le_bytes());
+        assert_eq!(V4Dir1Chunk::from_bytes(&b), Some(chunk));
+        assert_eq!(V4Dir1Chunk::from_bytes(&b[1..]), None);
+        assert_eq!(chunk.dir_chunk().slots[255], slot);
     }
 
     #[test]

@@ -805,21 +805,17 @@ impl PoolAlloc {
         let mut alloc =
             PoolAlloc { slots: BTreeMap::new(), free: (0..V4_DIR_POOL_CHUNKS).collect() };
         // One batched read of the whole array (1 MiB) instead of 256 lookups.
-        let (chunk, slot) = (size_of::<V4Dir1Chunk>(), size_of::<V4Dir1Slot>());
-        let (keys, values, n) = crate::batch::lookup_all(level1.map().fd().as_fd(), 4, chunk)
+        let size = V4Dir1Chunk::SIZE;
+        let (keys, values, _) = crate::batch::lookup_all(level1.map().fd().as_fd(), 4, size)
             .map_err(Error::batch(name))?;
-        let word = |b: &[u8], at: usize| b.get(at..at + 4).and_then(|w| w.try_into().ok());
-        for i in 0..n {
-            let key = word(&keys, i * 4).map(u32::from_ne_bytes);
-            let value = values.get(i * chunk..(i + 1) * chunk);
-            let (Some(key), Some(value)) = (key, value) else {
+        for (key, value) in keys.chunks_exact(4).zip(values.chunks_exact(size)) {
+            let key = <[u8; 4]>::try_from(key).map(u32::from_le_bytes);
+            let (Ok(key), Some(chunk)) = (key, V4Dir1Chunk::from_bytes(value)) else {
                 return Err(Error::Entry { map: name, reason: "size" });
             };
-            for (s, bytes) in value.chunks_exact(slot).enumerate() {
-                let pool = word(bytes, std::mem::offset_of!(V4Dir1Slot, pool));
-                let pool = pool.map_or(0, u32::from_ne_bytes);
-                let index = pool.wrapping_sub(1);
-                if pool != 0 && alloc.free.remove(&index) {
+            for (s, slot) in chunk.slots.iter().enumerate() {
+                let index = slot.pool.wrapping_sub(1);
+                if slot.pool != 0 && alloc.free.remove(&index) {
                     alloc.slots.insert(key << 8 | s as u32, index);
                 }
             }
@@ -908,7 +904,7 @@ impl V4DirArrays {
         let mut keys = Vec::with_capacity(pool.len() * 4);
         let mut values = Vec::with_capacity(pool.len() * size_of::<V4DirChunk>());
         for (index, chunk) in &pool {
-            keys.extend_from_slice(&index.to_ne_bytes());
+            keys.extend_from_slice(&index.to_le_bytes());
             values.extend_from_slice(&chunk.to_bytes());
         }
         let (fd, size) = (self.pool.map().fd().as_fd(), size_of::<V4DirChunk>());
@@ -926,13 +922,12 @@ impl V4DirArrays {
             for (&x, &index) in alloc.slots.range(key << 8..(key + 1) << 8) {
                 refs[(x & 0xff) as usize] = index + 1;
             }
-            keys.extend_from_slice(&key.to_ne_bytes());
-            for (slot, pool) in slots.slots.iter().zip(refs) {
-                let slot = V4Dir1Slot::new(*slot, pool);
-                for word in [slot.wide_class, slot.narrow_class, slot.deeper, slot.pool] {
-                    values.extend_from_slice(&word.to_ne_bytes());
-                }
+            let mut chunk = V4Dir1Chunk::default();
+            for ((out, slot), pool) in chunk.slots.iter_mut().zip(&slots.slots).zip(refs) {
+                *out = V4Dir1Slot::new(*slot, pool);
             }
+            keys.extend_from_slice(&key.to_le_bytes());
+            values.extend_from_slice(&chunk.to_bytes());
         }
         let fd = self.level1.map().fd().as_fd();
         crate::batch::update(fd, 4, size_of::<V4Dir1Chunk>(), &keys, &values)
