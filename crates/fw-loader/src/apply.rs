@@ -5,7 +5,8 @@
 //! 1. Find out what the standby generation holds and diff it against the desired encoding,
 //!    entry by entry. The kernel is the truth, but reading a 100k-prefix generation back costs
 //!    ~170 ms, so a `Dataplane` keeps, per generation, the encoded state it last wrote *and
-//!    verified* there, tagged with a random 64-bit write id. The same id goes into the
+//!    verified* there (or, for maps it created and pinned itself, the empty state they start
+//!    with), tagged with a random 64-bit write id. The same id goes into the
 //!    generation's pinned record, which is cleared before the generation is written and set
 //!    only after the write is verified. An apply reads the record (one small array lookup):
 //!    when its write id is the one cached, nothing wrote the generation through the protocol
@@ -360,6 +361,10 @@ impl Dataplane {
     pub fn applied(&self, generation: u32) -> Result<Option<Applied>, Error> {
         let Some(pins) = self.pins() else { return Ok(None) };
         let Some(fields) = pins.read(generation)? else { return Ok(None) };
+        // A generation created empty by this loader: known, but nothing applied.
+        if fields.len() == 1 && fields.contains_key("write") {
+            return Ok(None);
+        }
         let get = |k: &str| fields.get(k).cloned().ok_or(Error::Record("a field is missing"));
         Ok(Some(Applied {
             revision: get("revision")?,
@@ -404,6 +409,27 @@ impl Dataplane {
             }
         }
         Ok(Arc::new(self.generations.get(g).ok_or(Error::NoSuchGeneration(generation))?.read()?))
+    }
+
+    /// Records every generation as holding what maps just created hold
+    /// ([`GenerationMaps::fresh_state`]), under one write id per generation, with one shared
+    /// cache entry: so the first apply on a data plane this process created neither reads
+    /// the standby back nor diffs the old generation in full before its replay (at 100k
+    /// prefixes the read of an empty generation alone is milliseconds, most of it the
+    /// chunk pool's 12 MiB). Only for maps this process created and pinned under the root's
+    /// lock, before anyone else could write them; the record holds nothing but the write id,
+    /// which [`Dataplane::applied`] reads as "nothing applied".
+    pub(crate) fn know_fresh(&mut self) -> Result<(), Error> {
+        let state = Arc::new(GenerationMaps::fresh_state());
+        for generation in 0..GENERATIONS {
+            let write = write_id()?;
+            let Some(pins) = self.pins_mut() else { return Ok(()) };
+            pins.write(generation, &[("write", &write)])?;
+            if let Some(slot) = self.held.get_mut(Self::slot(generation)?) {
+                *slot = Some(Held { write, state: Arc::clone(&state) });
+            }
+        }
+        Ok(())
     }
 
     /// Takes `generation`'s cache entry out when it shares `state`; returns its write id.

@@ -382,6 +382,22 @@ impl GenerationMaps {
         Ok(stats)
     }
 
+    /// What [`read`](Self::read) returns for maps just created: every map empty but the
+    /// config, an array, whose entries are all zeros.
+    pub fn fresh_state() -> Encoded {
+        let mut config = Entries::with_capacity(CONFIG_ENTRIES as usize);
+        let zero = DirectionConfig::default().to_bytes();
+        for index in 0..CONFIG_ENTRIES {
+            config.push(&index.to_le_bytes(), &zero);
+        }
+        let maps = maps::GENERATIONAL
+            .into_iter()
+            .filter(|&n| n != maps::WORKLOADS)
+            .map(|n| (n, if n == maps::CONFIG { config.clone() } else { Entries::new() }))
+            .collect();
+        Encoded { maps }
+    }
+
     /// Reads every map but `FW_WORKLOADS` back in `encode`'s format (entries sorted by key
     /// bytes), so a write can be verified by comparing with what was written.
     pub fn read(&self) -> Result<Encoded, Error> {

@@ -328,11 +328,11 @@ impl Dataplane {
             }
         };
         mkdir_private(root)?;
-        match dp.pin_all(root) {
-            Ok(pins) => {
-                dp.pins = Some(pins);
-                Ok(dp)
-            }
+        match dp.pin_all(root).and_then(|pins| {
+            dp.pins = Some(pins);
+            dp.know_fresh()
+        }) {
+            Ok(()) => Ok(dp),
             Err(e) => {
                 drop(dp);
                 let _ = unload_locked(root);

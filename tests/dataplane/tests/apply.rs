@@ -105,6 +105,32 @@ fn counters_of_a_removed_rule_go_and_those_of_a_kept_rule_stay() {
 }
 
 #[test]
+fn a_data_plane_loaded_here_is_known_to_be_empty_without_reading_it() {
+    if !privileged("a_data_plane_loaded_here_is_known_to_be_empty_without_reading_it") {
+        return;
+    }
+    let root = Root::new("apply-fresh");
+    let mut dp = Dataplane::load_pinned(&root.0, &Capacities::default()).expect("load");
+    for g in 0..2 {
+        // What the first apply diffs against is what the kernel holds.
+        let cached = dp.cached_state(g).expect("a cache entry for a fresh generation");
+        assert_eq!(cached, dp.read_generation(g).expect("read"), "generation {g}");
+        assert_eq!(dp.applied(g).expect("record"), None, "nothing is applied yet");
+    }
+    let s = state(&policy(true));
+    let r = dp.apply(&encode(&s), "r1", &s.digest(), b"one").expect("apply");
+    // The old generation was known to hold what the standby held: the same deltas.
+    assert_eq!(r.replay, r.standby, "{r:?}");
+    assert_holds(&dp, &encode(&s));
+    // Another process knows nothing of the cache: it reads, and finds the same.
+    drop(dp);
+    let mut adopted = Dataplane::adopt(&root.0).expect("adopt");
+    let again = adopted.apply(&encode(&s), "r1", &s.digest(), b"one").expect("apply");
+    assert_eq!((again.standby.written, again.replay.written), (0, 0), "{again:?}");
+    assert!(adopted.drift(&encode(&s)).expect("drift").is_clean());
+}
+
+#[test]
 fn each_apply_writes_only_the_diff_and_another_writer_is_noticed() {
     if !privileged("each_apply_writes_only_the_diff_and_another_writer_is_noticed") {
         return;
