@@ -149,6 +149,18 @@ pub(crate) struct Held {
     state: Arc<Encoded>,
 }
 
+/// `encoded`'s maps but the workload table (which a generation's state does not include),
+/// sharing their buffers.
+fn kernel_view(encoded: &Encoded) -> Encoded {
+    let maps = encoded
+        .maps
+        .iter()
+        .filter(|(n, _)| **n != fw_common::maps::WORKLOADS)
+        .map(|(&n, e)| (n, e.clone()))
+        .collect();
+    Encoded { maps }
+}
+
 /// The state out of its `Arc`: moved when this is the only reference, else copied.
 fn owned(state: Arc<Encoded>) -> Encoded {
     Arc::try_unwrap(state).unwrap_or_else(|shared| (*shared).clone())
@@ -523,6 +535,7 @@ impl Dataplane {
         encoded: &Encoded,
         current: Option<Encoded>,
         deltas: &BTreeMap<&'static str, MapDelta>,
+        sorted: bool,
         grown: &mut Vec<u32>,
     ) -> Result<(WriteStats, Option<Encoded>), Error> {
         let g = Self::slot(generation)?;
@@ -572,7 +585,9 @@ impl Dataplane {
             grown.push(generation);
             return Ok((stats, Some(back)));
         }
-        self.write_delta(generation, current, deltas)
+        // `deltas` take `current` to `encoded`: when `encoded` is sorted without duplicates
+        // (as `encode` writes it), the generation then holds `encoded`'s own entries.
+        self.write_delta(generation, current, sorted.then_some(encoded), deltas)
     }
 
     /// The middle of the protocol, the same for a whole apply and a delta one: the standby's
@@ -781,8 +796,14 @@ impl Dataplane {
         if let Some(pins) = self.pins_mut() {
             pins.write(standby, &[])?;
         }
-        let (stats, held) =
-            self.sync_generation(standby, encoded, Some(current), &deltas, &mut report.grown)?;
+        let (stats, held) = self.sync_generation(
+            standby,
+            encoded,
+            Some(current),
+            &deltas,
+            sorted,
+            &mut report.grown,
+        )?;
         let held = Arc::new(held.ok_or(Error::StaleBase)?);
         report.standby = stats;
         if let Some(w) = workloads {
@@ -804,7 +825,7 @@ impl Dataplane {
             pins.write(active, &[])?;
         }
         let (stats, held) =
-            self.sync_generation(active, encoded, current, &replay, &mut report.grown)?;
+            self.sync_generation(active, encoded, current, &replay, sorted, &mut report.grown)?;
         let held = self.share_with(standby, held)?;
         report.replay = stats;
         if let Some(w) = workloads {
@@ -938,7 +959,7 @@ impl Dataplane {
         if let Some(pins) = self.pins_mut() {
             pins.write(standby, &[])?;
         }
-        let (stats, held) = self.write_delta(standby, Some(current), &deltas)?;
+        let (stats, held) = self.write_delta(standby, Some(current), None, &deltas)?;
         let held = Arc::new(held.ok_or(Error::StaleBase)?);
         report.standby = stats;
         if let Some(w) = workloads {
@@ -969,7 +990,7 @@ impl Dataplane {
         if let Some(pins) = self.pins_mut() {
             pins.write(active, &[])?;
         }
-        let (stats, held) = self.write_delta(active, current, &replay)?;
+        let (stats, held) = self.write_delta(active, current, None, &replay)?;
         let held = self.share_with(standby, held)?;
         report.replay = stats;
         if let Some(w) = workloads {
@@ -1004,6 +1025,7 @@ impl Dataplane {
         &mut self,
         generation: u32,
         current: Option<Encoded>,
+        reached: Option<&Encoded>,
         deltas: &BTreeMap<&'static str, MapDelta>,
     ) -> Result<(WriteStats, Option<Encoded>), Error> {
         let g = Self::slot(generation)?;
@@ -1015,11 +1037,22 @@ impl Dataplane {
                 .filter_map(|n| c.maps.get(n).map(|e| (n, e.clone())))
                 .collect(),
         });
-        let patched = current.map(|mut current| {
+        // `reached`: the state the deltas were computed to reach, sorted without duplicate
+        // keys as `encode` writes it, so equal to `current` patched, and shared rather than
+        // built (2-3 ms at 100k prefixes).
+        let patch = |mut current: Encoded| {
             for (&name, d) in deltas {
                 generation::patch(current.maps.entry(name).or_default(), d);
             }
             current
+        };
+        let patched = current.map(|current| match reached {
+            Some(after) => {
+                let after = kernel_view(after);
+                debug_assert!(patch(current) == after, "the deltas do not reach the state");
+                after
+            }
+            None => patch(current),
         });
         // What the generation holds afterwards: the patched state, else (a replay of the
         // standby's deltas onto the state they shared) what the standby now holds.

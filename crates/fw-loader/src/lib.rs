@@ -303,8 +303,14 @@ impl Dataplane {
         }
         if self.generation_maps(generation)?.fits(encoded).is_some() {
             // Bigger maps, filled, verified and put in place, as an apply gets them.
-            let (stats, _) =
-                self.sync_generation(generation, encoded, None, &BTreeMap::new(), &mut Vec::new())?;
+            let (stats, _) = self.sync_generation(
+                generation,
+                encoded,
+                None,
+                &BTreeMap::new(),
+                false,
+                &mut Vec::new(),
+            )?;
             return Ok(stats);
         }
         self.generation_maps(generation)?.write(encoded)
