@@ -1248,6 +1248,29 @@ mod tests {
     }
 
     #[test]
+    fn a_diff_from_nothing_shares_the_desired_entries_when_they_are_sorted() {
+        let enc = |e: Vec<(Vec<u8>, Vec<u8>)>| Encoded { maps: [("FW_IN_V4", e.into())].into() };
+        let empty = Encoded::default();
+        let want = enc(vec![(vec![1], vec![1]), (vec![2], vec![2]), (vec![4], vec![4])]);
+        let (d, sorted) = generation::delta_checked(&empty, &want);
+        assert!(sorted);
+        let upsert = &d.get("FW_IN_V4").expect("a diff").upsert;
+        assert!(upsert.shares(want.maps.get("FW_IN_V4").expect("entries")), "not a copy");
+        // Out of order, or a key twice: not sorted, and diffed (and checked) as before.
+        for bad in [
+            vec![(vec![2], vec![2]), (vec![1], vec![1])],
+            vec![(vec![1], vec![1]), (vec![1], vec![9])],
+        ] {
+            let want = enc(bad);
+            let (d, sorted) = generation::delta_checked(&empty, &want);
+            assert!(!sorted, "{want:?}");
+            let upsert = &d.get("FW_IN_V4").expect("a diff").upsert;
+            assert!(!upsert.shares(want.maps.get("FW_IN_V4").expect("entries")));
+        }
+        assert!(generation::delta_checked(&empty, &enc(Vec::new())).0.is_empty());
+    }
+
+    #[test]
     fn patching_with_a_diff_gives_the_desired_entries() {
         let cases: [(&[u8], &[u8]); 4] =
             [(&[1, 2, 3], &[2, 4]), (&[], &[1, 5]), (&[1, 2], &[]), (&[3, 5, 7], &[1, 5, 9])];
