@@ -368,8 +368,8 @@ impl DriftReport {
 }
 
 impl Dataplane {
-    /// What generation `generation` holds by the record (`None`: unknown, e.g. a write to it
-    /// was interrupted, or the data plane is not pinned).
+    /// What generation `generation` holds by the record (`None`: nothing applied yet, or
+    /// unknown, e.g. a write to it was interrupted, or the data plane is not pinned).
     pub fn applied(&self, generation: u32) -> Result<Option<Applied>, Error> {
         let Some(pins) = self.pins() else { return Ok(None) };
         let Some(fields) = pins.read(generation)? else { return Ok(None) };
