@@ -45,6 +45,16 @@
 //!    state, so no program can still count for them), and saved-state pins neither record
 //!    names. Counters of rules that are still referenced, changed or not, are kept.
 //!
+//! The first load into a data plane no program runs on yet (loaded by this handle and not
+//! attached: `enforce` on a fresh root, which holds the root's lock from the load to the
+//! attach; see `Dataplane::exclusive`) skips the wait and the replay: with both generations
+//! known to hold the fresh state and no packet able to read either, the same deltas go into
+//! both at once (`ApplyReport::both_at_once`), each written and verified as in step 2, the
+//! active generation's config last (until then its all-zero config makes the programs drop,
+//! so a write that fails halfway lets nothing through), then the records and the flip. That
+//! is a host's first policy, the one it waits for unfiltered: a 100k-prefix load completes in
+//! about two thirds of the time of writing one generation, waiting and replaying.
+//!
 //! Step 1 still compares the whole desired state with what the generation holds, in memory:
 //! O(policy size), about a millisecond at 100k entries. [`Dataplane::apply_changes`] takes the
 //! change as entry deltas instead, on top of the state applied last (checked by its digest
@@ -96,6 +106,9 @@ pub struct ApplyReport {
     pub grown: Vec<u32>,
     /// Per-rule counters deleted because no generation refers to their rule any more.
     pub counters_removed: usize,
+    /// A first load into a data plane no program runs on yet: both generations were written
+    /// at once, and no grace period was waited for (`replay` is what the old generation got).
+    pub both_at_once: bool,
     /// How long each step took, in order: `diff`, `write standby`, `flip` (the state is
     /// enforced from here), `save state`, `grace period`, `replay`, `clean up`.
     pub timings: Vec<(&'static str, Duration)>,
@@ -601,6 +614,7 @@ impl Dataplane {
         (revision, digest, saved_state): (&str, &str, &[u8]),
         report: &mut ApplyReport,
         lap: &mut impl FnMut(&mut ApplyReport, &'static str),
+        grace: bool,
     ) -> Result<Option<String>, Error> {
         // Hashed once (tens of MB at 100k rules), compared before and after the flip.
         let print = Fingerprint::of(saved_state)?;
@@ -629,11 +643,14 @@ impl Dataplane {
         };
         lap(report, "save state");
 
-        let g = Self::slot(standby)?;
-        self.generations
-            .get(g)
-            .ok_or(Error::NoSuchGeneration(standby))?
-            .wait_grace_period(standby, &mut self.outer)?;
+        // Not when no program can be running (`exclusive`): nothing to wait for.
+        if grace {
+            let g = Self::slot(standby)?;
+            self.generations
+                .get(g)
+                .ok_or(Error::NoSuchGeneration(standby))?
+                .wait_grace_period(standby, &mut self.outer)?;
+        }
         lap(report, "grace period");
         hook("before-replay")?;
         Ok(saved)
@@ -791,7 +808,28 @@ impl Dataplane {
         // Nothing is written unless what is written decodes (see the module docs, step 2).
         validate(&to_check(encoded, &deltas, sorted)).map_err(Error::InvalidState)?;
         let l4_rules = deltas.keys().any(|n| L4_MAPS.contains(n));
+        // A first load into a data plane no program runs on yet (`exclusive`; `enforce` on a
+        // fresh root): both generations are known to hold the fresh state and nothing can
+        // read them, so they are written at once and nothing waits for a grace period.
+        let fresh = match &sharer {
+            Some(w) if self.exclusive && current == GenerationMaps::fresh_state() => {
+                self.record_carries(active, w, None)?
+                    && self.generations.iter().all(|g| g.fits(encoded).is_none())
+            }
+            _ => false,
+        };
         lap(&mut report, "diff");
+        if fresh {
+            let desired = crate::Desired { encoded, workloads, revision, digest, saved_state };
+            return self.apply_fresh(
+                (active, standby),
+                current,
+                &desired,
+                (&deltas, sorted),
+                report,
+                &mut lap,
+            );
+        }
 
         if let Some(pins) = self.pins_mut() {
             pins.write(standby, &[])?;
@@ -809,8 +847,14 @@ impl Dataplane {
         if let Some(w) = workloads {
             report.standby += self.write_workloads(standby, w)?;
         }
-        let saved =
-            self.flip_to(standby, held, (revision, digest, saved_state), &mut report, &mut lap)?;
+        let saved = self.flip_to(
+            standby,
+            held,
+            (revision, digest, saved_state),
+            &mut report,
+            &mut lap,
+            true,
+        )?;
 
         // Known to hold what the standby held: the same deltas, and then the same state.
         let (current, replay) = match sharer {
@@ -841,6 +885,104 @@ impl Dataplane {
         lap(&mut report, "replay");
 
         if l4_rules || replay.keys().any(|n| L4_MAPS.contains(n)) {
+            report.counters_removed = self.remove_counters_except(&referenced_rules(encoded))?;
+        }
+        if let Some(pins) = self.pins() {
+            pins.remove_unreferenced_states()?;
+        }
+        self.share_cached_maps(encoded);
+        lap(&mut report, "clean up");
+        Ok(report)
+    }
+
+    /// [`Dataplane::apply_with_workloads`] on a data plane no program runs on, whose two
+    /// generations hold the fresh state (`current`; both their cache entries were taken out):
+    /// the same deltas written into both at once, each on its own threads, each verified as
+    /// usual, then the flip without a grace period (no packet can be on the old generation)
+    /// and no replay (the old generation holds the state already).
+    ///
+    /// The old generation is the active one. Its config is written last, after everything
+    /// else of both generations is written and verified: until then it keeps the fresh
+    /// all-zero config, which the programs treat as an internal error (drop), so an apply
+    /// that fails halfway leaves nothing that would let a packet through should the data
+    /// plane be attached anyway. Both records are cleared before the writes, so a later apply
+    /// reads both generations back.
+    fn apply_fresh(
+        &mut self,
+        (active, standby): (u32, u32),
+        current: Encoded,
+        desired: &crate::Desired<'_>,
+        (deltas, sorted): (&BTreeMap<&'static str, MapDelta>, bool),
+        mut report: ApplyReport,
+        lap: &mut impl FnMut(&mut ApplyReport, &'static str),
+    ) -> Result<ApplyReport, Error> {
+        let (encoded, workloads) = (desired.encoded, desired.workloads);
+        let config = fw_common::maps::CONFIG;
+        report.both_at_once = true;
+        if let Some(pins) = self.pins_mut() {
+            pins.write(standby, &[])?;
+            pins.write(active, &[])?;
+        }
+        // The old generation's first write: every delta but the config's, reaching `encoded`
+        // with the config it holds now.
+        let mut first = deltas.clone();
+        let config_delta = first.remove(config);
+        let mut first_reached = kernel_view(encoded);
+        if let Some(c) = current.maps.get(config) {
+            first_reached.maps.insert(config, c.clone());
+        }
+        let reached = sorted.then_some(encoded);
+        let first_target = sorted.then_some(&first_reached);
+        let root = self.pin_root().map(std::path::Path::to_path_buf);
+        let root = root.as_deref();
+        let (s, o) = match (&mut self.generations[..], standby) {
+            ([g0, g1], 0) => (g0, g1),
+            ([g0, g1], _) => (g1, g0),
+            _ => return Err(Error::NoSuchGeneration(standby)),
+        };
+        let old_current = current.clone();
+        let (new, old) = std::thread::scope(|scope| {
+            let old = scope
+                .spawn(|| write_into(o, Some(old_current), first_target, &first, None, None, root));
+            let new = write_into(s, Some(current), reached, deltas, None, None, root);
+            (new, old.join())
+        });
+        let (stats, held) = new?;
+        let (old_stats, old_held) = match old {
+            Ok(r) => r?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        let held = Arc::new(held.ok_or(Error::StaleBase)?);
+        report.standby = stats;
+        report.replay = old_stats;
+        if let Some(w) = workloads {
+            report.standby += self.write_workloads(standby, w)?;
+            report.replay += self.write_workloads(active, w)?;
+        }
+        let old_held = match config_delta {
+            Some(d) => {
+                let d = BTreeMap::from([(config, d)]);
+                let (stats, old_held) = self.write_delta(active, old_held, reached, &d)?;
+                report.replay += stats;
+                old_held
+            }
+            None => old_held,
+        };
+        let (revision, digest, saved_state) =
+            (desired.revision, desired.digest, desired.saved_state);
+        let saved = (revision, digest, saved_state);
+        let saved_id = self.flip_to(standby, held, saved, &mut report, lap, false)?;
+        let held = self.share_with(standby, old_held)?;
+        let write = write_id()?;
+        let saved_ref = saved_id.as_deref().map(|id| (id, saved_state.len()));
+        self.record(active, revision, digest, &write, saved_ref)?;
+        if let Some(slot) = self.held.get_mut(Self::slot(active)?) {
+            *slot = Some(Held { write, state: held });
+        }
+        self.forget_v4_plans();
+        lap(&mut report, "replay");
+
+        if deltas.keys().any(|n| L4_MAPS.contains(n)) {
             report.counters_removed = self.remove_counters_except(&referenced_rules(encoded))?;
         }
         if let Some(pins) = self.pins() {
@@ -966,8 +1108,14 @@ impl Dataplane {
             report.standby += self.write_workloads(standby, w)?;
         }
         let l4_rules = deltas.keys().any(|n| L4_MAPS.contains(n));
-        let saved =
-            self.flip_to(standby, held, (revision, digest, saved_state), &mut report, &mut lap)?;
+        let saved = self.flip_to(
+            standby,
+            held,
+            (revision, digest, saved_state),
+            &mut report,
+            &mut lap,
+            true,
+        )?;
         let g = Self::slot(standby)?;
 
         // The old generation: the same deltas when it is known to hold the base, else a diff
@@ -1029,86 +1177,18 @@ impl Dataplane {
         deltas: &BTreeMap<&'static str, MapDelta>,
     ) -> Result<(WriteStats, Option<Encoded>), Error> {
         let g = Self::slot(generation)?;
-        // The old ingress IPv4 table and chunks (shared buffers, not copies), which the plan
-        // of the table's write needs once `current` is patched.
-        let old = current.as_ref().map(|c| Encoded {
-            maps: [fw_common::maps::INGRESS_V4, fw_common::maps::INGRESS_V4_DIR]
-                .into_iter()
-                .filter_map(|n| c.maps.get(n).map(|e| (n, e.clone())))
-                .collect(),
-        });
-        // `reached`: the state the deltas were computed to reach, sorted without duplicate
-        // keys as `encode` writes it, so equal to `current` patched, and shared rather than
-        // built (2-3 ms at 100k prefixes).
-        let patch = |mut current: Encoded| {
-            for (&name, d) in deltas {
-                generation::patch(current.maps.entry(name).or_default(), d);
-            }
-            current
-        };
-        let patched = current.map(|current| match reached {
-            Some(after) => {
-                let after = kernel_view(after);
-                debug_assert!(patch(current) == after, "the deltas do not reach the state");
-                after
-            }
-            None => patch(current),
-        });
-        // What the generation holds afterwards: the patched state, else (a replay of the
-        // standby's deltas onto the state they shared) what the standby now holds.
+        // What the generation holds afterwards when `current` is not given (a replay of the
+        // standby's deltas onto the state they shared): what the standby now holds.
         let other = (generation + 1) % GENERATIONS;
-        // Borrowed, not cloned (a copy of a 100k-prefix state is milliseconds).
-        let cached;
-        let after: &Encoded = match &patched {
-            Some(p) => p,
-            None => {
-                cached = self.cached(other).ok_or(Error::StaleBase)?;
-                &cached
-            }
+        let cached = match &current {
+            Some(_) => None,
+            None => Some(self.cached(other).ok_or(Error::StaleBase)?),
         };
-        // How many entries each written map holds afterwards, which decides how the write is
-        // verified.
-        let sizes: BTreeMap<&'static str, usize> = deltas
-            .keys()
-            .map(|&name| (name, after.maps.get(name).map_or(0, Entries::len)))
-            .collect();
         // Taken, not copied: it serves this one replay.
         let shared = self.generations.get_mut(Self::slot(other)?).and_then(|o| o.last_v4.take());
         let root = self.pin_root().map(std::path::Path::to_path_buf);
         let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
-        // A delta that would overfill the preallocated hash of chunks is refused before
-        // anything is written (a whole apply gives the generation a bigger one).
-        if sizes.get(fw_common::maps::INGRESS_V4_DIR).is_some_and(|&n| n > gm.dir_hash as usize) {
-            return Err(Error::StaleBase);
-        }
-        let plan = gm.plan_v4(old.as_ref(), after, deltas, shared.as_ref())?;
-        // A failed write leaves nothing to replay.
-        gm.last_v4 = None;
-        let hash_len = match &plan {
-            Some(plan) => Some(gm.v4_hash_after(plan)?),
-            None => None,
-        };
-        if hash_len.is_some() {
-            // Not known should the write fail halfway.
-            gm.v4_hash_len = None;
-        }
-        let stats = gm.apply_delta(deltas, plan.as_ref())?;
-        gm.verify_delta(deltas, &sizes, plan.as_ref())?;
-        if let Some(n) = hash_len {
-            gm.v4_hash_len = Some(n);
-        }
-        if let Some(plan) = &plan {
-            if plan.rest.is_some()
-                && let Some(root) = &root
-            {
-                gm.pin_rest(root)?;
-            }
-            if plan.full {
-                gm.v4_unsorted.store(false, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        gm.last_v4 = plan;
-        Ok((stats, patched))
+        write_into(gm, current, reached, deltas, cached.as_deref(), shared, root.as_deref())
     }
 
     /// Drops the ingress IPv4 plans kept for a replay once it is done (at 1M prefixes they
@@ -1157,6 +1237,93 @@ impl Dataplane {
         }
         Ok(removed.len())
     }
+}
+
+/// Writes `deltas` into the generation whose maps are `gm`, which holds `current` (`None`: the
+/// state the other generation held before the same deltas; it holds `cached` now), verifies
+/// what was written, and returns what it holds afterwards (`None`: `cached`). `reached` is the
+/// state the deltas were computed to reach, when it is sorted without duplicate keys; `shared`
+/// the other generation's ingress IPv4 plan for the same deltas; `root` where the data plane is
+/// pinned. Touches nothing but `gm`'s maps and pins, so both generations of a data plane no
+/// program runs on can be written at once.
+fn write_into(
+    gm: &mut GenerationMaps,
+    current: Option<Encoded>,
+    reached: Option<&Encoded>,
+    deltas: &BTreeMap<&'static str, MapDelta>,
+    cached: Option<&Encoded>,
+    shared: Option<crate::v4rest::V4Plan>,
+    root: Option<&std::path::Path>,
+) -> Result<(WriteStats, Option<Encoded>), Error> {
+    // The old ingress IPv4 table and chunks (shared buffers, not copies), which the plan
+    // of the table's write needs once `current` is patched.
+    let old = current.as_ref().map(|c| Encoded {
+        maps: [fw_common::maps::INGRESS_V4, fw_common::maps::INGRESS_V4_DIR]
+            .into_iter()
+            .filter_map(|n| c.maps.get(n).map(|e| (n, e.clone())))
+            .collect(),
+    });
+    // `reached`: the state the deltas were computed to reach, sorted without duplicate
+    // keys as `encode` writes it, so equal to `current` patched, and shared rather than
+    // built (2-3 ms at 100k prefixes).
+    let patch = |mut current: Encoded| {
+        for (&name, d) in deltas {
+            generation::patch(current.maps.entry(name).or_default(), d);
+        }
+        current
+    };
+    let patched = current.map(|current| match reached {
+        Some(after) => {
+            let after = kernel_view(after);
+            debug_assert!(patch(current) == after, "the deltas do not reach the state");
+            after
+        }
+        None => patch(current),
+    });
+    // What the generation holds afterwards: the patched state, else `cached`. Borrowed,
+    // not cloned (a copy of a 100k-prefix state is milliseconds).
+    let after: &Encoded = match (&patched, cached) {
+        (Some(p), _) => p,
+        (None, Some(c)) => c,
+        (None, None) => return Err(Error::StaleBase),
+    };
+    // How many entries each written map holds afterwards, which decides how the write is
+    // verified.
+    let sizes: BTreeMap<&'static str, usize> =
+        deltas.keys().map(|&name| (name, after.maps.get(name).map_or(0, Entries::len))).collect();
+    // A delta that would overfill the preallocated hash of chunks is refused before
+    // anything is written (a whole apply gives the generation a bigger one).
+    if sizes.get(fw_common::maps::INGRESS_V4_DIR).is_some_and(|&n| n > gm.dir_hash as usize) {
+        return Err(Error::StaleBase);
+    }
+    let plan = gm.plan_v4(old.as_ref(), after, deltas, shared.as_ref())?;
+    // A failed write leaves nothing to replay.
+    gm.last_v4 = None;
+    let hash_len = match &plan {
+        Some(plan) => Some(gm.v4_hash_after(plan)?),
+        None => None,
+    };
+    if hash_len.is_some() {
+        // Not known should the write fail halfway.
+        gm.v4_hash_len = None;
+    }
+    let stats = gm.apply_delta(deltas, plan.as_ref())?;
+    gm.verify_delta(deltas, &sizes, plan.as_ref())?;
+    if let Some(n) = hash_len {
+        gm.v4_hash_len = Some(n);
+    }
+    if let Some(plan) = &plan {
+        if plan.rest.is_some()
+            && let Some(root) = root
+        {
+            gm.pin_rest(root)?;
+        }
+        if plan.full {
+            gm.v4_unsorted.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    gm.last_v4 = plan;
+    Ok((stats, patched))
 }
 
 #[cfg(test)]

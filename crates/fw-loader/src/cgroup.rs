@@ -184,6 +184,7 @@ impl Dataplane {
     /// to the cgroup v2 root (see [`crate::workloads`]), wherever the programs are attached.
     /// On an error nothing stays attached.
     pub fn attach_egress(&mut self, cgroup: &Path) -> Result<CgroupLinks, Error> {
+        self.exclusive = false;
         let dir = File::open(cgroup)
             .map_err(|source| Error::Io { path: cgroup.to_path_buf(), source })?;
         let Some(ebpf) = self.ebpf.as_mut() else {
@@ -246,6 +247,7 @@ impl Dataplane {
     /// the same cgroup, nothing changes (`attached: false`). Otherwise the new links are
     /// attached and pinned first and the old pins are replaced, so enforcement never lapses.
     pub fn attach_egress_pinned(&mut self, cgroup: &Path) -> Result<EgressAttachment, Error> {
+        self.exclusive = false;
         let root =
             self.pin_root().ok_or(Error::NotPinned(PathBuf::from("<unpinned>")))?.to_path_buf();
         let cgroup = std::fs::canonicalize(cgroup)

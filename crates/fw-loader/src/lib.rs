@@ -142,6 +142,16 @@ pub struct Dataplane {
     /// The saved state pinned last: its id and a fingerprint of its bytes (the bytes are the
     /// caller's rule table, tens of MB at 100k rules: not kept).
     saved: Option<(String, apply::Fingerprint)>,
+    /// No program of this data plane can be running, so no packet can see its generations
+    /// mid-write: this handle loaded the programs itself, has not attached them or handed
+    /// them out, and no other process can have reached them (they are unpinned, or pinned
+    /// under a root lock held ever since, as [`enforce::enforce`] holds it from load to
+    /// attach). Cleared by every attach, by [`Dataplane::ingress_program`], and when a
+    /// public `load_pinned`/`open_pinned` returns (the root's lock is released then). A
+    /// first apply on such a data plane writes both generations at once and waits for no
+    /// grace period (see `apply`). Attaching a loaded program by its id, outside this
+    /// library, is as far outside the protocol as writing its maps by hand.
+    exclusive: bool,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -238,6 +248,7 @@ impl Dataplane {
             pins: None,
             held: (0..GENERATIONS).map(|_| None).collect(),
             saved: None,
+            exclusive: true,
         })
     }
 
@@ -248,6 +259,8 @@ impl Dataplane {
 
     /// The XDP ingress program (loaded, not attached).
     pub fn ingress_program(&mut self) -> Result<&mut Xdp, Error> {
+        // The caller can attach it.
+        self.exclusive = false;
         let name = programs::INGRESS;
         if let Some(p) = self.pinned_ingress.as_mut() {
             return Ok(p);

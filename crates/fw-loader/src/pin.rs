@@ -298,7 +298,10 @@ impl Dataplane {
         if root.join(RECORD).exists() {
             Ok((Self::adopt_locked(root)?, Opened::Adopted))
         } else {
-            Ok((Self::load_pinned_locked(root, caps)?, Opened::Loaded))
+            let mut dp = Self::load_pinned_locked(root, caps)?;
+            // The lock is released on return: another process may adopt and attach it.
+            dp.exclusive = false;
+            Ok((dp, Opened::Loaded))
         }
     }
 
@@ -313,7 +316,10 @@ impl Dataplane {
         if root.join(RECORD).exists() {
             return Err(Error::AlreadyPinned(root.to_path_buf()));
         }
-        Self::load_pinned_locked(root, caps)
+        let mut dp = Self::load_pinned_locked(root, caps)?;
+        // The lock is released on return: another process may adopt and attach it.
+        dp.exclusive = false;
+        Ok(dp)
     }
 
     /// [`Dataplane::load_pinned`] for a caller that holds the root's lock.
@@ -496,6 +502,8 @@ impl Dataplane {
             pins: Some(pins),
             held: (0..GENERATIONS).map(|_| None).collect(),
             saved: None,
+            // Pinned by someone else: its programs may be attached anywhere.
+            exclusive: false,
         })
     }
 
@@ -536,6 +544,7 @@ impl Dataplane {
     /// Attaches the ingress program to `interface` (native mode, else generic) and pins the
     /// link. Already attached (a pinned link running this program): nothing changes.
     pub fn attach_xdp(&mut self, interface: &str) -> Result<Attachment, Error> {
+        self.exclusive = false;
         let root =
             self.pin_root().ok_or(Error::NotPinned(PathBuf::from("<unpinned>")))?.to_path_buf();
         let program_id = self.ingress_program_id()?;

@@ -296,6 +296,8 @@ impl Dataplane {
             desired.digest,
             desired.saved_state,
         )?;
+        // Pinned next, then swapped under the links.
+        new.exclusive = false;
 
         // 3. Staged pins.
         let (mut pins, staged) = match new.pin_all_as(root, STAGED) {

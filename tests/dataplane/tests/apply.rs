@@ -16,7 +16,9 @@ use fw_compiler::model::HostIdentity;
 use fw_compiler::yaml::ParseLimits;
 use fw_dataplane_tests::harness::privileged;
 use fw_dataplane_tests::packet::{ETH_P_IP, Ipv4, ethernet, tcp};
-use fw_loader::{Dataplane, XdpAction};
+use fw_loader::enforce::{Target, enforce};
+use fw_loader::{Dataplane, Desired, XdpAction};
+use fw_netkit::Cgroup;
 
 fn state(yaml: &str) -> MapState {
     let loaded = load([Input::new("p.yaml", yaml)], &ParseLimits::default());
@@ -121,6 +123,9 @@ fn a_data_plane_loaded_here_is_known_to_be_empty_without_reading_it() {
     let r = dp.apply(&encode(&s), "r1", &s.digest(), b"one").expect("apply");
     // The old generation was known to hold what the standby held: the same deltas.
     assert_eq!(r.replay, r.standby, "{r:?}");
+    // `load_pinned` released the root's lock: another process may have adopted and attached
+    // the programs since, so the apply went through the flip, the grace period and the replay.
+    assert!(!r.both_at_once, "{r:?}");
     assert_holds(&dp, &encode(&s));
     // Another process knows nothing of the cache: it reads, and finds the same.
     drop(dp);
@@ -128,6 +133,57 @@ fn a_data_plane_loaded_here_is_known_to_be_empty_without_reading_it() {
     let again = adopted.apply(&encode(&s), "r1", &s.digest(), b"one").expect("apply");
     assert_eq!((again.standby.written, again.replay.written), (0, 0), "{again:?}");
     assert!(adopted.drift(&encode(&s)).expect("drift").is_clean());
+}
+
+#[test]
+fn a_first_load_through_enforce_writes_both_generations_at_once() {
+    if !privileged("a_first_load_through_enforce_writes_both_generations_at_once") {
+        return;
+    }
+    let root = Root::new("apply-first");
+    let cg = Cgroup::new().expect("cgroup");
+    let caps = Capacities::default();
+    let target = Target { root: &root.0, caps: &caps, interfaces: &[], cgroup: cg.dir() };
+    let s = state(&policy(true));
+    let (enc, digest) = (encode(&s), s.digest());
+    let desired = Desired {
+        encoded: &enc,
+        workloads: None,
+        revision: "r1",
+        digest: &digest,
+        saved_state: b"one",
+    };
+    let (mut dp, done) = enforce(&target, &desired).expect("enforce");
+    // Loaded, applied and attached under the root's lock: no program could run before the
+    // attach, so both generations got the same deltas at once and nothing waited.
+    let r = &done.apply;
+    assert!(r.both_at_once, "{r:?}");
+    assert!(r.standby.written > 5, "{r:?}");
+    assert_eq!(r.replay, r.standby, "{r:?}");
+    assert_holds(&dp, &enc);
+    for g in 0..2 {
+        let applied = dp.applied(g).expect("record").expect("a record");
+        assert_eq!((applied.revision.as_str(), applied.digest.as_str()), ("r1", digest.as_str()));
+        assert_eq!(dp.saved_state(g).expect("saved").as_deref(), Some(&b"one"[..]));
+        // What the next apply trusts without reading is what the kernel holds.
+        let cached = dp.cached_state(g).expect("a cache entry");
+        assert_eq!(cached, dp.read_generation(g).expect("read"), "generation {g}");
+    }
+    // The programs are attached now: the next apply flips, waits and replays.
+    let s2 = state(&policy(false));
+    let enc2 = encode(&s2);
+    let r2 = dp.apply(&enc2, "r2", &s2.digest(), b"two").expect("apply");
+    assert!(!r2.both_at_once, "{r2:?}");
+    assert!(r2.standby.deleted >= 2 && r2.standby.deleted < 10, "{r2:?}");
+    assert_eq!(r2.standby, r2.replay, "{r2:?}");
+    assert_holds(&dp, &enc2);
+    drop(dp);
+    let mut adopted = Dataplane::adopt(&root.0).expect("adopt");
+    assert!(adopted.drift(&enc2).expect("drift").is_clean());
+    // An enforce that adopts the pins does not know what runs them either.
+    drop(adopted);
+    let (_, again) = enforce(&target, &desired).expect("enforce");
+    assert!(!again.apply.both_at_once, "{:?}", again.apply);
 }
 
 #[test]
