@@ -805,8 +805,6 @@ impl Dataplane {
         let sharer = self.take_sharer(active, &current);
         let current = owned(current);
         let (deltas, sorted) = generation::delta_checked(&current, encoded);
-        // Nothing is written unless what is written decodes (see the module docs, step 2).
-        validate(&to_check(encoded, &deltas, sorted)).map_err(Error::InvalidState)?;
         let l4_rules = deltas.keys().any(|n| L4_MAPS.contains(n));
         // A first load into a data plane no program runs on yet (`exclusive`; `enforce` on a
         // fresh root): both generations are known to hold the fresh state and nothing can
@@ -814,18 +812,26 @@ impl Dataplane {
         let fresh = match &sharer {
             Some(w) if self.exclusive && current == GenerationMaps::fresh_state() => {
                 self.record_carries(active, w, None)?
-                    && self.generations.iter().all(|g| g.fits(encoded).is_none())
             }
             _ => false,
         };
+        // Nothing is written unless what is written decodes (see the module docs, step 2).
+        let check = || validate(&to_check(encoded, &deltas, sorted)).map_err(Error::InvalidState);
+        let first = match fresh {
+            true => self.first_load_plan(standby, &current, encoded, (&deltas, sorted), check)?,
+            false => {
+                check()?;
+                None
+            }
+        };
         lap(&mut report, "diff");
-        if fresh {
+        if let Some(plan) = first {
             let desired = crate::Desired { encoded, workloads, revision, digest, saved_state };
             return self.apply_fresh(
                 (active, standby),
                 current,
                 &desired,
-                (&deltas, sorted),
+                (&deltas, sorted, plan),
                 report,
                 &mut lap,
             );
@@ -895,6 +901,58 @@ impl Dataplane {
         Ok(report)
     }
 
+    /// For a first load ([`Dataplane::apply_fresh`]): runs `check` (the desired entries'
+    /// checks, which must pass before anything is written) on a thread of its own while it
+    /// finds out whether the desired state fits both generations' maps and makes the ingress
+    /// IPv4 plan both writes share (both generations hold `current`, so one plan serves
+    /// both). `None` when it does not fit: the usual path then gives the standby bigger maps.
+    fn first_load_plan(
+        &self,
+        standby: u32,
+        current: &Encoded,
+        encoded: &Encoded,
+        (deltas, sorted): (&BTreeMap<&'static str, MapDelta>, bool),
+        check: impl FnOnce() -> Result<(), Error> + Send,
+    ) -> Result<Option<Plan>, Error> {
+        let s = self.generations.get(Self::slot(standby)?);
+        let o = self.generations.get(Self::slot((standby + 1) % GENERATIONS)?);
+        let (Some(s), Some(o)) = (s, o) else { return Err(Error::NoSuchGeneration(standby)) };
+        let plan = || -> Result<Option<Plan>, Error> {
+            if s.fits(encoded).is_some() {
+                return Ok(None);
+            }
+            let unsorted =
+                |g: &GenerationMaps| g.v4_unsorted.load(std::sync::atomic::Ordering::Relaxed);
+            if !sorted || unsorted(s) || unsorted(o) {
+                // Each write makes its own.
+                return Ok(Some(Plan::Make(None)));
+            }
+            let old = Encoded {
+                maps: [fw_common::maps::INGRESS_V4, fw_common::maps::INGRESS_V4_DIR]
+                    .into_iter()
+                    .filter_map(|n| current.maps.get(n).map(|e| (n, e.clone())))
+                    .collect(),
+            };
+            let plan = s.plan_v4(Some(&old), &kernel_view(encoded), deltas, None)?;
+            Ok(Some(Plan::Made(plan)))
+        };
+        // The old generation's fit beside the checks: each scans the table, so the two threads
+        // take about as long.
+        let (checked, plan) = std::thread::scope(|scope| {
+            let checked = scope.spawn(|| check().map(|()| o.fits(encoded).is_none()));
+            let plan = plan();
+            (checked.join(), plan)
+        });
+        let fits = match checked {
+            Ok(r) => r?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        if !fits {
+            return Ok(None);
+        }
+        plan
+    }
+
     /// [`Dataplane::apply_with_workloads`] on a data plane no program runs on, whose two
     /// generations hold the fresh state (`current`; both their cache entries were taken out):
     /// the same deltas written into both at once, each on its own threads, each verified as
@@ -912,7 +970,7 @@ impl Dataplane {
         (active, standby): (u32, u32),
         current: Encoded,
         desired: &crate::Desired<'_>,
-        (deltas, sorted): (&BTreeMap<&'static str, MapDelta>, bool),
+        (deltas, sorted, plan): (&BTreeMap<&'static str, MapDelta>, bool, Plan),
         mut report: ApplyReport,
         lap: &mut impl FnMut(&mut ApplyReport, &'static str),
     ) -> Result<ApplyReport, Error> {
@@ -941,10 +999,12 @@ impl Dataplane {
             _ => return Err(Error::NoSuchGeneration(standby)),
         };
         let old_current = current.clone();
+        let old_plan = plan.clone();
         let (new, old) = std::thread::scope(|scope| {
-            let old = scope
-                .spawn(|| write_into(o, Some(old_current), first_target, &first, None, None, root));
-            let new = write_into(s, Some(current), reached, deltas, None, None, root);
+            let old = scope.spawn(|| {
+                write_into(o, Some(old_current), first_target, &first, None, old_plan, root)
+            });
+            let new = write_into(s, Some(current), reached, deltas, None, plan, root);
             (new, old.join())
         });
         let (stats, held) = new?;
@@ -1188,7 +1248,8 @@ impl Dataplane {
         let shared = self.generations.get_mut(Self::slot(other)?).and_then(|o| o.last_v4.take());
         let root = self.pin_root().map(std::path::Path::to_path_buf);
         let gm = self.generations.get_mut(g).ok_or(Error::NoSuchGeneration(generation))?;
-        write_into(gm, current, reached, deltas, cached.as_deref(), shared, root.as_deref())
+        let plan = Plan::Make(shared);
+        write_into(gm, current, reached, deltas, cached.as_deref(), plan, root.as_deref())
     }
 
     /// Drops the ingress IPv4 plans kept for a replay once it is done (at 1M prefixes they
@@ -1242,17 +1303,27 @@ impl Dataplane {
 /// Writes `deltas` into the generation whose maps are `gm`, which holds `current` (`None`: the
 /// state the other generation held before the same deltas; it holds `cached` now), verifies
 /// what was written, and returns what it holds afterwards (`None`: `cached`). `reached` is the
-/// state the deltas were computed to reach, when it is sorted without duplicate keys; `shared`
-/// the other generation's ingress IPv4 plan for the same deltas; `root` where the data plane is
-/// pinned. Touches nothing but `gm`'s maps and pins, so both generations of a data plane no
+/// state the deltas were computed to reach, when it is sorted without duplicate keys; `plan`
+/// where the ingress IPv4 plan comes from; `root` where the data plane is pinned. Touches nothing but `gm`'s maps and pins, so both generations of a data plane no
 /// program runs on can be written at once.
+/// Where a write's ingress IPv4 plan comes from.
+#[derive(Clone)]
+enum Plan {
+    /// Made by the write; from the other generation's plan for the same deltas, when given and
+    /// the write is a replay.
+    Make(Option<crate::v4rest::V4Plan>),
+    /// Made already, for what the generation holds and these deltas (`None`: the table does
+    /// not change).
+    Made(Option<crate::v4rest::V4Plan>),
+}
+
 fn write_into(
     gm: &mut GenerationMaps,
     current: Option<Encoded>,
     reached: Option<&Encoded>,
     deltas: &BTreeMap<&'static str, MapDelta>,
     cached: Option<&Encoded>,
-    shared: Option<crate::v4rest::V4Plan>,
+    plan: Plan,
     root: Option<&std::path::Path>,
 ) -> Result<(WriteStats, Option<Encoded>), Error> {
     // The old ingress IPv4 table and chunks (shared buffers, not copies), which the plan
@@ -1296,7 +1367,10 @@ fn write_into(
     if sizes.get(fw_common::maps::INGRESS_V4_DIR).is_some_and(|&n| n > gm.dir_hash as usize) {
         return Err(Error::StaleBase);
     }
-    let plan = gm.plan_v4(old.as_ref(), after, deltas, shared.as_ref())?;
+    let plan = match plan {
+        Plan::Make(shared) => gm.plan_v4(old.as_ref(), after, deltas, shared.as_ref())?,
+        Plan::Made(plan) => plan,
+    };
     // A failed write leaves nothing to replay.
     gm.last_v4 = None;
     let hash_len = match &plan {
