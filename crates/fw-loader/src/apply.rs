@@ -386,7 +386,8 @@ impl Dataplane {
     pub fn applied(&self, generation: u32) -> Result<Option<Applied>, Error> {
         let Some(pins) = self.pins() else { return Ok(None) };
         let Some(fields) = pins.read(generation)? else { return Ok(None) };
-        // A generation created empty by this loader: known, but nothing applied.
+        // A generation created empty by this loader: known, but nothing applied
+        // (`nothing_applied`).
         if fields.len() == 1 && fields.contains_key("write") {
             return Ok(None);
         }
@@ -402,6 +403,15 @@ impl Dataplane {
     /// it), when the record names one.
     pub fn saved_state(&self, generation: u32) -> Result<Option<Vec<u8>>, Error> {
         Ok(self.saved_with_id(generation)?.map(|(_, bytes)| bytes))
+    }
+
+    /// Whether `generation`'s record says nothing was ever applied to it: the loader created
+    /// its maps and recorded them empty (`applied` is `None` then too, as it is for a write
+    /// that was interrupted, which clears the record).
+    pub fn nothing_applied(&self, generation: u32) -> Result<bool, Error> {
+        let Some(pins) = self.pins() else { return Ok(false) };
+        let Some(fields) = pins.read(generation)? else { return Ok(false) };
+        Ok(fields.len() == 1 && fields.contains_key("write"))
     }
 
     /// The saved state of `generation` and its id (`None`: no record, or no saved state yet).

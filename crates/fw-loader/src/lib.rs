@@ -44,7 +44,7 @@ mod v4rest;
 /// is left in by other builds, made by writing its pins the way those builds would.
 #[cfg(feature = "testing")]
 pub mod testing {
-    pub use crate::pin::rewrite_recorded_abi;
+    pub use crate::pin::{clear_record, rewrite_recorded_abi};
 }
 pub mod workloads;
 

@@ -143,6 +143,9 @@ pub struct Status {
     pub active_generation: u32,
     /// What each generation holds, by the record.
     pub generations: Vec<Option<crate::Applied>>,
+    /// Per generation, whether its record says nothing was ever applied to it (the maps are
+    /// as the loader created them); `generations` has `None` there too.
+    pub empty: Vec<bool>,
     pub cgroup: Option<String>,
     pub maps: Vec<MapStatus>,
 }
@@ -632,6 +635,8 @@ impl Dataplane {
         let active = self.active_generation()?;
         let generations =
             (0..GENERATIONS).map(|g| self.applied(g)).collect::<Result<Vec<_>, _>>()?;
+        let empty =
+            (0..GENERATIONS).map(|g| self.nothing_applied(g)).collect::<Result<Vec<_>, _>>()?;
         let gm = self.generations.get(active as usize).ok_or(Error::NoSuchGeneration(active))?;
         let mut map_status = Vec::new();
         for name in maps::GENERATIONAL {
@@ -664,6 +669,7 @@ impl Dataplane {
             attachments: attachments(&pins.root)?,
             active_generation: active,
             generations,
+            empty,
             cgroup: meta.get("cgroup").cloned(),
             maps: map_status,
         })
@@ -838,6 +844,16 @@ pub fn rewrite_recorded_abi(root: &Path, abi: &str) -> Result<String, Error> {
         meta.iter().map(|(k, v)| (k.as_str(), if k == "abi" { abi } else { v.as_str() })).collect();
     pins.write(META, &fields)?;
     Ok(before)
+}
+
+/// Clears generation `generation`'s record, as a write interrupted by a crash leaves it. See
+/// [`crate::testing`].
+#[cfg(feature = "testing")]
+pub fn clear_record(dp: &mut Dataplane, generation: u32) -> Result<(), Error> {
+    match dp.pins_mut() {
+        Some(pins) => pins.write(generation, &[]),
+        None => Err(Error::NotPinned(PathBuf::from("<unpinned>"))),
+    }
 }
 
 #[cfg(test)]

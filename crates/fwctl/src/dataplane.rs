@@ -575,10 +575,15 @@ pub fn status(args: &StatusArgs) -> Result<ExitCode> {
             Some(a) => {
                 println!("generation {g} {mark}: revision {} digest {}", a.revision, a.digest)
             }
+            None if s.empty.get(g) == Some(&true) => {
+                println!("generation {g} {mark}: empty (nothing applied yet)")
+            }
             None => println!("generation {g} {mark}: unknown (no record)"),
         }
     }
-    let consistent = s.generations.windows(2).all(|w| w[0].is_some() && w[0] == w[1]);
+    // Both holding the same applied state, or both as the loader created them.
+    let consistent = s.generations.windows(2).all(|w| w[0].is_some() && w[0] == w[1])
+        || s.empty.iter().all(|&e| e);
     println!("generations {}", if consistent { "consistent" } else { "differ" });
     println!("maps (active generation):");
     for m in &s.maps {

@@ -210,6 +210,34 @@ fn apply_enforces_and_a_changed_policy_changes_enforcement_with_the_same_program
 }
 
 #[test]
+fn status_of_a_data_plane_nothing_was_applied_to_says_so() {
+    if !root_ok() {
+        return;
+    }
+    let s = Scratch::new();
+    let dp = Dataplane::load_pinned(&s.root, &fw_compiler::mapstate::Capacities::default())
+        .expect("load");
+    let st = dp.status().expect("status");
+    assert_eq!(st.empty, [true, true], "{st:?}");
+    assert_eq!(st.generations, [None, None], "{st:?}");
+    drop(dp);
+    let status = run(&["status", "--bpffs", s.root.to_str().expect("utf-8")]);
+    assert!(status.status.success(), "{}", text(&status));
+    let out = text(&status);
+    assert!(out.contains("generation 0 active : empty (nothing applied yet)"), "{out}");
+    assert!(out.contains("generation 1 standby: empty (nothing applied yet)"), "{out}");
+    assert!(out.contains("generations consistent"), "{out}");
+    // A write that was interrupted clears the record: unknown, not empty.
+    let mut dp = Dataplane::adopt(&s.root).expect("adopt");
+    fw_loader::testing::clear_record(&mut dp, 1).expect("clear the record");
+    let st = dp.status().expect("status");
+    assert_eq!(st.empty, [true, false], "{st:?}");
+    let out = text(&run(&["status", "--bpffs", s.root.to_str().expect("utf-8")]));
+    assert!(out.contains("generation 1 standby: unknown (no record)"), "{out}");
+    assert!(out.contains("generations differ"), "{out}");
+}
+
+#[test]
 fn a_second_instance_adopts_the_pins_without_reloading() {
     if !root_ok() {
         return;

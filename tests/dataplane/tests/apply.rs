@@ -118,6 +118,7 @@ fn a_data_plane_loaded_here_is_known_to_be_empty_without_reading_it() {
         let cached = dp.cached_state(g).expect("a cache entry for a fresh generation");
         assert_eq!(cached, dp.read_generation(g).expect("read"), "generation {g}");
         assert_eq!(dp.applied(g).expect("record"), None, "nothing is applied yet");
+        assert!(dp.nothing_applied(g).expect("record"), "generation {g}");
     }
     let s = state(&policy(true));
     let r = dp.apply(&encode(&s), "r1", &s.digest(), b"one").expect("apply");
@@ -127,6 +128,7 @@ fn a_data_plane_loaded_here_is_known_to_be_empty_without_reading_it() {
     // the programs since, so the apply went through the flip, the grace period and the replay.
     assert!(!r.both_at_once, "{r:?}");
     assert_holds(&dp, &encode(&s));
+    assert!(!dp.nothing_applied(0).expect("record") && !dp.nothing_applied(1).expect("record"));
     // Another process knows nothing of the cache: it reads, and finds the same.
     drop(dp);
     let mut adopted = Dataplane::adopt(&root.0).expect("adopt");
