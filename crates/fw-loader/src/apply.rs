@@ -624,7 +624,6 @@ impl Dataplane {
         (revision, digest, saved_state): (&str, &str, &[u8]),
         report: &mut ApplyReport,
         lap: &mut impl FnMut(&mut ApplyReport, &'static str),
-        grace: bool,
     ) -> Result<Option<String>, Error> {
         // Hashed once (tens of MB at 100k rules), compared before and after the flip.
         let print = Fingerprint::of(saved_state)?;
@@ -653,8 +652,9 @@ impl Dataplane {
         };
         lap(report, "save state");
 
-        // Not when no program can be running (`exclusive`): nothing to wait for.
-        if grace {
+        // Not on a first load both generations got at once (no program can be running):
+        // nothing to wait for.
+        if !report.both_at_once {
             let g = Self::slot(standby)?;
             self.generations
                 .get(g)
@@ -664,6 +664,26 @@ impl Dataplane {
         lap(report, "grace period");
         hook("before-replay")?;
         Ok(saved)
+    }
+
+    /// The end of a replay: the old generation's record (under a new write id, naming the
+    /// saved state `saved` when there is one) and its cache entry, `held`; the ingress IPv4
+    /// plans kept for the replay are dropped.
+    fn record_replayed(
+        &mut self,
+        active: u32,
+        held: Arc<Encoded>,
+        (revision, digest, saved_state): (&str, &str, &[u8]),
+        saved: Option<&str>,
+    ) -> Result<(), Error> {
+        let write = write_id()?;
+        let saved_ref = saved.map(|id| (id, saved_state.len()));
+        self.record(active, revision, digest, &write, saved_ref)?;
+        if let Some(slot) = self.held.get_mut(Self::slot(active)?) {
+            *slot = Some(Held { write, state: held });
+        }
+        self.forget_v4_plans();
+        Ok(())
     }
 
     /// Writes generation `generation`'s record (its write id last).
@@ -863,14 +883,8 @@ impl Dataplane {
         if let Some(w) = workloads {
             report.standby += self.write_workloads(standby, w)?;
         }
-        let saved = self.flip_to(
-            standby,
-            held,
-            (revision, digest, saved_state),
-            &mut report,
-            &mut lap,
-            true,
-        )?;
+        let saved =
+            self.flip_to(standby, held, (revision, digest, saved_state), &mut report, &mut lap)?;
 
         // Known to hold what the standby held: the same deltas, and then the same state.
         let (current, replay) = match sharer {
@@ -891,16 +905,23 @@ impl Dataplane {
         if let Some(w) = workloads {
             report.replay += self.write_workloads(active, w)?;
         }
-        let write = write_id()?;
-        let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
-        self.record(active, revision, digest, &write, saved_ref)?;
-        if let Some(slot) = self.held.get_mut(Self::slot(active)?) {
-            *slot = Some(Held { write, state: held });
-        }
-        self.forget_v4_plans();
+        self.record_replayed(active, held, (revision, digest, saved_state), saved.as_deref())?;
         lap(&mut report, "replay");
+        let counters = l4_rules || replay.keys().any(|n| L4_MAPS.contains(n));
+        self.clean_up(encoded, counters, report, &mut lap)
+    }
 
-        if l4_rules || replay.keys().any(|n| L4_MAPS.contains(n)) {
+    /// The last step of a whole apply (step 7 of the module docs): the per-rule counters of
+    /// rules no generation refers to (when `counters`: the L4 tables changed), the saved
+    /// states no record names; then the cache entries share `encoded`'s buffers.
+    fn clean_up(
+        &mut self,
+        encoded: &Encoded,
+        counters: bool,
+        mut report: ApplyReport,
+        lap: &mut impl FnMut(&mut ApplyReport, &'static str),
+    ) -> Result<ApplyReport, Error> {
+        if counters {
             report.counters_removed = self.remove_counters_except(&referenced_rules(encoded))?;
         }
         if let Some(pins) = self.pins() {
@@ -937,13 +958,7 @@ impl Dataplane {
                 // Each write makes its own.
                 return Ok(Some(Plan::Make(None)));
             }
-            let old = Encoded {
-                maps: [fw_common::maps::INGRESS_V4, fw_common::maps::INGRESS_V4_DIR]
-                    .into_iter()
-                    .filter_map(|n| current.maps.get(n).map(|e| (n, e.clone())))
-                    .collect(),
-            };
-            let plan = s.plan_v4(Some(&old), &kernel_view(encoded), deltas, None)?;
+            let plan = s.plan_v4(Some(&v4_tables(current)), &kernel_view(encoded), deltas, None)?;
             Ok(Some(Plan::Made(plan)))
         };
         // The old generation's fit beside the checks: each scans the table, so the two threads
@@ -1041,26 +1056,12 @@ impl Dataplane {
         let (revision, digest, saved_state) =
             (desired.revision, desired.digest, desired.saved_state);
         let saved = (revision, digest, saved_state);
-        let saved_id = self.flip_to(standby, held, saved, &mut report, lap, false)?;
+        let saved_id = self.flip_to(standby, held, saved, &mut report, lap)?;
         let held = self.share_with(standby, old_held)?;
-        let write = write_id()?;
-        let saved_ref = saved_id.as_deref().map(|id| (id, saved_state.len()));
-        self.record(active, revision, digest, &write, saved_ref)?;
-        if let Some(slot) = self.held.get_mut(Self::slot(active)?) {
-            *slot = Some(Held { write, state: held });
-        }
-        self.forget_v4_plans();
+        self.record_replayed(active, held, saved, saved_id.as_deref())?;
         lap(&mut report, "replay");
-
-        if deltas.keys().any(|n| L4_MAPS.contains(n)) {
-            report.counters_removed = self.remove_counters_except(&referenced_rules(encoded))?;
-        }
-        if let Some(pins) = self.pins() {
-            pins.remove_unreferenced_states()?;
-        }
-        self.share_cached_maps(encoded);
-        lap(&mut report, "clean up");
-        Ok(report)
+        let counters = deltas.keys().any(|n| L4_MAPS.contains(n));
+        self.clean_up(encoded, counters, report, lap)
     }
 
     /// The cached state of `generation`, taken out of the cache, when the record still carries
@@ -1178,14 +1179,8 @@ impl Dataplane {
             report.standby += self.write_workloads(standby, w)?;
         }
         let l4_rules = deltas.keys().any(|n| L4_MAPS.contains(n));
-        let saved = self.flip_to(
-            standby,
-            held,
-            (revision, digest, saved_state),
-            &mut report,
-            &mut lap,
-            true,
-        )?;
+        let saved =
+            self.flip_to(standby, held, (revision, digest, saved_state), &mut report, &mut lap)?;
         let g = Self::slot(standby)?;
 
         // The old generation: the same deltas when it is known to hold the base, else a diff
@@ -1214,13 +1209,7 @@ impl Dataplane {
         if let Some(w) = workloads {
             report.replay += self.write_workloads(active, w)?;
         }
-        let write = write_id()?;
-        let saved_ref = saved.as_deref().map(|id| (id, saved_state.len()));
-        self.record(active, revision, digest, &write, saved_ref)?;
-        if let Some(slot) = self.held.get_mut(Self::slot(active)?) {
-            *slot = Some(Held { write, state: held });
-        }
-        self.forget_v4_plans();
+        self.record_replayed(active, held, (revision, digest, saved_state), saved.as_deref())?;
         lap(&mut report, "replay");
 
         if l4_rules {
@@ -1316,6 +1305,16 @@ impl Dataplane {
 /// state the deltas were computed to reach, when it is sorted without duplicate keys; `plan`
 /// where the ingress IPv4 plan comes from; `root` where the data plane is pinned. Touches nothing but `gm`'s maps and pins, so both generations of a data plane no
 /// program runs on can be written at once.
+/// The ingress IPv4 table and chunks of `state` (shared buffers, not copies): what the plan of
+/// the table's write reads of what a generation held.
+fn v4_tables(state: &Encoded) -> Encoded {
+    let maps = [fw_common::maps::INGRESS_V4, fw_common::maps::INGRESS_V4_DIR]
+        .into_iter()
+        .filter_map(|n| state.maps.get(n).map(|e| (n, e.clone())))
+        .collect();
+    Encoded { maps }
+}
+
 /// Where a write's ingress IPv4 plan comes from.
 #[derive(Clone)]
 enum Plan {
@@ -1336,14 +1335,9 @@ fn write_into(
     plan: Plan,
     root: Option<&std::path::Path>,
 ) -> Result<(WriteStats, Option<Encoded>), Error> {
-    // The old ingress IPv4 table and chunks (shared buffers, not copies), which the plan
-    // of the table's write needs once `current` is patched.
-    let old = current.as_ref().map(|c| Encoded {
-        maps: [fw_common::maps::INGRESS_V4, fw_common::maps::INGRESS_V4_DIR]
-            .into_iter()
-            .filter_map(|n| c.maps.get(n).map(|e| (n, e.clone())))
-            .collect(),
-    });
+    // The old ingress IPv4 table and chunks, which the plan of the table's write needs once
+    // `current` is patched.
+    let old = current.as_ref().map(v4_tables);
     // `reached`: the state the deltas were computed to reach, sorted without duplicate
     // keys as `encode` writes it, so equal to `current` patched, and shared rather than
     // built (2-3 ms at 100k prefixes).
