@@ -198,6 +198,11 @@ pub fn apply(args: &DataplaneArgs) -> Result<ExitCode> {
         report.replay.written,
         report.replay.deleted
     );
+    if report.both_at_once {
+        println!(
+            "first load: both generations written at once (nothing attached yet, no grace period to wait for)"
+        );
+    }
     if !report.grown.is_empty() {
         println!("grew the inner maps of generation(s) {:?}", report.grown);
     }

@@ -166,8 +166,10 @@ fn apply_enforces_and_a_changed_policy_changes_enforcement_with_the_same_program
     assert_eq!(net.observe(), (true, true, true), "before any policy");
     let p1 = s.policy("p1.yaml", &ping_and_tcp(net.a.addr().port()));
     let t = Instant::now();
-    apply(&s, &p1, &net.veth);
+    let out = run(&apply_args(&s, &p1, &net.veth));
     let first = t.elapsed();
+    assert!(out.status.success(), "fwctl apply failed: {}", text(&out));
+    assert!(text(&out).contains("first load: both generations written at once"), "{}", text(&out));
     assert_eq!(net.observe(), (true, true, false), "ping and a allowed, b denied");
     let (prog, link) = {
         let dp = Dataplane::adopt(&s.root).expect("adopt");
@@ -180,8 +182,10 @@ fn apply_enforces_and_a_changed_policy_changes_enforcement_with_the_same_program
 
     let p2 = s.policy("p1.yaml", &only_tcp(net.b.addr().port()));
     let t = Instant::now();
-    apply(&s, &p2, &net.veth);
+    let out = run(&apply_args(&s, &p2, &net.veth));
     let second = t.elapsed();
+    assert!(out.status.success(), "fwctl apply failed: {}", text(&out));
+    assert!(!text(&out).contains("both generations written at once"), "{}", text(&out));
     assert_eq!(net.observe(), (false, false, true), "only b allowed");
     let dp = Dataplane::adopt(&s.root).expect("adopt");
     let st = dp.status().expect("status");
