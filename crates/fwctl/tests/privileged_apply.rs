@@ -299,6 +299,36 @@ fn an_apply_that_fails_before_the_flip_changes_nothing() {
     assert_eq!(net.observe(), (true, true, false), "the old policy still enforces");
 }
 
+#[test]
+fn a_first_load_that_fails_attaches_nothing_and_the_next_apply_repairs_it() {
+    if !root_ok() {
+        return;
+    }
+    let s = Scratch::new();
+    let net = Net::new();
+    let p = s.policy("p.yaml", &only_tcp(net.b.addr().port()));
+    // The first load writes both generations at once, then fails where the hook aborts
+    // (after the writes, before the flip): nothing is attached, so traffic is as before.
+    let out = fwctl()
+        .args(apply_args(&s, &p, &net.veth))
+        .env(fw_loader::HOOK_ENV, "after-standby-write:abort")
+        .output()
+        .expect("fwctl");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("after-standby-write"), "{}", text(&out));
+    let dp = Dataplane::adopt(&s.root).expect("adopt");
+    let st = dp.status().expect("status");
+    assert!(st.attachments.is_empty(), "{st:?}");
+    drop(dp);
+    assert_eq!(net.observe(), (true, true, true), "nothing filters yet");
+    // The next apply adopts what is pinned, goes through every step and attaches.
+    let out = run(&apply_args(&s, &p, &net.veth));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("both generations written at once"), "{}", text(&out));
+    assert_eq!(net.observe(), (false, false, true), "only b allowed");
+    assert_consistent(&s.root);
+}
+
 /// Makes the record under `root` name another ABI, as a root pinned by an older build would
 /// (checking that it named this build's ABI before).
 fn rewrite_recorded_abi(root: &Path, abi: &str) {
