@@ -132,6 +132,27 @@ fn hook(step: &'static str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Refuses a revision or a digest the record cannot hold (each one short line).
+fn check_record_fields(revision: &str, digest: &str) -> Result<(), Error> {
+    if revision.len() > MAX_REVISION || revision.contains(['\n', '\0']) {
+        return Err(Error::BadRevision { max: MAX_REVISION });
+    }
+    if digest.contains(['\n', '\0']) || digest.len() > 128 {
+        return Err(Error::Record("the digest is not one short line"));
+    }
+    Ok(())
+}
+
+/// Times an apply's steps: each call records, under the step's name, the time since the
+/// previous call (the first: since this was made).
+fn stopwatch() -> impl FnMut(&mut ApplyReport, &'static str) {
+    let mut t = Instant::now();
+    move |report, step| {
+        report.timings.push((step, t.elapsed()));
+        t = Instant::now();
+    }
+}
+
 /// The smallest power of two at least `n` and at least `old`.
 fn grow(old: u32, n: usize) -> u32 {
     let n = u32::try_from(n).unwrap_or(u32::MAX);
@@ -809,18 +830,9 @@ impl Dataplane {
         digest: &str,
         saved_state: &[u8],
     ) -> Result<ApplyReport, Error> {
-        if revision.len() > MAX_REVISION || revision.contains(['\n', '\0']) {
-            return Err(Error::BadRevision { max: MAX_REVISION });
-        }
-        if digest.contains(['\n', '\0']) || digest.len() > 128 {
-            return Err(Error::Record("the digest is not one short line"));
-        }
+        check_record_fields(revision, digest)?;
         let mut report = ApplyReport::default();
-        let mut t = Instant::now();
-        let mut lap = |report: &mut ApplyReport, step| {
-            report.timings.push((step, t.elapsed()));
-            t = Instant::now();
-        };
+        let mut lap = stopwatch();
         let active = self.active_generation()?;
         if active >= GENERATIONS {
             return Err(Error::NoSuchGeneration(active));
@@ -1118,18 +1130,9 @@ impl Dataplane {
         digest: &str,
         saved_state: &[u8],
     ) -> Result<ApplyReport, Error> {
-        if revision.len() > MAX_REVISION || revision.contains(['\n', '\0']) {
-            return Err(Error::BadRevision { max: MAX_REVISION });
-        }
-        if digest.contains(['\n', '\0']) || digest.len() > 128 {
-            return Err(Error::Record("the digest is not one short line"));
-        }
+        check_record_fields(revision, digest)?;
         let mut report = ApplyReport::default();
-        let mut t = Instant::now();
-        let mut lap = |report: &mut ApplyReport, step| {
-            report.timings.push((step, t.elapsed()));
-            t = Instant::now();
-        };
+        let mut lap = stopwatch();
         let active = self.active_generation()?;
         let standby = (active + 1) % GENERATIONS;
         report.from = active;
