@@ -88,6 +88,18 @@ fn apply(s: &Scratch, policy: &Path, veth: &VethPair) {
     assert!(out.status.success(), "fwctl apply failed: {}", text(&out));
 }
 
+/// `fwctl apply` with the loader's test hook aborting right after the standby's write: it
+/// fails, saying where.
+fn apply_aborting_after_standby_write(s: &Scratch, policy: &Path, veth: &VethPair) {
+    let out = fwctl()
+        .args(apply_args(s, policy, veth))
+        .env(fw_loader::HOOK_ENV, "after-standby-write:abort")
+        .output()
+        .expect("fwctl");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("after-standby-write"), "{}", text(&out));
+}
+
 struct Net {
     ns: Netns,
     veth: VethPair,
@@ -288,13 +300,7 @@ fn an_apply_that_fails_before_the_flip_changes_nothing() {
 
     // Fails after writing the standby (the hook aborts there): the active generation stays.
     let p2 = s.policy("p.yaml", &only_tcp(net.b.addr().port()));
-    let out = fwctl()
-        .args(apply_args(&s, &p2, &net.veth))
-        .env(fw_loader::HOOK_ENV, "after-standby-write:abort")
-        .output()
-        .expect("fwctl");
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("after-standby-write"), "{}", text(&out));
+    apply_aborting_after_standby_write(&s, &p2, &net.veth);
     assert_eq!(digest(&s.root), before);
     assert_eq!(net.observe(), (true, true, false), "the old policy still enforces");
 }
@@ -309,13 +315,7 @@ fn a_first_load_that_fails_attaches_nothing_and_the_next_apply_repairs_it() {
     let p = s.policy("p.yaml", &only_tcp(net.b.addr().port()));
     // The first load writes both generations at once, then fails where the hook aborts
     // (after the writes, before the flip): nothing is attached, so traffic is as before.
-    let out = fwctl()
-        .args(apply_args(&s, &p, &net.veth))
-        .env(fw_loader::HOOK_ENV, "after-standby-write:abort")
-        .output()
-        .expect("fwctl");
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("after-standby-write"), "{}", text(&out));
+    apply_aborting_after_standby_write(&s, &p, &net.veth);
     let dp = Dataplane::adopt(&s.root).expect("adopt");
     let st = dp.status().expect("status");
     assert!(st.attachments.is_empty(), "{st:?}");
