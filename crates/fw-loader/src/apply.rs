@@ -1065,9 +1065,7 @@ impl Dataplane {
             }
             None => old_held,
         };
-        let (revision, digest, saved_state) =
-            (desired.revision, desired.digest, desired.saved_state);
-        let saved = (revision, digest, saved_state);
+        let saved = (desired.revision, desired.digest, desired.saved_state);
         let saved_id = self.flip_to(standby, held, saved, &mut report, lap)?;
         let held = self.share_with(standby, old_held)?;
         self.record_replayed(active, held, saved, saved_id.as_deref())?;
