@@ -532,7 +532,10 @@ impl Engine {
             s.workloads.paths = a.desired.state.workloads.len();
             s.workloads.resolved = a.workloads.len();
         }
-        self.rewatch_cgroups();
+        // The watches go up only now, after the paths were resolved for the apply: a cgroup
+        // made or removed in between sent no event to anyone, so the paths are resolved once
+        // more with the watches in place (a `stat` each; a change rewrites the table).
+        self.sync_workloads();
     }
 
     fn set_reconcile(
@@ -654,8 +657,17 @@ impl Engine {
             Ok(_) => {
                 info!(entries, workloads = workloads_drift, detached, "drift corrected");
                 self.metrics.drift_corrections.inc_by(entries as u64);
+                let mut s = lock(&self.status);
+                s.drift.corrected_total += entries as u64;
+                // The paths resolved differently than at the last write (a cgroup came or went
+                // without an event seen): the table written now is an update like any other.
+                if workloads != a.workloads {
+                    self.metrics.workload_updates.inc();
+                    s.workloads.updates += 1;
+                }
+                s.workloads.resolved = workloads.len();
+                drop(s);
                 a.workloads = workloads;
-                lock(&self.status).drift.corrected_total += entries as u64;
             }
             Err(e) => {
                 error!("correcting drift failed: {e}");
