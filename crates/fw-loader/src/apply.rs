@@ -132,6 +132,12 @@ fn hook(step: &'static str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Whether a record's fields are those of a generation the loader created empty (`know_fresh`):
+/// a write id and nothing else, so known to hold the fresh state, with nothing applied.
+fn records_nothing_applied(fields: &BTreeMap<String, String>) -> bool {
+    fields.len() == 1 && fields.contains_key("write")
+}
+
 /// Refuses a revision or a digest the record cannot hold (each one short line).
 fn check_record_fields(revision: &str, digest: &str) -> Result<(), Error> {
     if revision.len() > MAX_REVISION || revision.contains(['\n', '\0']) {
@@ -407,9 +413,7 @@ impl Dataplane {
     pub fn applied(&self, generation: u32) -> Result<Option<Applied>, Error> {
         let Some(pins) = self.pins() else { return Ok(None) };
         let Some(fields) = pins.read(generation)? else { return Ok(None) };
-        // A generation created empty by this loader: known, but nothing applied
-        // (`nothing_applied`).
-        if fields.len() == 1 && fields.contains_key("write") {
+        if records_nothing_applied(&fields) {
             return Ok(None);
         }
         let get = |k: &str| fields.get(k).cloned().ok_or(Error::Record("a field is missing"));
@@ -432,7 +436,7 @@ impl Dataplane {
     pub fn nothing_applied(&self, generation: u32) -> Result<bool, Error> {
         let Some(pins) = self.pins() else { return Ok(false) };
         let Some(fields) = pins.read(generation)? else { return Ok(false) };
-        Ok(fields.len() == 1 && fields.contains_key("write"))
+        Ok(records_nothing_applied(&fields))
     }
 
     /// The saved state of `generation` and its id (`None`: no record, or no saved state yet).
